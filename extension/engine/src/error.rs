@@ -1,0 +1,63 @@
+//! Engine errors. Each kind corresponds to one PostgreSQL SQLSTATE, so the SQL layer can
+//! report it faithfully without inspecting messages.
+
+use thiserror::Error;
+
+/// Result alias used throughout the engine.
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EngineError {
+    /// A scalar argument or a shape is wrong (SQLSTATE 22023 invalid_parameter_value).
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// Tensor contents are unusable: wrong byte length, NaN, infinity (22000 data_exception).
+    #[error("{0}")]
+    Data(String),
+    /// A required argument was NULL (22004 null_value_not_allowed).
+    #[error("{0}")]
+    NullValue(String),
+    /// The request is larger than the engine or PostgreSQL can hold (54000 program_limit_exceeded).
+    #[error("{0}")]
+    TooLarge(String),
+    /// A result overflowed float32 (22003 numeric_value_out_of_range).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A named object (model, tensor, tokenizer) does not exist (42704 undefined_object).
+    #[error("{0}")]
+    UndefinedObject(String),
+    /// The caller asked the work to stop (query cancel, statement_timeout).
+    #[error("computation cancelled")]
+    Cancelled,
+}
+
+impl EngineError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidParameter(msg.into())
+    }
+    pub fn data(msg: impl Into<String>) -> Self {
+        Self::Data(msg.into())
+    }
+    pub fn too_large(msg: impl Into<String>) -> Self {
+        Self::TooLarge(msg.into())
+    }
+
+    /// The five-character SQLSTATE this error should be reported with.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            Self::InvalidParameter(_) => "22023",
+            Self::Data(_) => "22000",
+            Self::NullValue(_) => "22004",
+            Self::TooLarge(_) => "54000",
+            Self::OutOfRange(_) => "22003",
+            Self::UndefinedObject(_) => "42704",
+            Self::Cancelled => "57014",
+        }
+    }
+}
+
+/// Shorthand for `return Err(EngineError::InvalidParameter(format!(...)))`.
+#[macro_export]
+macro_rules! invalid {
+    ($($arg:tt)*) => { return Err($crate::EngineError::InvalidParameter(format!($($arg)*))) };
+}

@@ -1,0 +1,126 @@
+//! Element-wise kernels: addition with bias broadcast, GELU / ReLU (forward + backward),
+//! transpose.
+
+use crate::error::{EngineError, Result};
+use crate::tensor;
+
+/// a + b. When b is shorter than a and its length divides a's, b is a bias broadcast over the
+/// rows of a viewed as [len(a) / len(b), len(b)].
+pub fn add(a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    if b.is_empty() || a.len() % b.len() != 0 {
+        return Err(EngineError::invalid(format!(
+            "cannot add tensors of {} and {} values: the second must have the same length or be a bias whose length divides the first's",
+            a.len(),
+            b.len()
+        )));
+    }
+    let mut out = a.to_vec();
+    for row in out.chunks_exact_mut(b.len()) {
+        for (o, bv) in row.iter_mut().zip(b) {
+            *o += bv;
+        }
+    }
+    tensor::check_result(&out, "add")?;
+    Ok(out)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// GPT-2's tanh approximation of GELU ("gelu_new"): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+#[inline]
+pub fn gelu_new(x: f32) -> f32 {
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh())
+}
+
+/// d gelu_new(x) / dx.
+#[inline]
+pub fn gelu_new_grad(x: f32) -> f32 {
+    let inner = SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
+    let t = inner.tanh();
+    let d_inner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
+}
+
+pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| gelu_new(v)).collect()
+}
+
+/// dx = dy · gelu'(x).
+pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+    same_len(x, dy, "x", "dy")?;
+    Ok(x.iter().zip(dy).map(|(&v, &g)| g * gelu_new_grad(v)).collect())
+}
+
+/// Out-of-place transpose of a row-major [rows, cols] matrix.
+pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    if src.len() != rows * cols {
+        return Err(EngineError::invalid(format!(
+            "src has {} values but [rows={rows}, cols={cols}] needs {}",
+            src.len(),
+            rows * cols
+        )));
+    }
+    let mut out = tensor::alloc_zeroed(src.len())?;
+    // Blocked so both sides stay in cache for large matrices.
+    const B: usize = 32;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn same_len(a: &[f32], b: &[f32], an: &str, bn: &str) -> Result<()> {
+    if a.len() != b.len() {
+        return Err(EngineError::invalid(format!(
+            "{an} and {bn} must have the same length, got {} and {} values",
+            a.len(),
+            b.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gradcheck::assert_grad_matches;
+
+    #[test]
+    fn add_broadcasts_bias() {
+        let out = add(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[10.0, 20.0, 30.0]).unwrap();
+        assert_eq!(out, vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0]);
+        assert!(add(&[1.0; 4], &[1.0; 3]).is_err());
+        assert!(add(&[f32::MAX], &[f32::MAX]).is_err());
+    }
+
+    #[test]
+    fn gelu_values() {
+        // Reference values of 0.5x(1+tanh(√(2/π)(x+0.044715x³))) computed in float64.
+        assert!((gelu_new(1.0) - 0.841_192).abs() < 1e-6);
+        assert!((gelu_new(-2.0) - (-0.045_402_3)).abs() < 1e-6);
+        assert_eq!(gelu_new(0.0), 0.0);
+    }
+
+    #[test]
+    fn gelu_gradient() {
+        let x: Vec<f32> = (0..11).map(|i| -2.5 + 0.5 * i as f32).collect();
+        let dy: Vec<f32> = (0..11).map(|i| 0.3 - 0.05 * i as f32).collect();
+        let analytic = gelu_backward(&x, &dy).unwrap();
+        assert_grad_matches(&x, &analytic, |x| gelu_forward(x).iter().zip(&dy).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+    }
+
+    #[test]
+    fn transpose_round_trip() {
+        let src: Vec<f32> = (0..35).map(|i| i as f32).collect();
+        let t = transpose(&src, 5, 7).unwrap();
+        assert_eq!(t[1], 7.0);
+        assert_eq!(transpose(&t, 7, 5).unwrap(), src);
+    }
+}

@@ -1,0 +1,13 @@
+//! Tensor kernels. Each forward sits next to its backward; shapes are stated at the top of
+//! each file.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod elementwise;
+pub mod layernorm;
+pub mod matmul;
+pub mod softmax;
+
+#[cfg(test)]
+pub(crate) mod gradcheck;

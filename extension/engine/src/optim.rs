@@ -1,0 +1,164 @@
+//! AdamW, gradient clipping and the GPT-3 learning-rate schedule.
+
+use crate::error::{EngineError, Result};
+
+/// Hyper-parameters of one AdamW step (PyTorch's `torch.optim.AdamW` semantics).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl AdamW {
+    pub fn validate(&self) -> Result<()> {
+        let AdamW { lr, beta1, beta2, eps, weight_decay } = *self;
+        if !(lr >= 0.0 && lr.is_finite()) {
+            return Err(EngineError::invalid(format!("lr must be a non-negative finite number, got {lr}")));
+        }
+        for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(EngineError::invalid(format!("{name} must be in [0, 1), got {b}")));
+            }
+        }
+        if !(eps > 0.0 && eps.is_finite()) {
+            return Err(EngineError::invalid(format!("eps must be a positive finite number, got {eps}")));
+        }
+        if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
+            return Err(EngineError::invalid(format!(
+                "weight_decay must be a non-negative finite number, got {weight_decay}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// One step in place. `step` counts optimizer steps from 1 (bias correction uses it).
+    /// Decay is decoupled: w ← w·(1 − lr·wd) before the Adam update, as PyTorch does.
+    pub fn step(&self, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: i64) -> Result<()> {
+        self.validate()?;
+        if step < 1 {
+            return Err(EngineError::invalid(format!("step must be at least 1, got {step}")));
+        }
+        let n = w.len();
+        if g.len() != n || m.len() != n || v.len() != n {
+            return Err(EngineError::invalid(format!(
+                "weight, grad, m and v must have the same length, got {}, {}, {} and {} values",
+                n,
+                g.len(),
+                m.len(),
+                v.len()
+            )));
+        }
+        let t = step.min(i32::MAX as i64) as i32;
+        let bias1 = 1.0 - (self.beta1 as f64).powi(t);
+        let bias2 = 1.0 - (self.beta2 as f64).powi(t);
+        let step_size = (self.lr as f64 / bias1) as f32;
+        let bias2_sqrt = bias2.sqrt() as f32;
+        let decay = 1.0 - self.lr * self.weight_decay;
+        for i in 0..n {
+            m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
+            v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
+            let denom = v[i].sqrt() / bias2_sqrt + self.eps;
+            w[i] = w[i] * decay - step_size * m[i] / denom;
+        }
+        Ok(())
+    }
+}
+
+/// L2 norm of a gradient, accumulated in float64.
+pub fn grad_norm(g: &[f32]) -> f64 {
+    g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+}
+
+/// Scales `g` in place so its L2 norm is at most `max_norm` (PyTorch's `clip_grad_norm_`:
+/// coefficient max_norm / (norm + 1e-6), never above 1). Returns the norm before clipping.
+pub fn clip_grad_norm(g: &mut [f32], max_norm: f32) -> Result<f64> {
+    if !(max_norm > 0.0) || !max_norm.is_finite() {
+        return Err(EngineError::invalid(format!("clip must be a positive finite number, got {max_norm}")));
+    }
+    let norm = grad_norm(g);
+    let coef = max_norm as f64 / (norm + 1e-6);
+    if coef < 1.0 {
+        let c = coef as f32;
+        g.iter_mut().for_each(|x| *x *= c);
+    }
+    Ok(norm)
+}
+
+/// The GPT-3 schedule. `step` counts optimizer steps from 1. Linear warmup to `lr_max` over
+/// `warmup` steps (step s gets lr_max·s/warmup), then cosine decay to `min_ratio`·lr_max at
+/// step `total`, constant after that. `warmup` = 0 starts decaying at once.
+pub fn lr_schedule(step: i64, warmup: i64, total: i64, lr_max: f32, min_ratio: f32) -> Result<f32> {
+    if step < 0 {
+        return Err(EngineError::invalid(format!("step must be non-negative, got {step}")));
+    }
+    if warmup < 0 {
+        return Err(EngineError::invalid(format!("warmup must be non-negative, got {warmup}")));
+    }
+    if total < warmup || total < 1 {
+        return Err(EngineError::invalid(format!(
+            "total must be at least 1 and at least warmup ({warmup}), got {total}"
+        )));
+    }
+    if !(lr_max >= 0.0) || !lr_max.is_finite() {
+        return Err(EngineError::invalid(format!("lr_max must be a non-negative finite number, got {lr_max}")));
+    }
+    if !(0.0..=1.0).contains(&min_ratio) {
+        return Err(EngineError::invalid(format!("min_ratio must be in [0, 1], got {min_ratio}")));
+    }
+    let lr_max = lr_max as f64;
+    let lr_min = lr_max * min_ratio as f64;
+    let lr = if step < warmup {
+        lr_max * step as f64 / warmup as f64
+    } else if total == warmup {
+        lr_min
+    } else {
+        let progress = ((step - warmup) as f64 / (total - warmup) as f64).min(1.0);
+        lr_min + 0.5 * (lr_max - lr_min) * (1.0 + (std::f64::consts::PI * progress).cos())
+    };
+    Ok(lr as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adamw_first_step_matches_closed_form() {
+        // At step 1, m̂ = g and v̂ = g², so the update is lr·g/(|g| + eps) after decay.
+        let opt = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let (mut w, g) = (vec![1.0f32, -2.0], vec![0.5f32, -0.25]);
+        let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
+        opt.step(&mut w, &g, &mut m, &mut v, 1).unwrap();
+        assert!((w[0] - (1.0 * 0.99 - 0.1)).abs() < 1e-6);
+        assert!((w[1] - (-2.0 * 0.99 + 0.1)).abs() < 1e-6);
+        assert!((m[0] - 0.05).abs() < 1e-7 && (v[0] - 0.0125).abs() < 1e-7);
+        assert!(opt.step(&mut w, &g, &mut m, &mut v, 0).is_err());
+        let bad = AdamW { beta2: 1.0, ..opt };
+        assert!(bad.step(&mut w, &g, &mut m, &mut v, 2).is_err());
+    }
+
+    #[test]
+    fn clip_scales_to_max_norm() {
+        let mut g = vec![3.0f32, 4.0];
+        assert_eq!(clip_grad_norm(&mut g, 1.0).unwrap(), 5.0);
+        assert!((grad_norm(&g) - 1.0).abs() < 1e-5);
+        let mut small = vec![0.3f32, 0.4];
+        clip_grad_norm(&mut small, 1.0).unwrap();
+        assert_eq!(small, vec![0.3, 0.4]);
+    }
+
+    #[test]
+    fn schedule_shape() {
+        let lr = |s| lr_schedule(s, 10, 110, 6e-4, 0.1).unwrap();
+        assert_eq!(lr(0), 0.0);
+        assert!((lr(5) - 3e-4).abs() < 1e-9);
+        assert!((lr(10) - 6e-4).abs() < 1e-9);
+        assert!((lr(60) - 3.3e-4).abs() < 1e-9);
+        assert!((lr(110) - 6e-5).abs() < 1e-9);
+        assert!((lr(500) - 6e-5).abs() < 1e-9);
+        assert!(lr_schedule(1, 10, 5, 6e-4, 0.1).is_err());
+    }
+}

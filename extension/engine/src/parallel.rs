@@ -1,0 +1,119 @@
+//! Compute threads and cooperative cancellation.
+//!
+//! Worker threads only ever run pure computation; they are created with every signal blocked so
+//! that a host process's signal handlers (PostgreSQL's SIGINT / SIGALRM for cancel and
+//! statement_timeout) keep running on the host's own thread.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+use crate::error::{EngineError, Result};
+
+/// Upper bound on the thread-count setting; protects against absurd configuration values.
+pub const MAX_THREADS: usize = 256;
+
+static WANTED_THREADS: AtomicUsize = AtomicUsize::new(0);
+static POOL: Mutex<Option<(usize, Arc<ThreadPool>)>> = Mutex::new(None);
+
+/// Number of hardware threads available to this process.
+pub fn available_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Sets the number of compute threads (0 = all available hardware threads).
+pub fn set_threads(n: usize) {
+    WANTED_THREADS.store(n.min(MAX_THREADS), Ordering::Relaxed);
+}
+
+/// The number of compute threads kernels will use.
+pub fn threads() -> usize {
+    match WANTED_THREADS.load(Ordering::Relaxed) {
+        0 => available_threads(),
+        n => n,
+    }
+}
+
+fn pool() -> Arc<ThreadPool> {
+    let wanted = threads();
+    let mut guard = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((n, pool)) = guard.as_ref() {
+        if *n == wanted {
+            return pool.clone();
+        }
+    }
+    let pool = Arc::new(build_pool(wanted));
+    *guard = Some((wanted, pool.clone()));
+    pool
+}
+
+fn build_pool(n: usize) -> ThreadPool {
+    // Threads inherit the creating thread's signal mask: block everything while spawning.
+    let _mask = BlockSignals::new();
+    ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("pg_llm compute {i}"))
+        .build()
+        .expect("failed to start compute threads")
+}
+
+/// Runs `f` on the compute pool; rayon calls inside `f` use the configured thread count.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if threads() == 1 {
+        return f();
+    }
+    pool().install(f)
+}
+
+/// Blocks all signals on the current thread until dropped.
+struct BlockSignals {
+    old: libc::sigset_t,
+}
+
+impl BlockSignals {
+    fn new() -> Self {
+        // SAFETY: plain libc calls on properly initialised sigset_t values.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            Self { old }
+        }
+    }
+}
+
+impl Drop for BlockSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
+        }
+    }
+}
+
+/// A cancellation probe handed to long-running work. The host decides what "stop" means
+/// (PostgreSQL: an interrupt is pending). The probe must be cheap and callable from any thread.
+#[derive(Clone, Copy)]
+pub struct Cancel<'a> {
+    probe: Option<&'a (dyn Fn() -> bool + Sync)>,
+}
+
+impl<'a> Cancel<'a> {
+    /// Work that can never be cancelled (tests, benchmarks).
+    pub const NEVER: Cancel<'static> = Cancel { probe: None };
+
+    pub fn new(probe: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Self { probe: Some(probe) }
+    }
+
+    /// Returns `Err(Cancelled)` when the host asked the work to stop.
+    #[inline]
+    pub fn check(&self) -> Result<()> {
+        match self.probe {
+            Some(p) if p() => Err(EngineError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+}

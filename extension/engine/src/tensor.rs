@@ -1,0 +1,171 @@
+//! Float32 tensors as they cross the SQL boundary: little-endian bytes, row-major, with the
+//! dimensions given separately. Everything here validates before it allocates, so a malformed
+//! call becomes an error rather than an abort.
+
+use crate::error::{EngineError, Result};
+
+/// Largest value PostgreSQL can allocate in one piece (MaxAllocSize, 1 GB - 1).
+pub const MAX_ALLOC_BYTES: usize = 0x3fff_ffff;
+/// Largest float32 payload one `bytea` can carry (MaxAllocSize minus the 4-byte varlena header).
+pub const MAX_TENSOR_BYTES: usize = MAX_ALLOC_BYTES - 4;
+/// Largest number of float32 values in one SQL tensor.
+pub const MAX_TENSOR_ELEMS: usize = MAX_TENSOR_BYTES / 4;
+
+/// Which non-finite values an input may contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finite {
+    /// NaN and ±infinity are rejected (weights, activations, gradients).
+    Required,
+    /// −infinity is accepted as a mask value (logits); NaN and +infinity are rejected.
+    AllowNegInf,
+}
+
+/// Decodes a little-endian float32 blob, rejecting a byte length that is not a multiple of 4
+/// and non-finite values according to `finite`. `arg` names the SQL argument in messages.
+pub fn decode(bytes: &[u8], arg: &str, finite: Finite) -> Result<Vec<f32>> {
+    if bytes.len() % 4 != 0 {
+        return Err(EngineError::data(format!(
+            "{arg} is not a float32 tensor: its length {} bytes is not a multiple of 4",
+            bytes.len()
+        )));
+    }
+    let mut out = alloc_zeroed(bytes.len() / 4)?;
+    for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    }
+    check_finite(&out, arg, finite)?;
+    Ok(out)
+}
+
+/// Decodes `bytes` and checks that it holds exactly `numel` values; `shape` describes the
+/// expected shape for the message (for example "[m=2, k=3]").
+pub fn decode_exact(bytes: &[u8], arg: &str, numel: usize, shape: &str, finite: Finite) -> Result<Vec<f32>> {
+    if bytes.len() != numel.saturating_mul(4) {
+        return Err(EngineError::invalid(format!(
+            "{arg} has {} bytes but shape {shape} needs {numel} float32 values ({} bytes)",
+            bytes.len(),
+            numel.saturating_mul(4)
+        )));
+    }
+    decode(bytes, arg, finite)
+}
+
+/// Encodes values as little-endian float32 bytes.
+pub fn encode(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Checks that no value is NaN or an infinity the policy forbids; names the first bad index.
+pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
+    // Fast path: a sum over a finite tensor is finite or overflows to inf; NaN always propagates.
+    let bad = values.iter().position(|v| match finite {
+        Finite::Required => !v.is_finite(),
+        Finite::AllowNegInf => v.is_nan() || *v == f32::INFINITY,
+    });
+    match bad {
+        None => Ok(()),
+        Some(i) => Err(EngineError::data(format!(
+            "{arg} contains a non-finite value ({}) at element {i}",
+            values[i]
+        ))),
+    }
+}
+
+/// Checks a computed result for overflow (a finite input can still overflow float32).
+pub fn check_result(values: &[f32], what: &str) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(EngineError::OutOfRange(format!(
+            "{what} overflowed float32 range at element {i} ({})",
+            values[i]
+        ))),
+    }
+}
+
+/// Validates one dimension given by the caller: strictly positive and not absurd.
+pub fn dim(value: i64, name: &str) -> Result<usize> {
+    if value <= 0 {
+        return Err(EngineError::invalid(format!("{name} must be positive, got {value}")));
+    }
+    if value as u64 > MAX_TENSOR_ELEMS as u64 {
+        return Err(EngineError::too_large(format!(
+            "{name} = {value} exceeds the largest tensor dimension ({MAX_TENSOR_ELEMS})"
+        )));
+    }
+    Ok(value as usize)
+}
+
+/// Number of elements of a shape, overflow-checked and limited to what one bytea can hold.
+/// `what` names the tensor in the message.
+pub fn numel(dims: &[usize], what: &str) -> Result<usize> {
+    let mut n: u64 = 1;
+    for &d in dims {
+        n = n.checked_mul(d as u64).unwrap_or(u64::MAX);
+    }
+    if n > MAX_TENSOR_ELEMS as u64 {
+        return Err(EngineError::too_large(format!(
+            "{what} would have {} elements {}; one tensor holds at most {MAX_TENSOR_ELEMS} (1 GB)",
+            if n == u64::MAX { "more than 2^64".to_string() } else { n.to_string() },
+            shape_str(dims)
+        )));
+    }
+    Ok(n as usize)
+}
+
+/// A shape written as `[a, b, c]` for messages.
+pub fn shape_str(dims: &[usize]) -> String {
+    let parts: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// Allocates a zeroed buffer, returning an error instead of aborting when memory is short.
+pub fn alloc_zeroed(n: usize) -> Result<Vec<f32>> {
+    let mut v: Vec<f32> = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| EngineError::too_large(format!("cannot allocate {n} float32 values")))?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let v = vec![1.0f32, -2.5, 3.25e-8, f32::MAX];
+        assert_eq!(decode(&encode(&v), "x", Finite::Required).unwrap(), v);
+    }
+
+    #[test]
+    fn rejects_ragged_length_and_nan() {
+        assert!(matches!(decode(&[0u8; 5], "x", Finite::Required), Err(EngineError::Data(_))));
+        let nan = encode(&[1.0, f32::NAN]);
+        let err = decode(&nan, "logits", Finite::AllowNegInf).unwrap_err();
+        assert!(err.to_string().contains("logits contains a non-finite value (NaN) at element 1"));
+        let masked = encode(&[1.0, f32::NEG_INFINITY]);
+        assert!(decode(&masked, "logits", Finite::AllowNegInf).is_ok());
+        assert!(decode(&masked, "x", Finite::Required).is_err());
+    }
+
+    #[test]
+    fn numel_is_overflow_safe() {
+        assert_eq!(numel(&[2, 3, 4], "t").unwrap(), 24);
+        assert!(matches!(numel(&[1 << 40, 1 << 40], "t"), Err(EngineError::TooLarge(_))));
+        assert!(matches!(numel(&[usize::MAX, usize::MAX], "t"), Err(EngineError::TooLarge(_))));
+        assert!(matches!(dim(0, "m"), Err(EngineError::InvalidParameter(_))));
+        assert!(matches!(dim(-3, "m"), Err(EngineError::InvalidParameter(_))));
+    }
+
+    #[test]
+    fn exact_length_is_checked() {
+        let b = encode(&[1.0, 2.0, 3.0]);
+        let err = decode_exact(&b, "a", 4, "[m=2, k=2]", Finite::Required).unwrap_err();
+        assert_eq!(err.sqlstate(), "22023");
+        assert!(err.to_string().contains("a has 12 bytes but shape [m=2, k=2] needs 4"));
+    }
+}
