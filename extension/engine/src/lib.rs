@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod optim;
 pub mod parallel;
 pub mod sample;
+pub mod simd;
 pub mod tensor;
 
 pub use error::{EngineError, Result};

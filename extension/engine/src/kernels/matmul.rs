@@ -127,7 +127,7 @@ pub fn gemm(dst: &mut [f32], a: MatRef, b: MatRef, acc: Accumulate, threads: Thr
 }
 
 /// Work per uninterruptible slice of a large product (floating-point operations).
-const FLOPS_PER_SLICE: usize = 2_000_000_000;
+const FLOPS_PER_SLICE: usize = 16_000_000_000;
 
 /// C[m, n] = A[m, k] · B[k, n] for row-major operands, validated, split into row slices so a
 /// cancel request is honoured between slices of a very large product.
@@ -142,7 +142,13 @@ pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, cancel: Cancel
         )));
     }
     let mut out = tensor::alloc_zeroed(tensor::numel(&[m, n], "matmul result")?)?;
-    let rows_per_slice = (FLOPS_PER_SLICE / (2 * k * n).max(1)).max(64);
+    if m <= SMALL_M {
+        cancel.check()?;
+        small_m_product(&mut out, a, b, m, k, n);
+        return Ok(out);
+    }
+    let slices = (2 * m * k * n).div_ceil(FLOPS_PER_SLICE).max(1);
+    let rows_per_slice = m.div_ceil(slices);
     let b_view = MatRef::new(b, k, n);
     let mut start = 0;
     while start < m {
@@ -153,6 +159,52 @@ pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, cancel: Cancel
         start = end;
     }
     Ok(out)
+}
+
+/// Up to this many rows of A, a product is a few matrix-vector products (decode, beam
+/// search): memory-bound, so B is streamed once and shared by all rows.
+const SMALL_M: usize = 4;
+/// Least columns of B per task of the small-m product. Tasks stream long contiguous runs of
+/// each row of B (short runs at a large stride defeat the hardware prefetcher).
+const SMALL_M_MIN_COLS: usize = 4096;
+
+/// out[m, n] = a[m, k] · b[k, n] for m ≤ SMALL_M, parallel over column blocks of B.
+fn small_m_product(out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
+    use rayon::prelude::*;
+    let tasks = parallel::threads().min(n.div_ceil(SMALL_M_MIN_COLS)).max(1);
+    let cols = n.div_ceil(tasks);
+    let blocks: Vec<(usize, Vec<f32>)> = parallel::install(|| {
+        (0..tasks)
+            .into_par_iter()
+            .map(|blk| {
+                let c0 = blk * cols;
+                let w = cols.min(n - c0);
+                let mut acc = vec![0.0f32; m * w];
+                let row = |p: usize| &b[p * n + c0..p * n + c0 + w];
+                let mut p = 0;
+                while p + 4 <= k {
+                    let rows = [row(p), row(p + 1), row(p + 2), row(p + 3)];
+                    for i in 0..m {
+                        let coef = [a[i * k + p], a[i * k + p + 1], a[i * k + p + 2], a[i * k + p + 3]];
+                        crate::simd::axpy4(&mut acc[i * w..(i + 1) * w], coef, rows);
+                    }
+                    p += 4;
+                }
+                for p in p..k {
+                    for i in 0..m {
+                        crate::simd::axpy(&mut acc[i * w..(i + 1) * w], a[i * k + p], row(p));
+                    }
+                }
+                (c0, acc)
+            })
+            .collect()
+    });
+    for (c0, acc) in blocks {
+        let w = acc.len() / m;
+        for i in 0..m {
+            out[i * n + c0..i * n + c0 + w].copy_from_slice(&acc[i * w..(i + 1) * w]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -175,7 +227,7 @@ mod tests {
 
     #[test]
     fn matches_naive_on_odd_shapes() {
-        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (1, 768, 300), (130, 70, 1)] {
+        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (1, 768, 1300), (4, 9, 515), (130, 70, 1)] {
             let a = seq(m * k, 0.01);
             let b = seq(k * n, 0.02);
             let c = matmul(&a, &b, m, k, n, Cancel::NEVER).unwrap();

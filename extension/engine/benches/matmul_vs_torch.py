@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Side-by-side matrix-product throughput: pg_llm_engine vs PyTorch, same shapes, same threads.
+
+Run from the repository root:  python3 extension/engine/benches/matmul_vs_torch.py [--threads N]
+Needs PyTorch (pip install torch); builds the Rust side with `cargo build --release`.
+Both sides time the best of five rounds of repeated products after a warm-up; the engine side
+includes its output allocation, as `torch.matmul` does.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SHAPES = [(768, 768, 768), (512, 768, 3072), (1, 768, 50257)]
+
+
+def torch_gflops(m, k, n, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(m, k, dtype=torch.float32)
+    b = torch.randn(k, n, dtype=torch.float32)
+    torch.matmul(a, b)
+    flops = 2.0 * m * k * n
+    reps = max(3, int(0.1e9 * threads / flops) + 1)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        best = min(best, (time.perf_counter() - start) / reps)
+    return flops / best / 1e9
+
+
+def engine_gflops(threads, root):
+    subprocess.run(
+        ["cargo", "build", "--quiet", "--release", "-p", "pg_llm_engine", "--example", "bench_matmul"],
+        cwd=root,
+        check=True,
+    )
+    exe = os.path.join(root, "target", "release", "examples", "bench_matmul")
+    args = [exe, str(threads)] + [f"{m},{k},{n}" for m, k, n in SHAPES]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return {(r["m"], r["k"], r["n"]): r["gflops"] for r in map(json.loads, out.splitlines())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    engine = engine_gflops(args.threads, root)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("PyTorch is not installed: pip install torch")
+    print(f"threads = {args.threads}")
+    print(f"{'shape (m x k . k x n)':<24} {'engine GFLOP/s':>15} {'torch GFLOP/s':>14} {'ratio':>7}")
+    for m, k, n in SHAPES:
+        t = torch_gflops(m, k, n, args.threads)
+        e = engine[(m, k, n)]
+        print(f"{f'{m}x{k} . {k}x{n}':<24} {e:>15.1f} {t:>14.1f} {e / t:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
