@@ -1,1 +1,38 @@
+//! pg_llm: the PostgreSQL extension of pg_gpt3.
+//!
+//! A thin SQL layer: each `#[pg_extern]` translates SQL arguments into engine calls
+//! (`pg_llm_engine`) and engine errors into SQL errors with their SQLSTATE. No arithmetic
+//! happens here.
 
+use pgrx::prelude::*;
+
+mod api;
+mod errors;
+mod guc;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/types.sql", name = "types", bootstrap);
+pgrx::extension_sql_file!("../sql/registry.sql", name = "registry");
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::register();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    include!("tests.rs");
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

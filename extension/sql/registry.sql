@@ -1,0 +1,114 @@
+-- Model registry: one row per model architecture. The first six columns are a fixed public
+-- contract (pg_gpt2 names); the rest make every architectural choice explicit so that GPT-3
+-- and imported relatives (GPT-2, Cerebras-GPT, OPT, GPT-Neo) run exactly.
+CREATE TABLE llm_model_config (
+    model             text PRIMARY KEY,
+    n_layer           int  NOT NULL CHECK (n_layer > 0),
+    n_head            int  NOT NULL CHECK (n_head > 0),
+    d_model           int  NOT NULL CHECK (d_model > 0),
+    n_positions       int  NOT NULL CHECK (n_positions > 0),
+    vocab             int  NOT NULL CHECK (vocab > 0),
+    d_head            int  NOT NULL CHECK (d_head > 0),
+    d_ff              int  NOT NULL CHECK (d_ff > 0),
+    -- 'gelu_new' (GPT-2/3 tanh approximation), 'gelu' (exact erf, Cerebras-GPT), 'relu' (OPT)
+    activation        text NOT NULL DEFAULT 'gelu_new' CHECK (activation IN ('gelu_new', 'gelu', 'relu')),
+    -- attention kind per layer, repeated cyclically over the layers: {dense} or {dense,local} ...
+    attention_pattern text[] NOT NULL DEFAULT '{dense}'
+        CHECK (cardinality(attention_pattern) > 0 AND attention_pattern <@ '{dense,local}'::text[]),
+    -- local layers see the last local_window tokens (query included)
+    local_window      int CHECK (local_window > 0),
+    scale_attn        bool NOT NULL DEFAULT true,   -- scores / sqrt(d_head); GPT-Neo: false
+    position_offset   int  NOT NULL DEFAULT 0 CHECK (position_offset >= 0),  -- OPT: 2
+    qkv_bias          bool NOT NULL DEFAULT true,   -- GPT-Neo: false
+    tied_head         bool NOT NULL DEFAULT true,   -- logits = h · wteᵀ
+    padded_vocab      int CHECK (padded_vocab IS NULL OR padded_vocab >= vocab),  -- rows beyond vocab are padding
+    ln_placement      text NOT NULL DEFAULT 'pre' CHECK (ln_placement IN ('pre', 'post')),
+    ln_eps            float4 NOT NULL DEFAULT 1e-5 CHECK (ln_eps > 0),
+    d_embed           int CHECK (d_embed > 0),       -- token embedding width when projected to d_model (OPT-350m)
+    family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo')),
+    version           bigint NOT NULL DEFAULT 1,     -- bumped on every change; invalidates cached weights
+    note              text,
+    CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL)
+);
+
+COMMENT ON TABLE llm_model_config IS 'pg_gpt3 model registry: architecture of each model';
+
+-- GPT-3 paper, Table 2.1 (n_ctx 2048, vocab 50257, d_ff = 4 d_model). The table is
+-- inconsistent for 1.3B (24 heads x 128 != 2048) and 13B (40 x 128 != 5140): pg_gpt3 keeps
+-- d_head = 128 and the width, i.e. 16 heads for 1.3B (as GPT-Neo 1.3B) and d_model 5120 for
+-- 13B (as OPT-13B); see docs/gpt3_family.md. Layers alternate dense and locally banded
+-- attention; the paper gives no band width, pg_gpt3 uses GPT-Neo's 256.
+INSERT INTO llm_model_config
+    (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab,
+     attention_pattern, local_window, family, note)
+VALUES
+    ('gpt3-125m', 12, 12,   768,  64,  3072, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 Small'),
+    ('gpt3-350m', 24, 16,  1024,  64,  4096, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 Medium'),
+    ('gpt3-760m', 24, 16,  1536,  96,  6144, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 Large'),
+    ('gpt3-1.3b', 24, 16,  2048, 128,  8192, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 XL; paper lists 24 heads, see docs'),
+    ('gpt3-2.7b', 32, 32,  2560,  80, 10240, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 2.7B'),
+    ('gpt3-6.7b', 32, 32,  4096, 128, 16384, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 6.7B'),
+    ('gpt3-13b',  40, 40,  5120, 128, 20480, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 13B; paper lists d_model 5140, see docs'),
+    ('gpt3-175b', 96, 96, 12288, 128, 49152, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 175B ("GPT-3")'),
+    ('gpt2-small', 12, 12,  768,  64,  3072, 1024, 50257, '{dense}', NULL, 'gpt2', 'GPT-2 small (pg_gpt2 compatibility)');
+
+-- Raises 42704 for an unknown model, so every caller reports the same clear error.
+CREATE FUNCTION llm_get_model_config(model text) RETURNS llm_model_config
+LANGUAGE plpgsql STABLE STRICT AS $$
+DECLARE
+    cfg llm_model_config;
+BEGIN
+    SELECT * INTO cfg FROM llm_model_config c WHERE c.model = llm_get_model_config.model;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'model "%" is not registered in llm_model_config', model
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'SELECT model FROM llm_model_config lists the registered models.';
+    END IF;
+    RETURN cfg;
+END
+$$;
+
+-- Any change to a model row bumps its version so cached weights are reloaded.
+CREATE FUNCTION llm_model_config_bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.version := OLD.version + 1;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER llm_model_config_version BEFORE UPDATE ON llm_model_config
+    FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.* AND OLD.version = NEW.version)
+    EXECUTE FUNCTION llm_model_config_bump_version();
+
+-- Parameters: one row per parameter tensor and chunk. A tensor larger than one bytea value
+-- (1 GB; the 175B embedding is 2.5 GB) is split into chunks of whole elements in row-major
+-- order; most tensors have only chunk 0. Gradient and AdamW moments sit beside the weights.
+CREATE TABLE llm_param (
+    model       text   NOT NULL REFERENCES llm_model_config (model) ON DELETE CASCADE ON UPDATE CASCADE,
+    name        text   NOT NULL,            -- canonical name, e.g. 'layers.0.attn.q_proj.weight'
+    chunk       int    NOT NULL DEFAULT 0 CHECK (chunk >= 0),
+    shape       int[]  NOT NULL CHECK (cardinality(shape) BETWEEN 1 AND 4 AND 0 < ALL (shape)),
+    elem_offset bigint NOT NULL DEFAULT 0 CHECK (elem_offset >= 0),  -- first element held by this chunk
+    data        bytea  NOT NULL,            -- little-endian float32
+    grad        bytea,
+    m           bytea,                      -- AdamW first moment
+    v           bytea,                      -- AdamW second moment
+    step        int    NOT NULL DEFAULT 0,  -- optimizer steps applied
+    PRIMARY KEY (model, name, chunk),
+    CHECK (length(data) % 4 = 0)
+);
+-- Float32 weights do not compress: skip the attempt on every write and read.
+ALTER TABLE llm_param ALTER COLUMN data SET STORAGE EXTERNAL;
+ALTER TABLE llm_param ALTER COLUMN grad SET STORAGE EXTERNAL;
+ALTER TABLE llm_param ALTER COLUMN m SET STORAGE EXTERNAL;
+ALTER TABLE llm_param ALTER COLUMN v SET STORAGE EXTERNAL;
+
+-- One row per tensor, for people and tools that do not care about chunks.
+CREATE VIEW llm_param_info AS
+SELECT model, name, (array_agg(shape ORDER BY chunk))[1] AS shape,
+       sum(length(data))::bigint / 4 AS numel,
+       count(*)::int AS chunks,
+       bool_and(grad IS NOT NULL) AS has_grad,
+       bool_and(m IS NOT NULL AND v IS NOT NULL) AS has_adam_state,
+       max(step) AS step
+  FROM llm_param
+ GROUP BY model, name;

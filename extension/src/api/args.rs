@@ -1,0 +1,42 @@
+//! Turning SQL arguments into validated engine inputs. NULL is an error (22004) rather than a
+//! silent NULL result: a NULL weight almost always means a missing row upstream.
+
+use pg_llm_engine::tensor::{self, Finite};
+use pg_llm_engine::{EngineError, Result};
+
+pub fn required<T>(value: Option<T>, name: &str) -> Result<T> {
+    value.ok_or_else(|| EngineError::NullValue(format!("{name} must not be NULL")))
+}
+
+/// A float32 tensor argument of any length.
+pub fn tensor(value: Option<&[u8]>, name: &str) -> Result<Vec<f32>> {
+    tensor::decode(required(value, name)?, name, Finite::Required)
+}
+
+/// A logits argument: −infinity is allowed as a mask.
+pub fn logits(value: Option<&[u8]>, name: &str) -> Result<Vec<f32>> {
+    tensor::decode(required(value, name)?, name, Finite::AllowNegInf)
+}
+
+/// A float32 tensor argument that must hold exactly `numel` values.
+pub fn tensor_exact(value: Option<&[u8]>, name: &str, numel: usize, shape: &str) -> Result<Vec<f32>> {
+    tensor::decode_exact(required(value, name)?, name, numel, shape, Finite::Required)
+}
+
+/// A dimension argument: present, positive, not absurd.
+pub fn dim(value: Option<i32>, name: &str) -> Result<usize> {
+    tensor::dim(required(value, name)? as i64, name)
+}
+
+/// A finite float argument.
+pub fn finite(value: Option<f32>, name: &str) -> Result<f32> {
+    let v = required(value, name)?;
+    if !v.is_finite() {
+        return Err(EngineError::invalid(format!("{name} must be finite, got {v}")));
+    }
+    Ok(v)
+}
+
+pub fn bytes(values: &[f32]) -> Vec<u8> {
+    tensor::encode(values)
+}

@@ -1,0 +1,7 @@
+//! SQL functions, one module per concern.
+
+mod args;
+mod kernels;
+mod optim;
+mod sample;
+mod tensor_io;

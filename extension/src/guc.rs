@@ -1,0 +1,24 @@
+//! Configuration parameters (GUCs) of the extension.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// `pg_llm.threads`: compute threads per backend for kernels and models (0 = all cores).
+pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+pub fn register() {
+    GucRegistry::define_int_guc(
+        c"pg_llm.threads",
+        c"Compute threads each backend may use for pg_llm kernels (0 = one per CPU core).",
+        c"Threads run pure computation only; they never call into PostgreSQL.",
+        &THREADS,
+        0,
+        pg_llm_engine::parallel::MAX_THREADS as i32,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+/// Pushes the current settings to the engine; called on entry to every compute function.
+pub fn apply() {
+    pg_llm_engine::parallel::set_threads(THREADS.get().max(0) as usize);
+}

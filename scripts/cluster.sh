@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# A throwaway local PostgreSQL cluster for the demo and the tests.
+#   scripts/cluster.sh start | stop | status | psql [args]
+# Runs as the OS user postgres on a unix socket under $PG_GPT3_RUN, port $PG_GPT3_PORT.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+BIN="$(pg_bindir)"
+
+start() {
+    if [ -f "$PG_GPT3_DATA/postmaster.pid" ] && as_postgres "$BIN/pg_ctl" -D "$PG_GPT3_DATA" status >/dev/null 2>&1; then
+        return 0
+    fi
+    mkdir -p "$PG_GPT3_RUN"
+    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$PG_GPT3_RUN"; fi
+    if [ ! -f "$PG_GPT3_DATA/PG_VERSION" ]; then
+        as_postgres "$BIN/initdb" -D "$PG_GPT3_DATA" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+    fi
+    as_postgres mkdir -p "$PG_GPT3_SOCK"
+    as_postgres "$BIN/pg_ctl" -D "$PG_GPT3_DATA" -l "$PG_GPT3_LOG" -w -t 60 \
+        -o "-p $PG_GPT3_PORT -k $PG_GPT3_SOCK -c listen_addresses='' -c shared_buffers=256MB" start >/dev/null
+    log "PostgreSQL running: psql \"$(local_dsn)\""
+}
+
+stop() {
+    if [ -f "$PG_GPT3_DATA/postmaster.pid" ]; then
+        as_postgres "$BIN/pg_ctl" -D "$PG_GPT3_DATA" -m fast -w stop >/dev/null || true
+    fi
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    destroy) stop; rm -rf "$PG_GPT3_RUN" ;;
+    status) as_postgres "$BIN/pg_ctl" -D "$PG_GPT3_DATA" status ;;
+    psql) shift; exec "$BIN/psql" "$(local_dsn)" "$@" ;;
+    *) echo "usage: $0 start|stop|destroy|status|psql [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,46 @@
+-- pg_gpt3 demo: what the extension does so far.
+\pset footer off
+CREATE EXTENSION pg_llm;
+
+\echo '--- The GPT-3 family in the model registry'
+SELECT model, n_layer, n_head, d_model, d_head, n_positions, vocab, attention_pattern, local_window
+  FROM llm_model_config ORDER BY d_model * n_layer;
+
+\echo '--- Tensors are little-endian float32 bytea; a 2x3 times 3x2 product'
+SELECT pg_llm_to_array(pg_llm_matmul(pg_llm_from_array('{1,2,3,4,5,6}'),
+                                     pg_llm_from_array('{1,0,0,1,1,1}'), 2, 3, 2)) AS product;
+
+\echo '--- A GPT-3 Small sized product (512x768 . 768x3072) on the native kernel'
+\timing on
+SELECT length(pg_llm_matmul(pg_llm_from_array(array_fill(0.01::float4, ARRAY[512*768])),
+                            pg_llm_from_array(array_fill(0.02::float4, ARRAY[768*3072])),
+                            512, 768, 3072)) / 4 AS result_values;
+\timing off
+
+\echo '--- Causal attention over a 2048-token context (GPT-3 n_ctx), 4 heads of 16'
+SELECT length(pg_llm_attention(
+         pg_llm_from_array(array_fill(0.1::float4, ARRAY[2048*64])),
+         pg_llm_from_array(array_fill(0.01::float4, ARRAY[64*192])),
+         pg_llm_zeros_like(pg_llm_from_array(array_fill(0::float4, ARRAY[192]))),
+         pg_llm_from_array(array_fill(0.01::float4, ARRAY[64*64])),
+         pg_llm_zeros_like(pg_llm_from_array(array_fill(0::float4, ARRAY[64]))),
+         4, 2048, 64)) / 4 AS attention_values;
+
+\echo '--- One AdamW step on the GPT-3 schedule (step 100 of 1000, warmup 10)'
+SELECT pg_llm_lr_schedule(100, 10, 1000, 6e-4) AS lr,
+       pg_llm_to_array((s).weight) AS weight, pg_llm_to_array((s).m) AS m
+  FROM (SELECT pg_llm_adamw_step(pg_llm_from_array('{0.5,-0.5}'), pg_llm_from_array('{0.1,-0.2}'),
+                                 pg_llm_zeros_like(pg_llm_from_array('{0,0}')),
+                                 pg_llm_zeros_like(pg_llm_from_array('{0,0}')),
+                                 pg_llm_lr_schedule(100, 10, 1000, 6e-4), 0.9, 0.95, 1e-8, 0.1, 1) AS s) q;
+
+\echo '--- Sampling: greedy, then seeded top-k/top-p draws'
+SELECT pg_llm_sample(pg_llm_from_array('{0.1,2.5,0.3,1.9}'), 0, 0, 1) AS greedy,
+       array(SELECT pg_llm_sample(pg_llm_from_array('{0.1,2.5,0.3,1.9}'), 1.0, 3, 0.95, seed)
+               FROM generate_series(1, 8) seed) AS seeded_draws;
+
+\echo '--- Bad input is a clean SQL error, not a crash'
+\set ON_ERROR_STOP 0
+SELECT pg_llm_matmul(pg_llm_from_array('{1,2,3}'), pg_llm_from_array('{1,2}'), 2, 2, 1);
+\set ON_ERROR_STOP 1
+SELECT 'backend still alive' AS status;
