@@ -21,17 +21,33 @@ else
     host="$PG_GPT3_SOCK"; port="$PG_GPT3_PORT"; user=postgres
 fi
 
+# PostgreSQL 15's pg_regress has no --expecteddir: it reads INPUTDIR/sql and INPUTDIR/expected,
+# so give it an input directory that links to tests/sql and the top-level expected/.
+mkdir -p "$OUT/input"
+ln -s "$REPO_ROOT/tests/sql" "$OUT/input/sql"
+ln -s "$REPO_ROOT/expected" "$OUT/input/expected"
+
+# With --use-existing pg_regress neither creates the database nor loads the extension.
+DB=pg_llm_regress
+"$BIN/psql" -X -q -h "$host" -p "$port" -U "$user" -d postgres \
+    -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
+"$BIN/psql" -X -q -h "$host" -p "$port" -U "$user" -d "$DB" -c "CREATE EXTENSION pg_llm"
+
 tests=$(cd tests/sql && ls *.sql | sed 's/\.sql$//' | sort | tr '\n' ' ')
 status=0
+set +o pipefail
 "$PG_REGRESS" --use-existing --host="$host" --port="$port" --user="$user" \
-    --dbname=pg_llm_regress --load-extension=pg_llm \
-    --inputdir=tests --expecteddir=expected --outputdir="$OUT" $tests || status=$?
+    --dbname="$DB" \
+    --inputdir="$OUT/input" --outputdir="$OUT" $tests 2>&1 | tee "$OUT/summary.txt"
+status=${PIPESTATUS[0]}
+set -o pipefail
 if [ $status -ne 0 ] && [ -f "$OUT/regression.diffs" ]; then
     cat "$OUT/regression.diffs"
+    echo "actual outputs are in $OUT/results"
 fi
 [ $started = 1 ] && "$REPO_ROOT/scripts/cluster.sh" stop
 n_total=$(echo $tests | wc -w)
-n_failed=$(grep -c '^not ok\|\.\.\. FAILED\|failed (ignored)\|^     FAILED' "$OUT/regression.out" 2>/dev/null || true)
-[ $status -ne 0 ] && [ "$n_failed" = 0 ] && n_failed=$n_total
-echo "pg_regress: $((n_total - n_failed)) passed, $n_failed failed"
+n_passed=$(grep -cE '^(test| ) *[a-z_0-9]+ +\.\.\. ok' "$OUT/summary.txt" || true)
+echo "pg_regress: $n_passed passed, $((n_total - n_passed)) failed"
+[ "$n_passed" = "$n_total" ] || status=1
 exit $status

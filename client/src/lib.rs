@@ -1,1 +1,171 @@
+//! pg_gpt3_client: a typed async client for the `pg_llm` PostgreSQL extension.
+//!
+//! This is the foundation of the client (connection, errors with SQLSTATE, the model
+//! registry, tensor helpers); generation, streaming and training follow with the server
+//! features they wrap.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pg_gpt3_client::Error> {
+//! let client = pg_gpt3_client::Client::connect("host=/tmp/pg_gpt3_cluster/sock port=54329 user=postgres").await?;
+//! let cfg = client.model_config(pg_gpt3_client::DEFAULT_MODEL).await?;
+//! assert_eq!(cfg.d_model, 768);
+//! # Ok(()) }
+//! ```
 
+use serde::{Deserialize, Serialize};
+
+/// The model every call uses unless told otherwise.
+pub const DEFAULT_MODEL: &str = "gpt3-125m";
+
+/// Errors from the client. Server errors keep their SQLSTATE.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{message} (SQLSTATE {sqlstate})")]
+    Server { sqlstate: String, message: String },
+    #[error("connection: {0}")]
+    Connection(String),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The five-character SQLSTATE of a server error (for example "42704" for an unknown model).
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::Server { sqlstate, .. } => Some(sqlstate),
+            _ => None,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => Error::Server {
+                sqlstate: db.code().code().to_string(),
+                message: db.message().to_string(),
+            },
+            None => Error::Connection(e.to_string()),
+        }
+    }
+}
+
+/// A row of `llm_model_config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub model: String,
+    pub n_layer: i32,
+    pub n_head: i32,
+    pub d_model: i32,
+    pub d_head: i32,
+    pub d_ff: i32,
+    pub n_positions: i32,
+    pub vocab: i32,
+    pub activation: String,
+    pub attention_pattern: Vec<String>,
+    pub local_window: Option<i32>,
+    pub family: String,
+}
+
+/// A connection to a database with the `pg_llm` extension.
+pub struct Client {
+    inner: tokio_postgres::Client,
+}
+
+impl Client {
+    /// Connects with a libpq-style connection string (no TLS) and drives the connection on a
+    /// background task of the current tokio runtime.
+    pub async fn connect(dsn: &str) -> Result<Self, Error> {
+        let (inner, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self { inner })
+    }
+
+    /// The registry row of `model`; an unknown model is a server error with SQLSTATE 42704.
+    pub async fn model_config(&self, model: &str) -> Result<ModelConfig, Error> {
+        let row = self
+            .inner
+            .query_one(
+                "SELECT model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, activation, \
+                 attention_pattern, local_window, family FROM llm_get_model_config($1)",
+                &[&model],
+            )
+            .await?;
+        Ok(ModelConfig {
+            model: row.get(0),
+            n_layer: row.get(1),
+            n_head: row.get(2),
+            d_model: row.get(3),
+            d_head: row.get(4),
+            d_ff: row.get(5),
+            n_positions: row.get(6),
+            vocab: row.get(7),
+            activation: row.get(8),
+            attention_pattern: row.get(9),
+            local_window: row.get(10),
+            family: row.get(11),
+        })
+    }
+
+    /// Registered model names.
+    pub async fn models(&self) -> Result<Vec<String>, Error> {
+        let rows = self
+            .inner
+            .query("SELECT model FROM llm_model_config ORDER BY model", &[])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// [m, k] · [k, n] computed by the server's `pg_llm_matmul`.
+    pub async fn matmul(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        m: i32,
+        k: i32,
+        n: i32,
+    ) -> Result<Vec<f32>, Error> {
+        let row = self
+            .inner
+            .query_one(
+                "SELECT pg_llm_matmul($1, $2, $3, $4, $5)",
+                &[&encode(a), &encode(b), &m, &k, &n],
+            )
+            .await?;
+        decode(row.get::<_, &[u8]>(0))
+    }
+}
+
+/// Encodes float32 values in the extension's tensor format (little-endian bytes).
+pub fn encode(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Decodes the extension's tensor format.
+pub fn decode(bytes: &[u8]) -> Result<Vec<f32>, Error> {
+    if bytes.len() % 4 != 0 {
+        return Err(Error::Protocol(format!(
+            "tensor of {} bytes is not float32",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_format_round_trips() {
+        let v = vec![1.0f32, -0.5, 3.25];
+        assert_eq!(decode(&encode(&v)).unwrap(), v);
+        assert_eq!(encode(&[1.0]), vec![0x00, 0x00, 0x80, 0x3f]);
+        assert!(decode(&[0, 1, 2]).is_err());
+    }
+}

@@ -28,7 +28,7 @@ CREATE TABLE llm_model_config (
     family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo')),
     version           bigint NOT NULL DEFAULT 1,     -- bumped on every change; invalidates cached weights
     note              text,
-    CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL)
+    CONSTRAINT local_layers_need_a_window CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL)
 );
 
 COMMENT ON TABLE llm_model_config IS 'pg_gpt3 model registry: architecture of each model';
@@ -104,7 +104,7 @@ ALTER TABLE llm_param ALTER COLUMN v SET STORAGE EXTERNAL;
 
 -- One row per tensor, for people and tools that do not care about chunks.
 CREATE VIEW llm_param_info AS
-SELECT model, name, (array_agg(shape ORDER BY chunk))[1] AS shape,
+SELECT model, name, max(shape) AS shape,
        sum(length(data))::bigint / 4 AS numel,
        count(*)::int AS chunks,
        bool_and(grad IS NOT NULL) AS has_grad,

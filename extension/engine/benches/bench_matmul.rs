@@ -25,8 +25,12 @@ fn main() {
         vec![(768, 768, 768), (512, 768, 3072), (1, 768, 50257)]
     };
     for (m, k, n) in shapes {
-        let a: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) * 1e-2).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i % 89) as f32 - 44.0) * 1e-2).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i % 97) as f32 - 48.0) * 1e-2)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i % 89) as f32 - 44.0) * 1e-2)
+            .collect();
         let _ = matmul(&a, &b, m, k, n, Cancel::NEVER).unwrap();
         let flops = 2.0 * (m * k * n) as f64;
         let reps = ((0.1e9 * threads as f64 / flops).ceil() as usize).max(3);

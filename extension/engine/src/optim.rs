@@ -14,17 +14,29 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn validate(&self) -> Result<()> {
-        let AdamW { lr, beta1, beta2, eps, weight_decay } = *self;
+        let AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = *self;
         if !(lr >= 0.0 && lr.is_finite()) {
-            return Err(EngineError::invalid(format!("lr must be a non-negative finite number, got {lr}")));
+            return Err(EngineError::invalid(format!(
+                "lr must be a non-negative finite number, got {lr}"
+            )));
         }
         for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
             if !(0.0..1.0).contains(&b) {
-                return Err(EngineError::invalid(format!("{name} must be in [0, 1), got {b}")));
+                return Err(EngineError::invalid(format!(
+                    "{name} must be in [0, 1), got {b}"
+                )));
             }
         }
         if !(eps > 0.0 && eps.is_finite()) {
-            return Err(EngineError::invalid(format!("eps must be a positive finite number, got {eps}")));
+            return Err(EngineError::invalid(format!(
+                "eps must be a positive finite number, got {eps}"
+            )));
         }
         if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
             return Err(EngineError::invalid(format!(
@@ -36,10 +48,19 @@ impl AdamW {
 
     /// One step in place. `step` counts optimizer steps from 1 (bias correction uses it).
     /// Decay is decoupled: w ← w·(1 − lr·wd) before the Adam update, as PyTorch does.
-    pub fn step(&self, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step: i64) -> Result<()> {
+    pub fn step(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        step: i64,
+    ) -> Result<()> {
         self.validate()?;
         if step < 1 {
-            return Err(EngineError::invalid(format!("step must be at least 1, got {step}")));
+            return Err(EngineError::invalid(format!(
+                "step must be at least 1, got {step}"
+            )));
         }
         let n = w.len();
         if g.len() != n || m.len() != n || v.len() != n {
@@ -69,14 +90,19 @@ impl AdamW {
 
 /// L2 norm of a gradient, accumulated in float64.
 pub fn grad_norm(g: &[f32]) -> f64 {
-    g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+    g.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Scales `g` in place so its L2 norm is at most `max_norm` (PyTorch's `clip_grad_norm_`:
 /// coefficient max_norm / (norm + 1e-6), never above 1). Returns the norm before clipping.
 pub fn clip_grad_norm(g: &mut [f32], max_norm: f32) -> Result<f64> {
     if !(max_norm > 0.0) || !max_norm.is_finite() {
-        return Err(EngineError::invalid(format!("clip must be a positive finite number, got {max_norm}")));
+        return Err(EngineError::invalid(format!(
+            "clip must be a positive finite number, got {max_norm}"
+        )));
     }
     let norm = grad_norm(g);
     let coef = max_norm as f64 / (norm + 1e-6);
@@ -92,10 +118,14 @@ pub fn clip_grad_norm(g: &mut [f32], max_norm: f32) -> Result<f64> {
 /// step `total`, constant after that. `warmup` = 0 starts decaying at once.
 pub fn lr_schedule(step: i64, warmup: i64, total: i64, lr_max: f32, min_ratio: f32) -> Result<f32> {
     if step < 0 {
-        return Err(EngineError::invalid(format!("step must be non-negative, got {step}")));
+        return Err(EngineError::invalid(format!(
+            "step must be non-negative, got {step}"
+        )));
     }
     if warmup < 0 {
-        return Err(EngineError::invalid(format!("warmup must be non-negative, got {warmup}")));
+        return Err(EngineError::invalid(format!(
+            "warmup must be non-negative, got {warmup}"
+        )));
     }
     if total < warmup || total < 1 {
         return Err(EngineError::invalid(format!(
@@ -103,10 +133,14 @@ pub fn lr_schedule(step: i64, warmup: i64, total: i64, lr_max: f32, min_ratio: f
         )));
     }
     if !(lr_max >= 0.0) || !lr_max.is_finite() {
-        return Err(EngineError::invalid(format!("lr_max must be a non-negative finite number, got {lr_max}")));
+        return Err(EngineError::invalid(format!(
+            "lr_max must be a non-negative finite number, got {lr_max}"
+        )));
     }
     if !(0.0..=1.0).contains(&min_ratio) {
-        return Err(EngineError::invalid(format!("min_ratio must be in [0, 1], got {min_ratio}")));
+        return Err(EngineError::invalid(format!(
+            "min_ratio must be in [0, 1], got {min_ratio}"
+        )));
     }
     let lr_max = lr_max as f64;
     let lr_min = lr_max * min_ratio as f64;
@@ -128,7 +162,13 @@ mod tests {
     #[test]
     fn adamw_first_step_matches_closed_form() {
         // At step 1, m̂ = g and v̂ = g², so the update is lr·g/(|g| + eps) after decay.
-        let opt = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let opt = AdamW {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let (mut w, g) = (vec![1.0f32, -2.0], vec![0.5f32, -0.25]);
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
         opt.step(&mut w, &g, &mut m, &mut v, 1).unwrap();

@@ -35,15 +35,27 @@ impl SamplingParams {
             )));
         }
         if top_k < 0 {
-            return Err(EngineError::invalid(format!("topk must be non-negative (0 disables it), got {top_k}")));
+            return Err(EngineError::invalid(format!(
+                "topk must be non-negative (0 disables it), got {top_k}"
+            )));
         }
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(EngineError::invalid(format!("topp must be in (0, 1] (1 disables it), got {top_p}")));
+            return Err(EngineError::invalid(format!(
+                "topp must be in (0, 1] (1 disables it), got {top_p}"
+            )));
         }
-        Ok(Self { temperature, top_k: top_k as usize, top_p })
+        Ok(Self {
+            temperature,
+            top_k: top_k as usize,
+            top_p,
+        })
     }
 
-    pub const GREEDY: SamplingParams = SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0 };
+    pub const GREEDY: SamplingParams = SamplingParams {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
 }
 
 /// Index of the largest logit (the first one on ties).
@@ -64,21 +76,30 @@ pub fn sample(logits: &[f32], p: SamplingParams, rng: &mut impl Rng) -> Result<u
         return Err(EngineError::invalid("logits must not be empty"));
     }
     if logits.iter().all(|v| *v == f32::NEG_INFINITY) {
-        return Err(EngineError::data("every logit is -infinity; there is nothing to sample"));
+        return Err(EngineError::data(
+            "every logit is -infinity; there is nothing to sample",
+        ));
     }
     if p.temperature == 0.0 {
         return Ok(argmax(logits));
     }
     // Candidates sorted by logit, descending; top-k trims before sorting everything.
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let by_logit_desc = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     if p.top_k > 0 && p.top_k < idx.len() {
         idx.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
         idx.truncate(p.top_k);
     }
     idx.sort_unstable_by(by_logit_desc);
     let max = logits[idx[0] as usize];
-    let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|x| *x /= total);
     // Nucleus: keep a token while the mass before it is below top_p (at least one token).
@@ -113,7 +134,10 @@ mod tests {
     #[test]
     fn greedy_and_validation() {
         let mut rng = rng_from_seed(Some(1));
-        assert_eq!(sample(&[0.1, 3.0, 2.0], SamplingParams::GREEDY, &mut rng).unwrap(), 1);
+        assert_eq!(
+            sample(&[0.1, 3.0, 2.0], SamplingParams::GREEDY, &mut rng).unwrap(),
+            1
+        );
         assert!(SamplingParams::new(-1.0, 0, 1.0).is_err());
         assert!(SamplingParams::new(1.0, -1, 1.0).is_err());
         assert!(SamplingParams::new(1.0, 0, 0.0).is_err());
@@ -124,9 +148,19 @@ mod tests {
     fn top_k_one_is_greedy_and_seed_reproduces() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 7919) % 31) as f32 * 0.1).collect();
         let p = SamplingParams::new(1.0, 1, 1.0).unwrap();
-        assert_eq!(sample(&logits, p, &mut rng_from_seed(Some(5))).unwrap(), argmax(&logits));
+        assert_eq!(
+            sample(&logits, p, &mut rng_from_seed(Some(5))).unwrap(),
+            argmax(&logits)
+        );
         let p = SamplingParams::new(0.8, 10, 0.9).unwrap();
-        let draw = |seed| (0..20).map(|_| 0).scan(rng_from_seed(Some(seed)), |r, _| Some(sample(&logits, p, r).unwrap())).collect::<Vec<_>>();
+        let draw = |seed| {
+            (0..20)
+                .map(|_| 0)
+                .scan(rng_from_seed(Some(seed)), |r, _| {
+                    Some(sample(&logits, p, r).unwrap())
+                })
+                .collect::<Vec<_>>()
+        };
         assert_eq!(draw(9), draw(9));
     }
 

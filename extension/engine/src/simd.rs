@@ -18,7 +18,11 @@ pub fn has_avx2_fma() -> bool {
 #[inline(always)]
 fn axpy_body<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
     for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv = if FMA { xv.mul_add(a, *yv) } else { *yv + a * xv };
+        *yv = if FMA {
+            xv.mul_add(a, *yv)
+        } else {
+            *yv + a * xv
+        };
     }
 }
 
@@ -42,11 +46,19 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// y[j] += Σ_r a[r] · x[r][j] for four rows at once: y is read and written once per four rows.
 #[inline(always)]
 fn axpy4_body<const FMA: bool>(y: &mut [f32], a: [f32; 4], x: [&[f32]; 4]) {
-    let n = y.len().min(x[0].len()).min(x[1].len()).min(x[2].len()).min(x[3].len());
+    let n = y
+        .len()
+        .min(x[0].len())
+        .min(x[1].len())
+        .min(x[2].len())
+        .min(x[3].len());
     let (y, x0, x1, x2, x3) = (&mut y[..n], &x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
     for j in 0..n {
         y[j] = if FMA {
-            x3[j].mul_add(a[3], x2[j].mul_add(a[2], x1[j].mul_add(a[1], x0[j].mul_add(a[0], y[j]))))
+            x3[j].mul_add(
+                a[3],
+                x2[j].mul_add(a[2], x1[j].mul_add(a[1], x0[j].mul_add(a[0], y[j]))),
+            )
         } else {
             y[j] + a[0] * x0[j] + a[1] * x1[j] + a[2] * x2[j] + a[3] * x3[j]
         };
@@ -79,7 +91,11 @@ fn dot_body<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
     for c in 0..chunks {
         let (xs, ys) = (&x[c * 16..c * 16 + 16], &y[c * 16..c * 16 + 16]);
         for i in 0..16 {
-            acc[i] = if FMA { xs[i].mul_add(ys[i], acc[i]) } else { acc[i] + xs[i] * ys[i] };
+            acc[i] = if FMA {
+                xs[i].mul_add(ys[i], acc[i])
+            } else {
+                acc[i] + xs[i] * ys[i]
+            };
         }
     }
     let mut sum: f32 = acc.iter().sum();

@@ -23,6 +23,13 @@ pub enum Finite {
 /// Decodes a little-endian float32 blob, rejecting a byte length that is not a multiple of 4
 /// and non-finite values according to `finite`. `arg` names the SQL argument in messages.
 pub fn decode(bytes: &[u8], arg: &str, finite: Finite) -> Result<Vec<f32>> {
+    let out = decode_any(bytes, arg)?;
+    check_finite(&out, arg, finite)?;
+    Ok(out)
+}
+
+/// Decodes faithfully, NaN and infinities included; only the byte length is checked.
+pub fn decode_any(bytes: &[u8], arg: &str) -> Result<Vec<f32>> {
     if bytes.len() % 4 != 0 {
         return Err(EngineError::data(format!(
             "{arg} is not a float32 tensor: its length {} bytes is not a multiple of 4",
@@ -33,13 +40,18 @@ pub fn decode(bytes: &[u8], arg: &str, finite: Finite) -> Result<Vec<f32>> {
     for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
         *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
     }
-    check_finite(&out, arg, finite)?;
     Ok(out)
 }
 
 /// Decodes `bytes` and checks that it holds exactly `numel` values; `shape` describes the
 /// expected shape for the message (for example "[m=2, k=3]").
-pub fn decode_exact(bytes: &[u8], arg: &str, numel: usize, shape: &str, finite: Finite) -> Result<Vec<f32>> {
+pub fn decode_exact(
+    bytes: &[u8],
+    arg: &str,
+    numel: usize,
+    shape: &str,
+    finite: Finite,
+) -> Result<Vec<f32>> {
     if bytes.len() != numel.saturating_mul(4) {
         return Err(EngineError::invalid(format!(
             "{arg} has {} bytes but shape {shape} needs {numel} float32 values ({} bytes)",
@@ -69,7 +81,7 @@ pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
     match bad {
         None => Ok(()),
         Some(i) => Err(EngineError::data(format!(
-            "{arg} contains a non-finite value ({}) at element {i}",
+            "{arg} contains a non-finite value ({}) at index {i}",
             values[i]
         ))),
     }
@@ -80,7 +92,7 @@ pub fn check_result(values: &[f32], what: &str) -> Result<()> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(EngineError::OutOfRange(format!(
-            "{what} overflowed float32 range at element {i} ({})",
+            "{what} overflowed float32 range at index {i} ({})",
             values[i]
         ))),
     }
@@ -89,7 +101,9 @@ pub fn check_result(values: &[f32], what: &str) -> Result<()> {
 /// Validates one dimension given by the caller: strictly positive and not absurd.
 pub fn dim(value: i64, name: &str) -> Result<usize> {
     if value <= 0 {
-        return Err(EngineError::invalid(format!("{name} must be positive, got {value}")));
+        return Err(EngineError::invalid(format!(
+            "{name} must be positive, got {value}"
+        )));
     }
     if value as u64 > MAX_TENSOR_ELEMS as u64 {
         return Err(EngineError::too_large(format!(
@@ -109,7 +123,11 @@ pub fn numel(dims: &[usize], what: &str) -> Result<usize> {
     if n > MAX_TENSOR_ELEMS as u64 {
         return Err(EngineError::too_large(format!(
             "{what} would have {} elements {}; one tensor holds at most {MAX_TENSOR_ELEMS} (1 GB)",
-            if n == u64::MAX { "more than 2^64".to_string() } else { n.to_string() },
+            if n == u64::MAX {
+                "more than 2^64".to_string()
+            } else {
+                n.to_string()
+            },
             shape_str(dims)
         )));
     }
@@ -143,10 +161,15 @@ mod tests {
 
     #[test]
     fn rejects_ragged_length_and_nan() {
-        assert!(matches!(decode(&[0u8; 5], "x", Finite::Required), Err(EngineError::Data(_))));
+        assert!(matches!(
+            decode(&[0u8; 5], "x", Finite::Required),
+            Err(EngineError::Data(_))
+        ));
         let nan = encode(&[1.0, f32::NAN]);
         let err = decode(&nan, "logits", Finite::AllowNegInf).unwrap_err();
-        assert!(err.to_string().contains("logits contains a non-finite value (NaN) at element 1"));
+        assert!(err
+            .to_string()
+            .contains("logits contains a non-finite value (NaN) at index 1"));
         let masked = encode(&[1.0, f32::NEG_INFINITY]);
         assert!(decode(&masked, "logits", Finite::AllowNegInf).is_ok());
         assert!(decode(&masked, "x", Finite::Required).is_err());
@@ -155,10 +178,19 @@ mod tests {
     #[test]
     fn numel_is_overflow_safe() {
         assert_eq!(numel(&[2, 3, 4], "t").unwrap(), 24);
-        assert!(matches!(numel(&[1 << 40, 1 << 40], "t"), Err(EngineError::TooLarge(_))));
-        assert!(matches!(numel(&[usize::MAX, usize::MAX], "t"), Err(EngineError::TooLarge(_))));
+        assert!(matches!(
+            numel(&[1 << 40, 1 << 40], "t"),
+            Err(EngineError::TooLarge(_))
+        ));
+        assert!(matches!(
+            numel(&[usize::MAX, usize::MAX], "t"),
+            Err(EngineError::TooLarge(_))
+        ));
         assert!(matches!(dim(0, "m"), Err(EngineError::InvalidParameter(_))));
-        assert!(matches!(dim(-3, "m"), Err(EngineError::InvalidParameter(_))));
+        assert!(matches!(
+            dim(-3, "m"),
+            Err(EngineError::InvalidParameter(_))
+        ));
     }
 
     #[test]
@@ -166,6 +198,8 @@ mod tests {
         let b = encode(&[1.0, 2.0, 3.0]);
         let err = decode_exact(&b, "a", 4, "[m=2, k=2]", Finite::Required).unwrap_err();
         assert_eq!(err.sqlstate(), "22023");
-        assert!(err.to_string().contains("a has 12 bytes but shape [m=2, k=2] needs 4"));
+        assert!(err
+            .to_string()
+            .contains("a has 12 bytes but shape [m=2, k=2] needs 4"));
     }
 }

@@ -19,7 +19,12 @@ pub fn logits(value: Option<&[u8]>, name: &str) -> Result<Vec<f32>> {
 }
 
 /// A float32 tensor argument that must hold exactly `numel` values.
-pub fn tensor_exact(value: Option<&[u8]>, name: &str, numel: usize, shape: &str) -> Result<Vec<f32>> {
+pub fn tensor_exact(
+    value: Option<&[u8]>,
+    name: &str,
+    numel: usize,
+    shape: &str,
+) -> Result<Vec<f32>> {
     tensor::decode_exact(required(value, name)?, name, numel, shape, Finite::Required)
 }
 
@@ -32,7 +37,9 @@ pub fn dim(value: Option<i32>, name: &str) -> Result<usize> {
 pub fn finite(value: Option<f32>, name: &str) -> Result<f32> {
     let v = required(value, name)?;
     if !v.is_finite() {
-        return Err(EngineError::invalid(format!("{name} must be finite, got {v}")));
+        return Err(EngineError::invalid(format!(
+            "{name} must be finite, got {v}"
+        )));
     }
     Ok(v)
 }

@@ -1,6 +1,8 @@
 //! Tensor kernels as SQL functions (names and argument order kept from pg_gpt2).
 
-use pg_llm_engine::kernels::attention::{attention_block_backward, attention_block_forward, AttnBlockWeights};
+use pg_llm_engine::kernels::attention::{
+    attention_block_backward, attention_block_forward, AttnBlockWeights,
+};
 use pg_llm_engine::kernels::{cross_entropy, dropout, elementwise, layernorm, matmul, softmax};
 use pg_llm_engine::{sample::rng_from_seed, tensor, EngineError};
 use pgrx::prelude::*;
@@ -10,7 +12,13 @@ use crate::errors::{cancel, run};
 
 /// [m, k] · [k, n] → [m, n].
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_matmul(a: Option<&[u8]>, b: Option<&[u8]>, m: Option<i32>, k: Option<i32>, n: Option<i32>) -> Vec<u8> {
+fn pg_llm_matmul(
+    a: Option<&[u8]>,
+    b: Option<&[u8]>,
+    m: Option<i32>,
+    k: Option<i32>,
+    n: Option<i32>,
+) -> Vec<u8> {
     run("pg_llm_matmul", || {
         let (m, k, n) = (dim(m, "m")?, dim(k, "k")?, dim(n, "n")?);
         let a_len = tensor::numel(&[m, k], "a")?;
@@ -26,19 +34,31 @@ fn pg_llm_matmul(a: Option<&[u8]>, b: Option<&[u8]>, m: Option<i32>, k: Option<i
 /// a + b, or a + bias broadcast over rows when len(b) divides len(a).
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Vec<u8> {
-    run("pg_llm_add", || Ok(bytes(&elementwise::add(&tensor(a, "a")?, &tensor(b, "b")?)?)))
+    run("pg_llm_add", || {
+        Ok(bytes(&elementwise::add(
+            &tensor(a, "a")?,
+            &tensor(b, "b")?,
+        )?))
+    })
 }
 
 /// GELU, GPT-2's tanh approximation.
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_gelu(a: Option<&[u8]>) -> Vec<u8> {
-    run("pg_llm_gelu", || Ok(bytes(&elementwise::gelu_forward(&tensor(a, "a")?))))
+    run("pg_llm_gelu", || {
+        Ok(bytes(&elementwise::gelu_forward(&tensor(a, "a")?)))
+    })
 }
 
 /// dL/dx of GELU given its input x and dL/dy.
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_gelu_backward(x: Option<&[u8]>, dy: Option<&[u8]>) -> Vec<u8> {
-    run("pg_llm_gelu_backward", || Ok(bytes(&elementwise::gelu_backward(&tensor(x, "x")?, &tensor(dy, "dy")?)?)))
+    run("pg_llm_gelu_backward", || {
+        Ok(bytes(&elementwise::gelu_backward(
+            &tensor(x, "x")?,
+            &tensor(dy, "dy")?,
+        )?))
+    })
 }
 
 fn cols_or_all(cols: Option<i32>, len: usize) -> pg_llm_engine::Result<usize> {
@@ -53,7 +73,10 @@ fn cols_or_all(cols: Option<i32>, len: usize) -> pg_llm_engine::Result<usize> {
 fn pg_llm_softmax(a: Option<&[u8]>) -> Vec<u8> {
     run("pg_llm_softmax", || {
         let a = logits_arg(a, "a")?;
-        Ok(bytes(&softmax::softmax_forward(&a, cols_or_all(None, a.len())?)?))
+        Ok(bytes(&softmax::softmax_forward(
+            &a,
+            cols_or_all(None, a.len())?,
+        )?))
     })
 }
 
@@ -62,7 +85,10 @@ fn pg_llm_softmax(a: Option<&[u8]>) -> Vec<u8> {
 fn pg_llm_softmax_rows(a: Option<&[u8]>, cols: Option<i32>) -> Vec<u8> {
     run("pg_llm_softmax", || {
         let a = logits_arg(a, "a")?;
-        Ok(bytes(&softmax::softmax_forward(&a, cols_or_all(Some(required(cols, "cols")?), a.len())?)?))
+        Ok(bytes(&softmax::softmax_forward(
+            &a,
+            cols_or_all(Some(required(cols, "cols")?), a.len())?,
+        )?))
     })
 }
 
@@ -71,7 +97,11 @@ fn pg_llm_softmax_rows(a: Option<&[u8]>, cols: Option<i32>) -> Vec<u8> {
 fn pg_llm_softmax_backward(y: Option<&[u8]>, dy: Option<&[u8]>) -> Vec<u8> {
     run("pg_llm_softmax_backward", || {
         let y = tensor(y, "y")?;
-        Ok(bytes(&softmax::softmax_backward(&y, &tensor(dy, "dy")?, cols_or_all(None, y.len())?)?))
+        Ok(bytes(&softmax::softmax_backward(
+            &y,
+            &tensor(dy, "dy")?,
+            cols_or_all(None, y.len())?,
+        )?))
     })
 }
 
@@ -81,15 +111,29 @@ fn pg_llm_softmax_backward_rows(y: Option<&[u8]>, dy: Option<&[u8]>, cols: Optio
     run("pg_llm_softmax_backward", || {
         let y = tensor(y, "y")?;
         let cols = cols_or_all(Some(required(cols, "cols")?), y.len())?;
-        Ok(bytes(&softmax::softmax_backward(&y, &tensor(dy, "dy")?, cols)?))
+        Ok(bytes(&softmax::softmax_backward(
+            &y,
+            &tensor(dy, "dy")?,
+            cols,
+        )?))
     })
 }
 
 /// LayerNorm over the last dimension (= length of gamma), any number of rows.
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_layernorm(x: Option<&[u8]>, gamma: Option<&[u8]>, beta: Option<&[u8]>, eps: Option<f32>) -> Vec<u8> {
+fn pg_llm_layernorm(
+    x: Option<&[u8]>,
+    gamma: Option<&[u8]>,
+    beta: Option<&[u8]>,
+    eps: Option<f32>,
+) -> Vec<u8> {
     run("pg_llm_layernorm", || {
-        let y = layernorm::layernorm_forward(&tensor(x, "x")?, &tensor(gamma, "gamma")?, &tensor(beta, "beta")?, finite(eps, "eps")?)?;
+        let y = layernorm::layernorm_forward(
+            &tensor(x, "x")?,
+            &tensor(gamma, "gamma")?,
+            &tensor(beta, "beta")?,
+            finite(eps, "eps")?,
+        )?;
         Ok(bytes(&y))
     })
 }
@@ -102,7 +146,12 @@ fn pg_llm_layernorm_backward(
     eps: Option<f32>,
 ) -> pgrx::composite_type!('static, "layernorm_grads") {
     let g = run("pg_llm_layernorm_backward", || {
-        layernorm::layernorm_backward(&tensor(x, "x")?, &tensor(dy, "dy")?, &tensor(gamma, "gamma")?, finite(eps, "eps")?)
+        layernorm::layernorm_backward(
+            &tensor(x, "x")?,
+            &tensor(dy, "dy")?,
+            &tensor(gamma, "gamma")?,
+            finite(eps, "eps")?,
+        )
     });
     let mut t = PgHeapTuple::new_composite_type("layernorm_grads").expect("type layernorm_grads");
     t.set_by_name("dx", bytes(&g.dx)).expect("dx");
@@ -115,7 +164,10 @@ fn pg_llm_layernorm_backward(
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_cross_entropy(logits: Option<&[u8]>, target: Option<i32>) -> f32 {
     run("pg_llm_cross_entropy", || {
-        cross_entropy::cross_entropy_forward(&logits_arg(logits, "logits")?, required(target, "target")? as i64)
+        cross_entropy::cross_entropy_forward(
+            &logits_arg(logits, "logits")?,
+            required(target, "target")? as i64,
+        )
     })
 }
 
@@ -123,7 +175,10 @@ fn pg_llm_cross_entropy(logits: Option<&[u8]>, target: Option<i32>) -> f32 {
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_cross_entropy_backward(logits: Option<&[u8]>, target: Option<i32>) -> Vec<u8> {
     run("pg_llm_cross_entropy_backward", || {
-        let g = cross_entropy::cross_entropy_backward(&logits_arg(logits, "logits")?, required(target, "target")? as i64)?;
+        let g = cross_entropy::cross_entropy_backward(
+            &logits_arg(logits, "logits")?,
+            required(target, "target")? as i64,
+        )?;
         Ok(bytes(&g))
     })
 }
@@ -139,7 +194,12 @@ fn pg_llm_dropout(
     run("pg_llm_dropout", || {
         let x = tensor(input, "input")?;
         let mut rng = rng_from_seed(seed);
-        Ok(bytes(&dropout::dropout_forward(&x, finite(p, "p")?, required(training, "training")?, &mut rng)?))
+        Ok(bytes(&dropout::dropout_forward(
+            &x,
+            finite(p, "p")?,
+            required(training, "training")?,
+            &mut rng,
+        )?))
     })
 }
 
@@ -221,10 +281,25 @@ impl BlockArgs {
         let (n_head, t, d) = (dim(n_head, "n_head")?, dim(t, "T")?, dim(d, "D")?);
         let d3 = tensor::numel(&[d, 3], "b_qkv")?;
         Ok(Self {
-            x: tensor_exact(x, "x", tensor::numel(&[t, d], "x")?, &format!("[T={t}, D={d}]"))?,
-            w_qkv: tensor_exact(w_qkv, "w_qkv", tensor::numel(&[d, d3], "w_qkv")?, &format!("[D={d}, 3D={d3}]"))?,
+            x: tensor_exact(
+                x,
+                "x",
+                tensor::numel(&[t, d], "x")?,
+                &format!("[T={t}, D={d}]"),
+            )?,
+            w_qkv: tensor_exact(
+                w_qkv,
+                "w_qkv",
+                tensor::numel(&[d, d3], "w_qkv")?,
+                &format!("[D={d}, 3D={d3}]"),
+            )?,
             b_qkv: tensor_exact(b_qkv, "b_qkv", d3, &format!("[3D={d3}]"))?,
-            w_o: tensor_exact(w_o, "w_o", tensor::numel(&[d, d], "w_o")?, &format!("[D={d}, D={d}]"))?,
+            w_o: tensor_exact(
+                w_o,
+                "w_o",
+                tensor::numel(&[d, d], "w_o")?,
+                &format!("[D={d}, D={d}]"),
+            )?,
             b_o: tensor_exact(b_o, "b_o", d, &format!("[D={d}]"))?,
             n_head,
             t,
@@ -233,7 +308,12 @@ impl BlockArgs {
     }
 
     fn weights(&self) -> AttnBlockWeights<'_> {
-        AttnBlockWeights { w_qkv: &self.w_qkv, b_qkv: &self.b_qkv, w_o: &self.w_o, b_o: &self.b_o }
+        AttnBlockWeights {
+            w_qkv: &self.w_qkv,
+            b_qkv: &self.b_qkv,
+            w_o: &self.w_o,
+            b_o: &self.b_o,
+        }
     }
 }
 
@@ -253,7 +333,14 @@ fn pg_llm_attention(
 ) -> Vec<u8> {
     run("pg_llm_attention", || {
         let a = BlockArgs::parse(x, w_qkv, b_qkv, w_o, b_o, n_head, t, d)?;
-        Ok(bytes(&attention_block_forward(&a.x, a.weights(), a.t, a.d, a.n_head, cancel())?))
+        Ok(bytes(&attention_block_forward(
+            &a.x,
+            a.weights(),
+            a.t,
+            a.d,
+            a.n_head,
+            cancel(),
+        )?))
     })
 }
 
@@ -272,7 +359,12 @@ fn pg_llm_attention_backward(
 ) -> pgrx::composite_type!('static, "attention_grads") {
     let g = run("pg_llm_attention_backward", || {
         let a = BlockArgs::parse(x, w_qkv, b_qkv, w_o, b_o, n_head, t, d)?;
-        let dy = tensor_exact(grad_output, "grad_output", a.x.len(), &format!("[T={}, D={}]", a.t, a.d))?;
+        let dy = tensor_exact(
+            grad_output,
+            "grad_output",
+            a.x.len(),
+            &format!("[T={}, D={}]", a.t, a.d),
+        )?;
         attention_block_backward(&a.x, a.weights(), &dy, a.t, a.d, a.n_head, cancel())
     });
     let mut t = PgHeapTuple::new_composite_type("attention_grads").expect("type attention_grads");

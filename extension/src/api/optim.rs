@@ -33,7 +33,9 @@ fn pg_llm_adamw_step(
         let (mut w, g) = (tensor(weight, "weight")?, tensor(grad, "grad")?);
         let (mut m, mut v) = (tensor(m, "m")?, tensor(v, "v")?);
         if v.iter().any(|x| *x < 0.0) {
-            return Err(EngineError::data("v (the second moment) must not be negative"));
+            return Err(EngineError::data(
+                "v (the second moment) must not be negative",
+            ));
         }
         opt.step(&mut w, &g, &mut m, &mut v, required(step, "step")? as i64)?;
         pg_llm_engine::tensor::check_result(&w, "updated weight")?;

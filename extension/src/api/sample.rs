@@ -21,7 +21,11 @@ fn pg_llm_sample(
     vocab: default!(Option<i32>, "NULL"),
 ) -> i32 {
     run("pg_llm_sample", || {
-        let params = SamplingParams::new(finite(temperature, "temperature")?, required(topk, "topk")? as i64, finite(topp, "topp")?)?;
+        let params = SamplingParams::new(
+            finite(temperature, "temperature")?,
+            required(topk, "topk")? as i64,
+            finite(topp, "topp")?,
+        )?;
         let all = logits_arg(logits, "logits")?;
         let row = match vocab {
             None => &all[..],

@@ -27,7 +27,10 @@ pub struct AttnOptions {
 }
 
 impl AttnOptions {
-    pub const DENSE: AttnOptions = AttnOptions { window: None, scale: true };
+    pub const DENSE: AttnOptions = AttnOptions {
+        window: None,
+        scale: true,
+    };
 }
 
 /// Shape of one attention call.
@@ -86,10 +89,14 @@ fn scatter(dst: &mut [f32], src: &[f32], t: usize, stride: usize, col: usize, dh
 
 fn check_shape(qkv: &[f32], s: AttnShape, opts: AttnOptions) -> Result<()> {
     if s.t == 0 || s.n_head == 0 || s.d_head == 0 {
-        return Err(EngineError::invalid("attention needs T, n_head and d_head to be positive"));
+        return Err(EngineError::invalid(
+            "attention needs T, n_head and d_head to be positive",
+        ));
     }
     if opts.window == Some(0) {
-        return Err(EngineError::invalid("a local attention window must be at least 1"));
+        return Err(EngineError::invalid(
+            "a local attention window must be at least 1",
+        ));
     }
     if qkv.len() != s.t * 3 * s.width() {
         return Err(EngineError::invalid(format!(
@@ -120,7 +127,13 @@ fn block_probs(
     let (nb, nk) = (i1 - i0, i1 - lo);
     let q_blk = MatRef::new(&q[i0 * dh..i1 * dh], nb, dh);
     let k_t = MatRef::transposed(&k[lo * dh..i1 * dh], dh, nk);
-    gemm(&mut scores[..nb * nk], q_blk, k_t, Accumulate::Overwrite, Threads::Single);
+    gemm(
+        &mut scores[..nb * nk],
+        q_blk,
+        k_t,
+        Accumulate::Overwrite,
+        Threads::Single,
+    );
     for r in 0..nb {
         let i = i0 + r;
         let row = &mut scores[r * nk..(r + 1) * nk];
@@ -132,10 +145,19 @@ fn block_probs(
 }
 
 /// Causal self-attention over a fused qkv matrix.
-pub fn attention_forward(qkv: &[f32], s: AttnShape, opts: AttnOptions, cancel: Cancel) -> Result<AttnForward> {
+pub fn attention_forward(
+    qkv: &[f32],
+    s: AttnShape,
+    opts: AttnOptions,
+    cancel: Cancel,
+) -> Result<AttnForward> {
     check_shape(qkv, s, opts)?;
     let (t, dh, width) = (s.t, s.d_head, s.width());
-    let scale = if opts.scale { 1.0 / (dh as f32).sqrt() } else { 1.0 };
+    let scale = if opts.scale {
+        1.0 / (dh as f32).sqrt()
+    } else {
+        1.0
+    };
     let heads: Vec<Result<(Vec<f32>, Vec<f32>)>> = parallel::install(|| {
         (0..s.n_head)
             .into_par_iter()
@@ -166,7 +188,13 @@ pub fn attention_forward(qkv: &[f32], s: AttnShape, opts: AttnOptions, cancel: C
                     }
                     let p = MatRef::new(&scores[..nb * nk], nb, nk);
                     let v_blk = MatRef::new(&v[lo * dh..hi * dh], nk, dh);
-                    gemm(&mut out[i0 * dh..i1 * dh], p, v_blk, Accumulate::Overwrite, Threads::Single);
+                    gemm(
+                        &mut out[i0 * dh..i1 * dh],
+                        p,
+                        v_blk,
+                        Accumulate::Overwrite,
+                        Threads::Single,
+                    );
                 }
                 Ok((out, lse))
             })
@@ -200,7 +228,11 @@ pub fn attention_backward(
             t * width
         )));
     }
-    let scale = if opts.scale { 1.0 / (dh as f32).sqrt() } else { 1.0 };
+    let scale = if opts.scale {
+        1.0 / (dh as f32).sqrt()
+    } else {
+        1.0
+    };
     let heads: Vec<Result<[Vec<f32>; 3]>> = parallel::install(|| {
         (0..s.n_head)
             .into_par_iter()
@@ -215,7 +247,11 @@ pub fn attention_backward(
                 let delta: Vec<f32> = (0..t)
                     .map(|i| (0..dh).map(|c| o[i * dh + c] * d_o[i * dh + c]).sum())
                     .collect();
-                let (mut dq, mut dk, mut dv) = (vec![0.0f32; t * dh], vec![0.0f32; t * dh], vec![0.0f32; t * dh]);
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0.0f32; t * dh],
+                    vec![0.0f32; t * dh],
+                    vec![0.0f32; t * dh],
+                );
                 let mut p_buf = vec![0.0f32; Q_BLOCK * t];
                 let mut dp_buf = vec![0.0f32; Q_BLOCK * t];
                 for i0 in (0..t).step_by(Q_BLOCK) {
@@ -226,14 +262,28 @@ pub fn attention_backward(
                     block_probs(&mut p_buf, &q, &k, dh, i0, i1, lo, opts, scale);
                     for r in 0..nb {
                         let l = lse[i0 + r];
-                        p_buf[r * nk..(r + 1) * nk].iter_mut().for_each(|x| *x = (*x - l).exp());
+                        p_buf[r * nk..(r + 1) * nk]
+                            .iter_mut()
+                            .for_each(|x| *x = (*x - l).exp());
                     }
                     let d_o_blk = MatRef::new(&d_o[i0 * dh..i1 * dh], nb, dh);
                     // dV[lo..hi] += Pᵀ · dO
-                    gemm(&mut dv[lo * dh..hi * dh], MatRef::transposed(&p_buf[..nb * nk], nk, nb), d_o_blk, Accumulate::Add, Threads::Single);
+                    gemm(
+                        &mut dv[lo * dh..hi * dh],
+                        MatRef::transposed(&p_buf[..nb * nk], nk, nb),
+                        d_o_blk,
+                        Accumulate::Add,
+                        Threads::Single,
+                    );
                     // dP = dO · Vᵀ
                     let v_t = MatRef::transposed(&v[lo * dh..hi * dh], dh, nk);
-                    gemm(&mut dp_buf[..nb * nk], d_o_blk, v_t, Accumulate::Overwrite, Threads::Single);
+                    gemm(
+                        &mut dp_buf[..nb * nk],
+                        d_o_blk,
+                        v_t,
+                        Accumulate::Overwrite,
+                        Threads::Single,
+                    );
                     // dS = P ⊙ (dP − D) · scale, written over dP.
                     for r in 0..nb {
                         let d = delta[i0 + r];
@@ -244,7 +294,13 @@ pub fn attention_backward(
                     }
                     let ds = MatRef::new(&dp_buf[..nb * nk], nb, nk);
                     // dQ_blk = dS · K ; dK += dSᵀ · Q_blk
-                    gemm(&mut dq[i0 * dh..i1 * dh], ds, MatRef::new(&k[lo * dh..hi * dh], nk, dh), Accumulate::Overwrite, Threads::Single);
+                    gemm(
+                        &mut dq[i0 * dh..i1 * dh],
+                        ds,
+                        MatRef::new(&k[lo * dh..hi * dh], nk, dh),
+                        Accumulate::Overwrite,
+                        Threads::Single,
+                    );
                     gemm(
                         &mut dk[lo * dh..hi * dh],
                         MatRef::transposed(&dp_buf[..nb * nk], nk, nb),
@@ -286,23 +342,42 @@ pub struct AttnBlockGrads {
     pub db_o: Vec<f32>,
 }
 
-fn check_block(x: &[f32], w: &AttnBlockWeights, t: usize, d: usize, n_head: usize) -> Result<AttnShape> {
+fn check_block(
+    x: &[f32],
+    w: &AttnBlockWeights,
+    t: usize,
+    d: usize,
+    n_head: usize,
+) -> Result<AttnShape> {
     if d % n_head != 0 {
-        return Err(EngineError::invalid(format!("D = {d} is not divisible by n_head = {n_head}")));
+        return Err(EngineError::invalid(format!(
+            "D = {d} is not divisible by n_head = {n_head}"
+        )));
     }
     let expect = [
         ("x", x.len(), t * d, format!("[T={t}, D={d}]")),
-        ("w_qkv", w.w_qkv.len(), d * 3 * d, format!("[D={d}, 3D={}]", 3 * d)),
+        (
+            "w_qkv",
+            w.w_qkv.len(),
+            d * 3 * d,
+            format!("[D={d}, 3D={}]", 3 * d),
+        ),
         ("b_qkv", w.b_qkv.len(), 3 * d, format!("[3D={}]", 3 * d)),
         ("w_o", w.w_o.len(), d * d, format!("[D={d}, D={d}]")),
         ("b_o", w.b_o.len(), d, format!("[D={d}]")),
     ];
     for (name, got, want, shape) in expect {
         if got != want {
-            return Err(EngineError::invalid(format!("{name} has {got} values but shape {shape} needs {want}")));
+            return Err(EngineError::invalid(format!(
+                "{name} has {got} values but shape {shape} needs {want}"
+            )));
         }
     }
-    Ok(AttnShape { t, n_head, d_head: d / n_head })
+    Ok(AttnShape {
+        t,
+        n_head,
+        d_head: d / n_head,
+    })
 }
 
 /// y[T, out] = x[T, in] · w[in, out] + b[out].
@@ -311,16 +386,41 @@ fn linear(x: &[f32], w: &[f32], b: &[f32], t: usize, d_in: usize, d_out: usize) 
     for row in y.chunks_exact_mut(d_out) {
         row.copy_from_slice(b);
     }
-    gemm(&mut y, MatRef::new(x, t, d_in), MatRef::new(w, d_in, d_out), Accumulate::Add, Threads::Pool);
+    gemm(
+        &mut y,
+        MatRef::new(x, t, d_in),
+        MatRef::new(w, d_in, d_out),
+        Accumulate::Add,
+        Threads::Pool,
+    );
     y
 }
 
 /// Backward of `linear`: returns dx and adds into dw, db.
-fn linear_backward(x: &[f32], w: &[f32], dy: &[f32], t: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    t: usize,
+    d_in: usize,
+    d_out: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dx = vec![0.0f32; t * d_in];
-    gemm(&mut dx, MatRef::new(dy, t, d_out), MatRef::transposed(w, d_out, d_in), Accumulate::Overwrite, Threads::Pool);
+    gemm(
+        &mut dx,
+        MatRef::new(dy, t, d_out),
+        MatRef::transposed(w, d_out, d_in),
+        Accumulate::Overwrite,
+        Threads::Pool,
+    );
     let mut dw = vec![0.0f32; d_in * d_out];
-    gemm(&mut dw, MatRef::transposed(x, d_in, t), MatRef::new(dy, t, d_out), Accumulate::Overwrite, Threads::Pool);
+    gemm(
+        &mut dw,
+        MatRef::transposed(x, d_in, t),
+        MatRef::new(dy, t, d_out),
+        Accumulate::Overwrite,
+        Threads::Pool,
+    );
     let mut db = vec![0.0f32; d_out];
     for row in dy.chunks_exact(d_out) {
         db.iter_mut().zip(row).for_each(|(a, b)| *a += b);
@@ -329,7 +429,14 @@ fn linear_backward(x: &[f32], w: &[f32], dy: &[f32], t: usize, d_in: usize, d_ou
 }
 
 /// y = softmax-attention(x · w_qkv + b_qkv) · w_o + b_o, causal, dense.
-pub fn attention_block_forward(x: &[f32], w: AttnBlockWeights, t: usize, d: usize, n_head: usize, cancel: Cancel) -> Result<Vec<f32>> {
+pub fn attention_block_forward(
+    x: &[f32],
+    w: AttnBlockWeights,
+    t: usize,
+    d: usize,
+    n_head: usize,
+    cancel: Cancel,
+) -> Result<Vec<f32>> {
     let shape = check_block(x, &w, t, d, n_head)?;
     let qkv = linear(x, w.w_qkv, w.b_qkv, t, d, 3 * d);
     let attn = attention_forward(&qkv, shape, AttnOptions::DENSE, cancel)?;
@@ -361,7 +468,13 @@ pub fn attention_block_backward(
     let (d_attn, dw_o, db_o) = linear_backward(&attn.out, w.w_o, dy, t, d, d);
     let dqkv = attention_backward(&qkv, &attn, &d_attn, shape, AttnOptions::DENSE, cancel)?;
     let (dx, dw_qkv, db_qkv) = linear_backward(x, w.w_qkv, &dqkv, t, d, 3 * d);
-    Ok(AttnBlockGrads { dx, dw_qkv, db_qkv, dw_o, db_o })
+    Ok(AttnBlockGrads {
+        dx,
+        dw_qkv,
+        db_qkv,
+        dw_o,
+        db_o,
+    })
 }
 
 #[cfg(test)]
@@ -376,19 +489,34 @@ mod tests {
     /// Direct O(T²) reference: explicit scores, mask, softmax.
     fn reference(qkv: &[f32], s: AttnShape, opts: AttnOptions) -> Vec<f32> {
         let (t, dh, w) = (s.t, s.d_head, s.width());
-        let scale = if opts.scale { 1.0 / (dh as f64).sqrt() } else { 1.0 };
+        let scale = if opts.scale {
+            1.0 / (dh as f64).sqrt()
+        } else {
+            1.0
+        };
         let mut out = vec![0.0f32; t * w];
         for h in 0..s.n_head {
             for i in 0..t {
                 let lo = first_key(i, opts);
                 let scores: Vec<f64> = (lo..=i)
-                    .map(|j| (0..dh).map(|c| qkv[i * 3 * w + h * dh + c] as f64 * qkv[j * 3 * w + w + h * dh + c] as f64).sum::<f64>() * scale)
+                    .map(|j| {
+                        (0..dh)
+                            .map(|c| {
+                                qkv[i * 3 * w + h * dh + c] as f64
+                                    * qkv[j * 3 * w + w + h * dh + c] as f64
+                            })
+                            .sum::<f64>()
+                            * scale
+                    })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|x| (x - max).exp()).sum();
                 for c in 0..dh {
                     out[i * w + h * dh + c] = (lo..=i)
-                        .map(|j| (scores[j - lo] - max).exp() / z * qkv[j * 3 * w + 2 * w + h * dh + c] as f64)
+                        .map(|j| {
+                            (scores[j - lo] - max).exp() / z
+                                * qkv[j * 3 * w + 2 * w + h * dh + c] as f64
+                        })
                         .sum::<f64>() as f32;
                 }
             }
@@ -399,9 +527,23 @@ mod tests {
     #[test]
     fn matches_reference_dense_and_local() {
         // T = 150 spans three query blocks.
-        let s = AttnShape { t: 150, n_head: 3, d_head: 4 };
+        let s = AttnShape {
+            t: 150,
+            n_head: 3,
+            d_head: 4,
+        };
         let qkv = wave(150 * 36, 0.37, 0.1);
-        for opts in [AttnOptions::DENSE, AttnOptions { window: Some(5), scale: true }, AttnOptions { window: Some(70), scale: false }] {
+        for opts in [
+            AttnOptions::DENSE,
+            AttnOptions {
+                window: Some(5),
+                scale: true,
+            },
+            AttnOptions {
+                window: Some(70),
+                scale: false,
+            },
+        ] {
             let got = attention_forward(&qkv, s, opts, Cancel::NEVER).unwrap().out;
             for (a, b) in got.iter().zip(reference(&qkv, s, opts)) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b} with {opts:?}");
@@ -411,15 +553,28 @@ mod tests {
 
     #[test]
     fn qkv_gradient() {
-        let s = AttnShape { t: 5, n_head: 2, d_head: 3 };
+        let s = AttnShape {
+            t: 5,
+            n_head: 2,
+            d_head: 3,
+        };
         let qkv = wave(5 * 18, 0.71, 0.3);
         let w = wave(5 * 6, 1.3, 0.7);
-        for opts in [AttnOptions::DENSE, AttnOptions { window: Some(2), scale: false }] {
+        for opts in [
+            AttnOptions::DENSE,
+            AttnOptions {
+                window: Some(2),
+                scale: false,
+            },
+        ] {
             let fwd = attention_forward(&qkv, s, opts, Cancel::NEVER).unwrap();
             let g = attention_backward(&qkv, &fwd, &w, s, opts, Cancel::NEVER).unwrap();
             assert_grad_matches(&qkv, &g, |x| {
                 let o = attention_forward(x, s, opts, Cancel::NEVER).unwrap().out;
-                o.iter().zip(&w).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+                o.iter()
+                    .zip(&w)
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum()
             });
         }
     }
@@ -433,21 +588,57 @@ mod tests {
         let w_o = wave(d * d, 0.61, 3.0);
         let b_o = wave(d, 0.5, 4.0);
         let dy = wave(t * d, 1.7, 5.0);
-        let weights = AttnBlockWeights { w_qkv: &w_qkv, b_qkv: &b_qkv, w_o: &w_o, b_o: &b_o };
+        let weights = AttnBlockWeights {
+            w_qkv: &w_qkv,
+            b_qkv: &b_qkv,
+            w_o: &w_o,
+            b_o: &b_o,
+        };
         let g = attention_block_backward(&x, weights, &dy, t, d, nh, Cancel::NEVER).unwrap();
-        let loss = |y: Vec<f32>| y.iter().zip(&dy).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
-        let f = |w: AttnBlockWeights, x: &[f32]| loss(attention_block_forward(x, w, t, d, nh, Cancel::NEVER).unwrap());
+        let loss = |y: Vec<f32>| {
+            y.iter()
+                .zip(&dy)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum::<f64>()
+        };
+        let f = |w: AttnBlockWeights, x: &[f32]| {
+            loss(attention_block_forward(x, w, t, d, nh, Cancel::NEVER).unwrap())
+        };
         assert_grad_matches(&x, &g.dx, |x| f(weights, x));
-        assert_grad_matches(&w_qkv, &g.dw_qkv, |v| f(AttnBlockWeights { w_qkv: v, ..weights }, &x));
-        assert_grad_matches(&b_qkv, &g.db_qkv, |v| f(AttnBlockWeights { b_qkv: v, ..weights }, &x));
-        assert_grad_matches(&w_o, &g.dw_o, |v| f(AttnBlockWeights { w_o: v, ..weights }, &x));
-        assert_grad_matches(&b_o, &g.db_o, |v| f(AttnBlockWeights { b_o: v, ..weights }, &x));
+        assert_grad_matches(&w_qkv, &g.dw_qkv, |v| {
+            f(
+                AttnBlockWeights {
+                    w_qkv: v,
+                    ..weights
+                },
+                &x,
+            )
+        });
+        assert_grad_matches(&b_qkv, &g.db_qkv, |v| {
+            f(
+                AttnBlockWeights {
+                    b_qkv: v,
+                    ..weights
+                },
+                &x,
+            )
+        });
+        assert_grad_matches(&w_o, &g.dw_o, |v| {
+            f(AttnBlockWeights { w_o: v, ..weights }, &x)
+        });
+        assert_grad_matches(&b_o, &g.db_o, |v| {
+            f(AttnBlockWeights { b_o: v, ..weights }, &x)
+        });
     }
 
     #[test]
     fn long_context_runs_in_linear_memory() {
         // GPT-3's 2048-token context with two small heads: scratch is Q_BLOCK × T per head.
-        let s = AttnShape { t: 2048, n_head: 2, d_head: 8 };
+        let s = AttnShape {
+            t: 2048,
+            n_head: 2,
+            d_head: 8,
+        };
         let qkv = wave(2048 * 48, 0.013, 0.0);
         let fwd = attention_forward(&qkv, s, AttnOptions::DENSE, Cancel::NEVER).unwrap();
         assert!(fwd.out.iter().all(|v| v.is_finite()));

@@ -7,7 +7,9 @@ use crate::error::{EngineError, Result};
 
 fn check_p(p: f32) -> Result<()> {
     if !(0.0..=1.0).contains(&p) {
-        return Err(EngineError::invalid(format!("dropout probability p must be in [0, 1], got {p}")));
+        return Err(EngineError::invalid(format!(
+            "dropout probability p must be in [0, 1], got {p}"
+        )));
     }
     Ok(())
 }
@@ -21,13 +23,27 @@ pub fn dropout_forward(x: &[f32], p: f32, training: bool, rng: &mut impl Rng) ->
         return Ok(vec![0.0; x.len()]);
     }
     let scale = 1.0 / (1.0 - p);
-    Ok(x.iter().map(|&v| if rng.random::<f32>() < p { 0.0 } else { v * scale }).collect())
+    Ok(x.iter()
+        .map(|&v| {
+            if rng.random::<f32>() < p {
+                0.0
+            } else {
+                v * scale
+            }
+        })
+        .collect())
 }
 
 /// Gradient of dropout given its input and output. The mask is read back from the output: an
 /// element was kept when its output is non-zero, or when its input was zero (then both
 /// choices gave the same output and the kept branch is taken).
-pub fn dropout_backward(x: &[f32], y: &[f32], dy: &[f32], p: f32, training: bool) -> Result<Vec<f32>> {
+pub fn dropout_backward(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    p: f32,
+    training: bool,
+) -> Result<Vec<f32>> {
     check_p(p)?;
     if x.len() != y.len() || x.len() != dy.len() {
         return Err(EngineError::invalid(format!(
@@ -47,7 +63,13 @@ pub fn dropout_backward(x: &[f32], y: &[f32], dy: &[f32], p: f32, training: bool
     Ok(x.iter()
         .zip(y)
         .zip(dy)
-        .map(|((&xv, &yv), &g)| if yv != 0.0 || xv == 0.0 { g * scale } else { 0.0 })
+        .map(|((&xv, &yv), &g)| {
+            if yv != 0.0 || xv == 0.0 {
+                g * scale
+            } else {
+                0.0
+            }
+        })
         .collect())
 }
 
@@ -63,7 +85,9 @@ mod tests {
         let y = dropout_forward(&x, 0.25, true, &mut ChaCha8Rng::seed_from_u64(7)).unwrap();
         let kept = y.iter().filter(|v| **v != 0.0).count();
         assert!((7300..7700).contains(&kept), "kept {kept}");
-        assert!(y.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
+        assert!(y
+            .iter()
+            .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
         let again = dropout_forward(&x, 0.25, true, &mut ChaCha8Rng::seed_from_u64(7)).unwrap();
         assert_eq!(y, again);
         let eval = dropout_forward(&x, 0.25, false, &mut ChaCha8Rng::seed_from_u64(7)).unwrap();
@@ -80,7 +104,10 @@ mod tests {
         let dx = dropout_backward(&x, &y, &dy, 0.5, true).unwrap();
         for i in 0..100 {
             assert_eq!(dx[i], if y[i] != 0.0 { 2.0 } else { 0.0 });
-            assert!((dx[i] * x[i] - y[i]).abs() < 1e-5, "y = dx·x for a linear map");
+            assert!(
+                (dx[i] * x[i] - y[i]).abs() < 1e-5,
+                "y = dx·x for a linear map"
+            );
         }
     }
 }

@@ -49,7 +49,10 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
 /// dx = dy · gelu'(x).
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
     same_len(x, dy, "x", "dy")?;
-    Ok(x.iter().zip(dy).map(|(&v, &g)| g * gelu_new_grad(v)).collect())
+    Ok(x.iter()
+        .zip(dy)
+        .map(|(&v, &g)| g * gelu_new_grad(v))
+        .collect())
 }
 
 /// Out-of-place transpose of a row-major [rows, cols] matrix.
@@ -113,7 +116,13 @@ mod tests {
         let x: Vec<f32> = (0..11).map(|i| -2.5 + 0.5 * i as f32).collect();
         let dy: Vec<f32> = (0..11).map(|i| 0.3 - 0.05 * i as f32).collect();
         let analytic = gelu_backward(&x, &dy).unwrap();
-        assert_grad_matches(&x, &analytic, |x| gelu_forward(x).iter().zip(&dy).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+        assert_grad_matches(&x, &analytic, |x| {
+            gelu_forward(x)
+                .iter()
+                .zip(&dy)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum()
+        });
     }
 
     #[test]

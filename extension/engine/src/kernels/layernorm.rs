@@ -11,7 +11,9 @@ fn check(x: &[f32], gamma: &[f32], eps: f32) -> Result<usize> {
         )));
     }
     if !(eps > 0.0) || !eps.is_finite() {
-        return Err(EngineError::invalid(format!("eps must be a positive finite number, got {eps}")));
+        return Err(EngineError::invalid(format!(
+            "eps must be a positive finite number, got {eps}"
+        )));
     }
     Ok(c)
 }
@@ -29,7 +31,10 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
 pub fn layernorm_forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Result<Vec<f32>> {
     let c = check(x, gamma, eps)?;
     if beta.len() != c {
-        return Err(EngineError::invalid(format!("beta has {} values but gamma has {c}", beta.len())));
+        return Err(EngineError::invalid(format!(
+            "beta has {} values but gamma has {c}",
+            beta.len()
+        )));
     }
     let mut y = vec![0.0f32; x.len()];
     for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
@@ -49,15 +54,28 @@ pub struct LayerNormGrads {
 }
 
 /// Backward pass, recomputing the row statistics from x.
-pub fn layernorm_backward(x: &[f32], dy: &[f32], gamma: &[f32], eps: f32) -> Result<LayerNormGrads> {
+pub fn layernorm_backward(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    eps: f32,
+) -> Result<LayerNormGrads> {
     let c = check(x, gamma, eps)?;
     if dy.len() != x.len() {
-        return Err(EngineError::invalid(format!("dy has {} values but x has {}", dy.len(), x.len())));
+        return Err(EngineError::invalid(format!(
+            "dy has {} values but x has {}",
+            dy.len(),
+            x.len()
+        )));
     }
     let mut dx = vec![0.0f32; x.len()];
     let mut dgamma = vec![0.0f32; c];
     let mut dbeta = vec![0.0f32; c];
-    for ((xr, gr), dxr) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
+    for ((xr, gr), dxr) in x
+        .chunks_exact(c)
+        .zip(dy.chunks_exact(c))
+        .zip(dx.chunks_exact_mut(c))
+    {
         let (mean, rstd) = row_stats(xr, eps);
         // dnorm = dy·gamma; dx = rstd·(dnorm − mean(dnorm) − norm·mean(dnorm·norm)).
         let mut mean_dnorm = 0.0f32;
@@ -95,7 +113,10 @@ mod tests {
     }
 
     fn loss(y: &[f32], w: &[f32]) -> f64 {
-        y.iter().zip(w).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+        y.iter()
+            .zip(w)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum()
     }
 
     #[test]
@@ -113,8 +134,14 @@ mod tests {
     fn gradients() {
         let (x, g, b, w) = data();
         let grads = layernorm_backward(&x, &w, &g, 1e-5).unwrap();
-        assert_grad_matches(&x, &grads.dx, |x| loss(&layernorm_forward(x, &g, &b, 1e-5).unwrap(), &w));
-        assert_grad_matches(&g, &grads.dgamma, |g| loss(&layernorm_forward(&x, g, &b, 1e-5).unwrap(), &w));
-        assert_grad_matches(&b, &grads.dbeta, |b| loss(&layernorm_forward(&x, &g, b, 1e-5).unwrap(), &w));
+        assert_grad_matches(&x, &grads.dx, |x| {
+            loss(&layernorm_forward(x, &g, &b, 1e-5).unwrap(), &w)
+        });
+        assert_grad_matches(&g, &grads.dgamma, |g| {
+            loss(&layernorm_forward(&x, g, &b, 1e-5).unwrap(), &w)
+        });
+        assert_grad_matches(&b, &grads.dbeta, |b| {
+            loss(&layernorm_forward(&x, &g, b, 1e-5).unwrap(), &w)
+        });
     }
 }

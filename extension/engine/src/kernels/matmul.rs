@@ -32,12 +32,28 @@ impl<'a> MatRef<'a> {
     }
 
     /// A general strided view. Panics if the view reaches outside `data` (a programming error).
-    pub fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Self {
+    pub fn strided(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * row_stride + (cols - 1) * col_stride;
-            assert!(last < data.len(), "matrix view [{rows}, {cols}] reaches past its {} values", data.len());
+            assert!(
+                last < data.len(),
+                "matrix view [{rows}, {cols}] reaches past its {} values",
+                data.len()
+            );
         }
-        Self { data, rows, cols, row_stride, col_stride }
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -51,8 +67,16 @@ impl<'a> MatRef<'a> {
     pub fn row_range(&self, start: usize, end: usize) -> Self {
         assert!(start <= end && end <= self.rows);
         let offset = start * self.row_stride;
-        let data = if end > start { &self.data[offset..] } else { &self.data[..0] };
-        Self { data, rows: end - start, ..*self }
+        let data = if end > start {
+            &self.data[offset..]
+        } else {
+            &self.data[..0]
+        };
+        Self {
+            data,
+            rows: end - start,
+            ..*self
+        }
     }
 }
 
@@ -131,7 +155,14 @@ const FLOPS_PER_SLICE: usize = 16_000_000_000;
 
 /// C[m, n] = A[m, k] · B[k, n] for row-major operands, validated, split into row slices so a
 /// cancel request is honoured between slices of a very large product.
-pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, cancel: Cancel) -> Result<Vec<f32>> {
+pub fn matmul(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    cancel: Cancel,
+) -> Result<Vec<f32>> {
     if a.len() != m * k || b.len() != k * n {
         return Err(EngineError::invalid(format!(
             "matmul operands have {} and {} values; [m={m}, k={k}] and [k={k}, n={n}] need {} and {}",
@@ -155,7 +186,13 @@ pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, cancel: Cancel
         cancel.check()?;
         let end = (start + rows_per_slice).min(m);
         let a_view = MatRef::new(&a[start * k..end * k], end - start, k);
-        gemm(&mut out[start * n..end * n], a_view, b_view, Accumulate::Overwrite, Threads::Pool);
+        gemm(
+            &mut out[start * n..end * n],
+            a_view,
+            b_view,
+            Accumulate::Overwrite,
+            Threads::Pool,
+        );
         start = end;
     }
     Ok(out)
@@ -185,7 +222,12 @@ fn small_m_product(out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n:
                 while p + 4 <= k {
                     let rows = [row(p), row(p + 1), row(p + 2), row(p + 3)];
                     for i in 0..m {
-                        let coef = [a[i * k + p], a[i * k + p + 1], a[i * k + p + 2], a[i * k + p + 3]];
+                        let coef = [
+                            a[i * k + p],
+                            a[i * k + p + 1],
+                            a[i * k + p + 2],
+                            a[i * k + p + 3],
+                        ];
                         crate::simd::axpy4(&mut acc[i * w..(i + 1) * w], coef, rows);
                     }
                     p += 4;
@@ -215,24 +257,38 @@ mod tests {
         let mut c = vec![0.0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum::<f64>() as f32;
+                c[i * n + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         c
     }
 
     fn seq(n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * scale).collect()
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * scale)
+            .collect()
     }
 
     #[test]
     fn matches_naive_on_odd_shapes() {
-        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (1, 768, 1300), (4, 9, 515), (130, 70, 1)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (17, 33, 65),
+            (1, 768, 1300),
+            (4, 9, 515),
+            (130, 70, 1),
+        ] {
             let a = seq(m * k, 0.01);
             let b = seq(k * n, 0.02);
             let c = matmul(&a, &b, m, k, n, Cancel::NEVER).unwrap();
             for (x, y) in c.iter().zip(naive(&a, &b, m, k, n)) {
-                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y} at {m}x{k}x{n}");
+                assert!(
+                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                    "{x} vs {y} at {m}x{k}x{n}"
+                );
             }
         }
     }
@@ -250,7 +306,13 @@ mod tests {
         }
         let expect = naive(&a, &wt, 2, 3, 4);
         let mut out = vec![1.0f32; 8];
-        gemm(&mut out, MatRef::new(&a, 2, 3), MatRef::transposed(&w, 3, 4), Accumulate::Add, Threads::Single);
+        gemm(
+            &mut out,
+            MatRef::new(&a, 2, 3),
+            MatRef::transposed(&w, 3, 4),
+            Accumulate::Add,
+            Threads::Single,
+        );
         for (x, y) in out.iter().zip(expect) {
             assert!((x - (y + 1.0)).abs() < 1e-5);
         }

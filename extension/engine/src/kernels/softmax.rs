@@ -20,7 +20,9 @@ pub fn softmax_rows_inplace(x: &mut [f32], cols: usize) -> Result<()> {
     for (r, row) in x.chunks_exact_mut(cols).enumerate() {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
-            return Err(EngineError::data(format!("row {r} of the softmax input is entirely -infinity")));
+            return Err(EngineError::data(format!(
+                "row {r} of the softmax input is entirely -infinity"
+            )));
         }
         let mut sum = 0.0f32;
         for v in row.iter_mut() {
@@ -44,7 +46,11 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], cols: usize) -> Result<Vec<f32>> 
     same_len(y, dy, "y", "dy")?;
     rows_of(y.len(), cols, "y")?;
     let mut dx = vec![0.0f32; y.len()];
-    for ((yr, gr), dr) in y.chunks_exact(cols).zip(dy.chunks_exact(cols)).zip(dx.chunks_exact_mut(cols)) {
+    for ((yr, gr), dr) in y
+        .chunks_exact(cols)
+        .zip(dy.chunks_exact(cols))
+        .zip(dx.chunks_exact_mut(cols))
+    {
         let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
         for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
             *d = yv * (gv - dot);
@@ -76,7 +82,12 @@ mod tests {
         let y = softmax_forward(&x, 4).unwrap();
         let dx = softmax_backward(&y, &w, 4).unwrap();
         assert_grad_matches(&x, &dx, |x| {
-            softmax_forward(x, 4).unwrap().iter().zip(&w).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+            softmax_forward(x, 4)
+                .unwrap()
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum()
         });
     }
 }
