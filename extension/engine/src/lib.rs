@@ -8,7 +8,9 @@
 //! panicking.
 
 pub mod error;
+pub mod formats;
 pub mod kernels;
+pub mod model;
 pub mod optim;
 pub mod parallel;
 pub mod sample;

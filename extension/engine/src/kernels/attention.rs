@@ -144,54 +144,123 @@ fn block_probs(
     }
 }
 
-/// Causal self-attention over a fused qkv matrix.
-pub fn attention_forward(
-    qkv: &[f32],
-    s: AttnShape,
+/// Where attention reads its queries, keys and values. Row i of head h of q starts at
+/// `q[i * q_stride + h * d_head]`; likewise for k and v with `kv_stride`. Query row i sits at
+/// absolute position `start + i` and sees keys up to that position, so the keys hold at least
+/// `start + t` rows (a KV cache, or the same rows as the queries when `start` = 0).
+#[derive(Clone, Copy)]
+pub struct AttnInputs<'a> {
+    pub q: &'a [f32],
+    pub q_stride: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub kv_stride: usize,
+    pub start: usize,
+    pub t: usize,
+}
+
+impl<'a> AttnInputs<'a> {
+    /// Self-attention over a fused [T, 3·H·dh] matrix (q | k | v in each row).
+    pub fn fused(qkv: &'a [f32], s: AttnShape) -> Self {
+        let w = s.width();
+        Self {
+            q: qkv,
+            q_stride: 3 * w,
+            k: &qkv[w..],
+            v: &qkv[2 * w..],
+            kv_stride: 3 * w,
+            start: 0,
+            t: s.t,
+        }
+    }
+}
+
+/// Attention of `inp.t` queries against their visible keys; returns the output [t, H·dh] and
+/// the log-sum-exp of each (head, query) [H, t].
+pub fn attend(
+    inp: AttnInputs,
+    n_head: usize,
+    d_head: usize,
     opts: AttnOptions,
     cancel: Cancel,
 ) -> Result<AttnForward> {
-    check_shape(qkv, s, opts)?;
-    let (t, dh, width) = (s.t, s.d_head, s.width());
+    let (t, dh, width) = (inp.t, d_head, n_head * d_head);
+    let n_kv = inp.start + t;
+    if t == 0 || n_head == 0 || dh == 0 || opts.window == Some(0) {
+        return Err(EngineError::invalid(
+            "attention needs T, n_head, d_head and the window to be positive",
+        ));
+    }
     let scale = if opts.scale {
         1.0 / (dh as f32).sqrt()
     } else {
         1.0
     };
     let heads: Vec<Result<(Vec<f32>, Vec<f32>)>> = parallel::install(|| {
-        (0..s.n_head)
+        (0..n_head)
             .into_par_iter()
             .map(|h| {
-                let q = gather(qkv, t, 3 * width, h * dh, dh);
-                let k = gather(qkv, t, 3 * width, width + h * dh, dh);
-                let v = gather(qkv, t, 3 * width, 2 * width + h * dh, dh);
                 let mut out = vec![0.0f32; t * dh];
                 let mut lse = vec![0.0f32; t];
-                let mut scores = vec![0.0f32; Q_BLOCK * t];
+                let mut scores = vec![0.0f32; Q_BLOCK.min(t) * n_kv];
                 for i0 in (0..t).step_by(Q_BLOCK) {
                     cancel.check()?;
                     let i1 = (i0 + Q_BLOCK).min(t);
-                    let (lo, hi) = key_range(i0, i1, opts);
+                    let (a0, a1) = (inp.start + i0, inp.start + i1);
+                    let (lo, hi) = key_range(a0, a1, opts);
                     let (nb, nk) = (i1 - i0, hi - lo);
-                    block_probs(&mut scores, &q, &k, dh, i0, i1, lo, opts, scale);
+                    let q = MatRef::strided(
+                        &inp.q[i0 * inp.q_stride + h * dh..],
+                        nb,
+                        dh,
+                        inp.q_stride,
+                        1,
+                    );
+                    let k_t = MatRef::strided(
+                        &inp.k[lo * inp.kv_stride + h * dh..],
+                        dh,
+                        nk,
+                        1,
+                        inp.kv_stride,
+                    );
+                    gemm(
+                        &mut scores[..nb * nk],
+                        q,
+                        k_t,
+                        Accumulate::Overwrite,
+                        Threads::Single,
+                    );
                     for r in 0..nb {
+                        let i = a0 + r;
                         let row = &mut scores[r * nk..(r + 1) * nk];
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let (first, last) = (first_key(i, opts) - lo, i - lo);
+                        row[..first].fill(0.0);
+                        row[last + 1..].fill(0.0);
+                        let live = &mut row[first..=last];
+                        let max = live
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
                         let mut sum = 0.0f32;
-                        row.iter_mut().for_each(|x| {
-                            *x = (*x - max).exp();
+                        live.iter_mut().for_each(|x| {
+                            *x = (*x * scale - max).exp();
                             sum += *x;
                         });
                         let inv = 1.0 / sum;
-                        row.iter_mut().for_each(|x| *x *= inv);
+                        live.iter_mut().for_each(|x| *x *= inv);
                         lse[i0 + r] = max + sum.ln();
                     }
                     let p = MatRef::new(&scores[..nb * nk], nb, nk);
-                    let v_blk = MatRef::new(&v[lo * dh..hi * dh], nk, dh);
+                    let v = MatRef::strided(
+                        &inp.v[lo * inp.kv_stride + h * dh..],
+                        nk,
+                        dh,
+                        inp.kv_stride,
+                        1,
+                    );
                     gemm(
                         &mut out[i0 * dh..i1 * dh],
                         p,
-                        v_blk,
+                        v,
                         Accumulate::Overwrite,
                         Threads::Single,
                     );
@@ -201,13 +270,24 @@ pub fn attention_forward(
             .collect()
     });
     let mut out = tensor::alloc_zeroed(t * width)?;
-    let mut lse_all = Vec::with_capacity(s.n_head * t);
+    let mut lse_all = Vec::with_capacity(n_head * t);
     for (h, head) in heads.into_iter().enumerate() {
         let (o, lse) = head?;
         scatter(&mut out, &o, t, width, h * dh, dh);
         lse_all.extend_from_slice(&lse);
     }
     Ok(AttnForward { out, lse: lse_all })
+}
+
+/// Causal self-attention over a fused qkv matrix.
+pub fn attention_forward(
+    qkv: &[f32],
+    s: AttnShape,
+    opts: AttnOptions,
+    cancel: Cancel,
+) -> Result<AttnForward> {
+    check_shape(qkv, s, opts)?;
+    attend(AttnInputs::fused(qkv, s), s.n_head, s.d_head, opts, cancel)
 }
 
 /// Gradient with respect to qkv, given the forward's output and log-sum-exp and dL/dout.
@@ -547,6 +627,49 @@ mod tests {
             let got = attention_forward(&qkv, s, opts, Cancel::NEVER).unwrap().out;
             for (a, b) in got.iter().zip(reference(&qkv, s, opts)) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b} with {opts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_queries_match_the_full_pass() {
+        // Attending query by query against a growing cache equals one pass over all rows.
+        let s = AttnShape {
+            t: 9,
+            n_head: 2,
+            d_head: 3,
+        };
+        let qkv = wave(9 * 18, 0.53, 0.2);
+        let opts = AttnOptions {
+            window: Some(4),
+            scale: true,
+        };
+        let full = attention_forward(&qkv, s, opts, Cancel::NEVER).unwrap().out;
+        let w = s.width();
+        let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            (0..9)
+                .flat_map(|r| qkv[r * 3 * w..r * 3 * w + w].to_vec())
+                .collect(),
+            (0..9)
+                .flat_map(|r| qkv[r * 3 * w + w..r * 3 * w + 2 * w].to_vec())
+                .collect(),
+            (0..9)
+                .flat_map(|r| qkv[r * 3 * w + 2 * w..r * 3 * w + 3 * w].to_vec())
+                .collect(),
+        );
+        for i in 0..9 {
+            let inp = AttnInputs {
+                q: &q[i * w..],
+                q_stride: w,
+                k: &k,
+                v: &v,
+                kv_stride: w,
+                start: i,
+                t: 1,
+            };
+            let one = attend(inp, 2, 3, opts, Cancel::NEVER).unwrap().out;
+            for c in 0..w {
+                assert!((one[c] - full[i * w + c]).abs() < 1e-6);
             }
         }
     }

@@ -6,6 +6,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod elementwise;
 pub mod layernorm;
+pub mod linear;
 pub mod matmul;
 pub mod softmax;
 

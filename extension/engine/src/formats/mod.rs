@@ -1,0 +1,11 @@
+//! Checkpoint formats and the mapping of each model family's tensor names and layouts onto
+//! pg_gpt3's canonical parameters.
+
+pub mod hf_config;
+pub mod names;
+pub mod safetensors;
+
+use std::collections::HashMap;
+
+/// Named float32 tensors: name → (shape, row-major values).
+pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;

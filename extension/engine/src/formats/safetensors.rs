@@ -1,0 +1,86 @@
+//! Reading `.safetensors` files (Hugging Face) into float32 tensors. float16, bfloat16 and
+//! float64 are widened or narrowed to float32; integer tensors are rejected.
+
+use safetensors::{Dtype, SafeTensors};
+
+use super::TensorMap;
+use crate::error::{EngineError, Result};
+
+/// Parses a safetensors blob; `what` names the file in messages.
+pub fn read(bytes: &[u8], what: &str) -> Result<TensorMap> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| EngineError::data(format!("{what} is not a valid safetensors file: {e}")))?;
+    let mut out = TensorMap::new();
+    for (name, view) in st.tensors() {
+        let values = to_f32(&view, what, &name)?;
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+/// One float tensor of a safetensors blob.
+pub fn read_one(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| EngineError::data(format!("invalid safetensors: {e}")))?;
+    let view = st
+        .tensor(name)
+        .map_err(|e| EngineError::data(format!("tensor {name}: {e}")))?;
+    Ok((view.shape().to_vec(), to_f32(&view, "safetensors", name)?))
+}
+
+fn to_f32(view: &safetensors::tensor::TensorView<'_>, what: &str, name: &str) -> Result<Vec<f32>> {
+    let raw = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => raw
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        other => {
+            return Err(EngineError::data(format!(
+                "{what}: tensor \"{name}\" has dtype {other:?}; only float tensors can be imported"
+            )))
+        }
+    };
+    crate::tensor::check_finite(
+        &values,
+        &format!("{what}: tensor \"{name}\""),
+        crate::tensor::Finite::Required,
+    )?;
+    Ok(values)
+}
+
+/// Reads the integer tensors of a safetensors blob (fixtures: token ids) as i64.
+pub fn read_ints(bytes: &[u8], name: &str) -> Result<Vec<i64>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| EngineError::data(format!("invalid safetensors: {e}")))?;
+    let view = st
+        .tensor(name)
+        .map_err(|e| EngineError::data(format!("tensor {name}: {e}")))?;
+    match view.dtype() {
+        Dtype::I64 => Ok(view
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect()),
+        Dtype::I32 => Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect()),
+        other => Err(EngineError::data(format!(
+            "tensor {name} has dtype {other:?}, not an integer"
+        ))),
+    }
+}

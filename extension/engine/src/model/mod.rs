@@ -1,0 +1,9 @@
+//! GPT-3 family models: configuration, weights, forward pass with KV cache.
+
+pub mod config;
+pub mod forward;
+pub mod weights;
+
+pub use config::{Activation, AttnKind, LnPlacement, ModelConfig};
+pub use forward::{KvCache, Logits, Model};
+pub use weights::{MapSource, ModelWeights, TensorSource};
