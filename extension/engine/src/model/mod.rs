@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod init;
 pub mod weights;
 
 pub use config::{Activation, AttnKind, LnPlacement, ModelConfig};
