@@ -16,6 +16,7 @@ pub mod parallel;
 pub mod sample;
 pub mod simd;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use error::{EngineError, Result};
 pub use parallel::Cancel;

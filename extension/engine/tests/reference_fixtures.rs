@@ -102,3 +102,34 @@ fn opt_post_layernorm_with_projection_matches_transformers() {
 fn gpt_neo_with_local_attention_matches_transformers() {
     check_family("gpt_neo");
 }
+
+/// The tokenizer on the real 50257-token vocabulary against Hugging Face's GPT2Tokenizer
+/// (tests/fixtures/tokenizer/expected.json): identical ids, and decoding round-trips.
+#[test]
+fn tokenizer_matches_the_reference_bpe() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let bpe =
+        pg_llm_engine::tokenizer::Bpe::new(&read("encoder.json"), &read("vocab.bpe")).unwrap();
+    assert_eq!(bpe.vocab_size(), 50257);
+    assert_eq!(bpe.end_of_text(), Some(50256));
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&read("expected.json")).unwrap();
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(bpe.encode(text).unwrap(), want, "encoding {text:?}");
+        assert_eq!(bpe.decode(&want).unwrap(), text, "decoding {text:?}");
+    }
+    // Repeated ids decode repeatedly (pg_gpt2 dropped them).
+    let the = bpe.encode(" the").unwrap();
+    assert_eq!(
+        bpe.decode(&[the[0], the[0], the[0]]).unwrap(),
+        " the the the"
+    );
+}

@@ -187,9 +187,11 @@ pub fn parse(config: &Value) -> Result<(ModelConfig, Family)> {
             (cfg, Family::GptNeo)
         }
         "" => return Err(EngineError::invalid("config.json has no \"model_type\"")),
-        other => return Err(EngineError::invalid(format!(
+        other => {
+            return Err(EngineError::invalid(format!(
             "model_type \"{other}\" is not supported (gpt2, opt, gpt_neo; Cerebras-GPT uses gpt2)"
-        ))),
+        )))
+        }
     };
     if cfg.attention_pattern.len() != 1 && cfg.attention_pattern.len() != cfg.n_layer {
         return Err(EngineError::invalid(

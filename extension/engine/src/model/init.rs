@@ -79,14 +79,23 @@ mod tests {
 
     #[test]
     fn statistics_and_reproducibility() {
-        let cfg = ModelConfig { d_model: 64, d_head: 32, d_ff: 256, vocab: 500, ..tiny_gpt3() };
+        let cfg = ModelConfig {
+            d_model: 64,
+            d_head: 32,
+            d_ff: 256,
+            vocab: 500,
+            ..tiny_gpt3()
+        };
         let p = init_params(&cfg, 7).unwrap();
         let wte = &p["wte.weight"].1;
         let std = (wte.iter().map(|v| v * v).sum::<f32>() / wte.len() as f32).sqrt();
         assert!((std - 0.02).abs() < 0.001, "wte std {std}");
         let proj = &p["layers.0.mlp.fc_out.weight"].1;
         let std = (proj.iter().map(|v| v * v).sum::<f32>() / proj.len() as f32).sqrt();
-        assert!((std - 0.01).abs() < 0.001, "residual projection std {std} (0.02/sqrt(4))");
+        assert!(
+            (std - 0.01).abs() < 0.001,
+            "residual projection std {std} (0.02/sqrt(4))"
+        );
         assert!(p["layers.1.ln_2.weight"].1.iter().all(|v| *v == 1.0));
         assert!(p["layers.1.attn.q_proj.bias"].1.iter().all(|v| *v == 0.0));
         assert_eq!(init_params(&cfg, 7).unwrap()["wte.weight"].1, *wte);
@@ -103,6 +112,9 @@ mod tests {
         assert_eq!(logits.len(), 6 * cfg.vocab);
         // Random init: logits are near zero, every probability near 1/vocab.
         assert!(logits.iter().all(|v| v.abs() < 1.0));
-        assert!(model.logits(&[11], Cancel::NEVER).is_err(), "token 11 is outside the vocabulary");
+        assert!(
+            model.logits(&[11], Cancel::NEVER).is_err(),
+            "token 11 is outside the vocabulary"
+        );
     }
 }
