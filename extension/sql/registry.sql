@@ -1,6 +1,10 @@
 -- Model registry: one row per model architecture. The first six columns are a fixed public
 -- contract (pg_gpt2 names); the rest make every architectural choice explicit so that GPT-3
 -- and imported relatives (GPT-2, Cerebras-GPT, OPT, GPT-Neo) run exactly.
+-- Model versions come from a sequence: a number is never reused, not even after a rollback,
+-- so a backend's cached weights can be keyed by it safely.
+CREATE SEQUENCE llm_model_version_seq;
+
 CREATE TABLE llm_model_config (
     model             text PRIMARY KEY,
     n_layer           int  NOT NULL CHECK (n_layer > 0),
@@ -26,7 +30,7 @@ CREATE TABLE llm_model_config (
     ln_eps            float4 NOT NULL DEFAULT 1e-5 CHECK (ln_eps > 0),
     d_embed           int CHECK (d_embed > 0),       -- token embedding width when projected to d_model (OPT-350m)
     family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo')),
-    version           bigint NOT NULL DEFAULT 1,     -- bumped on every change; invalidates cached weights
+    version           bigint NOT NULL DEFAULT nextval('llm_model_version_seq'),  -- changes with every write; keys cached weights
     note              text,
     CONSTRAINT local_layers_need_a_window CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL)
 );
@@ -68,10 +72,10 @@ BEGIN
 END
 $$;
 
--- Any change to a model row bumps its version so cached weights are reloaded.
+-- Any change to a model row gives it a new version so cached weights are reloaded.
 CREATE FUNCTION llm_model_config_bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.version := OLD.version + 1;
+    NEW.version := nextval('llm_model_version_seq');
     RETURN NEW;
 END
 $$;
@@ -101,6 +105,21 @@ ALTER TABLE llm_param ALTER COLUMN data SET STORAGE EXTERNAL;
 ALTER TABLE llm_param ALTER COLUMN grad SET STORAGE EXTERNAL;
 ALTER TABLE llm_param ALTER COLUMN m SET STORAGE EXTERNAL;
 ALTER TABLE llm_param ALTER COLUMN v SET STORAGE EXTERNAL;
+
+-- Any write to a model's parameters, through pg_llm or by hand, gives the model a new version.
+CREATE FUNCTION llm_param_bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE llm_model_config SET version = nextval('llm_model_version_seq')
+     WHERE model IN (SELECT model FROM changed_rows);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER llm_param_version_ins AFTER INSERT ON llm_param
+    REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
+CREATE TRIGGER llm_param_version_upd AFTER UPDATE ON llm_param
+    REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
+CREATE TRIGGER llm_param_version_del AFTER DELETE ON llm_param
+    REFERENCING OLD TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
 
 -- One row per tensor, for people and tools that do not care about chunks.
 CREATE VIEW llm_param_info AS

@@ -8,7 +8,10 @@ use pgrx::prelude::*;
 
 mod api;
 mod errors;
+mod files;
 mod guc;
+mod model_cache;
+mod store;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -26,6 +26,12 @@ pub enum EngineError {
     /// A named object (model, tensor, tokenizer) does not exist (42704 undefined_object).
     #[error("{0}")]
     UndefinedObject(String),
+    /// The role may not do this (42501 insufficient_privilege).
+    #[error("{0}")]
+    InsufficientPrivilege(String),
+    /// A file could not be read or written (58P01 undefined_file / 58030 io_error).
+    #[error("{0}")]
+    Io(String),
     /// The caller asked the work to stop (query cancel, statement_timeout).
     #[error("computation cancelled")]
     Cancelled,
@@ -51,6 +57,8 @@ impl EngineError {
             Self::TooLarge(_) => "54000",
             Self::OutOfRange(_) => "22003",
             Self::UndefinedObject(_) => "42704",
+            Self::InsufficientPrivilege(_) => "42501",
+            Self::Io(_) => "58030",
             Self::Cancelled => "57014",
         }
     }

@@ -47,3 +47,20 @@ pub fn finite(value: Option<f32>, name: &str) -> Result<f32> {
 pub fn bytes(values: &[f32]) -> Vec<u8> {
     tensor::encode(values)
 }
+
+/// A token-id array: non-empty, no NULLs, no negative ids.
+pub fn token_ids(ids: Option<Vec<Option<i32>>>, name: &str) -> Result<Vec<u32>> {
+    let ids = required(ids, name)?;
+    if ids.is_empty() {
+        return Err(EngineError::invalid(format!("{name} must not be empty")));
+    }
+    ids.into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            None => Err(EngineError::NullValue(format!("{name} has a NULL at element {}", i + 1))),
+            Some(x) if x < 0 => Err(EngineError::invalid(format!("{name} has a negative token id {x} at element {}", i + 1))),
+            Some(x) => Ok(x as u32),
+        })
+        .collect()
+}
+

@@ -2,6 +2,7 @@
 
 mod args;
 mod kernels;
+mod model;
 mod optim;
 mod sample;
 mod tensor_io;

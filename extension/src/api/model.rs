@@ -1,0 +1,133 @@
+//! Models as SQL: initialisation, checkpoint import, logits.
+
+use pg_llm_engine::formats::{hf_config, names, safetensors, TensorMap};
+use pg_llm_engine::model::init::init_params;
+use pg_llm_engine::model::{MapSource, ModelWeights};
+use pg_llm_engine::{tensor, EngineError, Result};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use super::args::{self, required};
+use crate::errors::{cancel, run};
+use crate::{files, model_cache, store};
+
+/// Initialises every parameter of a registered model (GPT-2/3 scheme), replacing any it had.
+/// Returns the number of parameters written.
+#[pg_extern(volatile)]
+fn llm_init_params(model: Option<&str>, seed: default!(Option<i64>, 0)) -> i64 {
+    run("llm_init_params", || {
+        let model = required(model, "model")?;
+        let stored = store::load_config(model)?;
+        let params = init_params(&stored.config, required(seed, "seed")? as u64)?;
+        store::write_params(model, &params)?;
+        Ok(count(&params))
+    })
+}
+
+fn count(t: &TensorMap) -> i64 {
+    t.values().map(|(_, d)| d.len() as i64).sum()
+}
+
+/// Shared by both import forms: `files` are the checkpoint's safetensors blobs.
+fn import(model: &str, files: Vec<(String, Vec<u8>)>, config: Option<JsonB>) -> Result<i64> {
+    let (cfg, family) = match config {
+        Some(JsonB(json)) => {
+            let (cfg, family) = hf_config::parse(&json)?;
+            store::ensure_config(model, &cfg, family.name())?;
+            (cfg, family)
+        }
+        None => {
+            let stored = store::load_config(model)?;
+            (stored.config, hf_config::Family::parse(&stored.family)?)
+        }
+    };
+    let mut raw = TensorMap::new();
+    for (what, bytes) in files {
+        pgrx::check_for_interrupts!();
+        for (name, t) in safetensors::read(&bytes, &what)? {
+            if raw.insert(name.clone(), t).is_some() {
+                return Err(EngineError::data(format!("tensor \"{name}\" appears in more than one shard")));
+            }
+        }
+    }
+    let canonical = names::to_canonical(family, &cfg, raw)?;
+    // Check completeness and shapes before writing anything.
+    {
+        let mut probe = MapSource::new(canonical.clone());
+        ModelWeights::load(&cfg, &mut probe)?;
+        probe.finish()?;
+    }
+    store::write_params(model, &canonical)?;
+    Ok(count(&canonical))
+}
+
+/// Imports a Hugging Face safetensors checkpoint given as bytes (any role). With `config`
+/// (the checkpoint's config.json) the model row is created or checked and the family detected;
+/// without it the model must be registered. All or nothing. Returns the parameter count.
+#[pg_extern(volatile)]
+fn pg_llm_import_safetensors_bytes(data: Option<&[u8]>, model: Option<&str>, config: default!(Option<JsonB>, "NULL")) -> i64 {
+    run("pg_llm_import_safetensors_bytes", || {
+        let data = required(data, "data")?.to_vec();
+        import(required(model, "model")?, vec![("data".into(), data)], config)
+    })
+}
+
+/// Imports from a server path: a `.safetensors` file, a sharded checkpoint's
+/// `model.safetensors.index.json`, or a directory holding either. Restricted like COPY FROM.
+#[pg_extern(volatile)]
+fn pg_llm_import_safetensors(path: Option<&str>, model: Option<&str>, config: default!(Option<JsonB>, "NULL")) -> i64 {
+    run("pg_llm_import_safetensors", || {
+        files::require_read_privilege("pg_llm_import_safetensors")?;
+        let path = std::path::PathBuf::from(required(path, "path")?);
+        let index = if path.is_dir() {
+            let idx = path.join("model.safetensors.index.json");
+            if idx.exists() { Some(idx) } else { None }
+        } else if path.to_string_lossy().ends_with(".index.json") {
+            Some(path.clone())
+        } else {
+            None
+        };
+        let shards: Vec<std::path::PathBuf> = match index {
+            Some(idx) => {
+                let json: serde_json::Value = serde_json::from_slice(&files::read(&idx.to_string_lossy())?)
+                    .map_err(|e| EngineError::data(format!("{} is not JSON: {e}", idx.display())))?;
+                let map = json
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .ok_or_else(|| EngineError::data(format!("{} has no weight_map", idx.display())))?;
+                let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+                files.sort();
+                files.dedup();
+                let dir = idx.parent().unwrap_or(std::path::Path::new("."));
+                files.iter().map(|f| dir.join(f)).collect()
+            }
+            None if path.is_dir() => vec![path.join("model.safetensors")],
+            None => vec![path],
+        };
+        let mut blobs = Vec::new();
+        for shard in shards {
+            let name = shard.to_string_lossy().to_string();
+            blobs.push((name.clone(), files::read(&name)?));
+        }
+        import(required(model, "model")?, blobs, config)
+    })
+}
+
+
+/// float32 logits [T, vocab] for every position of `token_ids`.
+#[pg_extern(volatile, parallel_safe)]
+fn llm_logits(token_ids: Option<Vec<Option<i32>>>, model_name: default!(Option<&str>, "'gpt3-125m'")) -> Vec<u8> {
+    run("llm_logits", || {
+        let ids = args::token_ids(token_ids, "token_ids")?;
+        let model = model_cache::get(required(model_name, "model_name")?)?;
+        if ids.len() > model.config.n_positions {
+            return Err(EngineError::invalid(format!(
+                "{} tokens exceed the model's context of {} tokens",
+                ids.len(),
+                model.config.n_positions
+            )));
+        }
+        let logits = model.logits(&ids, cancel())?;
+        Ok(tensor::encode(&logits))
+    })
+}

@@ -1,0 +1,213 @@
+//! Reading and writing models in their tables (`llm_model_config`, `llm_param`) through SPI.
+//! Everything runs in the caller's transaction: an error rolls every write back.
+
+use pg_llm_engine::formats::TensorMap;
+use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig};
+use pg_llm_engine::{tensor, EngineError, Result};
+use pgrx::prelude::*;
+use pgrx::spi::SpiError;
+
+/// Values per stored chunk: 256 MB, well inside PostgreSQL's 1 GB limit for one value.
+const CHUNK_ELEMS: usize = 64 * 1024 * 1024;
+
+fn spi(e: SpiError) -> EngineError {
+    EngineError::data(format!("SPI: {e}"))
+}
+
+/// A registered model's configuration, family and current version; 42704 when unknown.
+pub struct StoredConfig {
+    pub config: ModelConfig,
+    pub family: String,
+    pub version: i64,
+}
+
+pub fn load_config(model: &str) -> Result<StoredConfig> {
+    Spi::connect(|client| {
+        let rows = client
+            .select(
+                "SELECT n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, activation, attention_pattern, \
+                 local_window, scale_attn, position_offset, qkv_bias, tied_head, padded_vocab, ln_placement, ln_eps, \
+                 d_embed, family, version FROM llm_model_config WHERE model = $1",
+                Some(1),
+                &[model.into()],
+            )
+            .map_err(spi)?;
+        if rows.is_empty() {
+            return Err(EngineError::UndefinedObject(format!("model \"{model}\" is not registered in llm_model_config")));
+        }
+        let row = rows.first();
+        let int = |i: usize| -> Result<usize> { Ok(row.get::<i32>(i).map_err(spi)?.unwrap_or(0).max(0) as usize) };
+        let opt_int = |i: usize| -> Result<Option<usize>> { Ok(row.get::<i32>(i).map_err(spi)?.map(|v| v.max(0) as usize)) };
+        let text = |i: usize| -> Result<String> { Ok(row.get::<String>(i).map_err(spi)?.unwrap_or_default()) };
+        let flag = |i: usize| -> Result<bool> { Ok(row.get::<bool>(i).map_err(spi)?.unwrap_or(false)) };
+        let pattern: Vec<Option<String>> = row.get(9).map_err(spi)?.unwrap_or_default();
+        let config = ModelConfig {
+            n_layer: int(1)?,
+            n_head: int(2)?,
+            d_model: int(3)?,
+            d_head: int(4)?,
+            d_ff: int(5)?,
+            n_positions: int(6)?,
+            vocab: int(7)?,
+            activation: Activation::parse(&text(8)?)?,
+            attention_pattern: pattern.iter().map(|k| AttnKind::parse(k.as_deref().unwrap_or(""))).collect::<Result<_>>()?,
+            local_window: opt_int(10)?,
+            scale_attn: flag(11)?,
+            position_offset: int(12)?,
+            qkv_bias: flag(13)?,
+            tied_head: flag(14)?,
+            padded_vocab: opt_int(15)?,
+            ln_placement: if text(16)? == "post" { LnPlacement::Post } else { LnPlacement::Pre },
+            ln_eps: row.get::<f32>(17).map_err(spi)?.unwrap_or(1e-5),
+            d_embed: opt_int(18)?,
+        };
+        let family = text(19)?;
+        let version = row.get::<i64>(20).map_err(spi)?.unwrap_or(0);
+        config.validate()?;
+        Ok(StoredConfig { config, family, version })
+    })
+}
+
+/// Registers `model` with `cfg`, or checks that an existing row has the same architecture.
+pub fn ensure_config(model: &str, cfg: &ModelConfig, family: &str) -> Result<()> {
+    match load_config(model) {
+        Ok(stored) => {
+            if stored.config != *cfg {
+                return Err(EngineError::invalid(format!(
+                    "the checkpoint's config.json does not match the registered model \"{model}\" \
+                     (registered: {}; checkpoint: {})",
+                    describe(&stored.config),
+                    describe(cfg)
+                )));
+            }
+            Ok(())
+        }
+        Err(EngineError::UndefinedObject(_)) => {
+            let pattern: Vec<String> =
+                cfg.attention_pattern.iter().map(|k| if *k == AttnKind::Local { "local" } else { "dense" }.to_string()).collect();
+            let n = |v: usize| v as i32;
+            Spi::run_with_args(
+                "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, \
+                 activation, attention_pattern, local_window, scale_attn, position_offset, qkv_bias, tied_head, \
+                 padded_vocab, ln_placement, ln_eps, d_embed, family) \
+                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)",
+                &[
+                    model.into(),
+                    n(cfg.n_layer).into(),
+                    n(cfg.n_head).into(),
+                    n(cfg.d_model).into(),
+                    n(cfg.d_head).into(),
+                    n(cfg.d_ff).into(),
+                    n(cfg.n_positions).into(),
+                    n(cfg.vocab).into(),
+                    cfg.activation.name().into(),
+                    pattern.into(),
+                    cfg.local_window.map(n).into(),
+                    cfg.scale_attn.into(),
+                    n(cfg.position_offset).into(),
+                    cfg.qkv_bias.into(),
+                    cfg.tied_head.into(),
+                    cfg.padded_vocab.map(n).into(),
+                    if cfg.ln_placement == LnPlacement::Post { "post" } else { "pre" }.into(),
+                    cfg.ln_eps.into(),
+                    cfg.d_embed.map(n).into(),
+                    family.into(),
+                ],
+            )
+            .map_err(spi)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn describe(c: &ModelConfig) -> String {
+    format!(
+        "n_layer {}, n_head {}, d_model {}, d_ff {}, n_positions {}, vocab {}, activation {}",
+        c.n_layer,
+        c.n_head,
+        c.d_model,
+        c.d_ff,
+        c.n_positions,
+        c.vocab,
+        c.activation.name()
+    )
+}
+
+/// Replaces every parameter of `model` with `tensors` (canonical names), chunked.
+pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
+    Spi::run_with_args("DELETE FROM llm_param WHERE model = $1", &[model.into()]).map_err(spi)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        pgrx::check_for_interrupts!();
+        let (shape, data) = &tensors[name];
+        let shape_i32: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+        for (chunk, values) in data.chunks(CHUNK_ELEMS).enumerate() {
+            let bytes = tensor::encode(values);
+            Spi::run_with_args(
+                "INSERT INTO llm_param (model, name, chunk, shape, elem_offset, data) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    model.into(),
+                    name.as_str().into(),
+                    (chunk as i32).into(),
+                    shape_i32.clone().into(),
+                    ((chunk * CHUNK_ELEMS) as i64).into(),
+                    bytes.as_slice().into(),
+                ],
+            )
+            .map_err(spi)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads every parameter of `model` (one tensor at a time, so SPI never holds them all).
+pub fn read_params(model: &str) -> Result<TensorMap> {
+    let names: Vec<(String, Vec<i32>)> = Spi::connect(|client| {
+        let rows = client
+            .select("SELECT name, shape FROM llm_param WHERE model = $1 AND chunk = 0 ORDER BY name", None, &[model.into()])
+            .map_err(spi)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let name: String = row.get(1).map_err(spi)?.unwrap_or_default();
+            let shape: Vec<i32> = row.get(2).map_err(spi)?.unwrap_or_default();
+            out.push((name, shape));
+        }
+        Ok::<_, EngineError>(out)
+    })?;
+    let mut map = TensorMap::new();
+    for (name, shape) in names {
+        pgrx::check_for_interrupts!();
+        let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+        let numel = tensor::numel(&shape, &name)?;
+        let mut data = Vec::new();
+        data.try_reserve_exact(numel).map_err(|_| EngineError::too_large(format!("cannot allocate tensor {name}")))?;
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT data FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
+                    None,
+                    &[model.into(), name.as_str().into()],
+                )
+                .map_err(spi)?;
+            for row in rows {
+                let bytes: &[u8] = row.get(1).map_err(spi)?.unwrap_or_default();
+                data.extend(tensor::decode_any(bytes, &name)?);
+            }
+            Ok::<_, EngineError>(())
+        })?;
+        if data.len() != numel {
+            return Err(EngineError::data(format!(
+                "parameter \"{name}\" of model \"{model}\" holds {} values but its shape needs {numel}",
+                data.len()
+            )));
+        }
+        map.insert(name, (shape, data));
+    }
+    if map.is_empty() {
+        return Err(EngineError::UndefinedObject(format!(
+            "model \"{model}\" has no parameters; create them with llm_init_params or pg_llm_import_safetensors"
+        )));
+    }
+    Ok(map)
+}
