@@ -29,5 +29,6 @@ pub fn read(path: &str) -> Result<Vec<u8>> {
 }
 
 pub fn read_text(path: &str) -> Result<String> {
-    String::from_utf8(read(path)?).map_err(|_| EngineError::data(format!("file \"{path}\" is not valid UTF-8")))
+    String::from_utf8(read(path)?)
+        .map_err(|_| EngineError::data(format!("file \"{path}\" is not valid UTF-8")))
 }

@@ -18,7 +18,12 @@ thread_local! {
 /// The current weights of `model`, loading them when the cache is cold or stale.
 pub fn get(model: &str) -> Result<Rc<Model>> {
     let stored = store::load_config(model)?;
-    if let Some(hit) = MODELS.with(|m| m.borrow().get(model).filter(|(v, _)| *v == stored.version).map(|(_, m)| m.clone())) {
+    if let Some(hit) = MODELS.with(|m| {
+        m.borrow()
+            .get(model)
+            .filter(|(v, _)| *v == stored.version)
+            .map(|(_, m)| m.clone())
+    }) {
         return Ok(hit);
     }
     // Drop a stale copy first so two versions never sit in memory together.
@@ -27,6 +32,9 @@ pub fn get(model: &str) -> Result<Rc<Model>> {
     let weights = ModelWeights::load(&stored.config, &mut src)?;
     src.finish()?;
     let loaded = Rc::new(Model::new(stored.config, weights)?);
-    MODELS.with(|m| m.borrow_mut().insert(model.to_string(), (stored.version, loaded.clone())));
+    MODELS.with(|m| {
+        m.borrow_mut()
+            .insert(model.to_string(), (stored.version, loaded.clone()))
+    });
     Ok(loaded)
 }

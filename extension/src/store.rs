@@ -33,13 +33,22 @@ pub fn load_config(model: &str) -> Result<StoredConfig> {
             )
             .map_err(spi)?;
         if rows.is_empty() {
-            return Err(EngineError::UndefinedObject(format!("model \"{model}\" is not registered in llm_model_config")));
+            return Err(EngineError::UndefinedObject(format!(
+                "model \"{model}\" is not registered in llm_model_config"
+            )));
         }
         let row = rows.first();
-        let int = |i: usize| -> Result<usize> { Ok(row.get::<i32>(i).map_err(spi)?.unwrap_or(0).max(0) as usize) };
-        let opt_int = |i: usize| -> Result<Option<usize>> { Ok(row.get::<i32>(i).map_err(spi)?.map(|v| v.max(0) as usize)) };
-        let text = |i: usize| -> Result<String> { Ok(row.get::<String>(i).map_err(spi)?.unwrap_or_default()) };
-        let flag = |i: usize| -> Result<bool> { Ok(row.get::<bool>(i).map_err(spi)?.unwrap_or(false)) };
+        let int = |i: usize| -> Result<usize> {
+            Ok(row.get::<i32>(i).map_err(spi)?.unwrap_or(0).max(0) as usize)
+        };
+        let opt_int = |i: usize| -> Result<Option<usize>> {
+            Ok(row.get::<i32>(i).map_err(spi)?.map(|v| v.max(0) as usize))
+        };
+        let text = |i: usize| -> Result<String> {
+            Ok(row.get::<String>(i).map_err(spi)?.unwrap_or_default())
+        };
+        let flag =
+            |i: usize| -> Result<bool> { Ok(row.get::<bool>(i).map_err(spi)?.unwrap_or(false)) };
         let pattern: Vec<Option<String>> = row.get(9).map_err(spi)?.unwrap_or_default();
         let config = ModelConfig {
             n_layer: int(1)?,
@@ -50,21 +59,32 @@ pub fn load_config(model: &str) -> Result<StoredConfig> {
             n_positions: int(6)?,
             vocab: int(7)?,
             activation: Activation::parse(&text(8)?)?,
-            attention_pattern: pattern.iter().map(|k| AttnKind::parse(k.as_deref().unwrap_or(""))).collect::<Result<_>>()?,
+            attention_pattern: pattern
+                .iter()
+                .map(|k| AttnKind::parse(k.as_deref().unwrap_or("")))
+                .collect::<Result<_>>()?,
             local_window: opt_int(10)?,
             scale_attn: flag(11)?,
             position_offset: int(12)?,
             qkv_bias: flag(13)?,
             tied_head: flag(14)?,
             padded_vocab: opt_int(15)?,
-            ln_placement: if text(16)? == "post" { LnPlacement::Post } else { LnPlacement::Pre },
+            ln_placement: if text(16)? == "post" {
+                LnPlacement::Post
+            } else {
+                LnPlacement::Pre
+            },
             ln_eps: row.get::<f32>(17).map_err(spi)?.unwrap_or(1e-5),
             d_embed: opt_int(18)?,
         };
         let family = text(19)?;
         let version = row.get::<i64>(20).map_err(spi)?.unwrap_or(0);
         config.validate()?;
-        Ok(StoredConfig { config, family, version })
+        Ok(StoredConfig {
+            config,
+            family,
+            version,
+        })
     })
 }
 
@@ -83,8 +103,18 @@ pub fn ensure_config(model: &str, cfg: &ModelConfig, family: &str) -> Result<()>
             Ok(())
         }
         Err(EngineError::UndefinedObject(_)) => {
-            let pattern: Vec<String> =
-                cfg.attention_pattern.iter().map(|k| if *k == AttnKind::Local { "local" } else { "dense" }.to_string()).collect();
+            let pattern: Vec<String> = cfg
+                .attention_pattern
+                .iter()
+                .map(|k| {
+                    if *k == AttnKind::Local {
+                        "local"
+                    } else {
+                        "dense"
+                    }
+                    .to_string()
+                })
+                .collect();
             let n = |v: usize| v as i32;
             Spi::run_with_args(
                 "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, \
@@ -165,7 +195,11 @@ pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
 pub fn read_params(model: &str) -> Result<TensorMap> {
     let names: Vec<(String, Vec<i32>)> = Spi::connect(|client| {
         let rows = client
-            .select("SELECT name, shape FROM llm_param WHERE model = $1 AND chunk = 0 ORDER BY name", None, &[model.into()])
+            .select(
+                "SELECT name, shape FROM llm_param WHERE model = $1 AND chunk = 0 ORDER BY name",
+                None,
+                &[model.into()],
+            )
             .map_err(spi)?;
         let mut out = Vec::new();
         for row in rows {
@@ -181,7 +215,8 @@ pub fn read_params(model: &str) -> Result<TensorMap> {
         let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
         let numel = tensor::numel(&shape, &name)?;
         let mut data = Vec::new();
-        data.try_reserve_exact(numel).map_err(|_| EngineError::too_large(format!("cannot allocate tensor {name}")))?;
+        data.try_reserve_exact(numel)
+            .map_err(|_| EngineError::too_large(format!("cannot allocate tensor {name}")))?;
         Spi::connect(|client| {
             let rows = client
                 .select(

@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod formats;
+pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod optim;

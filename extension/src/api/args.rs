@@ -57,10 +57,15 @@ pub fn token_ids(ids: Option<Vec<Option<i32>>>, name: &str) -> Result<Vec<u32>> 
     ids.into_iter()
         .enumerate()
         .map(|(i, v)| match v {
-            None => Err(EngineError::NullValue(format!("{name} has a NULL at element {}", i + 1))),
-            Some(x) if x < 0 => Err(EngineError::invalid(format!("{name} has a negative token id {x} at element {}", i + 1))),
+            None => Err(EngineError::NullValue(format!(
+                "{name} has a NULL at element {}",
+                i + 1
+            ))),
+            Some(x) if x < 0 => Err(EngineError::invalid(format!(
+                "{name} has a negative token id {x} at element {}",
+                i + 1
+            ))),
             Some(x) => Ok(x as u32),
         })
         .collect()
 }
-

@@ -46,7 +46,9 @@ fn import(model: &str, files: Vec<(String, Vec<u8>)>, config: Option<JsonB>) -> 
         pgrx::check_for_interrupts!();
         for (name, t) in safetensors::read(&bytes, &what)? {
             if raw.insert(name.clone(), t).is_some() {
-                return Err(EngineError::data(format!("tensor \"{name}\" appears in more than one shard")));
+                return Err(EngineError::data(format!(
+                    "tensor \"{name}\" appears in more than one shard"
+                )));
             }
         }
     }
@@ -65,23 +67,39 @@ fn import(model: &str, files: Vec<(String, Vec<u8>)>, config: Option<JsonB>) -> 
 /// (the checkpoint's config.json) the model row is created or checked and the family detected;
 /// without it the model must be registered. All or nothing. Returns the parameter count.
 #[pg_extern(volatile)]
-fn pg_llm_import_safetensors_bytes(data: Option<&[u8]>, model: Option<&str>, config: default!(Option<JsonB>, "NULL")) -> i64 {
+fn pg_llm_import_safetensors_bytes(
+    data: Option<&[u8]>,
+    model: Option<&str>,
+    config: default!(Option<JsonB>, "NULL"),
+) -> i64 {
     run("pg_llm_import_safetensors_bytes", || {
         let data = required(data, "data")?.to_vec();
-        import(required(model, "model")?, vec![("data".into(), data)], config)
+        import(
+            required(model, "model")?,
+            vec![("data".into(), data)],
+            config,
+        )
     })
 }
 
 /// Imports from a server path: a `.safetensors` file, a sharded checkpoint's
 /// `model.safetensors.index.json`, or a directory holding either. Restricted like COPY FROM.
 #[pg_extern(volatile)]
-fn pg_llm_import_safetensors(path: Option<&str>, model: Option<&str>, config: default!(Option<JsonB>, "NULL")) -> i64 {
+fn pg_llm_import_safetensors(
+    path: Option<&str>,
+    model: Option<&str>,
+    config: default!(Option<JsonB>, "NULL"),
+) -> i64 {
     run("pg_llm_import_safetensors", || {
         files::require_read_privilege("pg_llm_import_safetensors")?;
         let path = std::path::PathBuf::from(required(path, "path")?);
         let index = if path.is_dir() {
             let idx = path.join("model.safetensors.index.json");
-            if idx.exists() { Some(idx) } else { None }
+            if idx.exists() {
+                Some(idx)
+            } else {
+                None
+            }
         } else if path.to_string_lossy().ends_with(".index.json") {
             Some(path.clone())
         } else {
@@ -89,13 +107,20 @@ fn pg_llm_import_safetensors(path: Option<&str>, model: Option<&str>, config: de
         };
         let shards: Vec<std::path::PathBuf> = match index {
             Some(idx) => {
-                let json: serde_json::Value = serde_json::from_slice(&files::read(&idx.to_string_lossy())?)
-                    .map_err(|e| EngineError::data(format!("{} is not JSON: {e}", idx.display())))?;
+                let json: serde_json::Value =
+                    serde_json::from_slice(&files::read(&idx.to_string_lossy())?).map_err(|e| {
+                        EngineError::data(format!("{} is not JSON: {e}", idx.display()))
+                    })?;
                 let map = json
                     .get("weight_map")
                     .and_then(|m| m.as_object())
-                    .ok_or_else(|| EngineError::data(format!("{} has no weight_map", idx.display())))?;
-                let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+                    .ok_or_else(|| {
+                        EngineError::data(format!("{} has no weight_map", idx.display()))
+                    })?;
+                let mut files: Vec<String> = map
+                    .values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect();
                 files.sort();
                 files.dedup();
                 let dir = idx.parent().unwrap_or(std::path::Path::new("."));
@@ -113,10 +138,12 @@ fn pg_llm_import_safetensors(path: Option<&str>, model: Option<&str>, config: de
     })
 }
 
-
 /// float32 logits [T, vocab] for every position of `token_ids`.
 #[pg_extern(volatile, parallel_safe)]
-fn llm_logits(token_ids: Option<Vec<Option<i32>>>, model_name: default!(Option<&str>, "'gpt3-125m'")) -> Vec<u8> {
+fn llm_logits(
+    token_ids: Option<Vec<Option<i32>>>,
+    model_name: default!(Option<&str>, "'gpt3-125m'"),
+) -> Vec<u8> {
     run("llm_logits", || {
         let ids = args::token_ids(token_ids, "token_ids")?;
         let model = model_cache::get(required(model_name, "model_name")?)?;
