@@ -12,11 +12,13 @@ mod files;
 mod guc;
 mod model_cache;
 mod store;
+mod tokenizer_cache;
 
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/types.sql", name = "types", bootstrap);
 pgrx::extension_sql_file!("../sql/registry.sql", name = "registry");
+pgrx::extension_sql_file!("../sql/tokenizer.sql", name = "tokenizer", requires = ["registry"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
