@@ -16,7 +16,8 @@ start() {
         as_postgres "$BIN/initdb" -D "$PG_GPT3_DATA" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
     fi
     as_postgres mkdir -p "$PG_GPT3_SOCK"
-    as_postgres "$BIN/pg_ctl" -D "$PG_GPT3_DATA" -l "$PG_GPT3_LOG" -w -t 60 \
+    # RUST_BACKTRACE would make pgrx append Rust backtraces to error details.
+    as_postgres env -u RUST_BACKTRACE "$BIN/pg_ctl" -D "$PG_GPT3_DATA" -l "$PG_GPT3_LOG" -w -t 60 \
         -o "-p $PG_GPT3_PORT -k $PG_GPT3_SOCK -c listen_addresses='' -c shared_buffers=256MB" start >/dev/null
     log "PostgreSQL running: psql \"$(local_dsn)\""
 }

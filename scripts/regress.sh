@@ -26,6 +26,8 @@ fi
 mkdir -p "$OUT/input"
 ln -s "$REPO_ROOT/tests/sql" "$OUT/input/sql"
 ln -s "$REPO_ROOT/expected" "$OUT/input/expected"
+# Fixtures are read by psql on the client side (PG_ABS_SRCDIR), so any server works.
+ln -s "$REPO_ROOT/tests/fixtures" "$OUT/input/fixtures"
 
 # With --use-existing pg_regress neither creates the database nor loads the extension.
 DB=pg_llm_regress

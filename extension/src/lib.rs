@@ -18,7 +18,11 @@ mod tokenizer_cache;
 
 pgrx::extension_sql_file!("../sql/types.sql", name = "types", bootstrap);
 pgrx::extension_sql_file!("../sql/registry.sql", name = "registry");
-pgrx::extension_sql_file!("../sql/tokenizer.sql", name = "tokenizer", requires = ["registry"]);
+pgrx::extension_sql_file!(
+    "../sql/tokenizer.sql",
+    name = "tokenizer",
+    requires = ["registry"]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

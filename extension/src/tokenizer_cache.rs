@@ -31,7 +31,10 @@ pub fn for_model(model: &str) -> Result<Rc<Bpe>> {
         &[id.into()],
     )
     .map_err(|e| EngineError::data(format!("SPI: {e}")))?;
-    let bpe = Rc::new(Bpe::new(&vocab.unwrap_or_default(), &merges.unwrap_or_default())?);
+    let bpe = Rc::new(Bpe::new(
+        &vocab.unwrap_or_default(),
+        &merges.unwrap_or_default(),
+    )?);
     TOKENIZERS.with(|t| t.borrow_mut().insert(id, bpe.clone()));
     Ok(bpe)
 }

@@ -25,18 +25,28 @@ fn options(
 ) -> Result<GenerateOptions> {
     let max_tokens = required(max_tokens, "max_tokens")?;
     if max_tokens < 0 {
-        return Err(EngineError::invalid(format!("max_tokens must be non-negative, got {max_tokens}")));
+        return Err(EngineError::invalid(format!(
+            "max_tokens must be non-negative, got {max_tokens}"
+        )));
     }
     Ok(GenerateOptions {
         max_tokens: max_tokens as usize,
-        sampling: SamplingParams::new(finite(temperature, "temperature")?, required(topk, "topk")? as i64, finite(topp, "topp")?)?,
+        sampling: SamplingParams::new(
+            finite(temperature, "temperature")?,
+            required(topk, "topk")? as i64,
+            finite(topp, "topp")?,
+        )?,
         eos: eos_token.filter(|&e| e >= 0).map(|e| e as u32),
         seed,
     })
 }
 
 fn text_without_eos(bpe: &Bpe, ids: &[u32], eos: Option<u32>) -> Result<String> {
-    let end = if ids.last().copied() == eos && eos.is_some() { ids.len() - 1 } else { ids.len() };
+    let end = if ids.last().copied() == eos && eos.is_some() {
+        ids.len() - 1
+    } else {
+        ids.len()
+    };
     bpe.decode(&ids[..end])
 }
 
@@ -85,7 +95,10 @@ fn llm_generate_ids(
         let opts = options(max_tokens, temperature, topk, topp, eos_token, seed)?;
         let ids = super::args::token_ids(token_ids, "token_ids")?;
         let model = model_cache::get(required(model_name, "model_name")?)?;
-        Ok(generate(&model, &ids, opts, cancel())?.into_iter().map(|t| t as i32).collect())
+        Ok(generate(&model, &ids, opts, cancel())?
+            .into_iter()
+            .map(|t| t as i32)
+            .collect())
     })
 }
 
@@ -112,7 +125,11 @@ impl Iterator for Stream {
             s.ids.push(token);
             s.step += 1;
             let is_eos = Some(token) == s.eos;
-            let piece = if is_eos { String::new() } else { s.bpe.decode(&[token])? };
+            let piece = if is_eos {
+                String::new()
+            } else {
+                s.bpe.decode(&[token])?
+            };
             let text = text_without_eos(&s.bpe, &s.ids, s.eos)?;
             Ok(Some((s.step, token as i32, piece, text, done)))
         };
@@ -140,14 +157,26 @@ fn llm_generate_stream(
     seed: default!(Option<i64>, "NULL"),
 ) -> TableIterator<
     'static,
-    (name!(step, i32), name!(token_id, i32), name!(token, String), name!(text, String), name!(is_complete, bool)),
+    (
+        name!(step, i32),
+        name!(token_id, i32),
+        name!(token, String),
+        name!(text, String),
+        name!(is_complete, bool),
+    ),
 > {
     let stream = run("llm_generate_stream", || {
         let opts = options(max_tokens, temperature, topk, topp, eos_token, seed)?;
         let (model, bpe) = model_and_tokenizer(model_name)?;
         let ids = bpe.encode(required(prompt, "prompt")?)?;
         let generator = Generator::new(model, &ids, opts, cancel())?;
-        Ok(Stream { generator, bpe, eos: opts.eos, ids: Vec::new(), step: 0 })
+        Ok(Stream {
+            generator,
+            bpe,
+            eos: opts.eos,
+            ids: Vec::new(),
+            step: 0,
+        })
     });
     TableIterator::new(stream)
 }
@@ -161,25 +190,50 @@ fn llm_beam_search(
     max_tokens: default!(Option<i32>, 32),
     model_name: default!(Option<&str>, "'gpt3-125m'"),
     length_penalty: default!(Option<f32>, 1.0),
-) -> TableIterator<'static, (name!(rank, i32), name!(score, f64), name!(token_ids, Vec<i32>), name!(text, String))> {
+) -> TableIterator<
+    'static,
+    (
+        name!(rank, i32),
+        name!(score, f64),
+        name!(token_ids, Vec<i32>),
+        name!(text, String),
+    ),
+> {
     let rows = run("llm_beam_search", || {
         let width = required(beam_width, "beam_width")?;
         let max = required(max_tokens, "max_tokens")?;
         if !(1..=64).contains(&width) {
-            return Err(EngineError::invalid(format!("beam_width must be between 1 and 64, got {width}")));
+            return Err(EngineError::invalid(format!(
+                "beam_width must be between 1 and 64, got {width}"
+            )));
         }
         if max < 1 {
-            return Err(EngineError::invalid(format!("max_tokens must be at least 1, got {max}")));
+            return Err(EngineError::invalid(format!(
+                "max_tokens must be at least 1, got {max}"
+            )));
         }
         let (model, bpe) = model_and_tokenizer(model_name)?;
         let ids = bpe.encode(required(prompt, "prompt")?)?;
         let eos = bpe.end_of_text();
-        let hyps = beam_search(&model, &ids, width as usize, max as usize, finite(length_penalty, "length_penalty")? as f64, eos, cancel())?;
+        let hyps = beam_search(
+            &model,
+            &ids,
+            width as usize,
+            max as usize,
+            finite(length_penalty, "length_penalty")? as f64,
+            eos,
+            cancel(),
+        )?;
         hyps.into_iter()
             .enumerate()
             .map(|(i, h)| {
                 let text = text_without_eos(&bpe, &h.tokens, eos)?;
-                Ok((i as i32 + 1, h.score, h.tokens.iter().map(|&t| t as i32).collect(), text))
+                Ok((
+                    i as i32 + 1,
+                    h.score,
+                    h.tokens.iter().map(|&t| t as i32).collect(),
+                    text,
+                ))
             })
             .collect::<Result<Vec<_>>>()
     });

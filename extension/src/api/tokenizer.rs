@@ -39,7 +39,13 @@ fn attach(model: &str, vocab: &str, merges: &str) -> Result<i32> {
 /// vocabulary size.
 #[pg_extern(volatile)]
 fn llm_load_tokenizer(model: Option<&str>, vocab: Option<&str>, merges: Option<&str>) -> i32 {
-    run("llm_load_tokenizer", || attach(required(model, "model")?, required(vocab, "vocab")?, required(merges, "merges")?))
+    run("llm_load_tokenizer", || {
+        attach(
+            required(model, "model")?,
+            required(vocab, "vocab")?,
+            required(merges, "merges")?,
+        )
+    })
 }
 
 /// pg_gpt2's two-step loading from server files (restricted like COPY FROM): the tokenizer
@@ -68,19 +74,27 @@ fn load_half(function: &str, path: Option<&str>, model: Option<&str>, column: &s
     .map_err(spi)?;
     if let (Some(v), Some(m)) = (vocab, merges) {
         attach(model, &v, &m)?;
-        Spi::run_with_args("DELETE FROM llm_tokenizer_staging WHERE model = $1", &[model.into()]).map_err(spi)?;
+        Spi::run_with_args(
+            "DELETE FROM llm_tokenizer_staging WHERE model = $1",
+            &[model.into()],
+        )
+        .map_err(spi)?;
     }
     Ok(entries as i32)
 }
 
 #[pg_extern(volatile)]
 fn pg_llm_load_bpe_vocab(path: Option<&str>, model: Option<&str>) -> i32 {
-    run("pg_llm_load_bpe_vocab", || load_half("pg_llm_load_bpe_vocab", path, model, "vocab"))
+    run("pg_llm_load_bpe_vocab", || {
+        load_half("pg_llm_load_bpe_vocab", path, model, "vocab")
+    })
 }
 
 #[pg_extern(volatile)]
 fn pg_llm_load_bpe_merges(path: Option<&str>, model: Option<&str>) -> i32 {
-    run("pg_llm_load_bpe_merges", || load_half("pg_llm_load_bpe_merges", path, model, "merges"))
+    run("pg_llm_load_bpe_merges", || {
+        load_half("pg_llm_load_bpe_merges", path, model, "merges")
+    })
 }
 
 /// Token ids of `text_in`; `<|endoftext|>` is the single token 50256.
@@ -88,13 +102,20 @@ fn pg_llm_load_bpe_merges(path: Option<&str>, model: Option<&str>) -> i32 {
 fn llm_encode(text_in: Option<&str>, model: default!(Option<&str>, "'gpt3-125m'")) -> Vec<i32> {
     run("llm_encode", || {
         let bpe = tokenizer_cache::for_model(required(model, "model")?)?;
-        Ok(bpe.encode(required(text_in, "text_in")?)?.into_iter().map(|t| t as i32).collect())
+        Ok(bpe
+            .encode(required(text_in, "text_in")?)?
+            .into_iter()
+            .map(|t| t as i32)
+            .collect())
     })
 }
 
 /// Text of `ids` (every id decodes, repeated ones repeatedly).
 #[pg_extern(stable, parallel_safe)]
-fn llm_decode(ids: Option<Vec<Option<i32>>>, model: default!(Option<&str>, "'gpt3-125m'")) -> String {
+fn llm_decode(
+    ids: Option<Vec<Option<i32>>>,
+    model: default!(Option<&str>, "'gpt3-125m'"),
+) -> String {
     run("llm_decode", || {
         let bpe = tokenizer_cache::for_model(required(model, "model")?)?;
         let ids = match ids {

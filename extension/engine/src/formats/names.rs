@@ -173,7 +173,9 @@ pub fn to_canonical(family: Family, cfg: &ModelConfig, mut src: TensorMap) -> Re
     };
     let mut out = TensorMap::new();
     let da = cfg.d_attn();
-    let names: Vec<String> = src.keys().cloned().collect();
+    // Sorted, so the first offending tensor named in an error is always the same one.
+    let mut names: Vec<String> = src.keys().cloned().collect();
+    names.sort();
     for full in names {
         let (shape, data) = src.remove(&full).expect("present");
         let name = lay
