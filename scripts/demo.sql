@@ -39,6 +39,24 @@ SELECT pg_llm_sample(pg_llm_from_array('{0.1,2.5,0.3,1.9}'), 0, 0, 1) AS greedy,
        array(SELECT pg_llm_sample(pg_llm_from_array('{0.1,2.5,0.3,1.9}'), 1.0, 3, 0.95, seed)
                FROM generate_series(1, 8) seed) AS seeded_draws;
 
+\echo '--- The real GPT-2/GPT-3 tokenizer (r50k_base, 50257 tokens), read by psql from the repository'
+\set vocab `cat tests/fixtures/tokenizer/encoder.json`
+\set merges `cat tests/fixtures/tokenizer/vocab.bpe`
+SELECT llm_load_tokenizer('gpt3-125m', :'vocab', :'merges') AS vocab_size;
+SELECT llm_encode('PostgreSQL meets GPT-3.<|endoftext|>') AS ids,
+       llm_decode(llm_encode('PostgreSQL meets GPT-3.<|endoftext|>')) AS round_trip;
+
+\echo '--- gpt3-125m from scratch: GPT-3 initialisation of all 125M parameters, stored as rows'
+\timing on
+SELECT llm_init_params('gpt3-125m', 42) AS parameters;
+SELECT count(*) AS tensors, pg_size_pretty(sum(length(data))) AS size FROM llm_param WHERE model = 'gpt3-125m';
+
+\echo '--- Generation in the server (an untrained model babbles; the machinery is real)'
+SELECT llm_generate('The database of the future', 16, 0.8, 50, 0.95, 'gpt3-125m', 50256, 7) AS continuation;
+SELECT step, token_id, token, is_complete FROM llm_generate_stream('Once upon a time', 5, 0);
+SELECT rank, round(score::numeric, 3) AS score, token_ids FROM llm_beam_search('Hello', 3, 4);
+\timing off
+
 \echo '--- Bad input is a clean SQL error, not a crash'
 \set ON_ERROR_STOP 0
 SELECT pg_llm_matmul(pg_llm_from_array('{1,2,3}'), pg_llm_from_array('{1,2}'), 2, 2, 1);
