@@ -32,6 +32,11 @@ pub fn get(model: &str) -> Result<Rc<Model>> {
     let weights = ModelWeights::load(&stored.config, &mut src)?;
     src.finish()?;
     let loaded = Rc::new(Model::new(stored.config, weights)?);
+    // Loading left many freed tensor-sized holes in the heap: give them back to the system.
+    // SAFETY: plain libc call.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     MODELS.with(|m| {
         m.borrow_mut()
             .insert(model.to_string(), (stored.version, loaded.clone()))

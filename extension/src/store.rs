@@ -227,7 +227,24 @@ pub fn read_params(model: &str) -> Result<TensorMap> {
                 .map_err(spi)?;
             for row in rows {
                 let bytes: &[u8] = row.get(1).map_err(spi)?.unwrap_or_default();
-                data.extend(tensor::decode_any(bytes, &name)?);
+                if bytes.len() % 4 != 0 {
+                    return Err(EngineError::data(format!(
+                        "parameter \"{name}\" is not float32 data"
+                    )));
+                }
+                // Straight into the reserved buffer: a plain copy when the bytes are aligned
+                // (detoasted values are) on a little-endian machine.
+                // SAFETY: every bit pattern is a valid f32; align_to only reinterprets.
+                let (head, floats, tail) = unsafe { bytes.align_to::<f32>() };
+                if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+                    data.extend_from_slice(floats);
+                } else {
+                    data.extend(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    );
+                }
             }
             Ok::<_, EngineError>(())
         })?;

@@ -144,3 +144,111 @@ mod tests {
         }
     }
 }
+
+/// e^x for float32 within about 2 ulp (Cephes' polynomial after range reduction to
+/// [−ln2/2, ln2/2]), written without branches so the compiler vectorises it.
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * LOG2E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // Scale by 2^n through the exponent bits (n is within the normal range after the clamp).
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * y
+}
+
+#[inline(always)]
+fn exp_body(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = exp_approx(*v));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_avx2(x: &mut [f32]) {
+    exp_body(x)
+}
+
+/// x ← e^x element-wise (vectorised; about 2 ulp).
+pub fn exp_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { exp_avx2(x) };
+    }
+    exp_body(x)
+}
+
+/// GPT-2's tanh-approximated GELU with tanh(u) = 1 − 2 / (e^{2u} + 1), vectorisable.
+#[inline(always)]
+fn gelu_body(x: &mut [f32]) {
+    const K: f32 = 0.797_884_6; // √(2/π)
+    x.iter_mut().for_each(|v| {
+        let u = K * (*v + 0.044_715 * *v * *v * *v);
+        let t = 1.0 - 2.0 / (exp_approx(2.0 * u) + 1.0);
+        *v = 0.5 * *v * (1.0 + t);
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(x: &mut [f32]) {
+    gelu_body(x)
+}
+
+/// x ← gelu_new(x) element-wise (vectorised).
+pub fn gelu_new_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { gelu_avx2(x) };
+    }
+    gelu_body(x)
+}
+
+#[cfg(test)]
+mod approx_tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_a_few_ulp() {
+        let xs: Vec<f32> = (-8000..8000).map(|i| i as f32 * 0.01).collect();
+        let mut ys = xs.clone();
+        exp_inplace(&mut ys);
+        for (x, y) in xs.iter().zip(&ys) {
+            let want = (*x as f64).exp();
+            assert!(
+                ((*y as f64 - want) / want).abs() < 3e-7,
+                "exp({x}) = {y}, want {want}"
+            );
+        }
+        let mut big = vec![-200.0f32, 200.0];
+        exp_inplace(&mut big);
+        assert!(big[0] >= 0.0 && big[0] < 1e-37 && big[1].is_finite());
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_formula() {
+        let xs: Vec<f32> = (-1000..1000).map(|i| i as f32 * 0.01).collect();
+        let mut ys = xs.clone();
+        gelu_new_inplace(&mut ys);
+        for (x, y) in xs.iter().zip(&ys) {
+            let x = *x as f64;
+            let want = 0.5
+                * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            assert!(
+                (*y as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                "gelu({x}) = {y}, want {want}"
+            );
+        }
+    }
+}

@@ -240,11 +240,9 @@ pub fn attend(
                         let max = live
                             .iter()
                             .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-                        let mut sum = 0.0f32;
-                        live.iter_mut().for_each(|x| {
-                            *x = (*x * scale - max).exp();
-                            sum += *x;
-                        });
+                        live.iter_mut().for_each(|x| *x = *x * scale - max);
+                        crate::simd::exp_inplace(live);
+                        let sum: f32 = live.iter().sum();
                         let inv = 1.0 / sum;
                         live.iter_mut().for_each(|x| *x *= inv);
                         lse[i0 + r] = max + sum.ln();

@@ -43,7 +43,9 @@ pub fn gelu_new_grad(x: f32) -> f32 {
 }
 
 pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| gelu_new(v)).collect()
+    let mut y = x.to_vec();
+    crate::simd::gelu_new_inplace(&mut y);
+    y
 }
 
 /// dx = dy · gelu'(x).

@@ -6,7 +6,6 @@ use super::config::{Activation, AttnKind, LnPlacement, ModelConfig};
 use super::weights::{ModelWeights, Norm};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attend, AttnInputs, AttnOptions};
-use crate::kernels::elementwise::gelu_new;
 use crate::kernels::layernorm::layernorm_forward;
 use crate::kernels::linear::linear;
 use crate::parallel::Cancel;
@@ -234,7 +233,7 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 
 fn activate(x: &mut [f32], act: Activation) {
     match act {
-        Activation::GeluNew => x.iter_mut().for_each(|v| *v = gelu_new(*v)),
+        Activation::GeluNew => crate::simd::gelu_new_inplace(x),
         Activation::Gelu => x
             .iter_mut()
             .for_each(|v| *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2))),

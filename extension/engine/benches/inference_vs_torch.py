@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""GPT-3 Small inference: pg_llm inside PostgreSQL vs Hugging Face transformers + PyTorch.
+
+Same shape (12 layers, 768 wide, 12 heads, 50257 vocabulary, 2048 positions), float32, the
+same thread count, measured alternately in one run. Reports:
+  decode   prompt 16 tokens, 64 new tokens, greedy, KV cache      tokens/s (new tokens / call time)
+  prefill  logits for all positions of a 512-token input          tokens/s
+  cold     first generation call in a new connection (weights loaded from the tables)
+  rss      backend private resident memory (RssAnon: excludes PostgreSQL's shared buffers,
+           which the backend maps while reading the weight rows) / float32 weight bytes
+
+Usage (a server with pg_llm, e.g. scripts/cluster.sh start):
+  PG_GPT3_DSN="host=/tmp/pg_gpt3_cluster/sock port=54329 user=postgres dbname=bench" \\
+      python3 extension/engine/benches/inference_vs_torch.py --threads 2
+Needs: torch, transformers, psycopg. Creates and initialises gpt3-125m in that database if needed.
+"""
+import argparse
+import os
+import time
+
+import psycopg
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+PROMPT, NEW, PREFILL, ROUNDS = 16, 64, 512, 3
+
+
+def best(fn, rounds=ROUNDS):
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    dsn = os.environ.get("PG_GPT3_DSN")
+    if not dsn:
+        raise SystemExit("set PG_GPT3_DSN to a database where pg_llm can be created")
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS pg_llm")
+        if c.execute("SELECT count(*) FROM llm_param WHERE model = 'gpt3-125m'").fetchone()[0] == 0:
+            print("initialising gpt3-125m in the database ...")
+            c.execute("SELECT llm_init_params('gpt3-125m', 0)")
+        weight_bytes = c.execute("SELECT sum(length(data)) FROM llm_param WHERE model = 'gpt3-125m'").fetchone()[0]
+
+    prompt = [(i * 7919) % 50000 + 100 for i in range(PROMPT)]
+    long_input = [(i * 104729) % 50000 + 100 for i in range(PREFILL)]
+
+    # pg_llm: a fresh connection measures the cold first call, then warm calls.
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(f"SET pg_llm.threads = {args.threads}")
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    gen_sql = "SELECT llm_generate_ids(%s, %s, 0, 0, 1, 'gpt3-125m', NULL)"
+    t = time.perf_counter()
+    conn.execute(gen_sql, (prompt, 1)).fetchone()
+    cold = time.perf_counter() - t
+
+    def pg_decode():
+        ids = conn.execute(gen_sql, (prompt, NEW)).fetchone()[0]
+        assert len(ids) == NEW
+
+    def pg_prefill():
+        conn.execute("SELECT length(llm_logits(%s, 'gpt3-125m'))", (long_input,)).fetchone()
+
+    # transformers + PyTorch on the same shape (GPT-3 Small = GPT-2 small with 2048 positions).
+    torch.set_num_threads(args.threads)
+    model = GPT2LMHeadModel(GPT2Config(n_positions=2048, n_embd=768, n_layer=12, n_head=12, vocab_size=50257)).eval()
+    tp = torch.tensor([prompt])
+    tl = torch.tensor([long_input])
+
+    def torch_decode():
+        with torch.no_grad():
+            out = model.generate(tp, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, use_cache=True,
+                                 pad_token_id=0, eos_token_id=None)
+        assert out.shape[1] == PROMPT + NEW
+
+    def torch_prefill():
+        with torch.no_grad():
+            model(tl)
+
+    pg_decode(), torch_decode(), pg_prefill(), torch_prefill()  # warm-up
+    pg_d = pt_d = pg_p = pt_p = float("inf")
+    for _ in range(ROUNDS):  # alternate the sides against a noisy machine
+        pg_d = min(pg_d, best(pg_decode, 1))
+        pt_d = min(pt_d, best(torch_decode, 1))
+        pg_p = min(pg_p, best(pg_prefill, 1))
+        pt_p = min(pt_p, best(torch_prefill, 1))
+
+    status = {l.split(":")[0]: int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith(("VmRSS", "RssAnon"))}
+    rss_kb, anon_kb = status["VmRSS"], status["RssAnon"]
+    print(f"threads = {args.threads}, torch {torch.__version__}, best of {ROUNDS} alternating rounds")
+    print(f"{'':28} {'pg_llm':>12} {'PyTorch':>12} {'ratio':>7}")
+    print(f"{'decode tokens/s (16+64)':28} {NEW / pg_d:12.1f} {NEW / pt_d:12.1f} {pt_d / pg_d:7.2f}")
+    print(f"{'prefill tokens/s (512)':28} {PREFILL / pg_p:12.1f} {PREFILL / pt_p:12.1f} {pt_p / pg_p:7.2f}")
+    print(f"{'cold first call (s)':28} {cold:12.3f}")
+    print(f"{'backend private RSS / weights':28} {anon_kb * 1024 / weight_bytes:12.2f}   "
+          f"({anon_kb / 1024:.0f} MiB private, {rss_kb / 1024:.0f} MiB with shared buffers, {weight_bytes / 2**20:.0f} MiB weights)")
+    conn.close()
+
+
+if __name__ == "__main__":
+    main()
