@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 /// The model every call uses unless told otherwise.
@@ -135,6 +136,135 @@ impl Client {
             )
             .await?;
         decode(row.get::<_, &[u8]>(0))
+    }
+}
+
+/// Options of a generation call, with the server's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOptions {
+    pub max_tokens: i32,
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub model: String,
+    /// `None` never stops early.
+    pub eos_token: Option<i32>,
+    pub seed: Option<i64>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 64,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.95,
+            model: DEFAULT_MODEL.to_string(),
+            eos_token: Some(50256),
+            seed: None,
+        }
+    }
+}
+
+impl GenerateOptions {
+    pub fn max_tokens(mut self, n: i32) -> Self {
+        self.max_tokens = n;
+        self
+    }
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+    pub fn model(mut self, m: impl Into<String>) -> Self {
+        self.model = m.into();
+        self
+    }
+    pub fn eos_token(mut self, eos: Option<i32>) -> Self {
+        self.eos_token = eos;
+        self
+    }
+    pub fn seed(mut self, seed: i64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+}
+
+/// One row of `llm_generate_stream`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamEvent {
+    pub step: i32,
+    pub token_id: i32,
+    pub token: String,
+    pub text: String,
+    pub is_complete: bool,
+}
+
+impl Client {
+    /// The continuation of `prompt` (`llm_generate`).
+    pub async fn generate(&self, prompt: &str, opts: &GenerateOptions) -> Result<String, Error> {
+        let row = self
+            .inner
+            .query_one(
+                "SELECT llm_generate($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &prompt,
+                    &opts.max_tokens,
+                    &opts.temperature,
+                    &opts.top_k,
+                    &opts.top_p,
+                    &opts.model,
+                    &opts.eos_token,
+                    &opts.seed,
+                ],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Tokens as the server produces them (`llm_generate_stream` called in the select list, so
+    /// PostgreSQL sends each row as soon as it exists).
+    pub async fn generate_stream(
+        &self,
+        prompt: &str,
+        opts: &GenerateOptions,
+    ) -> Result<impl Stream<Item = Result<StreamEvent, Error>> + '_, Error> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &prompt,
+            &opts.max_tokens,
+            &opts.temperature,
+            &opts.top_k,
+            &opts.top_p,
+            &opts.model,
+            &opts.eos_token,
+            &opts.seed,
+        ];
+        let rows = self
+            .inner
+            .query_raw(
+                "SELECT (s).step, (s).token_id, (s).token, (s).text, (s).is_complete \
+                 FROM (SELECT llm_generate_stream($1, $2, $3, $4, $5, $6, $7, $8) AS s) q",
+                params,
+            )
+            .await?;
+        Ok(rows.map_err(Error::from).map(|r| {
+            r.map(|row| StreamEvent {
+                step: row.get(0),
+                token_id: row.get(1),
+                token: row.get(2),
+                text: row.get(3),
+                is_complete: row.get(4),
+            })
+        }))
+    }
+
+    /// Runs a statement (setup in tests and tools).
+    pub async fn execute(&self, sql: &str) -> Result<u64, Error> {
+        Ok(self.inner.execute(sql, &[]).await?)
+    }
+
+    /// The underlying tokio-postgres client, for queries this crate does not wrap yet.
+    pub fn raw(&self) -> &tokio_postgres::Client {
+        &self.inner
     }
 }
 

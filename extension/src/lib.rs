@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 mod api;
 mod errors;
 mod files;
+mod flush;
 mod guc;
 mod model_cache;
 mod store;

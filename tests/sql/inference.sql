@@ -168,3 +168,16 @@ SELECT cardinality(llm_generate_ids(ARRAY[1], 3, 0, 0, 1, 'gpt3-tiny', NULL)) AS
 DELETE FROM llm_model_config WHERE model LIKE 'fx-%' OR model = 'gpt3-tiny';
 DELETE FROM llm_model_tokenizer;
 DELETE FROM llm_tokenizer;
+
+-- 7. Sharded checkpoints through the path form (model.safetensors.index.json + shards; the
+-- server reads the files, so this part needs the server on this machine, as in CI)
+\set sharded :fixtures/models/gpt2_sharded
+\set cfg `cat :fixtures/models/gpt2/config.json`
+SELECT pg_llm_import_safetensors(:'sharded', 'fx-sharded', :'cfg') AS params_from_directory;
+SELECT pg_llm_import_safetensors(:'sharded' || '/model.safetensors.index.json', 'fx-sharded') AS params_from_index;
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors(%L, %L)', :'sharded' || '/model-00001-of-00002.safetensors', 'fx-sharded')) AS one_shard_alone;
+SELECT (SELECT llm_logits(ARRAY[5, 6, 7], 'fx-sharded')) = (SELECT llm_logits(ARRAY[5, 6, 7], 'fx-gpt2-again')) AS same_logits
+  FROM (SELECT pg_llm_import_safetensors(:'fixtures' || '/models/gpt2/model.safetensors', 'fx-gpt2-again', :'cfg')) x;
+SELECT regexp_replace(pg_temp.err(format('SELECT pg_llm_import_safetensors(%L, %L)', :'sharded' || '/missing.safetensors', 'fx-sharded')),
+                      '"[^"]*/', '".../') AS missing_file;
+DELETE FROM llm_model_config WHERE model IN ('fx-sharded', 'fx-gpt2-again');

@@ -118,6 +118,10 @@ impl Iterator for Stream {
     type Item = StreamRow;
 
     fn next(&mut self) -> Option<StreamRow> {
+        // The previous row is in PostgreSQL's output buffer: send it before computing this one.
+        if self.step > 0 {
+            crate::flush::flush_to_client();
+        }
         let step = |s: &mut Self| -> Result<Option<StreamRow>> {
             let Some((token, done)) = s.generator.next_token(cancel())? else {
                 return Ok(None);

@@ -120,7 +120,7 @@ impl Model {
             )));
         }
         let start = cache.len;
-        let mut x = self.embed(tokens, start);
+        let mut x = self.embed(tokens, start, cancel)?;
         for (i, layer) in w.layers.iter().enumerate() {
             cancel.check()?;
             let opts = AttnOptions {
@@ -135,7 +135,7 @@ impl Model {
                 LnPlacement::Pre => norm(&x, &layer.ln_1, cfg.ln_eps)?,
                 LnPlacement::Post => x.clone(),
             };
-            let qkv = linear(&h, &layer.w_qkv, Some(&layer.b_qkv), t, d, 3 * da);
+            let qkv = linear(&h, &layer.w_qkv, Some(&layer.b_qkv), t, d, 3 * da, cancel)?;
             let (keys, values) = (&mut cache.keys[i], &mut cache.values[i]);
             for r in 0..t {
                 let row = &qkv[r * 3 * da..(r + 1) * 3 * da];
@@ -152,7 +152,7 @@ impl Model {
                 t,
             };
             let attn = attend(inputs, cfg.n_head, cfg.d_head, opts, cancel)?.out;
-            let a = linear(&attn, &layer.w_o, Some(&layer.b_o), t, da, d);
+            let a = linear(&attn, &layer.w_o, Some(&layer.b_o), t, da, d, cancel)?;
             add_into(&mut x, &a);
             if cfg.ln_placement == LnPlacement::Post {
                 x = norm(&x, &layer.ln_1, cfg.ln_eps)?;
@@ -162,9 +162,17 @@ impl Model {
                 LnPlacement::Pre => norm(&x, &layer.ln_2, cfg.ln_eps)?,
                 LnPlacement::Post => x.clone(),
             };
-            let mut f = linear(&h, &layer.w_fc, Some(&layer.b_fc), t, d, cfg.d_ff);
+            let mut f = linear(&h, &layer.w_fc, Some(&layer.b_fc), t, d, cfg.d_ff, cancel)?;
             activate(&mut f, cfg.activation);
-            let m = linear(&f, &layer.w_proj, Some(&layer.b_proj), t, cfg.d_ff, d);
+            let m = linear(
+                &f,
+                &layer.w_proj,
+                Some(&layer.b_proj),
+                t,
+                cfg.d_ff,
+                d,
+                cancel,
+            )?;
             add_into(&mut x, &m);
             if cfg.ln_placement == LnPlacement::Post {
                 x = norm(&x, &layer.ln_2, cfg.ln_eps)?;
@@ -175,11 +183,11 @@ impl Model {
             Logits::All => (t, x),
             Logits::Last => (1, x[(t - 1) * d..].to_vec()),
         };
-        self.head(&h, rows)
+        self.head(&h, rows, cancel)
     }
 
     /// Token + position embeddings of `tokens` placed at positions start.. → [T, d_model].
-    fn embed(&self, tokens: &[u32], start: usize) -> Vec<f32> {
+    fn embed(&self, tokens: &[u32], start: usize, cancel: Cancel) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let (d, e) = (cfg.d_model, cfg.d_embed());
         let mut tok = Vec::with_capacity(tokens.len() * e);
@@ -187,7 +195,7 @@ impl Model {
             tok.extend_from_slice(&self.weights.wte[id as usize * e..(id as usize + 1) * e]);
         }
         let mut x = match &self.weights.project_in {
-            Some(p) => linear(&tok, p, None, tokens.len(), e, d),
+            Some(p) => linear(&tok, p, None, tokens.len(), e, d, cancel)?,
             None => tok,
         };
         for (r, row) in x.chunks_exact_mut(d).enumerate() {
@@ -196,11 +204,11 @@ impl Model {
                 .zip(&self.weights.wpe[pos * d..(pos + 1) * d])
                 .for_each(|(v, p)| *v += p);
         }
-        x
+        Ok(x)
     }
 
     /// Final LayerNorm, projection and output layer for `rows` rows of hidden state.
-    fn head(&self, h: &[f32], rows: usize) -> Result<Vec<f32>> {
+    fn head(&self, h: &[f32], rows: usize, cancel: Cancel) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let w = &self.weights;
         let mut h = match &w.ln_f {
@@ -208,11 +216,11 @@ impl Model {
             None => h.to_vec(),
         };
         if let Some(p) = &w.project_out {
-            h = linear(&h, p, None, rows, cfg.d_model, cfg.d_embed());
+            h = linear(&h, p, None, rows, cfg.d_model, cfg.d_embed(), cancel)?;
         }
         let table = w.lm_head.as_ref().unwrap_or(&w.wte);
         let n_rows = cfg.embedding_rows();
-        let mut logits = linear(&h, table, None, rows, cfg.d_embed(), n_rows);
+        let mut logits = linear(&h, table, None, rows, cfg.d_embed(), n_rows, cancel)?;
         if n_rows != cfg.vocab {
             logits = logits
                 .chunks_exact(n_rows)
