@@ -206,16 +206,7 @@ impl Client {
             .inner
             .query_one(
                 "SELECT llm_generate($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[
-                    &prompt,
-                    &opts.max_tokens,
-                    &opts.temperature,
-                    &opts.top_k,
-                    &opts.top_p,
-                    &opts.model,
-                    &opts.eos_token,
-                    &opts.seed,
-                ],
+                &generate_params(&prompt, opts),
             )
             .await?;
         Ok(row.get(0))
@@ -228,22 +219,12 @@ impl Client {
         prompt: &str,
         opts: &GenerateOptions,
     ) -> Result<impl Stream<Item = Result<StreamEvent, Error>> + '_, Error> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
-            &prompt,
-            &opts.max_tokens,
-            &opts.temperature,
-            &opts.top_k,
-            &opts.top_p,
-            &opts.model,
-            &opts.eos_token,
-            &opts.seed,
-        ];
         let rows = self
             .inner
             .query_raw(
                 "SELECT (s).step, (s).token_id, (s).token, (s).text, (s).is_complete \
                  FROM (SELECT llm_generate_stream($1, $2, $3, $4, $5, $6, $7, $8) AS s) q",
-                params,
+                generate_params(&prompt, opts),
             )
             .await?;
         Ok(rows.map_err(Error::from).map(|r| {
@@ -266,6 +247,23 @@ impl Client {
     pub fn raw(&self) -> &tokio_postgres::Client {
         &self.inner
     }
+}
+
+/// The eight arguments shared by llm_generate, llm_generate_ids and llm_generate_stream.
+fn generate_params<'a>(
+    prompt: &'a &'a str,
+    opts: &'a GenerateOptions,
+) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 8] {
+    [
+        &*prompt,
+        &opts.max_tokens,
+        &opts.temperature,
+        &opts.top_k,
+        &opts.top_p,
+        &opts.model,
+        &opts.eos_token,
+        &opts.seed,
+    ]
 }
 
 /// Encodes float32 values in the extension's tensor format (little-endian bytes).

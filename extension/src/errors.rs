@@ -20,6 +20,11 @@ fn sqlstate(err: &EngineError) -> PgSqlErrorCode {
     }
 }
 
+/// An SPI failure as an engine error (the statement text is ours; a failure is unexpected data).
+pub fn spi(e: pgrx::spi::SpiError) -> EngineError {
+    EngineError::data(format!("SPI: {e}"))
+}
+
 /// Raises `err` as an SQL ERROR. A cancellation is handed to PostgreSQL's own interrupt
 /// processing first, so the user sees the usual cancel / statement_timeout message.
 pub fn report(function: &str, err: EngineError) -> ! {

@@ -5,14 +5,11 @@ use pg_llm_engine::formats::TensorMap;
 use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
-use pgrx::spi::SpiError;
+
+use crate::errors::spi;
 
 /// Values per stored chunk: 256 MB, well inside PostgreSQL's 1 GB limit for one value.
 const CHUNK_ELEMS: usize = 64 * 1024 * 1024;
-
-fn spi(e: SpiError) -> EngineError {
-    EngineError::data(format!("SPI: {e}"))
-}
 
 /// A registered model's configuration, family and current version; 42704 when unknown.
 pub struct StoredConfig {
@@ -227,24 +224,8 @@ pub fn read_params(model: &str) -> Result<TensorMap> {
                 .map_err(spi)?;
             for row in rows {
                 let bytes: &[u8] = row.get(1).map_err(spi)?.unwrap_or_default();
-                if bytes.len() % 4 != 0 {
-                    return Err(EngineError::data(format!(
-                        "parameter \"{name}\" is not float32 data"
-                    )));
-                }
-                // Straight into the reserved buffer: a plain copy when the bytes are aligned
-                // (detoasted values are) on a little-endian machine.
-                // SAFETY: every bit pattern is a valid f32; align_to only reinterprets.
-                let (head, floats, tail) = unsafe { bytes.align_to::<f32>() };
-                if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
-                    data.extend_from_slice(floats);
-                } else {
-                    data.extend(
-                        bytes
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                    );
-                }
+                // Straight into the reserved buffer: no intermediate copy of large tensors.
+                tensor::extend_decoded(&mut data, bytes, &name)?;
             }
             Ok::<_, EngineError>(())
         })?;

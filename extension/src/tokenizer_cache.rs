@@ -30,7 +30,7 @@ pub fn for_model(model: &str) -> Result<Rc<Bpe>> {
         "SELECT vocab, merges FROM llm_tokenizer WHERE id = $1",
         &[id.into()],
     )
-    .map_err(|e| EngineError::data(format!("SPI: {e}")))?;
+    .map_err(crate::errors::spi)?;
     let bpe = Rc::new(Bpe::new(
         &vocab.unwrap_or_default(),
         &merges.unwrap_or_default(),

@@ -30,17 +30,38 @@ pub fn decode(bytes: &[u8], arg: &str, finite: Finite) -> Result<Vec<f32>> {
 
 /// Decodes faithfully, NaN and infinities included; only the byte length is checked.
 pub fn decode_any(bytes: &[u8], arg: &str) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(bytes.len() / 4).map_err(|_| {
+        EngineError::too_large(format!(
+            "cannot allocate {} float32 values",
+            bytes.len() / 4
+        ))
+    })?;
+    extend_decoded(&mut out, bytes, arg)?;
+    Ok(out)
+}
+
+/// Appends the float32 values of `bytes` to `out`. When the bytes are 4-byte aligned on a
+/// little-endian machine (detoasted values are), this is a plain copy.
+pub fn extend_decoded(out: &mut Vec<f32>, bytes: &[u8], arg: &str) -> Result<()> {
     if bytes.len() % 4 != 0 {
         return Err(EngineError::data(format!(
             "{arg} is not a float32 tensor: its length {} bytes is not a multiple of 4",
             bytes.len()
         )));
     }
-    let mut out = alloc_zeroed(bytes.len() / 4)?;
-    for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    // SAFETY: every bit pattern is a valid f32; align_to only reinterprets.
+    let (head, floats, tail) = unsafe { bytes.align_to::<f32>() };
+    if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+        out.extend_from_slice(floats);
+    } else {
+        out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Decodes `bytes` and checks that it holds exactly `numel` values; `shape` describes the
@@ -118,7 +139,7 @@ pub fn dim(value: i64, name: &str) -> Result<usize> {
 pub fn numel(dims: &[usize], what: &str) -> Result<usize> {
     let mut n: u64 = 1;
     for &d in dims {
-        n = n.checked_mul(d as u64).unwrap_or(u64::MAX);
+        n = n.saturating_mul(d as u64);
     }
     if n > MAX_TENSOR_ELEMS as u64 {
         return Err(EngineError::too_large(format!(

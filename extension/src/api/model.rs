@@ -1,8 +1,8 @@
 //! Models as SQL: initialisation, checkpoint import, logits.
 
 use pg_llm_engine::formats::{hf_config, names, safetensors, TensorMap};
+use pg_llm_engine::model::check_tensors;
 use pg_llm_engine::model::init::init_params;
-use pg_llm_engine::model::{MapSource, ModelWeights};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -53,12 +53,8 @@ fn import(model: &str, files: Vec<(String, Vec<u8>)>, config: Option<JsonB>) -> 
         }
     }
     let canonical = names::to_canonical(family, &cfg, raw)?;
-    // Check completeness and shapes before writing anything.
-    {
-        let mut probe = MapSource::new(canonical.clone());
-        ModelWeights::load(&cfg, &mut probe)?;
-        probe.finish()?;
-    }
+    // Check completeness and shapes before writing anything (without copying the weights).
+    check_tensors(&cfg, &canonical)?;
     store::write_params(model, &canonical)?;
     Ok(count(&canonical))
 }

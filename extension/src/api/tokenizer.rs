@@ -5,12 +5,8 @@ use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
 
 use super::args::{required, token_ids};
-use crate::errors::run;
+use crate::errors::{run, spi};
 use crate::{files, store, tokenizer_cache};
-
-fn spi(e: pgrx::spi::SpiError) -> EngineError {
-    EngineError::data(format!("SPI: {e}"))
-}
 
 /// Validates, stores (once per distinct content) and attaches a tokenizer to `model`.
 fn attach(model: &str, vocab: &str, merges: &str) -> Result<i32> {

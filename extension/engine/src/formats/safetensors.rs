@@ -31,10 +31,7 @@ pub fn read_one(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
 fn to_f32(view: &safetensors::tensor::TensorView<'_>, what: &str, name: &str) -> Result<Vec<f32>> {
     let raw = view.data();
     let values: Vec<f32> = match view.dtype() {
-        Dtype::F32 => raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        Dtype::F32 => crate::tensor::decode_any(raw, name)?,
         Dtype::F16 => raw
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())

@@ -27,12 +27,6 @@ pub fn add(a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
 
-/// GPT-2's tanh approximation of GELU ("gelu_new"): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
-#[inline]
-pub fn gelu_new(x: f32) -> f32 {
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh())
-}
-
 /// d gelu_new(x) / dx.
 #[inline]
 pub fn gelu_new_grad(x: f32) -> f32 {
@@ -42,6 +36,8 @@ pub fn gelu_new_grad(x: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
 }
 
+/// GPT-2's tanh approximation of GELU ("gelu_new"): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))),
+/// vectorised (`simd::gelu_new_inplace`).
 pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
     let mut y = x.to_vec();
     crate::simd::gelu_new_inplace(&mut y);
@@ -108,9 +104,10 @@ mod tests {
     #[test]
     fn gelu_values() {
         // Reference values of 0.5x(1+tanh(√(2/π)(x+0.044715x³))) computed in float64.
-        assert!((gelu_new(1.0) - 0.841_192).abs() < 1e-6);
-        assert!((gelu_new(-2.0) - (-0.045_402_3)).abs() < 1e-6);
-        assert_eq!(gelu_new(0.0), 0.0);
+        let y = gelu_forward(&[1.0, -2.0, 0.0]);
+        assert!((y[0] - 0.841_192).abs() < 1e-6);
+        assert!((y[1] - (-0.045_402_3)).abs() < 1e-6);
+        assert_eq!(y[2], 0.0);
     }
 
     #[test]

@@ -26,23 +26,6 @@ pub struct KvCache {
     capacity: usize,
 }
 
-impl KvCache {
-    /// Number of positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-    /// Forgets positions from `len` on (beam search rewinds nothing, but callers may).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-}
-
 /// Which logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {

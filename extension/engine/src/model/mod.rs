@@ -7,4 +7,4 @@ pub mod weights;
 
 pub use config::{Activation, AttnKind, LnPlacement, ModelConfig};
 pub use forward::{KvCache, Logits, Model};
-pub use weights::{MapSource, ModelWeights, TensorSource};
+pub use weights::{check_tensors, MapSource, ModelWeights, TensorSource};

@@ -3,6 +3,7 @@
 
 use super::config::{LnPlacement, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::formats::TensorMap;
 
 /// LayerNorm gain and bias.
 pub struct Norm {
@@ -55,30 +56,28 @@ impl ModelWeights {
     pub fn load(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Self> {
         cfg.validate()?;
         let (d, da, ff) = (cfg.d_model, cfg.d_attn(), cfg.d_ff);
-        let mut get = |name: &str, shape: &[usize]| src.fetch(name, shape);
-        let norm =
-            |get: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>>, p: &str| -> Result<Norm> {
-                Ok(Norm {
-                    weight: get(&format!("{p}.weight"), &[d])?,
-                    bias: get(&format!("{p}.bias"), &[d])?,
-                })
-            };
-        let wte = get("wte.weight", &[cfg.embedding_rows(), cfg.d_embed()])?;
-        let wpe = get("wpe.weight", &[cfg.position_rows(), d])?;
+        let norm = |src: &mut dyn TensorSource, p: &str| -> Result<Norm> {
+            Ok(Norm {
+                weight: src.fetch(&format!("{p}.weight"), &[d])?,
+                bias: src.fetch(&format!("{p}.bias"), &[d])?,
+            })
+        };
+        let wte = src.fetch("wte.weight", &[cfg.embedding_rows(), cfg.d_embed()])?;
+        let wpe = src.fetch("wpe.weight", &[cfg.position_rows(), d])?;
         let project_in = match cfg.d_embed {
-            Some(e) => Some(get("project_in.weight", &[d, e])?),
+            Some(e) => Some(src.fetch("project_in.weight", &[d, e])?),
             None => None,
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("layers.{i}.{s}");
-            let ln_1 = norm(&mut get, &p("ln_1"))?;
+            let ln_1 = norm(src, &p("ln_1"))?;
             let mut w_qkv = Vec::with_capacity(3 * da * d);
             let mut b_qkv = Vec::with_capacity(3 * da);
             for q in ["q_proj", "k_proj", "v_proj"] {
-                w_qkv.extend(get(&p(&format!("attn.{q}.weight")), &[da, d])?);
+                w_qkv.extend(src.fetch(&p(&format!("attn.{q}.weight")), &[da, d])?);
                 if cfg.qkv_bias {
-                    b_qkv.extend(get(&p(&format!("attn.{q}.bias")), &[da])?);
+                    b_qkv.extend(src.fetch(&p(&format!("attn.{q}.bias")), &[da])?);
                 } else {
                     b_qkv.extend(std::iter::repeat_n(0.0, da));
                 }
@@ -87,30 +86,27 @@ impl ModelWeights {
                 ln_1,
                 w_qkv,
                 b_qkv,
-                w_o: get(&p("attn.out_proj.weight"), &[d, da])?,
-                b_o: get(&p("attn.out_proj.bias"), &[d])?,
-                ln_2: norm(&mut get, &p("ln_2"))?,
-                w_fc: get(&p("mlp.fc_in.weight"), &[ff, d])?,
-                b_fc: get(&p("mlp.fc_in.bias"), &[ff])?,
-                w_proj: get(&p("mlp.fc_out.weight"), &[d, ff])?,
-                b_proj: get(&p("mlp.fc_out.bias"), &[d])?,
+                w_o: src.fetch(&p("attn.out_proj.weight"), &[d, da])?,
+                b_o: src.fetch(&p("attn.out_proj.bias"), &[d])?,
+                ln_2: norm(src, &p("ln_2"))?,
+                w_fc: src.fetch(&p("mlp.fc_in.weight"), &[ff, d])?,
+                b_fc: src.fetch(&p("mlp.fc_in.bias"), &[ff])?,
+                w_proj: src.fetch(&p("mlp.fc_out.weight"), &[d, ff])?,
+                b_proj: src.fetch(&p("mlp.fc_out.bias"), &[d])?,
             });
         }
         let ln_f = match cfg.ln_placement {
-            LnPlacement::Pre => Some(norm(&mut get, "ln_f")?),
+            LnPlacement::Pre => Some(norm(src, "ln_f")?),
             LnPlacement::Post => None,
         };
         let project_out = match cfg.d_embed {
-            Some(e) => Some(get("project_out.weight", &[e, d])?),
+            Some(e) => Some(src.fetch("project_out.weight", &[e, d])?),
             None => None,
         };
         let lm_head = if cfg.tied_head {
             None
         } else {
-            Some(get(
-                "lm_head.weight",
-                &[cfg.embedding_rows(), cfg.d_embed()],
-            )?)
+            Some(src.fetch("lm_head.weight", &[cfg.embedding_rows(), cfg.d_embed()])?)
         };
         Ok(Self {
             wte,
@@ -122,70 +118,115 @@ impl ModelWeights {
             lm_head,
         })
     }
+}
 
-    /// Bytes held by the weights.
-    pub fn bytes(&self) -> usize {
-        let n = |v: &Vec<f32>| v.len();
-        let norm = |x: &Norm| x.weight.len() + x.bias.len();
-        let layer = |l: &LayerWeights| {
-            norm(&l.ln_1)
-                + n(&l.w_qkv)
-                + n(&l.b_qkv)
-                + n(&l.w_o)
-                + n(&l.b_o)
-                + norm(&l.ln_2)
-                + n(&l.w_fc)
-                + n(&l.b_fc)
-                + n(&l.w_proj)
-                + n(&l.b_proj)
-        };
-        let opt = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| v.len());
-        4 * (n(&self.wte)
-            + n(&self.wpe)
-            + opt(&self.project_in)
-            + self.layers.iter().map(layer).sum::<usize>()
-            + self.ln_f.as_ref().map_or(0, norm)
-            + opt(&self.project_out)
-            + opt(&self.lm_head))
+/// Checks that `map` holds exactly the canonical tensors of `cfg`, with their shapes, without
+/// touching the data: the same verdict, and the same first error, as loading it through a
+/// `MapSource` and calling `finish`.
+pub fn check_tensors(cfg: &ModelConfig, map: &TensorMap) -> Result<()> {
+    cfg.validate()?;
+    let specs = cfg.param_specs();
+    for (name, shape) in &specs {
+        match map.get(name) {
+            None => return Err(missing(name)),
+            Some((s, _)) if s != shape => return Err(wrong_shape(name, s, shape)),
+            Some(_) => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
+    leftovers(map.keys().filter(|k| !known.contains(k.as_str())))
+}
+
+fn missing(name: &str) -> EngineError {
+    EngineError::invalid(format!("tensor \"{name}\" is missing"))
+}
+
+fn wrong_shape(name: &str, got: &[usize], want: &[usize]) -> EngineError {
+    EngineError::invalid(format!(
+        "tensor \"{name}\" has shape {} but the model needs {}",
+        crate::tensor::shape_str(got),
+        crate::tensor::shape_str(want)
+    ))
+}
+
+/// An error naming the first (in sorted order) of the tensors a model does not use.
+fn leftovers<'a>(names: impl Iterator<Item = &'a String>) -> Result<()> {
+    let mut left: Vec<&String> = names.collect();
+    left.sort();
+    match left.first() {
+        None => Ok(()),
+        Some(first) => Err(EngineError::invalid(format!(
+            "{} tensor(s) are not parameters of this model, first \"{first}\"",
+            left.len()
+        ))),
     }
 }
 
 /// A tensor source over an in-memory map of canonical tensors (imports, tests). `finish`
 /// reports tensors the model did not use, so an import never silently drops data.
 pub struct MapSource {
-    map: crate::formats::TensorMap,
+    map: TensorMap,
 }
 
 impl MapSource {
-    pub fn new(map: crate::formats::TensorMap) -> Self {
+    pub fn new(map: TensorMap) -> Self {
         Self { map }
     }
 
     pub fn finish(self) -> Result<()> {
-        let mut left: Vec<&String> = self.map.keys().collect();
-        left.sort();
-        match left.first() {
-            None => Ok(()),
-            Some(first) => Err(EngineError::invalid(format!(
-                "{} tensor(s) are not parameters of this model, first \"{first}\"",
-                left.len()
-            ))),
-        }
+        leftovers(self.map.keys())
     }
 }
 
 impl TensorSource for MapSource {
     fn fetch(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         match self.map.remove(name) {
-            None => Err(EngineError::invalid(format!(
-                "tensor \"{name}\" is missing"
-            ))),
-            Some((s, _)) if s != shape => Err(EngineError::invalid(format!(
-                "tensor \"{name}\" has shape {} but the model needs {}",
-                crate::tensor::shape_str(&s),
-                crate::tensor::shape_str(shape)
-            ))),
+            None => Err(missing(name)),
+            Some((s, _)) if s != shape => Err(wrong_shape(name, &s, shape)),
             Some((_, data)) => Ok(data),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::tiny_gpt3;
+    use crate::model::init::init_params;
+
+    /// check_tensors gives the same verdict and first error as loading through MapSource.
+    fn via_load(cfg: &ModelConfig, map: &TensorMap) -> Result<()> {
+        let mut src = MapSource::new(map.clone());
+        ModelWeights::load(cfg, &mut src)?;
+        src.finish()
+    }
+
+    #[test]
+    fn check_agrees_with_loading() {
+        let cfg = tiny_gpt3();
+        let full = init_params(&cfg, 1).unwrap();
+        assert!(check_tensors(&cfg, &full).is_ok() && via_load(&cfg, &full).is_ok());
+
+        let mut missing = full.clone();
+        missing.remove("layers.1.attn.k_proj.bias");
+        missing.remove("ln_f.weight");
+        assert_eq!(check_tensors(&cfg, &missing), via_load(&cfg, &missing));
+        assert!(check_tensors(&cfg, &missing)
+            .unwrap_err()
+            .to_string()
+            .contains("layers.1.attn.k_proj.bias"));
+
+        let mut reshaped = full.clone();
+        reshaped.get_mut("wpe.weight").unwrap().0 = vec![8, 16];
+        assert_eq!(check_tensors(&cfg, &reshaped), via_load(&cfg, &reshaped));
+
+        let mut extra = full;
+        extra.insert("layers.9.ln_1.weight".into(), (vec![8], vec![1.0; 8]));
+        extra.insert("bogus".into(), (vec![1], vec![0.0]));
+        assert_eq!(check_tensors(&cfg, &extra), via_load(&cfg, &extra));
+        assert!(check_tensors(&cfg, &extra)
+            .unwrap_err()
+            .to_string()
+            .contains("2 tensor(s)"));
     }
 }
