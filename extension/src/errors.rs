@@ -17,6 +17,7 @@ fn sqlstate(err: &EngineError) -> PgSqlErrorCode {
         EngineError::InsufficientPrivilege(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
         EngineError::Io(_) => ERRCODE_IO_ERROR,
         EngineError::Cancelled => ERRCODE_QUERY_CANCELED,
+        EngineError::Internal(_) => ERRCODE_INTERNAL_ERROR,
     }
 }
 

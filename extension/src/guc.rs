@@ -5,7 +5,21 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 /// `pg_llm.threads`: compute threads per backend for kernels and models (0 = all cores).
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `pg_llm.weight_files`: share loaded weights between backends through files in
+/// `$PGDATA/pg_llm_cache` (see model_cache.rs).
+pub static WEIGHT_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 pub fn register() {
+    GucRegistry::define_bool_guc(
+        c"pg_llm.weight_files",
+        c"Share loaded model weights between connections through files in pg_llm_cache.",
+        c"A model's weights are read from llm_param once, written to a checksummed file under \
+          the data directory and mapped by every connection that uses that version; off reads \
+          them into each connection's private memory instead.",
+        &WEIGHT_FILES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pg_llm.threads",
         c"Compute threads each backend may use for pg_llm kernels (0 = one per CPU core).",

@@ -28,12 +28,13 @@ pgrx::extension_sql_file!(
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
-    // Model weights, KV caches and logits are large, short-lived buffers. A fixed mmap
-    // threshold (glibc otherwise raises it after the first large free) hands them back to the
-    // operating system when freed instead of keeping them in the backend's heap.
+    // KV caches, logits and private weight copies are large buffers: a fixed mmap threshold
+    // (glibc otherwise raises it after the first large free, up to any size) hands buffers
+    // above 32 MB back to the operating system when freed. Activations below it are reused
+    // from the heap, sparing every call the page faults of fresh mappings.
     // SAFETY: plain libc call, made once while the backend is single-threaded.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
     }
 }
 

@@ -1,8 +1,10 @@
 //! Reading and writing models in their tables (`llm_model_config`, `llm_param`) through SPI.
 //! Everything runs in the caller's transaction: an error rolls every write back.
 
+use std::collections::HashMap;
+
 use pg_llm_engine::formats::TensorMap;
-use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig};
+use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig, TensorSource};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
 
@@ -188,59 +190,78 @@ pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
     Ok(())
 }
 
-/// Reads every parameter of `model` (one tensor at a time, so SPI never holds them all).
-pub fn read_params(model: &str) -> Result<TensorMap> {
-    let names: Vec<(String, Vec<i32>)> = Spi::connect(|client| {
-        let rows = client
-            .select(
-                "SELECT name, shape FROM llm_param WHERE model = $1 AND chunk = 0 ORDER BY name",
-                None,
-                &[model.into()],
-            )
-            .map_err(spi)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let name: String = row.get(1).map_err(spi)?.unwrap_or_default();
-            let shape: Vec<i32> = row.get(2).map_err(spi)?.unwrap_or_default();
-            out.push((name, shape));
+/// The parameters of `model` in `llm_param`, read one tensor at a time straight into the
+/// caller's buffer (the weights are never held twice, only the tensor being read).
+pub struct TableSource {
+    model: String,
+}
+
+impl TableSource {
+    pub fn new(model: &str) -> Self {
+        Self {
+            model: model.to_string(),
         }
-        Ok::<_, EngineError>(out)
-    })?;
-    let mut map = TensorMap::new();
-    for (name, shape) in names {
+    }
+}
+
+impl TensorSource for TableSource {
+    fn shapes(&self) -> Result<HashMap<String, Vec<usize>>> {
+        let shapes: HashMap<String, Vec<usize>> = Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT name, shape FROM llm_param WHERE model = $1 AND chunk = 0",
+                    None,
+                    &[self.model.as_str().into()],
+                )
+                .map_err(spi)?;
+            let mut out = HashMap::new();
+            for row in rows {
+                let name: String = row.get(1).map_err(spi)?.unwrap_or_default();
+                let shape: Vec<i32> = row.get(2).map_err(spi)?.unwrap_or_default();
+                out.insert(name, shape.iter().map(|&d| d.max(0) as usize).collect());
+            }
+            Ok::<_, EngineError>(out)
+        })?;
+        if shapes.is_empty() {
+            return Err(EngineError::UndefinedObject(format!(
+                "model \"{}\" has no parameters; create them with llm_init_params or pg_llm_import_safetensors",
+                self.model
+            )));
+        }
+        Ok(shapes)
+    }
+
+    fn read_into(&mut self, name: &str, out: &mut [f32]) -> Result<()> {
         pgrx::check_for_interrupts!();
-        let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-        let numel = tensor::numel(&shape, &name)?;
-        let mut data = Vec::new();
-        data.try_reserve_exact(numel)
-            .map_err(|_| EngineError::too_large(format!("cannot allocate tensor {name}")))?;
-        Spi::connect(|client| {
+        // One SPI connection per tensor: its detoasted chunks are freed before the next tensor.
+        let filled = Spi::connect(|client| {
             let rows = client
                 .select(
                     "SELECT data FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
                     None,
-                    &[model.into(), name.as_str().into()],
+                    &[self.model.as_str().into(), name.into()],
                 )
                 .map_err(spi)?;
+            let mut filled = 0;
             for row in rows {
                 let bytes: &[u8] = row.get(1).map_err(spi)?.unwrap_or_default();
-                // Straight into the reserved buffer: no intermediate copy of large tensors.
-                tensor::extend_decoded(&mut data, bytes, &name)?;
+                filled += tensor::copy_decoded(&mut out[filled..], bytes, name)
+                    .map_err(|_| self.wrong_size(name, out.len()))?;
             }
-            Ok::<_, EngineError>(())
+            Ok::<_, EngineError>(filled)
         })?;
-        if data.len() != numel {
-            return Err(EngineError::data(format!(
-                "parameter \"{name}\" of model \"{model}\" holds {} values but its shape needs {numel}",
-                data.len()
-            )));
+        if filled != out.len() {
+            return Err(self.wrong_size(name, out.len()));
         }
-        map.insert(name, (shape, data));
+        Ok(())
     }
-    if map.is_empty() {
-        return Err(EngineError::UndefinedObject(format!(
-            "model \"{model}\" has no parameters; create them with llm_init_params or pg_llm_import_safetensors"
-        )));
+}
+
+impl TableSource {
+    fn wrong_size(&self, name: &str, numel: usize) -> EngineError {
+        EngineError::data(format!(
+            "parameter \"{name}\" of model \"{}\" does not hold the {numel} values its shape needs",
+            self.model
+        ))
     }
-    Ok(map)
 }

@@ -35,6 +35,9 @@ pub enum EngineError {
     /// The caller asked the work to stop (query cancel, statement_timeout).
     #[error("computation cancelled")]
     Cancelled,
+    /// An internal consistency check failed: a bug, never a user error (XX000 internal_error).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl EngineError {
@@ -60,6 +63,7 @@ impl EngineError {
             Self::InsufficientPrivilege(_) => "42501",
             Self::Io(_) => "58030",
             Self::Cancelled => "57014",
+            Self::Internal(_) => "XX000",
         }
     }
 }

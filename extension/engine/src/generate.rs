@@ -246,10 +246,11 @@ mod tests {
 
     fn model() -> Model {
         let cfg = tiny_gpt3();
-        let mut src = MapSource::new(init_params(&cfg, 3).unwrap());
-        let mut weights = ModelWeights::load(&cfg, &mut src).unwrap();
+        let mut params = init_params(&cfg, 3).unwrap();
         // Sharpen the random model so decisions are not near-ties.
-        weights.wte.iter_mut().for_each(|v| *v *= 60.0);
+        let wte = &mut params.get_mut("wte.weight").unwrap().1;
+        wte.iter_mut().for_each(|v| *v *= 60.0);
+        let weights = ModelWeights::load(&cfg, &mut MapSource::new(params)).unwrap();
         Model::new(cfg, weights).unwrap()
     }
 

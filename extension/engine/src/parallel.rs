@@ -68,6 +68,27 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
 }
 
+/// Values per task for memory-bound elementwise work: below this, a task costs more to hand
+/// out than it saves.
+const ELEMENTWISE_GRAIN: usize = 32 * 1024;
+
+/// Runs `f(first_row, rows)` over consecutive blocks of whole `row_len`-value rows of `data`,
+/// on the compute pool when `data` is large enough to be worth it. Results do not depend on
+/// the thread count: each row is processed by exactly one call.
+pub fn for_rows(data: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    use rayon::prelude::*;
+    let row_len = row_len.max(1);
+    let rows_per_task = ELEMENTWISE_GRAIN.div_ceil(row_len);
+    if threads() == 1 || data.len() <= ELEMENTWISE_GRAIN {
+        return f(0, data);
+    }
+    install(|| {
+        data.par_chunks_mut(rows_per_task * row_len)
+            .enumerate()
+            .for_each(|(i, block)| f(i * rows_per_task, block))
+    })
+}
+
 /// Blocks all signals on the current thread until dropped.
 struct BlockSignals {
     old: libc::sigset_t,

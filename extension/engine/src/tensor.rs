@@ -30,38 +30,38 @@ pub fn decode(bytes: &[u8], arg: &str, finite: Finite) -> Result<Vec<f32>> {
 
 /// Decodes faithfully, NaN and infinities included; only the byte length is checked.
 pub fn decode_any(bytes: &[u8], arg: &str) -> Result<Vec<f32>> {
-    let mut out = Vec::new();
-    out.try_reserve_exact(bytes.len() / 4).map_err(|_| {
-        EngineError::too_large(format!(
-            "cannot allocate {} float32 values",
-            bytes.len() / 4
-        ))
-    })?;
-    extend_decoded(&mut out, bytes, arg)?;
-    Ok(out)
-}
-
-/// Appends the float32 values of `bytes` to `out`. When the bytes are 4-byte aligned on a
-/// little-endian machine (detoasted values are), this is a plain copy.
-pub fn extend_decoded(out: &mut Vec<f32>, bytes: &[u8], arg: &str) -> Result<()> {
     if bytes.len() % 4 != 0 {
         return Err(EngineError::data(format!(
             "{arg} is not a float32 tensor: its length {} bytes is not a multiple of 4",
             bytes.len()
         )));
     }
+    let mut out = alloc_zeroed(bytes.len() / 4)?;
+    copy_decoded(&mut out, bytes, arg)?;
+    Ok(out)
+}
+
+/// Decodes `bytes` into the start of `out`, returning the number of values written; an error
+/// when the byte length is not a multiple of 4 or the values do not fit.
+pub fn copy_decoded(out: &mut [f32], bytes: &[u8], arg: &str) -> Result<usize> {
+    let n = bytes.len() / 4;
+    if bytes.len() % 4 != 0 || n > out.len() {
+        return Err(EngineError::data(format!(
+            "{arg}: {} bytes do not fit {} float32 values",
+            bytes.len(),
+            out.len()
+        )));
+    }
     // SAFETY: every bit pattern is a valid f32; align_to only reinterprets.
     let (head, floats, tail) = unsafe { bytes.align_to::<f32>() };
     if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
-        out.extend_from_slice(floats);
+        out[..n].copy_from_slice(floats);
     } else {
-        out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
     }
-    Ok(())
+    Ok(n)
 }
 
 /// Decodes `bytes` and checks that it holds exactly `numel` values; `shape` describes the
@@ -85,11 +85,12 @@ pub fn decode_exact(
 
 /// Encodes values as little-endian float32 bytes.
 pub fn encode(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        // SAFETY: reading f32 values as bytes is always valid; one memcpy.
+        let (_, bytes, _) = unsafe { values.align_to::<u8>() };
+        return bytes.to_vec();
     }
-    out
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 /// Checks that no value is NaN or an infinity the policy forbids; names the first bad index.

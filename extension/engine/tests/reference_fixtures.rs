@@ -28,7 +28,6 @@ fn load(name: &str) -> Model {
     let canonical = names::to_canonical(family, &cfg, raw).unwrap();
     let mut src = MapSource::new(canonical);
     let weights = ModelWeights::load(&cfg, &mut src).unwrap();
-    src.finish().unwrap();
     Model::new(cfg, weights).unwrap()
 }
 

@@ -3,11 +3,12 @@
 use pg_llm_engine::formats::{hf_config, names, safetensors, TensorMap};
 use pg_llm_engine::model::check_tensors;
 use pg_llm_engine::model::init::init_params;
-use pg_llm_engine::{tensor, EngineError, Result};
+use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
 use super::args::{self, required};
+use super::float32_bytea::Float32Bytea;
 use crate::errors::{cancel, run};
 use crate::{files, model_cache, store};
 
@@ -20,7 +21,9 @@ fn llm_init_params(model: Option<&str>, seed: default!(Option<i64>, 0)) -> i64 {
         let stored = store::load_config(model)?;
         let params = init_params(&stored.config, required(seed, "seed")? as u64)?;
         store::write_params(model, &params)?;
-        Ok(count(&params))
+        let n = count(&params);
+        model_cache::publish(model, params)?;
+        Ok(n)
     })
 }
 
@@ -56,7 +59,9 @@ fn import(model: &str, files: Vec<(String, Vec<u8>)>, config: Option<JsonB>) -> 
     // Check completeness and shapes before writing anything (without copying the weights).
     check_tensors(&cfg, &canonical)?;
     store::write_params(model, &canonical)?;
-    Ok(count(&canonical))
+    let n = count(&canonical);
+    model_cache::publish(model, canonical)?;
+    Ok(n)
 }
 
 /// Imports a Hugging Face safetensors checkpoint given as bytes (any role). With `config`
@@ -139,7 +144,7 @@ fn pg_llm_import_safetensors(
 fn llm_logits(
     token_ids: Option<Vec<Option<i32>>>,
     model_name: default!(Option<&str>, "'gpt3-125m'"),
-) -> Vec<u8> {
+) -> Float32Bytea {
     run("llm_logits", || {
         let ids = args::token_ids(token_ids, "token_ids")?;
         let model = model_cache::get(required(model_name, "model_name")?)?;
@@ -150,7 +155,6 @@ fn llm_logits(
                 model.config.n_positions
             )));
         }
-        let logits = model.logits(&ids, cancel())?;
-        Ok(tensor::encode(&logits))
+        Ok(Float32Bytea(model.logits(&ids, cancel())?))
     })
 }

@@ -36,13 +36,16 @@ pub fn layernorm_forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Re
             beta.len()
         )));
     }
-    let mut y = vec![0.0f32; x.len()];
-    for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
-        let (mean, rstd) = row_stats(xr, eps);
-        for i in 0..c {
-            yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+    let mut y = crate::tensor::alloc_zeroed(x.len())?;
+    crate::parallel::for_rows(&mut y, c, |first, block| {
+        let xs = &x[first * c..first * c + block.len()];
+        for (xr, yr) in xs.chunks_exact(c).zip(block.chunks_exact_mut(c)) {
+            let (mean, rstd) = row_stats(xr, eps);
+            for i in 0..c {
+                yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+            }
         }
-    }
+    });
     Ok(y)
 }
 

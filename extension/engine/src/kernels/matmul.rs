@@ -98,15 +98,33 @@ pub enum Threads {
 
 /// dst[m, n] (row-major, contiguous) = a[m, k] · b[k, n], or += with `Accumulate::Add`.
 pub fn gemm(dst: &mut [f32], a: MatRef, b: MatRef, acc: Accumulate, threads: Threads) {
+    gemm_into(dst, b.cols, a, b, acc, threads)
+}
+
+/// Like `gemm`, with row r of the result at dst[r * dst_stride..] (a column block of a wider
+/// row-major matrix).
+pub fn gemm_into(
+    dst: &mut [f32],
+    dst_stride: usize,
+    a: MatRef,
+    b: MatRef,
+    acc: Accumulate,
+    threads: Threads,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "inner dimensions differ");
-    assert!(dst.len() >= m * n, "destination too small");
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        dst_stride >= n && dst.len() >= (m - 1) * dst_stride + n,
+        "destination too small"
+    );
     if k == 0 {
         if acc == Accumulate::Overwrite {
-            dst[..m * n].fill(0.0);
+            for r in 0..m {
+                dst[r * dst_stride..r * dst_stride + n].fill(0.0);
+            }
         }
         return;
     }
@@ -120,7 +138,7 @@ pub fn gemm(dst: &mut [f32], a: MatRef, b: MatRef, acc: Accumulate, threads: Thr
                 k,
                 dst.as_mut_ptr(),
                 1,
-                n as isize,
+                dst_stride as isize,
                 acc == Accumulate::Add,
                 a.data.as_ptr(),
                 a.col_stride as isize,
@@ -150,8 +168,9 @@ pub fn gemm(dst: &mut [f32], a: MatRef, b: MatRef, acc: Accumulate, threads: Thr
     }
 }
 
-/// Work per uninterruptible slice of a large product (floating-point operations).
-const FLOPS_PER_SLICE: usize = 16_000_000_000;
+/// Work per uninterruptible slice of a large product (floating-point operations): about
+/// 12 ms on two cores, so a cancel request is honoured well within 100 ms.
+pub const FLOPS_PER_SLICE: usize = 2_000_000_000;
 
 /// C[m, n] = A[m, k] · B[k, n] for row-major operands, validated, split into row slices so a
 /// cancel request is honoured between slices of a very large product.

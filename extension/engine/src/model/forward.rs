@@ -8,7 +8,7 @@ use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attend, AttnInputs, AttnOptions};
 use crate::kernels::layernorm::layernorm_forward;
 use crate::kernels::linear::linear;
-use crate::parallel::Cancel;
+use crate::parallel::{self, Cancel};
 use crate::tensor;
 
 /// A model ready to run: its configuration and weights.
@@ -118,7 +118,15 @@ impl Model {
                 LnPlacement::Pre => norm(&x, &layer.ln_1, cfg.ln_eps)?,
                 LnPlacement::Post => x.clone(),
             };
-            let qkv = linear(&h, &layer.w_qkv, Some(&layer.b_qkv), t, d, 3 * da, cancel)?;
+            let qkv = linear(
+                &h,
+                &layer.w_qkv,
+                Some(&layer.b_qkv[..]),
+                t,
+                d,
+                3 * da,
+                cancel,
+            )?;
             let (keys, values) = (&mut cache.keys[i], &mut cache.values[i]);
             for r in 0..t {
                 let row = &qkv[r * 3 * da..(r + 1) * 3 * da];
@@ -135,7 +143,7 @@ impl Model {
                 t,
             };
             let attn = attend(inputs, cfg.n_head, cfg.d_head, opts, cancel)?.out;
-            let a = linear(&attn, &layer.w_o, Some(&layer.b_o), t, da, d, cancel)?;
+            let a = linear(&attn, &layer.w_o, Some(&layer.b_o[..]), t, da, d, cancel)?;
             add_into(&mut x, &a);
             if cfg.ln_placement == LnPlacement::Post {
                 x = norm(&x, &layer.ln_1, cfg.ln_eps)?;
@@ -145,12 +153,20 @@ impl Model {
                 LnPlacement::Pre => norm(&x, &layer.ln_2, cfg.ln_eps)?,
                 LnPlacement::Post => x.clone(),
             };
-            let mut f = linear(&h, &layer.w_fc, Some(&layer.b_fc), t, d, cfg.d_ff, cancel)?;
+            let mut f = linear(
+                &h,
+                &layer.w_fc,
+                Some(&layer.b_fc[..]),
+                t,
+                d,
+                cfg.d_ff,
+                cancel,
+            )?;
             activate(&mut f, cfg.activation);
             let m = linear(
                 &f,
                 &layer.w_proj,
-                Some(&layer.b_proj),
+                Some(&layer.b_proj[..]),
                 t,
                 cfg.d_ff,
                 d,
@@ -218,16 +234,20 @@ fn norm(x: &[f32], n: &Norm, eps: f32) -> Result<Vec<f32>> {
     layernorm_forward(x, &n.weight, &n.bias, eps)
 }
 
+/// x += y, in parallel blocks for long inputs.
 fn add_into(x: &mut [f32], y: &[f32]) {
-    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    parallel::for_rows(x, 1, |first, block| {
+        let ys = &y[first..first + block.len()];
+        block.iter_mut().zip(ys).for_each(|(a, b)| *a += b);
+    });
 }
 
 fn activate(x: &mut [f32], act: Activation) {
-    match act {
-        Activation::GeluNew => crate::simd::gelu_new_inplace(x),
-        Activation::Gelu => x
+    parallel::for_rows(x, 1, |_, block| match act {
+        Activation::GeluNew => crate::simd::gelu_new_inplace(block),
+        Activation::Gelu => block
             .iter_mut()
             .for_each(|v| *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2))),
-        Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
-    }
+        Activation::Relu => block.iter_mut().for_each(|v| *v = v.max(0.0)),
+    });
 }

@@ -3,8 +3,11 @@
 pub mod config;
 pub mod forward;
 pub mod init;
+pub mod storage;
+pub mod weight_file;
 pub mod weights;
 
 pub use config::{Activation, AttnKind, LnPlacement, ModelConfig};
 pub use forward::{KvCache, Logits, Model};
-pub use weights::{check_tensors, MapSource, ModelWeights, TensorSource};
+pub use storage::{Param, Storage};
+pub use weights::{check_shapes, check_tensors, MapSource, ModelWeights, TensorSource};

@@ -1,113 +1,231 @@
-//! A model's weights in memory, laid out for the forward pass: per layer, q/k/v are fused into
-//! one [3·d_attn, d_model] matrix so a layer's projection is one product.
+//! A model's weights laid out for the forward pass, packed into one buffer in a fixed order
+//! (`packing`): per layer, q/k/v are consecutive, so together they form one [3·d_attn, d_model]
+//! matrix and a layer's projection is one product.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::config::{LnPlacement, ModelConfig};
+use super::storage::{Cursor, Param, Storage};
 use crate::error::{EngineError, Result};
 use crate::formats::TensorMap;
 
 /// LayerNorm gain and bias.
 pub struct Norm {
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
+    pub weight: Param,
+    pub bias: Param,
 }
 
 pub struct LayerWeights {
     pub ln_1: Norm,
     /// [3·d_attn, d_model]: q rows, then k rows, then v rows.
-    pub w_qkv: Vec<f32>,
+    pub w_qkv: Param,
     /// [3·d_attn]; zeros when the model has no q/k/v biases.
-    pub b_qkv: Vec<f32>,
+    pub b_qkv: Param,
     /// [d_model, d_attn]
-    pub w_o: Vec<f32>,
-    pub b_o: Vec<f32>,
+    pub w_o: Param,
+    pub b_o: Param,
     pub ln_2: Norm,
     /// [d_ff, d_model]
-    pub w_fc: Vec<f32>,
-    pub b_fc: Vec<f32>,
+    pub w_fc: Param,
+    pub b_fc: Param,
     /// [d_model, d_ff]
-    pub w_proj: Vec<f32>,
-    pub b_proj: Vec<f32>,
+    pub w_proj: Param,
+    pub b_proj: Param,
 }
 
+/// Every weight of a model, as views into one packed buffer (see `packing`).
 pub struct ModelWeights {
     /// [embedding_rows, d_embed]
-    pub wte: Vec<f32>,
+    pub wte: Param,
     /// [position_rows, d_model]
-    pub wpe: Vec<f32>,
+    pub wpe: Param,
     /// [d_model, d_embed] when d_embed ≠ d_model.
-    pub project_in: Option<Vec<f32>>,
+    pub project_in: Option<Param>,
     pub layers: Vec<LayerWeights>,
     /// Pre-LN models only.
     pub ln_f: Option<Norm>,
     /// [d_embed, d_model] when d_embed ≠ d_model.
-    pub project_out: Option<Vec<f32>>,
+    pub project_out: Option<Param>,
     /// [embedding_rows, d_embed] when the head is not tied to wte.
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<Param>,
 }
 
-/// Source of canonical tensors: `fetch(name, shape)` returns the tensor's values, checking
-/// that it exists with that shape.
+/// Where canonical tensors come from (a checkpoint in memory, the `llm_param` table, …).
 pub trait TensorSource {
-    fn fetch(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// Name and shape of every tensor the source holds.
+    fn shapes(&self) -> Result<HashMap<String, Vec<usize>>>;
+    /// Copies the values of tensor `name` into `out`, whose length is the tensor's size.
+    fn read_into(&mut self, name: &str, out: &mut [f32]) -> Result<()>;
+}
+
+/// One slot of the packed weight buffer: a canonical tensor, or zeros standing in for the
+/// q/k/v biases of a model that has none.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slot {
+    pub name: Option<String>,
+    pub shape: Vec<usize>,
+}
+
+/// The order of the packed buffer. `ModelWeights::from_storage` walks the same order.
+pub fn packing(cfg: &ModelConfig) -> Vec<Slot> {
+    let (d, da, ff) = (cfg.d_model, cfg.d_attn(), cfg.d_ff);
+    let mut slots = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>| {
+        slots.push(Slot {
+            name: Some(name),
+            shape,
+        })
+    };
+    add(
+        "wte.weight".into(),
+        vec![cfg.embedding_rows(), cfg.d_embed()],
+    );
+    add("wpe.weight".into(), vec![cfg.position_rows(), d]);
+    if let Some(e) = cfg.d_embed {
+        add("project_in.weight".into(), vec![d, e]);
+    }
+    for i in 0..cfg.n_layer {
+        let mut add = |s: &str, shape: Vec<usize>| add(format!("layers.{i}.{s}"), shape);
+        add("ln_1.weight", vec![d]);
+        add("ln_1.bias", vec![d]);
+        for q in ["q_proj", "k_proj", "v_proj"] {
+            add(&format!("attn.{q}.weight"), vec![da, d]);
+        }
+        if cfg.qkv_bias {
+            for q in ["q_proj", "k_proj", "v_proj"] {
+                add(&format!("attn.{q}.bias"), vec![da]);
+            }
+        }
+        // (the zero slot for absent biases is inserted below, after this layer's q/k/v)
+        add("attn.out_proj.weight", vec![d, da]);
+        add("attn.out_proj.bias", vec![d]);
+        add("ln_2.weight", vec![d]);
+        add("ln_2.bias", vec![d]);
+        add("mlp.fc_in.weight", vec![ff, d]);
+        add("mlp.fc_in.bias", vec![ff]);
+        add("mlp.fc_out.weight", vec![d, ff]);
+        add("mlp.fc_out.bias", vec![d]);
+    }
+    if cfg.ln_placement == LnPlacement::Pre {
+        add("ln_f.weight".into(), vec![d]);
+        add("ln_f.bias".into(), vec![d]);
+    }
+    if let Some(e) = cfg.d_embed {
+        add("project_out.weight".into(), vec![e, d]);
+    }
+    if !cfg.tied_head {
+        add(
+            "lm_head.weight".into(),
+            vec![cfg.embedding_rows(), cfg.d_embed()],
+        );
+    }
+    if !cfg.qkv_bias {
+        // Bias-free q/k/v: a [3·d_attn] zero slot right after each layer's v_proj.weight.
+        for i in (0..cfg.n_layer).rev() {
+            let v = format!("layers.{i}.attn.v_proj.weight");
+            let at = slots
+                .iter()
+                .position(|s| s.name.as_deref() == Some(&v))
+                .unwrap()
+                + 1;
+            slots.insert(
+                at,
+                Slot {
+                    name: None,
+                    shape: vec![3 * da],
+                },
+            );
+        }
+    }
+    slots
+}
+
+/// Number of float32 values in the packed buffer of `cfg`.
+pub fn packed_len(cfg: &ModelConfig) -> Result<usize> {
+    let mut total = 0usize;
+    for slot in packing(cfg) {
+        total = total
+            .checked_add(crate::tensor::numel(&slot.shape, "model")?)
+            .ok_or_else(|| EngineError::too_large("the model is too large"))?;
+    }
+    Ok(total)
+}
+
+/// Copies every tensor of `src` into `out` (length `packed_len`) in packing order, after
+/// checking names and shapes so that nothing is read from a source that does not fit.
+fn fill(cfg: &ModelConfig, src: &mut dyn TensorSource, out: &mut [f32]) -> Result<()> {
+    check_shapes(cfg, &src.shapes()?)?;
+    let mut pos = 0;
+    for slot in packing(cfg) {
+        let n: usize = slot.shape.iter().product();
+        let dst = &mut out[pos..pos + n];
+        match &slot.name {
+            Some(name) => src.read_into(name, dst)?,
+            None => dst.fill(0.0),
+        }
+        pos += n;
+    }
+    if pos != out.len() {
+        return Err(EngineError::Internal(format!(
+            "packed {pos} values into a buffer of {}",
+            out.len()
+        )));
+    }
+    Ok(())
 }
 
 impl ModelWeights {
-    /// Gathers every canonical tensor of `cfg` from `src`.
+    /// Reads every canonical tensor of `cfg` from `src` into one private buffer.
     pub fn load(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Self> {
         cfg.validate()?;
+        let mut buf = crate::tensor::alloc_zeroed(packed_len(cfg)?)?;
+        fill(cfg, src, &mut buf)?;
+        Self::from_storage(cfg, Arc::new(Storage::Owned(buf)))
+    }
+
+    /// Views over a packed buffer laid out by `packing(cfg)`.
+    pub fn from_storage(cfg: &ModelConfig, storage: Arc<Storage>) -> Result<Self> {
+        let expected = packed_len(cfg)?;
+        if storage.as_slice().len() != expected {
+            return Err(EngineError::data(format!(
+                "a packed buffer of {} values does not fit a model of {expected}",
+                storage.as_slice().len()
+            )));
+        }
         let (d, da, ff) = (cfg.d_model, cfg.d_attn(), cfg.d_ff);
-        let norm = |src: &mut dyn TensorSource, p: &str| -> Result<Norm> {
-            Ok(Norm {
-                weight: src.fetch(&format!("{p}.weight"), &[d])?,
-                bias: src.fetch(&format!("{p}.bias"), &[d])?,
-            })
+        let mut c = Cursor::new(storage);
+        let norm = |c: &mut Cursor| Norm {
+            weight: c.take(d),
+            bias: c.take(d),
         };
-        let wte = src.fetch("wte.weight", &[cfg.embedding_rows(), cfg.d_embed()])?;
-        let wpe = src.fetch("wpe.weight", &[cfg.position_rows(), d])?;
-        let project_in = match cfg.d_embed {
-            Some(e) => Some(src.fetch("project_in.weight", &[d, e])?),
-            None => None,
-        };
+        let wte = c.take(cfg.embedding_rows() * cfg.d_embed());
+        let wpe = c.take(cfg.position_rows() * d);
+        let project_in = cfg.d_embed.map(|e| c.take(d * e));
         let mut layers = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = |s: &str| format!("layers.{i}.{s}");
-            let ln_1 = norm(src, &p("ln_1"))?;
-            let mut w_qkv = Vec::with_capacity(3 * da * d);
-            let mut b_qkv = Vec::with_capacity(3 * da);
-            for q in ["q_proj", "k_proj", "v_proj"] {
-                w_qkv.extend(src.fetch(&p(&format!("attn.{q}.weight")), &[da, d])?);
-                if cfg.qkv_bias {
-                    b_qkv.extend(src.fetch(&p(&format!("attn.{q}.bias")), &[da])?);
-                } else {
-                    b_qkv.extend(std::iter::repeat_n(0.0, da));
-                }
-            }
+        for _ in 0..cfg.n_layer {
             layers.push(LayerWeights {
-                ln_1,
-                w_qkv,
-                b_qkv,
-                w_o: src.fetch(&p("attn.out_proj.weight"), &[d, da])?,
-                b_o: src.fetch(&p("attn.out_proj.bias"), &[d])?,
-                ln_2: norm(src, &p("ln_2"))?,
-                w_fc: src.fetch(&p("mlp.fc_in.weight"), &[ff, d])?,
-                b_fc: src.fetch(&p("mlp.fc_in.bias"), &[ff])?,
-                w_proj: src.fetch(&p("mlp.fc_out.weight"), &[d, ff])?,
-                b_proj: src.fetch(&p("mlp.fc_out.bias"), &[d])?,
+                ln_1: norm(&mut c),
+                w_qkv: c.take(3 * da * d),
+                b_qkv: c.take(3 * da),
+                w_o: c.take(d * da),
+                b_o: c.take(d),
+                ln_2: norm(&mut c),
+                w_fc: c.take(ff * d),
+                b_fc: c.take(ff),
+                w_proj: c.take(d * ff),
+                b_proj: c.take(d),
             });
         }
-        let ln_f = match cfg.ln_placement {
-            LnPlacement::Pre => Some(norm(src, "ln_f")?),
-            LnPlacement::Post => None,
-        };
-        let project_out = match cfg.d_embed {
-            Some(e) => Some(src.fetch("project_out.weight", &[e, d])?),
-            None => None,
-        };
-        let lm_head = if cfg.tied_head {
-            None
-        } else {
-            Some(src.fetch("lm_head.weight", &[cfg.embedding_rows(), cfg.d_embed()])?)
-        };
+        let ln_f = (cfg.ln_placement == LnPlacement::Pre).then(|| norm(&mut c));
+        let project_out = cfg.d_embed.map(|e| c.take(e * d));
+        let lm_head = (!cfg.tied_head).then(|| c.take(cfg.embedding_rows() * cfg.d_embed()));
+        if c.position() != expected {
+            return Err(EngineError::Internal(format!(
+                "weight views cover {} of {expected} packed values",
+                c.position()
+            )));
+        }
         Ok(Self {
             wte,
             wpe,
@@ -118,23 +236,50 @@ impl ModelWeights {
             lm_head,
         })
     }
+
+    /// The buffer every view points into.
+    pub fn storage(&self) -> &Arc<Storage> {
+        self.wte.storage()
+    }
 }
 
-/// Checks that `map` holds exactly the canonical tensors of `cfg`, with their shapes, without
-/// touching the data: the same verdict, and the same first error, as loading it through a
-/// `MapSource` and calling `finish`.
-pub fn check_tensors(cfg: &ModelConfig, map: &TensorMap) -> Result<()> {
+/// Checks that a source holds exactly the canonical tensors of `cfg`, with their shapes;
+/// the first error names the first offending tensor in the model's order (missing or
+/// misshapen), then the first unused one in sorted order.
+pub fn check_shapes(cfg: &ModelConfig, shapes: &HashMap<String, Vec<usize>>) -> Result<()> {
     cfg.validate()?;
     let specs = cfg.param_specs();
     for (name, shape) in &specs {
-        match map.get(name) {
+        match shapes.get(name) {
             None => return Err(missing(name)),
-            Some((s, _)) if s != shape => return Err(wrong_shape(name, s, shape)),
+            Some(s) if s != shape => return Err(wrong_shape(name, s, shape)),
             Some(_) => {}
         }
     }
-    let known: std::collections::HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
-    leftovers(map.keys().filter(|k| !known.contains(k.as_str())))
+    let known: HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
+    let mut left: Vec<&String> = shapes
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .collect();
+    left.sort();
+    match left.first() {
+        None => Ok(()),
+        Some(first) => Err(EngineError::invalid(format!(
+            "{} tensor(s) are not parameters of this model, first \"{first}\"",
+            left.len()
+        ))),
+    }
+}
+
+/// `check_shapes` for tensors in memory.
+pub fn check_tensors(cfg: &ModelConfig, map: &TensorMap) -> Result<()> {
+    check_shapes(cfg, &shapes_of(map))
+}
+
+fn shapes_of(map: &TensorMap) -> HashMap<String, Vec<usize>> {
+    map.iter()
+        .map(|(name, (shape, _))| (name.clone(), shape.clone()))
+        .collect()
 }
 
 fn missing(name: &str) -> EngineError {
@@ -149,21 +294,8 @@ fn wrong_shape(name: &str, got: &[usize], want: &[usize]) -> EngineError {
     ))
 }
 
-/// An error naming the first (in sorted order) of the tensors a model does not use.
-fn leftovers<'a>(names: impl Iterator<Item = &'a String>) -> Result<()> {
-    let mut left: Vec<&String> = names.collect();
-    left.sort();
-    match left.first() {
-        None => Ok(()),
-        Some(first) => Err(EngineError::invalid(format!(
-            "{} tensor(s) are not parameters of this model, first \"{first}\"",
-            left.len()
-        ))),
-    }
-}
-
-/// A tensor source over an in-memory map of canonical tensors (imports, tests). `finish`
-/// reports tensors the model did not use, so an import never silently drops data.
+/// A tensor source over canonical tensors in memory (imports, tests). Each tensor is freed
+/// as soon as it has been copied.
 pub struct MapSource {
     map: TensorMap,
 }
@@ -172,18 +304,25 @@ impl MapSource {
     pub fn new(map: TensorMap) -> Self {
         Self { map }
     }
-
-    pub fn finish(self) -> Result<()> {
-        leftovers(self.map.keys())
-    }
 }
 
 impl TensorSource for MapSource {
-    fn fetch(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    fn shapes(&self) -> Result<HashMap<String, Vec<usize>>> {
+        Ok(shapes_of(&self.map))
+    }
+
+    fn read_into(&mut self, name: &str, out: &mut [f32]) -> Result<()> {
         match self.map.remove(name) {
+            Some((_, data)) if data.len() == out.len() => {
+                out.copy_from_slice(&data);
+                Ok(())
+            }
+            Some((shape, data)) => Err(EngineError::data(format!(
+                "tensor \"{name}\" of shape {} holds {} values",
+                crate::tensor::shape_str(&shape),
+                data.len()
+            ))),
             None => Err(missing(name)),
-            Some((s, _)) if s != shape => Err(wrong_shape(name, &s, shape)),
-            Some((_, data)) => Ok(data),
         }
     }
 }
@@ -194,39 +333,77 @@ mod tests {
     use crate::model::config::tiny_gpt3;
     use crate::model::init::init_params;
 
-    /// check_tensors gives the same verdict and first error as loading through MapSource.
-    fn via_load(cfg: &ModelConfig, map: &TensorMap) -> Result<()> {
-        let mut src = MapSource::new(map.clone());
-        ModelWeights::load(cfg, &mut src)?;
-        src.finish()
+    fn load(cfg: &ModelConfig, map: &TensorMap) -> Result<ModelWeights> {
+        ModelWeights::load(cfg, &mut MapSource::new(map.clone()))
     }
 
     #[test]
-    fn check_agrees_with_loading() {
+    fn packing_holds_every_parameter_once_and_views_read_them_back() {
+        for qkv_bias in [true, false] {
+            let cfg = ModelConfig {
+                qkv_bias,
+                ..tiny_gpt3()
+            };
+            let params = init_params(&cfg, 1).unwrap();
+            let mut names: Vec<String> = packing(&cfg).into_iter().filter_map(|s| s.name).collect();
+            names.sort();
+            let mut specs: Vec<String> = cfg.param_specs().into_iter().map(|(n, _)| n).collect();
+            specs.sort();
+            assert_eq!(names, specs);
+
+            let w = load(&cfg, &params).unwrap();
+            let get = |n: &str| params[n].1.clone();
+            let l1 = &w.layers[1];
+            let qkv: Vec<f32> = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .flat_map(|q| get(&format!("layers.1.attn.{q}.weight")))
+                .collect();
+            assert_eq!(&l1.w_qkv[..], &qkv[..]);
+            if qkv_bias {
+                assert_eq!(
+                    &l1.b_qkv[..cfg.d_attn()],
+                    &get("layers.1.attn.q_proj.bias")[..]
+                );
+            } else {
+                assert!(l1.b_qkv.len() == 3 * cfg.d_attn() && l1.b_qkv.iter().all(|v| *v == 0.0));
+            }
+            assert_eq!(&l1.w_proj[..], &get("layers.1.mlp.fc_out.weight")[..]);
+            assert_eq!(&w.ln_f.as_ref().unwrap().bias[..], &get("ln_f.bias")[..]);
+            assert_eq!(&w.wpe[..], &get("wpe.weight")[..]);
+            assert_eq!(w.storage().as_slice().len(), packed_len(&cfg).unwrap());
+        }
+    }
+
+    #[test]
+    fn loading_checks_names_and_shapes_before_reading() {
         let cfg = tiny_gpt3();
         let full = init_params(&cfg, 1).unwrap();
-        assert!(check_tensors(&cfg, &full).is_ok() && via_load(&cfg, &full).is_ok());
+        assert!(check_tensors(&cfg, &full).is_ok());
 
         let mut missing = full.clone();
         missing.remove("layers.1.attn.k_proj.bias");
         missing.remove("ln_f.weight");
-        assert_eq!(check_tensors(&cfg, &missing), via_load(&cfg, &missing));
-        assert!(check_tensors(&cfg, &missing)
-            .unwrap_err()
-            .to_string()
-            .contains("layers.1.attn.k_proj.bias"));
+        let err = load(&cfg, &missing).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("\"layers.1.attn.k_proj.bias\" is missing"),
+            "{err}"
+        );
+        assert_eq!(check_tensors(&cfg, &missing).unwrap_err(), err);
 
         let mut reshaped = full.clone();
         reshaped.get_mut("wpe.weight").unwrap().0 = vec![8, 16];
-        assert_eq!(check_tensors(&cfg, &reshaped), via_load(&cfg, &reshaped));
+        let err = load(&cfg, &reshaped).err().unwrap();
+        assert!(err.to_string().contains("has shape [8, 16]"), "{err}");
 
-        let mut extra = full;
+        let mut extra = full.clone();
         extra.insert("layers.9.ln_1.weight".into(), (vec![8], vec![1.0; 8]));
         extra.insert("bogus".into(), (vec![1], vec![0.0]));
-        assert_eq!(check_tensors(&cfg, &extra), via_load(&cfg, &extra));
-        assert!(check_tensors(&cfg, &extra)
-            .unwrap_err()
-            .to_string()
-            .contains("2 tensor(s)"));
+        let err = load(&cfg, &extra).err().unwrap();
+        assert!(err.to_string().contains("2 tensor(s)") && err.to_string().contains("\"bogus\""));
+
+        let mut ragged = full;
+        ragged.get_mut("ln_f.bias").unwrap().1.pop();
+        assert!(matches!(load(&cfg, &ragged), Err(EngineError::Data(_))));
     }
 }

@@ -1,0 +1,86 @@
+//! GPT-3 Small (random weights) prefill and decode timings of the engine alone, without
+//! PostgreSQL: for profiling (`perf record target/release/examples/bench_model 2`).
+//!
+//! Usage: bench_model THREADS [prefill|decode]. Prints prefill tokens/s on 512 tokens and
+//! greedy decode tokens/s (16-token prompt, 64 new tokens), best of five rounds; one of them
+//! only when named (to profile it alone).
+
+use std::time::Instant;
+
+use pg_llm_engine::model::init::init_params;
+use pg_llm_engine::model::{
+    Activation, AttnKind, LnPlacement, Logits, MapSource, Model, ModelConfig, ModelWeights,
+};
+use pg_llm_engine::{parallel, Cancel};
+
+fn main() {
+    let threads: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let only = std::env::args().nth(2).unwrap_or_default();
+    parallel::set_threads(threads);
+    let cfg = ModelConfig {
+        n_layer: 12,
+        n_head: 12,
+        d_model: 768,
+        d_head: 64,
+        d_ff: 3072,
+        n_positions: 2048,
+        vocab: 50257,
+        activation: Activation::GeluNew,
+        attention_pattern: vec![AttnKind::Dense, AttnKind::Local],
+        local_window: Some(256),
+        scale_attn: true,
+        position_offset: 0,
+        qkv_bias: true,
+        tied_head: true,
+        padded_vocab: None,
+        ln_placement: LnPlacement::Pre,
+        ln_eps: 1e-5,
+        d_embed: None,
+    };
+    let params = init_params(&cfg, 0).expect("init");
+    let weights = ModelWeights::load(&cfg, &mut MapSource::new(params)).expect("load");
+    let model = Model::new(cfg, weights).expect("model");
+    let long: Vec<u32> = (0..512).map(|i| (i * 104729) % 50000 + 100).collect();
+    let prompt: Vec<u32> = (0..16).map(|i| (i * 7919) % 50000 + 100).collect();
+
+    let best = |f: &dyn Fn()| {
+        f();
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let run = |name: &str, f: &dyn Fn()| {
+        if only.is_empty() || only == name {
+            best(f)
+        } else {
+            f64::NAN
+        }
+    };
+    let prefill = run("prefill", &|| {
+        model.logits(&long, Cancel::NEVER).expect("prefill");
+    });
+    let decode = run("decode", &|| {
+        let mut cache = model.new_cache(80).expect("cache");
+        let mut logits = model
+            .forward(&prompt, &mut cache, Logits::Last, Cancel::NEVER)
+            .expect("prompt");
+        for _ in 0..64 {
+            let next = pg_llm_engine::sample::argmax(&logits) as u32;
+            logits = model
+                .forward(&[next], &mut cache, Logits::Last, Cancel::NEVER)
+                .expect("step");
+        }
+    });
+    println!(
+        "threads {threads}: prefill 512 {:.1} tokens/s, decode 16+64 {:.1} tokens/s",
+        512.0 / prefill,
+        64.0 / decode
+    );
+}

@@ -1,0 +1,336 @@
+//! Weight files: a model's packed weight buffer (see `weights::packing`) written once to disk
+//! and then mapped read-only by every process that needs it, so a new connection starts
+//! without reading the weights again and all connections share one copy in the page cache.
+//!
+//! Layout (little-endian):
+//!
+//! ```text
+//! 0   8 bytes  magic "PGLLMW\0" + format version (1)
+//! 8   u64      length of the JSON header that follows
+//! 16  JSON     {"owner", "version", "config", "values", "checksum"}
+//! …   zeros up to the next multiple of 4096
+//!     float32 × values, in packing order
+//! ```
+//!
+//! A file is written under a temporary name and renamed into place once complete, so a reader
+//! never sees a partial file. The checksum (XXH3 over 16 MiB blocks) is verified on every
+//! open instead of forcing the file to disk: a file torn by an operating-system crash, or
+//! changed by hand, is detected and rebuilt rather than trusted.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::config::ModelConfig;
+use super::storage::Storage;
+use super::weights::{packed_len, ModelWeights};
+use crate::error::{EngineError, Result};
+
+const MAGIC: &[u8; 8] = b"PGLLMW\0\x01";
+const ALIGN: usize = 4096;
+const MAX_HEADER: u64 = 1 << 20;
+const CHECKSUM_BLOCK: usize = 16 << 20;
+
+/// Whose weights a file holds: `owner` names the model (and anything else that must match,
+/// such as the database), `version` the state of its weights.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub owner: String,
+    pub version: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    #[serde(flatten)]
+    id: FileId,
+    config: ModelConfig,
+    values: usize,
+    /// XXH3-64 of the values (see `checksum`), as 16 hex digits.
+    checksum: String,
+}
+
+/// Why an existing file was not used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    Missing,
+    /// Another owner, version or configuration: a stale file.
+    Stale,
+    /// Not a complete, intact weight file.
+    Corrupt(String),
+}
+
+/// Maps the weights at `path` when the file exists and holds `id`'s weights for `cfg` intact.
+pub fn open(
+    path: &Path,
+    id: &FileId,
+    cfg: &ModelConfig,
+) -> Result<std::result::Result<ModelWeights, Rejected>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(Rejected::Missing)),
+        Err(e) => return Err(io(path, "open", e)),
+    };
+    let (header, offset) = match read_header(&mut file) {
+        Ok(h) => h,
+        Err(why) => return Ok(Err(Rejected::Corrupt(why))),
+    };
+    if header.id != *id || header.config != *cfg || header.values != packed_len(cfg)? {
+        return Ok(Err(Rejected::Stale));
+    }
+    let size = file.metadata().map_err(|e| io(path, "stat", e))?.len();
+    if size != (offset + header.values * 4) as u64 {
+        return Ok(Err(Rejected::Corrupt(format!(
+            "{size} bytes where {} were expected",
+            offset + header.values * 4
+        ))));
+    }
+    // SAFETY: weight files are only ever replaced by rename, never modified or truncated in
+    // place, so the mapped bytes stay valid for the mapping's lifetime.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+        .map_err(|e| io(path, "map", e))?;
+    let storage = Storage::Mapped {
+        map,
+        offset,
+        len: header.values,
+    };
+    if checksum(storage.as_slice()) != header.checksum {
+        return Ok(Err(Rejected::Corrupt("checksum mismatch".into())));
+    }
+    Ok(Ok(ModelWeights::from_storage(cfg, Arc::new(storage))?))
+}
+
+/// The owner and version recorded in the file at `path`, if it is a weight file.
+pub fn read_id(path: &Path) -> Option<FileId> {
+    let mut file = File::open(path).ok()?;
+    read_header(&mut file).ok().map(|(h, _)| h.id)
+}
+
+/// Writes `values` (packed for `cfg`) as a weight file at `path`: under a temporary name, then
+/// renamed into place. Plain writes, not a writable mapping, so a full disk is an error here
+/// rather than a fault later, and no page of the file is zero-filled before being written.
+pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Result<()> {
+    if values.len() != packed_len(cfg)? {
+        return Err(EngineError::Internal(format!(
+            "{} values do not fit the packing of this model",
+            values.len()
+        )));
+    }
+    let header = Header {
+        id: id.clone(),
+        config: cfg.clone(),
+        values: values.len(),
+        checksum: checksum(values),
+    };
+    let json = serde_json::to_vec(&header).map_err(json)?;
+    let offset = (16 + json.len()).div_ceil(ALIGN) * ALIGN;
+    let mut head = Vec::with_capacity(offset);
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    head.extend_from_slice(&json);
+    head.resize(offset, 0);
+
+    let tmp = TempFile::new(temp_path(path));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp.0)
+        .map_err(|e| io(&tmp.0, "create", e))?;
+    let body = if cfg!(target_endian = "little") {
+        // SAFETY: reading f32 values as bytes is always valid.
+        std::borrow::Cow::Borrowed(unsafe { values.align_to::<u8>() }.1)
+    } else {
+        std::borrow::Cow::Owned(crate::tensor::encode(values))
+    };
+    file.write_all(&head)
+        .and_then(|_| file.write_all(&body))
+        .map_err(|e| io(&tmp.0, "write", e))?;
+    drop(file);
+    fs::rename(&tmp.0, path).map_err(|e| io(path, "rename into", e))?;
+    tmp.keep();
+    Ok(())
+}
+
+fn read_header(file: &mut File) -> std::result::Result<(Header, usize), String> {
+    let mut fixed = [0u8; 16];
+    file.read_exact(&mut fixed).map_err(|e| e.to_string())?;
+    if &fixed[..8] != MAGIC {
+        return Err("not a pg_llm weight file".into());
+    }
+    let len = u64::from_le_bytes(fixed[8..].try_into().unwrap());
+    if len > MAX_HEADER {
+        return Err(format!("header of {len} bytes"));
+    }
+    let mut json = vec![0u8; len as usize];
+    file.read_exact(&mut json).map_err(|e| e.to_string())?;
+    let header: Header = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+    Ok((header, (16 + len as usize).div_ceil(ALIGN) * ALIGN))
+}
+
+/// XXH3-64 of each 16 MiB block, combined by XXH3-64 over the block hashes; blocks are hashed
+/// in parallel.
+fn checksum(values: &[f32]) -> String {
+    // SAFETY: reading f32s as bytes is always valid.
+    let (_, bytes, _) = unsafe { values.align_to::<u8>() };
+    let blocks: Vec<u64> = crate::parallel::install(|| {
+        bytes
+            .par_chunks(CHECKSUM_BLOCK)
+            .map(xxhash_rust::xxh3::xxh3_64)
+            .collect()
+    });
+    let joined: Vec<u8> = blocks.iter().flat_map(|h| h.to_le_bytes()).collect();
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&joined))
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Removes a temporary file that was not renamed into place (error or cancel).
+struct TempFile(PathBuf, bool);
+
+impl TempFile {
+    fn new(path: PathBuf) -> Self {
+        Self(path, true)
+    }
+    /// The file was renamed into place: nothing to remove.
+    fn keep(mut self) {
+        self.1 = false;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn io(path: &Path, what: &str, e: std::io::Error) -> EngineError {
+    EngineError::Io(format!(
+        "could not {what} weight file \"{}\": {e}",
+        path.display()
+    ))
+}
+
+fn json(e: serde_json::Error) -> EngineError {
+    EngineError::Internal(format!("weight file header: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::tiny_gpt3;
+    use crate::model::init::init_params;
+    use crate::model::MapSource;
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "pg_llm_weight_file_{}_{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip_and_rejections() {
+        let cfg = tiny_gpt3();
+        let params = init_params(&cfg, 7).unwrap();
+        let path = dir().join("1.weights");
+        let id = FileId {
+            owner: "m".into(),
+            version: 1,
+        };
+        assert_eq!(
+            open(&path, &id, &cfg).unwrap().err(),
+            Some(Rejected::Missing)
+        );
+
+        let in_memory = ModelWeights::load(&cfg, &mut MapSource::new(params)).unwrap();
+        write(&path, &id, &cfg, in_memory.storage().as_slice()).unwrap();
+        let mapped = open(&path, &id, &cfg).unwrap().unwrap();
+        assert!(mapped.storage().is_mapped() && !in_memory.storage().is_mapped());
+        assert_eq!(mapped.storage().as_slice(), in_memory.storage().as_slice());
+        assert_eq!(&mapped.layers[1].w_qkv[..], &in_memory.layers[1].w_qkv[..]);
+        assert_eq!(read_id(&path), Some(id.clone()));
+
+        // Another version or owner is stale; a changed value or a cut file is corrupt.
+        let newer = FileId {
+            version: 2,
+            ..id.clone()
+        };
+        assert_eq!(
+            open(&path, &newer, &cfg).unwrap().err(),
+            Some(Rejected::Stale)
+        );
+        let mut other_cfg = cfg.clone();
+        other_cfg.ln_eps = 1e-6;
+        assert_eq!(
+            open(&path, &id, &other_cfg).unwrap().err(),
+            Some(Rejected::Stale)
+        );
+
+        // Replaced by rename, as everything that writes weight files does: truncating a file
+        // in place would fault the processes mapping it.
+        let replace = |contents: &[u8]| {
+            let tmp = path.with_extension("new");
+            fs::write(&tmp, contents).unwrap();
+            fs::rename(&tmp, &path).unwrap();
+        };
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        replace(&bytes);
+        assert!(matches!(
+            open(&path, &id, &cfg).unwrap().err(),
+            Some(Rejected::Corrupt(_))
+        ));
+        replace(&bytes[..bytes.len() - 4]);
+        assert!(matches!(
+            open(&path, &id, &cfg).unwrap().err(),
+            Some(Rejected::Corrupt(_))
+        ));
+        replace(b"garbage");
+        assert!(matches!(
+            open(&path, &id, &cfg).unwrap().err(),
+            Some(Rejected::Corrupt(_))
+        ));
+        // The mapping made before the file was replaced still reads the original weights.
+        assert_eq!(mapped.storage().as_slice(), in_memory.storage().as_slice());
+        fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let cfg = tiny_gpt3();
+        let d = dir();
+        let path = d.join("2.weights");
+        let id = FileId {
+            owner: "m".into(),
+            version: 2,
+        };
+        // Values that do not fit the model: refused before any file is created.
+        let err = write(&path, &id, &cfg, &[0.0; 10]).unwrap_err();
+        assert!(matches!(err, EngineError::Internal(_)), "{err}");
+        // A directory that does not exist: an I/O error, and no temporary file anywhere.
+        let missing = d.join("no such dir").join("3.weights");
+        let values = vec![0.0; packed_len(&cfg).unwrap()];
+        assert!(matches!(
+            write(&missing, &id, &cfg, &values),
+            Err(EngineError::Io(_))
+        ));
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
