@@ -243,6 +243,13 @@ impl Client {
         Ok(self.inner.execute(sql, &[]).await?)
     }
 
+    /// A token that cancels this connection's running query (a long generation, say) from
+    /// anywhere: `token.cancel_query(tokio_postgres::NoTls).await`. The query then fails
+    /// with SQLSTATE 57014 and its transaction rolls back.
+    pub fn cancel_token(&self) -> tokio_postgres::CancelToken {
+        self.inner.cancel_token()
+    }
+
     /// The underlying tokio-postgres client, for queries this crate does not wrap yet.
     pub fn raw(&self) -> &tokio_postgres::Client {
         &self.inner

@@ -7,6 +7,8 @@ same thread count, measured alternately in one run. Reports:
   prefill  logits for all positions of a 512-token input          tokens/s
   cold     first generation call in a new connection (weights mapped from the shared weight
            file), and the first call after the weights changed (read from llm_param, file written)
+  cancel   time from a cancel request to the query's error, during a long decode and during
+           a 2048-token prefill (worst case: inside large matrix products), worst of 5 each
   rss      resident memory of the measuring backend (VmRSS: private memory plus the mapped
            weight file, which all connections share) / float32 weight bytes
 
@@ -17,6 +19,7 @@ Needs: torch, transformers, psycopg. Creates and initialises gpt3-125m in that d
 """
 import argparse
 import os
+import threading
 import time
 
 import psycopg
@@ -33,6 +36,29 @@ def best(fn, rounds=ROUNDS):
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def cancel_latency(dsn, threads, sql, params, delay):
+    """Seconds from conn.cancel() to the QueryCanceled error of a query started `delay` s before."""
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(f"SET pg_llm.threads = {threads}")
+    sent = []
+
+    def cancel_later():
+        time.sleep(delay)
+        sent.append(time.perf_counter())
+        conn.cancel_safe()
+
+    canceller = threading.Thread(target=cancel_later)
+    canceller.start()
+    try:
+        conn.execute(sql, params)
+        raise SystemExit("the query finished before it was cancelled")
+    except psycopg.errors.QueryCanceled:
+        ended = time.perf_counter()
+    canceller.join()
+    conn.close()
+    return ended - sent[0]
 
 
 def main():
@@ -108,6 +134,13 @@ def main():
     print(f"{'':28} {'pg_llm':>12} {'PyTorch':>12} {'ratio':>7}")
     print(f"{'decode tokens/s (16+64)':28} {NEW / pg_d:12.1f} {NEW / pt_d:12.1f} {pt_d / pg_d:7.2f}")
     print(f"{'prefill tokens/s (512)':28} {PREFILL / pg_p:12.1f} {PREFILL / pt_p:12.1f} {pt_p / pg_p:7.2f}")
+    decode_sql = "SELECT llm_generate_ids(%s, 1900, 0, 0, 1, 'gpt3-125m', NULL)"
+    prefill_sql = "SELECT length(llm_logits(%s, 'gpt3-125m'))"
+    prefill_input = [(i * 104729) % 50000 + 100 for i in range(2048)]
+    cancel_decode = max(cancel_latency(dsn, args.threads, decode_sql, (prompt,), 0.5 + 0.2 * i) for i in range(5))
+    cancel_prefill = max(cancel_latency(dsn, args.threads, prefill_sql, (prefill_input,), 0.3 + 0.37 * i) for i in range(5))
+    print(f"{'cancel latency, decode (ms)':28} {cancel_decode * 1000:12.1f}   (worst of 5)")
+    print(f"{'cancel latency, prefill (ms)':28} {cancel_prefill * 1000:12.1f}   (worst of 5, 2048 tokens)")
     print(f"{'cold first call (s)':28} {cold:12.3f}   (new connection)")
     print(f"{'first call after a write (s)':28} {after_write:12.3f}   (reads llm_param, writes the weight file)")
     mib = lambda k: f"{status[k] / 1024:.0f} MiB"
