@@ -8,9 +8,7 @@
 use std::time::Instant;
 
 use pg_llm_engine::model::init::init_params;
-use pg_llm_engine::model::{
-    Activation, AttnKind, LnPlacement, Logits, MapSource, Model, ModelConfig, ModelWeights,
-};
+use pg_llm_engine::model::{Logits, MapSource, Model, ModelConfig, ModelWeights};
 use pg_llm_engine::{parallel, Cancel};
 
 fn main() {
@@ -20,26 +18,7 @@ fn main() {
         .unwrap_or(1);
     let only = std::env::args().nth(2).unwrap_or_default();
     parallel::set_threads(threads);
-    let cfg = ModelConfig {
-        n_layer: 12,
-        n_head: 12,
-        d_model: 768,
-        d_head: 64,
-        d_ff: 3072,
-        n_positions: 2048,
-        vocab: 50257,
-        activation: Activation::GeluNew,
-        attention_pattern: vec![AttnKind::Dense, AttnKind::Local],
-        local_window: Some(256),
-        scale_attn: true,
-        position_offset: 0,
-        qkv_bias: true,
-        tied_head: true,
-        padded_vocab: None,
-        ln_placement: LnPlacement::Pre,
-        ln_eps: 1e-5,
-        d_embed: None,
-    };
+    let cfg = ModelConfig::gpt3(12, 768, 12, 64);
     let params = init_params(&cfg, 0).expect("init");
     let weights = ModelWeights::load(&cfg, &mut MapSource::new(params)).expect("load");
     let model = Model::new(cfg, weights).expect("model");

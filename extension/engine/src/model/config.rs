@@ -224,27 +224,41 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// The GPT-3 architecture at one size, as the registry seeds it: pre-LN, gelu_new, MLP
+    /// width 4·d_model, 2048 positions, the 50257-token vocabulary, dense and locally banded
+    /// (256) attention alternating.
+    pub fn gpt3(n_layer: usize, d_model: usize, n_head: usize, d_head: usize) -> Self {
+        ModelConfig {
+            n_layer,
+            n_head,
+            d_model,
+            d_head,
+            d_ff: 4 * d_model,
+            n_positions: 2048,
+            vocab: 50257,
+            activation: Activation::GeluNew,
+            attention_pattern: vec![AttnKind::Dense, AttnKind::Local],
+            local_window: Some(256),
+            scale_attn: true,
+            position_offset: 0,
+            qkv_bias: true,
+            tied_head: true,
+            padded_vocab: None,
+            ln_placement: LnPlacement::Pre,
+            ln_eps: 1e-5,
+            d_embed: None,
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn tiny_gpt3() -> ModelConfig {
     ModelConfig {
-        n_layer: 2,
-        n_head: 2,
-        d_model: 8,
-        d_head: 4,
-        d_ff: 32,
         n_positions: 16,
         vocab: 11,
-        activation: Activation::GeluNew,
-        attention_pattern: vec![AttnKind::Dense, AttnKind::Local],
         local_window: Some(3),
-        scale_attn: true,
-        position_offset: 0,
-        qkv_bias: true,
-        tied_head: true,
-        padded_vocab: None,
-        ln_placement: LnPlacement::Pre,
-        ln_eps: 1e-5,
-        d_embed: None,
+        ..ModelConfig::gpt3(2, 8, 2, 4)
     }
 }
 
@@ -254,16 +268,7 @@ mod tests {
 
     #[test]
     fn gpt3_small_has_125m_parameters() {
-        let cfg = ModelConfig {
-            n_layer: 12,
-            n_head: 12,
-            d_model: 768,
-            d_head: 64,
-            d_ff: 3072,
-            n_positions: 2048,
-            vocab: 50257,
-            ..tiny_gpt3()
-        };
+        let cfg = ModelConfig::gpt3(12, 768, 12, 64);
         cfg.validate().unwrap();
         // 124.4M weights + biases + LayerNorms (the paper rounds to 125M).
         let n = cfg.param_count();
