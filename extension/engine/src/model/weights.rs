@@ -71,72 +71,51 @@ pub struct Slot {
 pub fn packing(cfg: &ModelConfig) -> Vec<Slot> {
     let (d, da, ff) = (cfg.d_model, cfg.d_attn(), cfg.d_ff);
     let mut slots = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>| {
-        slots.push(Slot {
-            name: Some(name),
-            shape,
-        })
-    };
+    let mut add = |name: Option<String>, shape: Vec<usize>| slots.push(Slot { name, shape });
+    let named = |s: &str| Some(s.to_string());
     add(
-        "wte.weight".into(),
+        named("wte.weight"),
         vec![cfg.embedding_rows(), cfg.d_embed()],
     );
-    add("wpe.weight".into(), vec![cfg.position_rows(), d]);
+    add(named("wpe.weight"), vec![cfg.position_rows(), d]);
     if let Some(e) = cfg.d_embed {
-        add("project_in.weight".into(), vec![d, e]);
+        add(named("project_in.weight"), vec![d, e]);
     }
     for i in 0..cfg.n_layer {
-        let mut add = |s: &str, shape: Vec<usize>| add(format!("layers.{i}.{s}"), shape);
-        add("ln_1.weight", vec![d]);
-        add("ln_1.bias", vec![d]);
+        let p = |s: &str| Some(format!("layers.{i}.{s}"));
+        add(p("ln_1.weight"), vec![d]);
+        add(p("ln_1.bias"), vec![d]);
         for q in ["q_proj", "k_proj", "v_proj"] {
-            add(&format!("attn.{q}.weight"), vec![da, d]);
+            add(p(&format!("attn.{q}.weight")), vec![da, d]);
         }
         if cfg.qkv_bias {
             for q in ["q_proj", "k_proj", "v_proj"] {
-                add(&format!("attn.{q}.bias"), vec![da]);
+                add(p(&format!("attn.{q}.bias")), vec![da]);
             }
+        } else {
+            add(None, vec![3 * da]);
         }
-        // (the zero slot for absent biases is inserted below, after this layer's q/k/v)
-        add("attn.out_proj.weight", vec![d, da]);
-        add("attn.out_proj.bias", vec![d]);
-        add("ln_2.weight", vec![d]);
-        add("ln_2.bias", vec![d]);
-        add("mlp.fc_in.weight", vec![ff, d]);
-        add("mlp.fc_in.bias", vec![ff]);
-        add("mlp.fc_out.weight", vec![d, ff]);
-        add("mlp.fc_out.bias", vec![d]);
+        add(p("attn.out_proj.weight"), vec![d, da]);
+        add(p("attn.out_proj.bias"), vec![d]);
+        add(p("ln_2.weight"), vec![d]);
+        add(p("ln_2.bias"), vec![d]);
+        add(p("mlp.fc_in.weight"), vec![ff, d]);
+        add(p("mlp.fc_in.bias"), vec![ff]);
+        add(p("mlp.fc_out.weight"), vec![d, ff]);
+        add(p("mlp.fc_out.bias"), vec![d]);
     }
     if cfg.ln_placement == LnPlacement::Pre {
-        add("ln_f.weight".into(), vec![d]);
-        add("ln_f.bias".into(), vec![d]);
+        add(named("ln_f.weight"), vec![d]);
+        add(named("ln_f.bias"), vec![d]);
     }
     if let Some(e) = cfg.d_embed {
-        add("project_out.weight".into(), vec![e, d]);
+        add(named("project_out.weight"), vec![e, d]);
     }
     if !cfg.tied_head {
         add(
-            "lm_head.weight".into(),
+            named("lm_head.weight"),
             vec![cfg.embedding_rows(), cfg.d_embed()],
         );
-    }
-    if !cfg.qkv_bias {
-        // Bias-free q/k/v: a [3·d_attn] zero slot right after each layer's v_proj.weight.
-        for i in (0..cfg.n_layer).rev() {
-            let v = format!("layers.{i}.attn.v_proj.weight");
-            let at = slots
-                .iter()
-                .position(|s| s.name.as_deref() == Some(&v))
-                .unwrap()
-                + 1;
-            slots.insert(
-                at,
-                Slot {
-                    name: None,
-                    shape: vec![3 * da],
-                },
-            );
-        }
     }
     slots
 }
