@@ -129,14 +129,9 @@ fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Result<
             .map_err(|e| {
                 EngineError::Io(format!("could not create \"{}\": {e}", place.dir.display()))
             })?;
-        weight_file::write(&place.path, &place.id, cfg, private.storage().as_slice())?;
+        let mapped = weight_file::write(&place.path, &place.id, cfg, private.storage().as_slice())?;
         prune(place);
-        weight_file::open(&place.path, &place.id, cfg)?.map_err(|why| {
-            EngineError::Io(format!(
-                "weight file \"{}\" unreadable right after writing it: {why:?}",
-                place.path.display()
-            ))
-        })
+        Ok(mapped)
     };
     match attempt() {
         Ok(mapped) => Ok(mapped),

@@ -89,19 +89,20 @@ pub fn open(
             offset + header.values * 4
         ))));
     }
-    // SAFETY: weight files are only ever replaced by rename, never modified or truncated in
-    // place, so the mapped bytes stay valid for the mapping's lifetime.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
-        .map_err(|e| io(path, "map", e))?;
-    let storage = Storage::Mapped {
-        map,
-        offset,
-        len: header.values,
-    };
+    let storage = map_values(&file, path, offset, header.values)?;
     if checksum(storage.as_slice()) != header.checksum {
         return Ok(Err(Rejected::Corrupt("checksum mismatch".into())));
     }
     Ok(Ok(ModelWeights::from_storage(cfg, Arc::new(storage))?))
+}
+
+/// Maps `len` values starting `offset` bytes into `file`, faulting every page in now.
+fn map_values(file: &File, path: &Path, offset: usize, len: usize) -> Result<Storage> {
+    // SAFETY: weight files are only ever replaced by rename, never modified or truncated in
+    // place, so the mapped bytes stay valid for the mapping's lifetime.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(file) }
+        .map_err(|e| io(path, "map", e))?;
+    Ok(Storage::Mapped { map, offset, len })
 }
 
 /// The owner and version recorded in the file at `path`, if it is a weight file.
@@ -110,10 +111,11 @@ pub fn read_id(path: &Path) -> Option<FileId> {
     read_header(&mut file).ok().map(|(h, _)| h.id)
 }
 
-/// Writes `values` (packed for `cfg`) as a weight file at `path`: under a temporary name, then
-/// renamed into place. Plain writes, not a writable mapping, so a full disk is an error here
-/// rather than a fault later, and no page of the file is zero-filled before being written.
-pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Result<()> {
+/// Writes `values` (packed for `cfg`) as a weight file at `path`, under a temporary name and
+/// then renamed into place, and returns the weights mapped from it (the caller can free its
+/// copy). Plain writes, not a writable mapping, so a full disk is an error here rather than a
+/// fault later, and no page of the file is zero-filled before being written.
+pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Result<ModelWeights> {
     if values.len() != packed_len(cfg)? {
         return Err(EngineError::Internal(format!(
             "{} values do not fit the packing of this model",
@@ -136,6 +138,7 @@ pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Res
 
     let tmp = TempFile::new(temp_path(path));
     let mut file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
@@ -151,10 +154,10 @@ pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Res
     file.write_all(&head)
         .and_then(|_| file.write_all(&body))
         .map_err(|e| io(&tmp.0, "write", e))?;
-    drop(file);
+    let storage = map_values(&file, &tmp.0, offset, values.len())?;
     fs::rename(&tmp.0, path).map_err(|e| io(path, "rename into", e))?;
     tmp.keep();
-    Ok(())
+    ModelWeights::from_storage(cfg, Arc::new(storage))
 }
 
 fn read_header(file: &mut File) -> std::result::Result<(Header, usize), String> {
@@ -258,9 +261,11 @@ mod tests {
         );
 
         let in_memory = ModelWeights::load(&cfg, &mut MapSource::new(params)).unwrap();
-        write(&path, &id, &cfg, in_memory.storage().as_slice()).unwrap();
+        let written = write(&path, &id, &cfg, in_memory.storage().as_slice()).unwrap();
         let mapped = open(&path, &id, &cfg).unwrap().unwrap();
         assert!(mapped.storage().is_mapped() && !in_memory.storage().is_mapped());
+        assert!(written.storage().is_mapped());
+        assert_eq!(written.storage().as_slice(), in_memory.storage().as_slice());
         assert_eq!(mapped.storage().as_slice(), in_memory.storage().as_slice());
         assert_eq!(&mapped.layers[1].w_qkv[..], &in_memory.layers[1].w_qkv[..]);
         assert_eq!(read_id(&path), Some(id.clone()));
@@ -321,7 +326,7 @@ mod tests {
             version: 2,
         };
         // Values that do not fit the model: refused before any file is created.
-        let err = write(&path, &id, &cfg, &[0.0; 10]).unwrap_err();
+        let err = write(&path, &id, &cfg, &[0.0; 10]).err().unwrap();
         assert!(matches!(err, EngineError::Internal(_)), "{err}");
         // A directory that does not exist: an I/O error, and no temporary file anywhere.
         let missing = d.join("no such dir").join("3.weights");
