@@ -44,10 +44,6 @@ pub fn finite(value: Option<f32>, name: &str) -> Result<f32> {
     Ok(v)
 }
 
-pub fn bytes(values: &[f32]) -> Vec<u8> {
-    tensor::encode(values)
-}
-
 /// A token-id array: non-empty, no NULLs, no negative ids.
 pub fn token_ids(ids: Option<Vec<Option<i32>>>, name: &str) -> Result<Vec<u32>> {
     let ids = required(ids, name)?;

@@ -1,6 +1,6 @@
-//! `Float32Bytea`: a float32 tensor result returned as `bytea`. The values are copied once,
-//! straight into the result value; returning `Vec<u8>` would copy large results such as
-//! logits twice and fault in an extra buffer of their size.
+//! `Float32Bytea`: how every float32 tensor result leaves a SQL function, as `bytea`. The
+//! values are copied once, straight into the result value; encoding to a `Vec<u8>` first would
+//! copy large results such as logits twice and fault in an extra buffer of their size.
 
 use pg_llm_engine::tensor;
 

@@ -7,7 +7,8 @@ use pg_llm_engine::kernels::{cross_entropy, dropout, elementwise, layernorm, mat
 use pg_llm_engine::{sample::rng_from_seed, tensor, EngineError};
 use pgrx::prelude::*;
 
-use super::args::{bytes, dim, finite, logits as logits_arg, required, tensor, tensor_exact};
+use super::args::{dim, finite, logits as logits_arg, required, tensor, tensor_exact};
+use super::float32_bytea::Float32Bytea;
 use crate::errors::{cancel, run};
 
 /// [m, k] · [k, n] → [m, n].
@@ -18,7 +19,7 @@ fn pg_llm_matmul(
     m: Option<i32>,
     k: Option<i32>,
     n: Option<i32>,
-) -> Vec<u8> {
+) -> Float32Bytea {
     run("pg_llm_matmul", || {
         let (m, k, n) = (dim(m, "m")?, dim(k, "k")?, dim(n, "n")?);
         let a_len = tensor::numel(&[m, k], "a")?;
@@ -27,15 +28,15 @@ fn pg_llm_matmul(
         let b = tensor_exact(b, "b", b_len, &format!("[k={k}, n={n}]"))?;
         let c = matmul::matmul(&a, &b, m, k, n, cancel())?;
         tensor::check_result(&c, "matmul result")?;
-        Ok(bytes(&c))
+        Ok(Float32Bytea(c))
     })
 }
 
 /// a + b, or a + bias broadcast over rows when len(b) divides len(a).
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Vec<u8> {
+fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_add", || {
-        Ok(bytes(&elementwise::add(
+        Ok(Float32Bytea(elementwise::add(
             &tensor(a, "a")?,
             &tensor(b, "b")?,
         )?))
@@ -44,17 +45,17 @@ fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Vec<u8> {
 
 /// GELU, GPT-2's tanh approximation.
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_gelu(a: Option<&[u8]>) -> Vec<u8> {
+fn pg_llm_gelu(a: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_gelu", || {
-        Ok(bytes(&elementwise::gelu_forward(&tensor(a, "a")?)))
+        Ok(Float32Bytea(elementwise::gelu_forward(&tensor(a, "a")?)))
     })
 }
 
 /// dL/dx of GELU given its input x and dL/dy.
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_gelu_backward(x: Option<&[u8]>, dy: Option<&[u8]>) -> Vec<u8> {
+fn pg_llm_gelu_backward(x: Option<&[u8]>, dy: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_gelu_backward", || {
-        Ok(bytes(&elementwise::gelu_backward(
+        Ok(Float32Bytea(elementwise::gelu_backward(
             &tensor(x, "x")?,
             &tensor(dy, "dy")?,
         )?))
@@ -70,10 +71,10 @@ fn cols_or_all(cols: Option<i32>, len: usize) -> pg_llm_engine::Result<usize> {
 
 /// Softmax over the whole vector (pg_gpt2 semantics).
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_softmax(a: Option<&[u8]>) -> Vec<u8> {
+fn pg_llm_softmax(a: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_softmax", || {
         let a = logits_arg(a, "a")?;
-        Ok(bytes(&softmax::softmax_forward(
+        Ok(Float32Bytea(softmax::softmax_forward(
             &a,
             cols_or_all(None, a.len())?,
         )?))
@@ -82,10 +83,10 @@ fn pg_llm_softmax(a: Option<&[u8]>) -> Vec<u8> {
 
 /// Softmax of each row of a [rows, cols] matrix.
 #[pg_extern(immutable, parallel_safe, name = "pg_llm_softmax")]
-fn pg_llm_softmax_rows(a: Option<&[u8]>, cols: Option<i32>) -> Vec<u8> {
+fn pg_llm_softmax_rows(a: Option<&[u8]>, cols: Option<i32>) -> Float32Bytea {
     run("pg_llm_softmax", || {
         let a = logits_arg(a, "a")?;
-        Ok(bytes(&softmax::softmax_forward(
+        Ok(Float32Bytea(softmax::softmax_forward(
             &a,
             cols_or_all(Some(required(cols, "cols")?), a.len())?,
         )?))
@@ -94,10 +95,10 @@ fn pg_llm_softmax_rows(a: Option<&[u8]>, cols: Option<i32>) -> Vec<u8> {
 
 /// dL/dx of the whole-vector softmax given its output y and dL/dy.
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_softmax_backward(y: Option<&[u8]>, dy: Option<&[u8]>) -> Vec<u8> {
+fn pg_llm_softmax_backward(y: Option<&[u8]>, dy: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_softmax_backward", || {
         let y = tensor(y, "y")?;
-        Ok(bytes(&softmax::softmax_backward(
+        Ok(Float32Bytea(softmax::softmax_backward(
             &y,
             &tensor(dy, "dy")?,
             cols_or_all(None, y.len())?,
@@ -107,11 +108,15 @@ fn pg_llm_softmax_backward(y: Option<&[u8]>, dy: Option<&[u8]>) -> Vec<u8> {
 
 /// Row-wise softmax backward.
 #[pg_extern(immutable, parallel_safe, name = "pg_llm_softmax_backward")]
-fn pg_llm_softmax_backward_rows(y: Option<&[u8]>, dy: Option<&[u8]>, cols: Option<i32>) -> Vec<u8> {
+fn pg_llm_softmax_backward_rows(
+    y: Option<&[u8]>,
+    dy: Option<&[u8]>,
+    cols: Option<i32>,
+) -> Float32Bytea {
     run("pg_llm_softmax_backward", || {
         let y = tensor(y, "y")?;
         let cols = cols_or_all(Some(required(cols, "cols")?), y.len())?;
-        Ok(bytes(&softmax::softmax_backward(
+        Ok(Float32Bytea(softmax::softmax_backward(
             &y,
             &tensor(dy, "dy")?,
             cols,
@@ -126,7 +131,7 @@ fn pg_llm_layernorm(
     gamma: Option<&[u8]>,
     beta: Option<&[u8]>,
     eps: Option<f32>,
-) -> Vec<u8> {
+) -> Float32Bytea {
     run("pg_llm_layernorm", || {
         let y = layernorm::layernorm_forward(
             &tensor(x, "x")?,
@@ -134,7 +139,7 @@ fn pg_llm_layernorm(
             &tensor(beta, "beta")?,
             finite(eps, "eps")?,
         )?;
-        Ok(bytes(&y))
+        Ok(Float32Bytea(y))
     })
 }
 
@@ -154,9 +159,11 @@ fn pg_llm_layernorm_backward(
         )
     });
     let mut t = PgHeapTuple::new_composite_type("layernorm_grads").expect("type layernorm_grads");
-    t.set_by_name("dx", bytes(&g.dx)).expect("dx");
-    t.set_by_name("dgamma", bytes(&g.dgamma)).expect("dgamma");
-    t.set_by_name("dbeta", bytes(&g.dbeta)).expect("dbeta");
+    t.set_by_name("dx", Float32Bytea(g.dx)).expect("dx");
+    t.set_by_name("dgamma", Float32Bytea(g.dgamma))
+        .expect("dgamma");
+    t.set_by_name("dbeta", Float32Bytea(g.dbeta))
+        .expect("dbeta");
     t
 }
 
@@ -173,13 +180,13 @@ fn pg_llm_cross_entropy(logits: Option<&[u8]>, target: Option<i32>) -> f32 {
 
 /// softmax(logits) − onehot(target).
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_cross_entropy_backward(logits: Option<&[u8]>, target: Option<i32>) -> Vec<u8> {
+fn pg_llm_cross_entropy_backward(logits: Option<&[u8]>, target: Option<i32>) -> Float32Bytea {
     run("pg_llm_cross_entropy_backward", || {
         let g = cross_entropy::cross_entropy_backward(
             &logits_arg(logits, "logits")?,
             required(target, "target")? as i64,
         )?;
-        Ok(bytes(&g))
+        Ok(Float32Bytea(g))
     })
 }
 
@@ -190,11 +197,11 @@ fn pg_llm_dropout(
     p: Option<f32>,
     training: default!(Option<bool>, false),
     seed: default!(Option<i64>, "NULL"),
-) -> Vec<u8> {
+) -> Float32Bytea {
     run("pg_llm_dropout", || {
         let x = tensor(input, "input")?;
         let mut rng = rng_from_seed(seed);
-        Ok(bytes(&dropout::dropout_forward(
+        Ok(Float32Bytea(dropout::dropout_forward(
             &x,
             finite(p, "p")?,
             required(training, "training")?,
@@ -210,7 +217,7 @@ fn pg_llm_dropout_backward(
     grad: Option<&[u8]>,
     p: Option<f32>,
     training: Option<bool>,
-) -> Vec<u8> {
+) -> Float32Bytea {
     run("pg_llm_dropout_backward", || {
         let dx = dropout::dropout_backward(
             &tensor(input, "input")?,
@@ -219,11 +226,11 @@ fn pg_llm_dropout_backward(
             finite(p, "p")?,
             required(training, "training")?,
         )?;
-        Ok(bytes(&dx))
+        Ok(Float32Bytea(dx))
     })
 }
 
-fn filled_like(src: Option<&[u8]>, value: f32) -> pg_llm_engine::Result<Vec<u8>> {
+fn filled_like(src: Option<&[u8]>, value: f32) -> pg_llm_engine::Result<Float32Bytea> {
     let src = required(src, "src")?;
     if src.len() % 4 != 0 {
         return Err(EngineError::data(format!(
@@ -231,27 +238,27 @@ fn filled_like(src: Option<&[u8]>, value: f32) -> pg_llm_engine::Result<Vec<u8>>
             src.len()
         )));
     }
-    Ok(bytes(&vec![value; src.len() / 4]))
+    Ok(Float32Bytea(vec![value; src.len() / 4]))
 }
 
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_ones_like(src: Option<&[u8]>) -> Vec<u8> {
+fn pg_llm_ones_like(src: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_ones_like", || filled_like(src, 1.0))
 }
 
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_zeros_like(src: Option<&[u8]>) -> Vec<u8> {
+fn pg_llm_zeros_like(src: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_zeros_like", || filled_like(src, 0.0))
 }
 
 /// [rows, cols] → [cols, rows].
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_transpose(src: Option<&[u8]>, rows: Option<i32>, cols: Option<i32>) -> Vec<u8> {
+fn pg_llm_transpose(src: Option<&[u8]>, rows: Option<i32>, cols: Option<i32>) -> Float32Bytea {
     run("pg_llm_transpose", || {
         let (r, c) = (dim(rows, "rows")?, dim(cols, "cols")?);
         let n = tensor::numel(&[r, c], "src")?;
         let src = tensor_exact(src, "src", n, &format!("[rows={r}, cols={c}]"))?;
-        Ok(bytes(&elementwise::transpose(&src, r, c)?))
+        Ok(Float32Bytea(elementwise::transpose(&src, r, c)?))
     })
 }
 
@@ -330,10 +337,10 @@ fn pg_llm_attention(
     n_head: Option<i32>,
     t: Option<i32>,
     d: Option<i32>,
-) -> Vec<u8> {
+) -> Float32Bytea {
     run("pg_llm_attention", || {
         let a = BlockArgs::parse(x, w_qkv, b_qkv, w_o, b_o, n_head, t, d)?;
-        Ok(bytes(&attention_block_forward(
+        Ok(Float32Bytea(attention_block_forward(
             &a.x,
             a.weights(),
             a.t,
@@ -368,10 +375,12 @@ fn pg_llm_attention_backward(
         attention_block_backward(&a.x, a.weights(), &dy, a.t, a.d, a.n_head, cancel())
     });
     let mut t = PgHeapTuple::new_composite_type("attention_grads").expect("type attention_grads");
-    t.set_by_name("dx", bytes(&g.dx)).expect("dx");
-    t.set_by_name("dw_qkv", bytes(&g.dw_qkv)).expect("dw_qkv");
-    t.set_by_name("db_qkv", bytes(&g.db_qkv)).expect("db_qkv");
-    t.set_by_name("dw_o", bytes(&g.dw_o)).expect("dw_o");
-    t.set_by_name("db_o", bytes(&g.db_o)).expect("db_o");
+    t.set_by_name("dx", Float32Bytea(g.dx)).expect("dx");
+    t.set_by_name("dw_qkv", Float32Bytea(g.dw_qkv))
+        .expect("dw_qkv");
+    t.set_by_name("db_qkv", Float32Bytea(g.db_qkv))
+        .expect("db_qkv");
+    t.set_by_name("dw_o", Float32Bytea(g.dw_o)).expect("dw_o");
+    t.set_by_name("db_o", Float32Bytea(g.db_o)).expect("db_o");
     t
 }

@@ -4,7 +4,8 @@ use pg_llm_engine::optim::{self, AdamW};
 use pg_llm_engine::EngineError;
 use pgrx::prelude::*;
 
-use super::args::{bytes, finite, required, tensor};
+use super::args::{finite, required, tensor};
+use super::float32_bytea::Float32Bytea;
 use crate::errors::run;
 
 /// One AdamW step (bias-corrected, decoupled weight decay); `step` counts from 1.
@@ -42,19 +43,19 @@ fn pg_llm_adamw_step(
         Ok((w, m, v))
     });
     let mut t = PgHeapTuple::new_composite_type("adamw_state").expect("type adamw_state");
-    t.set_by_name("weight", bytes(&w)).expect("weight");
-    t.set_by_name("m", bytes(&m)).expect("m");
-    t.set_by_name("v", bytes(&v)).expect("v");
+    t.set_by_name("weight", Float32Bytea(w)).expect("weight");
+    t.set_by_name("m", Float32Bytea(m)).expect("m");
+    t.set_by_name("v", Float32Bytea(v)).expect("v");
     t
 }
 
 /// Scales grad so its L2 norm is at most `clip`.
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_grad_clip(grad: Option<&[u8]>, clip: Option<f32>) -> Vec<u8> {
+fn pg_llm_grad_clip(grad: Option<&[u8]>, clip: Option<f32>) -> Float32Bytea {
     run("pg_llm_grad_clip", || {
         let mut g = tensor(grad, "grad")?;
         optim::clip_grad_norm(&mut g, finite(clip, "clip")?)?;
-        Ok(bytes(&g))
+        Ok(Float32Bytea(g))
     })
 }
 

@@ -3,14 +3,15 @@
 use pg_llm_engine::EngineError;
 use pgrx::prelude::*;
 
-use super::args::{bytes, required};
+use super::args::required;
+use super::float32_bytea::Float32Bytea;
 use crate::errors::run;
 
 /// float4[] → little-endian float32 bytea, flattened in row-major order. The conversion is
 /// faithful (NaN and infinities are kept, so bad data can be reproduced); the compute
 /// functions are the ones that validate. NULL elements are rejected.
 #[pg_extern(immutable, parallel_safe)]
-fn pg_llm_from_array(values: Option<Vec<Option<f32>>>) -> Vec<u8> {
+fn pg_llm_from_array(values: Option<Vec<Option<f32>>>) -> Float32Bytea {
     run("pg_llm_from_array", || {
         let values = required(values, "values")?;
         let mut out = Vec::with_capacity(values.len());
@@ -19,7 +20,7 @@ fn pg_llm_from_array(values: Option<Vec<Option<f32>>>) -> Vec<u8> {
                 EngineError::NullValue(format!("values has a NULL at element {}", i + 1))
             })?);
         }
-        Ok(bytes(&out))
+        Ok(Float32Bytea(out))
     })
 }
 
