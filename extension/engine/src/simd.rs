@@ -187,6 +187,67 @@ pub fn exp_inplace(x: &mut [f32]) {
     exp_body(x)
 }
 
+/// Σ f(v) over x in eight independent partial sums, so that the compiler can vectorise it (a
+/// single running sum is a chain of dependent additions).
+#[inline(always)]
+pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The largest value of x (−∞ when empty), in eight independent lanes.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(v);
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+#[inline(always)]
+fn softmax_body(x: &mut [f32], scale: f32) -> f32 {
+    // scale > 0, so max(x · scale) = max(x) · scale exactly (rounding is monotonic).
+    let top = max(x) * scale;
+    x.iter_mut().for_each(|v| *v = exp_approx(*v * scale - top));
+    let sum = sum_map(x, |v| v);
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+    top + sum.ln()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(x: &mut [f32], scale: f32) -> f32 {
+    softmax_body(x, scale)
+}
+
+/// x ← softmax(x · scale) for a non-empty row and a positive scale; returns the row's
+/// log-sum-exp log Σ e^{x·scale}.
+pub fn softmax_scaled_inplace(x: &mut [f32], scale: f32) -> f32 {
+    debug_assert!(!x.is_empty() && scale > 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { softmax_avx2(x, scale) };
+    }
+    softmax_body(x, scale)
+}
+
 /// GPT-2's tanh-approximated GELU with tanh(u) = 1 − 2 / (e^{2u} + 1), vectorisable.
 #[inline(always)]
 fn gelu_body(x: &mut [f32]) {
@@ -249,6 +310,24 @@ mod approx_tests {
                 (*y as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
                 "gelu({x}) = {y}, want {want}"
             );
+        }
+    }
+
+    #[test]
+    fn lane_reductions_and_softmax() {
+        let xs: Vec<f32> = (0..101)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.1)
+            .collect();
+        let naive_sum: f64 = xs.iter().map(|&v| (v * v) as f64).sum();
+        assert!((sum_map(&xs, |v| v * v) as f64 - naive_sum).abs() < 1e-3);
+        assert_eq!(max(&xs), 5.0);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        let mut p = xs.clone();
+        let lse = softmax_scaled_inplace(&mut p, 0.5);
+        let z: f64 = xs.iter().map(|&v| (0.5 * v as f64).exp()).sum();
+        assert!((lse as f64 - z.ln()).abs() < 1e-5);
+        for (x, p) in xs.iter().zip(&p) {
+            assert!((*p as f64 - (0.5 * *x as f64).exp() / z).abs() < 1e-6);
         }
     }
 }

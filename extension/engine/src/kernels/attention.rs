@@ -184,7 +184,22 @@ pub fn attend(
     opts: AttnOptions,
     cancel: Cancel,
 ) -> Result<AttnForward> {
+    let mut out = tensor::alloc_zeroed(inp.t * n_head * d_head)?;
+    let lse = attend_into(&mut out, inp, n_head, d_head, opts, cancel)?;
+    Ok(AttnForward { out, lse })
+}
+
+/// `attend` into a caller's [t, H·dh] buffer; returns the log-sum-exp [H, t].
+pub fn attend_into(
+    out: &mut [f32],
+    inp: AttnInputs,
+    n_head: usize,
+    d_head: usize,
+    opts: AttnOptions,
+    cancel: Cancel,
+) -> Result<Vec<f32>> {
     let (t, dh, width) = (inp.t, d_head, n_head * d_head);
+    assert_eq!(out.len(), t * width, "attention: out");
     let n_kv = inp.start + t;
     if t == 0 || n_head == 0 || dh == 0 || opts.window == Some(0) {
         return Err(EngineError::invalid(
@@ -237,15 +252,7 @@ pub fn attend(
                         row[..first].fill(0.0);
                         row[last + 1..].fill(0.0);
                         let live = &mut row[first..=last];
-                        let max = live
-                            .iter()
-                            .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-                        live.iter_mut().for_each(|x| *x = *x * scale - max);
-                        crate::simd::exp_inplace(live);
-                        let sum: f32 = live.iter().sum();
-                        let inv = 1.0 / sum;
-                        live.iter_mut().for_each(|x| *x *= inv);
-                        lse[i0 + r] = max + sum.ln();
+                        lse[i0 + r] = crate::simd::softmax_scaled_inplace(live, scale);
                     }
                     let p = MatRef::new(&scores[..nb * nk], nb, nk);
                     let v = MatRef::strided(
@@ -267,14 +274,13 @@ pub fn attend(
             })
             .collect()
     });
-    let mut out = tensor::alloc_zeroed(t * width)?;
     let mut lse_all = Vec::with_capacity(n_head * t);
     for (h, head) in heads.into_iter().enumerate() {
         let (o, lse) = head?;
-        scatter(&mut out, &o, t, width, h * dh, dh);
+        scatter(out, &o, t, width, h * dh, dh);
         lse_all.extend_from_slice(&lse);
     }
-    Ok(AttnForward { out, lse: lse_all })
+    Ok(lse_all)
 }
 
 /// Causal self-attention over a fused qkv matrix.

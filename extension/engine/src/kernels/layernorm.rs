@@ -22,31 +22,45 @@ fn check(x: &[f32], gamma: &[f32], eps: f32) -> Result<usize> {
 #[inline]
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = crate::simd::sum_map(row, |v| v) / n;
+    let var = crate::simd::sum_map(row, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// y = (x − mean) / sqrt(var + eps) · gamma + beta, per row.
 pub fn layernorm_forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Result<Vec<f32>> {
+    let mut y = crate::tensor::alloc_zeroed(x.len())?;
+    layernorm_into(&mut y, x, gamma, beta, eps)?;
+    Ok(y)
+}
+
+/// `layernorm_forward` into a caller's buffer of x's size.
+pub fn layernorm_into(
+    y: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> Result<()> {
     let c = check(x, gamma, eps)?;
-    if beta.len() != c {
+    if beta.len() != c || y.len() != x.len() {
         return Err(EngineError::invalid(format!(
-            "beta has {} values but gamma has {c}",
-            beta.len()
+            "beta has {} values and y {}, but gamma has {c} and x {}",
+            beta.len(),
+            y.len(),
+            x.len()
         )));
     }
-    let mut y = crate::tensor::alloc_zeroed(x.len())?;
-    crate::parallel::for_rows(&mut y, c, |first, block| {
+    crate::parallel::for_rows(y, c, |first, block| {
         let xs = &x[first * c..first * c + block.len()];
         for (xr, yr) in xs.chunks_exact(c).zip(block.chunks_exact_mut(c)) {
             let (mean, rstd) = row_stats(xr, eps);
-            for i in 0..c {
-                yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+            for (((y, &x), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+                *y = (x - mean) * rstd * g + b;
             }
         }
     });
-    Ok(y)
+    Ok(())
 }
 
 /// Gradients of LayerNorm with respect to x, gamma and beta.

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::matmul::{gemm_into, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
 use crate::error::Result;
 use crate::parallel::{self, Cancel};
-use crate::simd;
+use crate::{simd, tensor};
 
 /// Up to this many rows of x, the product is memory-bound: each weight row is streamed once and
 /// dotted with every row of x.
@@ -24,39 +24,71 @@ pub fn linear(
     d_out: usize,
     cancel: Cancel,
 ) -> Result<Vec<f32>> {
-    assert_eq!(x.len(), t * d_in, "linear: x");
-    assert_eq!(w.len(), d_out * d_in, "linear: w");
-    if let Some(b) = b {
-        assert_eq!(b.len(), d_out, "linear: b");
-    }
-    if t <= SMALL_T {
-        return Ok(linear_few_rows(x, w, b, t, d_in, d_out));
-    }
-    linear_many_rows(x, w, b, (t, d_in, d_out), FLOPS_PER_SLICE, cancel)
+    let mut y = tensor::alloc_zeroed(t * d_out)?;
+    linear_into(
+        &mut y,
+        x,
+        w,
+        b,
+        (t, d_in, d_out),
+        Accumulate::Overwrite,
+        cancel,
+    )?;
+    Ok(y)
 }
 
-/// The compute-bound case: slices of output columns (weight rows), each packed and multiplied
-/// once, so cancel is checked every `flops_per_slice` without re-reading the weights. y starts
-/// as the broadcast bias and the products accumulate onto it.
-fn linear_many_rows(
+/// y = x · wᵀ (+ b) with `Accumulate::Overwrite`, y += x · wᵀ (+ b) with `Accumulate::Add`
+/// (a residual connection without a temporary). y is [t, out] and is never read when
+/// overwritten.
+pub fn linear_into(
+    y: &mut [f32],
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
     (t, d_in, d_out): (usize, usize, usize),
+    acc: Accumulate,
+    cancel: Cancel,
+) -> Result<()> {
+    assert_eq!(x.len(), t * d_in, "linear: x");
+    assert_eq!(w.len(), d_out * d_in, "linear: w");
+    assert_eq!(y.len(), t * d_out, "linear: y");
+    if let Some(b) = b {
+        assert_eq!(b.len(), d_out, "linear: b");
+    }
+    if t <= SMALL_T {
+        linear_few_rows(y, x, w, b, (t, d_in, d_out), acc);
+        return Ok(());
+    }
+    linear_many_rows(y, x, w, b, (t, d_in, d_out), acc, FLOPS_PER_SLICE, cancel)
+}
+
+/// The compute-bound case: slices of output columns (weight rows), each packed and multiplied
+/// once, so cancel is checked every `flops_per_slice` without re-reading the weights. The bias
+/// is placed in (or added to) y first and the products accumulate onto it.
+#[allow(clippy::too_many_arguments)]
+fn linear_many_rows(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (t, d_in, d_out): (usize, usize, usize),
+    acc: Accumulate,
     flops_per_slice: usize,
     cancel: Cancel,
-) -> Result<Vec<f32>> {
-    let mut y = vec![0.0f32; t * d_out];
-    if let Some(b) = b {
-        parallel::for_rows(&mut y, d_out, |_, rows| {
-            rows.chunks_exact_mut(d_out)
-                .for_each(|row| row.copy_from_slice(b))
-        });
-    }
-    let acc = if b.is_some() {
-        Accumulate::Add
-    } else {
-        Accumulate::Overwrite
+) -> Result<()> {
+    let acc = match b {
+        Some(b) => {
+            parallel::for_rows(y, d_out, |_, rows| {
+                for row in rows.chunks_exact_mut(d_out) {
+                    match acc {
+                        Accumulate::Overwrite => row.copy_from_slice(b),
+                        Accumulate::Add => row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
+                    }
+                }
+            });
+            Accumulate::Add
+        }
+        None => acc,
     };
     // A multiple of 48 keeps slice edges on whole micro-kernel tiles.
     let cols = (flops_per_slice / (2 * t * d_in).max(1))
@@ -75,19 +107,19 @@ fn linear_many_rows(
             Threads::Pool,
         );
     }
-    Ok(y)
+    Ok(())
 }
 
 /// The memory-bound case of at most SMALL_T rows: each weight row is read once and dotted
 /// with every row of x; tasks own ranges of output rows.
 fn linear_few_rows(
+    y: &mut [f32],
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
-    t: usize,
-    d_in: usize,
-    d_out: usize,
-) -> Vec<f32> {
+    (t, d_in, d_out): (usize, usize, usize),
+    acc: Accumulate,
+) {
     // yt[out, t]: each task owns a range of output rows, contiguous in yt.
     let mut yt = vec![0.0f32; d_out * t];
     parallel::install(|| {
@@ -104,13 +136,15 @@ fn linear_few_rows(
                 }
             })
     });
-    let mut y = vec![0.0f32; t * d_out];
     for o in 0..d_out {
         for ti in 0..t {
-            y[ti * d_out + o] = yt[o * t + ti];
+            let (dst, v) = (&mut y[ti * d_out + o], yt[o * t + ti]);
+            match acc {
+                Accumulate::Overwrite => *dst = v,
+                Accumulate::Add => *dst += v,
+            }
         }
     }
-    y
 }
 
 #[cfg(test)]
@@ -129,23 +163,60 @@ mod tests {
                 .map(|i| ((i * 7 % 17) as f32 - 8.0) * 0.1)
                 .collect();
             let y = linear(&x, &w, Some(&b), t, d_in, d_out, Cancel::NEVER).unwrap();
+            let dims = (t, d_in, d_out);
+            let max_diff = |p: &[f32], q: &[f32]| {
+                p.iter()
+                    .zip(q)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f32::max)
+            };
+            // Accumulating onto a residual adds exactly the product and the bias.
+            let residual: Vec<f32> = (0..t * d_out).map(|i| (i % 11) as f32 - 5.0).collect();
+            let mut summed = residual.clone();
+            let add = Accumulate::Add;
+            linear_into(&mut summed, &x, &w, Some(&b), dims, add, Cancel::NEVER).unwrap();
+            let expected: Vec<f32> = residual.iter().zip(&y).map(|(r, y)| r + y).collect();
+            assert!(max_diff(&summed, &expected) < 1e-5);
             // Many column slices (the last one ragged), with and without bias, agree too.
             if t > SMALL_T {
-                let dims = (t, d_in, d_out);
-                let max_diff = |p: &[f32]| {
-                    p.iter()
-                        .zip(&y)
-                        .map(|(p, q)| (p - q).abs())
-                        .fold(0.0, f32::max)
-                };
-                let sliced = linear_many_rows(&x, &w, Some(&b), dims, 1, Cancel::NEVER).unwrap();
-                assert!(max_diff(&sliced) < 1e-5);
-                let no_bias = linear_many_rows(&x, &w, None, dims, 1, Cancel::NEVER).unwrap();
+                let overwrite = Accumulate::Overwrite;
+                let mut sliced = vec![f32::NAN; t * d_out];
+                linear_many_rows(
+                    &mut sliced,
+                    &x,
+                    &w,
+                    Some(&b),
+                    dims,
+                    overwrite,
+                    1,
+                    Cancel::NEVER,
+                )
+                .unwrap();
+                assert!(max_diff(&sliced, &y) < 1e-5);
+                let mut no_bias = vec![f32::NAN; t * d_out];
+                linear_many_rows(
+                    &mut no_bias,
+                    &x,
+                    &w,
+                    None,
+                    dims,
+                    overwrite,
+                    1,
+                    Cancel::NEVER,
+                )
+                .unwrap();
                 let biased: Vec<f32> = no_bias
                     .chunks(d_out)
                     .flat_map(|r| r.iter().zip(&b).map(|(v, b)| v + b))
                     .collect();
-                assert!(max_diff(&biased) < 1e-5);
+                assert!(max_diff(&biased, &y) < 1e-5);
+                let mut summed = residual.clone();
+                linear_many_rows(&mut summed, &x, &w, None, dims, add, 1, Cancel::NEVER).unwrap();
+                let plus_bias: Vec<f32> = summed
+                    .chunks(d_out)
+                    .flat_map(|r| r.iter().zip(&b).map(|(v, b)| v + b))
+                    .collect();
+                assert!(max_diff(&plus_bias, &expected) < 1e-5);
             }
             for ti in 0..t {
                 for o in 0..d_out {

@@ -5,9 +5,10 @@
 use super::config::{Activation, AttnKind, LnPlacement, ModelConfig};
 use super::weights::{ModelWeights, Norm};
 use crate::error::{EngineError, Result};
-use crate::kernels::attention::{attend, AttnInputs, AttnOptions};
-use crate::kernels::layernorm::layernorm_forward;
-use crate::kernels::linear::linear;
+use crate::kernels::attention::{attend_into, AttnInputs, AttnOptions, AttnShape};
+use crate::kernels::layernorm::{layernorm_forward, layernorm_into};
+use crate::kernels::linear::{linear, linear_into};
+use crate::kernels::matmul::Accumulate;
 use crate::parallel::{self, Cancel};
 use crate::tensor;
 
@@ -65,10 +66,26 @@ impl Model {
         })
     }
 
-    /// Logits for every position of `tokens`, from an empty cache.
+    /// Logits [T, vocab] for every position of `tokens`, from an empty cache.
     pub fn logits(&self, tokens: &[u32], cancel: Cancel) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache(tokens.len().max(1))?;
-        self.forward(tokens, &mut cache, Logits::All, cancel)
+        let mut out =
+            tensor::alloc_zeroed(tensor::numel(&[tokens.len(), self.config.vocab], "logits")?)?;
+        self.logits_into(&mut out, tokens, cancel)?;
+        Ok(out)
+    }
+
+    /// `logits` into a caller's [T, vocab] buffer (such as the result value itself). Keeps no
+    /// keys or values: attention reads them straight from each layer's q|k|v product.
+    pub fn logits_into(&self, out: &mut [f32], tokens: &[u32], cancel: Cancel) -> Result<()> {
+        if out.len() != tokens.len() * self.config.vocab {
+            return Err(EngineError::invalid(format!(
+                "a buffer of {} values cannot hold the logits of {} tokens",
+                out.len(),
+                tokens.len()
+            )));
+        }
+        let h = self.hidden(tokens, None, cancel)?;
+        self.head_into(out, &h, tokens.len(), cancel)
     }
 
     /// Runs `tokens` at positions cache.len().. and appends their keys and values.
@@ -79,17 +96,39 @@ impl Model {
         which: Logits,
         cancel: Cancel,
     ) -> Result<Vec<f32>> {
+        let d = self.config.d_model;
+        let h = self.hidden(tokens, Some(cache), cancel)?;
+        let (rows, h) = match which {
+            Logits::All => (tokens.len(), &h[..]),
+            Logits::Last => (1, &h[(tokens.len() - 1) * d..]),
+        };
+        let mut out = tensor::alloc_zeroed(rows * self.config.vocab)?;
+        self.head_into(&mut out, h, rows, cancel)?;
+        Ok(out)
+    }
+
+    /// The hidden state [T, d_model] after the last layer for `tokens` at positions
+    /// cache.len().. (0.. without a cache). One set of activation buffers serves every layer,
+    /// and the residual stream x takes each sub-layer's output projection in place.
+    fn hidden(
+        &self,
+        tokens: &[u32],
+        mut cache: Option<&mut KvCache>,
+        cancel: Cancel,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.config;
-        let w = &self.weights;
         let (t, d, da) = (tokens.len(), cfg.d_model, cfg.d_attn());
+        let (start, capacity) = match &cache {
+            Some(c) => (c.len, c.capacity),
+            None => (0, cfg.n_positions),
+        };
         if t == 0 {
             return Err(EngineError::invalid("no tokens to process"));
         }
-        if cache.len + t > cache.capacity {
+        if start + t > capacity {
             return Err(EngineError::invalid(format!(
-                "{} positions exceed the context of {} tokens",
-                cache.len + t,
-                cache.capacity
+                "{} positions exceed the context of {capacity} tokens",
+                start + t
             )));
         }
         if let Some((i, bad)) = tokens
@@ -102,9 +141,13 @@ impl Model {
                 cfg.vocab
             )));
         }
-        let start = cache.len;
         let mut x = self.embed(tokens, start, cancel)?;
-        for (i, layer) in w.layers.iter().enumerate() {
+        let mut h = tensor::alloc_zeroed(t * d)?;
+        let mut qkv = tensor::alloc_zeroed(t * 3 * da)?;
+        let mut attn = tensor::alloc_zeroed(t * da)?;
+        let mut f = tensor::alloc_zeroed(t * cfg.d_ff)?;
+        let pre_ln = cfg.ln_placement == LnPlacement::Pre;
+        for (i, layer) in self.weights.layers.iter().enumerate() {
             cancel.check()?;
             let opts = AttnOptions {
                 window: match cfg.layer_kind(i) {
@@ -114,75 +157,80 @@ impl Model {
                 scale: cfg.scale_attn,
             };
             // Attention sub-layer.
-            let h = match cfg.ln_placement {
-                LnPlacement::Pre => norm(&x, &layer.ln_1, cfg.ln_eps)?,
-                LnPlacement::Post => x.clone(),
-            };
-            let qkv = linear(
-                &h,
+            if pre_ln {
+                norm_into(&mut h, &x, &layer.ln_1, cfg.ln_eps)?;
+            }
+            let input = if pre_ln { &h } else { &x };
+            let dims = (t, d, 3 * da);
+            linear_into(
+                &mut qkv,
+                input,
                 &layer.w_qkv,
-                Some(&layer.b_qkv[..]),
-                t,
-                d,
-                3 * da,
+                Some(&layer.b_qkv),
+                dims,
+                OVERWRITE,
                 cancel,
             )?;
-            let (keys, values) = (&mut cache.keys[i], &mut cache.values[i]);
-            for r in 0..t {
-                let row = &qkv[r * 3 * da..(r + 1) * 3 * da];
-                keys[(start + r) * da..(start + r + 1) * da].copy_from_slice(&row[da..2 * da]);
-                values[(start + r) * da..(start + r + 1) * da].copy_from_slice(&row[2 * da..]);
-            }
-            let inputs = AttnInputs {
-                q: &qkv,
-                q_stride: 3 * da,
-                k: keys,
-                v: values,
-                kv_stride: da,
-                start,
-                t,
+            let inputs = match cache.as_deref_mut() {
+                Some(cache) => cache.append(i, &qkv, t, da),
+                None => AttnInputs::fused(
+                    &qkv,
+                    AttnShape {
+                        t,
+                        n_head: cfg.n_head,
+                        d_head: cfg.d_head,
+                    },
+                ),
             };
-            let attn = attend(inputs, cfg.n_head, cfg.d_head, opts, cancel)?.out;
-            let a = linear(&attn, &layer.w_o, Some(&layer.b_o[..]), t, da, d, cancel)?;
-            add_into(&mut x, &a);
-            if cfg.ln_placement == LnPlacement::Post {
-                x = norm(&x, &layer.ln_1, cfg.ln_eps)?;
+            attend_into(&mut attn, inputs, cfg.n_head, cfg.d_head, opts, cancel)?;
+            linear_into(
+                &mut x,
+                &attn,
+                &layer.w_o,
+                Some(&layer.b_o),
+                (t, da, d),
+                ADD,
+                cancel,
+            )?;
+            if !pre_ln {
+                norm_into(&mut h, &x, &layer.ln_1, cfg.ln_eps)?;
+                std::mem::swap(&mut x, &mut h);
             }
             // MLP sub-layer.
-            let h = match cfg.ln_placement {
-                LnPlacement::Pre => norm(&x, &layer.ln_2, cfg.ln_eps)?,
-                LnPlacement::Post => x.clone(),
-            };
-            let mut f = linear(
-                &h,
+            if pre_ln {
+                norm_into(&mut h, &x, &layer.ln_2, cfg.ln_eps)?;
+            }
+            let input = if pre_ln { &h } else { &x };
+            let dims = (t, d, cfg.d_ff);
+            linear_into(
+                &mut f,
+                input,
                 &layer.w_fc,
-                Some(&layer.b_fc[..]),
-                t,
-                d,
-                cfg.d_ff,
+                Some(&layer.b_fc),
+                dims,
+                OVERWRITE,
                 cancel,
             )?;
             activate(&mut f, cfg.activation);
-            let m = linear(
+            let dims = (t, cfg.d_ff, d);
+            linear_into(
+                &mut x,
                 &f,
                 &layer.w_proj,
-                Some(&layer.b_proj[..]),
-                t,
-                cfg.d_ff,
-                d,
+                Some(&layer.b_proj),
+                dims,
+                ADD,
                 cancel,
             )?;
-            add_into(&mut x, &m);
-            if cfg.ln_placement == LnPlacement::Post {
-                x = norm(&x, &layer.ln_2, cfg.ln_eps)?;
+            if !pre_ln {
+                norm_into(&mut h, &x, &layer.ln_2, cfg.ln_eps)?;
+                std::mem::swap(&mut x, &mut h);
             }
         }
-        cache.len += t;
-        let (rows, h) = match which {
-            Logits::All => (t, x),
-            Logits::Last => (1, x[(t - 1) * d..].to_vec()),
-        };
-        self.head(&h, rows, cancel)
+        if let Some(cache) = cache {
+            cache.len += t;
+        }
+        Ok(x)
     }
 
     /// Token + position embeddings of `tokens` placed at positions start.. → [T, d_model].
@@ -206,40 +254,67 @@ impl Model {
         Ok(x)
     }
 
-    /// Final LayerNorm, projection and output layer for `rows` rows of hidden state.
-    fn head(&self, h: &[f32], rows: usize, cancel: Cancel) -> Result<Vec<f32>> {
+    /// Final LayerNorm, projection and output layer for `rows` rows of hidden state, into
+    /// out [rows, vocab]. Embedding rows past the vocabulary (padding) are never computed.
+    fn head_into(&self, out: &mut [f32], h: &[f32], rows: usize, cancel: Cancel) -> Result<()> {
         let cfg = &self.config;
         let w = &self.weights;
-        let mut h = match &w.ln_f {
-            Some(n) => norm(h, n, cfg.ln_eps)?,
-            None => h.to_vec(),
+        let normed;
+        let h = match &w.ln_f {
+            Some(n) => {
+                normed = layernorm_forward(h, &n.weight, &n.bias, cfg.ln_eps)?;
+                &normed[..]
+            }
+            None => h,
         };
-        if let Some(p) = &w.project_out {
-            h = linear(&h, p, None, rows, cfg.d_model, cfg.d_embed(), cancel)?;
-        }
-        let table = w.lm_head.as_ref().unwrap_or(&w.wte);
-        let n_rows = cfg.embedding_rows();
-        let mut logits = linear(&h, table, None, rows, cfg.d_embed(), n_rows, cancel)?;
-        if n_rows != cfg.vocab {
-            logits = logits
-                .chunks_exact(n_rows)
-                .flat_map(|r| r[..cfg.vocab].to_vec())
-                .collect();
-        }
-        Ok(logits)
+        let projected;
+        let h = match &w.project_out {
+            Some(p) => {
+                projected = linear(h, p, None, rows, cfg.d_model, cfg.d_embed(), cancel)?;
+                &projected[..]
+            }
+            None => h,
+        };
+        let e = cfg.d_embed();
+        let table = &w.lm_head.as_ref().unwrap_or(&w.wte)[..cfg.vocab * e];
+        linear_into(out, h, table, None, (rows, e, cfg.vocab), OVERWRITE, cancel)
     }
 }
 
-fn norm(x: &[f32], n: &Norm, eps: f32) -> Result<Vec<f32>> {
-    layernorm_forward(x, &n.weight, &n.bias, eps)
+impl KvCache {
+    /// Stores the keys and values of `t` new positions of layer `layer` (from its [t, 3·da]
+    /// q|k|v product) and returns attention's view: those queries against every cached key.
+    fn append<'a>(
+        &'a mut self,
+        layer: usize,
+        qkv: &'a [f32],
+        t: usize,
+        da: usize,
+    ) -> AttnInputs<'a> {
+        let start = self.len;
+        let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
+        for (r, row) in qkv.chunks_exact(3 * da).enumerate() {
+            let at = (start + r) * da;
+            keys[at..at + da].copy_from_slice(&row[da..2 * da]);
+            values[at..at + da].copy_from_slice(&row[2 * da..]);
+        }
+        AttnInputs {
+            q: qkv,
+            q_stride: 3 * da,
+            k: keys,
+            v: values,
+            kv_stride: da,
+            start,
+            t,
+        }
+    }
 }
 
-/// x += y, in parallel blocks for long inputs.
-fn add_into(x: &mut [f32], y: &[f32]) {
-    parallel::for_rows(x, 1, |first, block| {
-        let ys = &y[first..first + block.len()];
-        block.iter_mut().zip(ys).for_each(|(a, b)| *a += b);
-    });
+const OVERWRITE: Accumulate = Accumulate::Overwrite;
+const ADD: Accumulate = Accumulate::Add;
+
+fn norm_into(y: &mut [f32], x: &[f32], n: &Norm, eps: f32) -> Result<()> {
+    layernorm_into(y, x, &n.weight, &n.bias, eps)
 }
 
 fn activate(x: &mut [f32], act: Activation) {
@@ -250,4 +325,56 @@ fn activate(x: &mut [f32], act: Activation) {
             .for_each(|v| *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2))),
         Activation::Relu => block.iter_mut().for_each(|v| *v = v.max(0.0)),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::tiny_gpt3;
+    use crate::model::init::init_params;
+    use crate::model::MapSource;
+
+    fn model(cfg: ModelConfig) -> Model {
+        let mut src = MapSource::new(init_params(&cfg, 3).unwrap());
+        Model::new(cfg.clone(), ModelWeights::load(&cfg, &mut src).unwrap()).unwrap()
+    }
+
+    /// One pass without a cache (the logits path) and cached chunks that take both the
+    /// few-rows and the many-rows linear paths give the same logits, for pre- and post-LN and
+    /// a padded embedding table.
+    #[test]
+    fn cached_chunks_match_one_pass() {
+        let post = ModelConfig {
+            ln_placement: LnPlacement::Post,
+            padded_vocab: Some(16),
+            ..tiny_gpt3()
+        };
+        for cfg in [tiny_gpt3(), post] {
+            let m = model(cfg);
+            let tokens: Vec<u32> = (0..13).map(|i| (i * 7 % 11) as u32).collect();
+            let whole = m.logits(&tokens, Cancel::NEVER).unwrap();
+            let mut cache = m.new_cache(16).unwrap();
+            let mut chunked = Vec::new();
+            for part in [&tokens[..6], &tokens[6..7], &tokens[7..]] {
+                chunked.extend(
+                    m.forward(part, &mut cache, Logits::All, Cancel::NEVER)
+                        .unwrap(),
+                );
+            }
+            assert_eq!(whole.len(), 13 * 11);
+            let worst = whole
+                .iter()
+                .zip(&chunked)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-5, "{worst}");
+            // 13 of 16 positions are used: one more fits, three more do not.
+            assert!(m
+                .forward(&[1], &mut cache, Logits::Last, Cancel::NEVER)
+                .is_ok());
+            assert!(m
+                .forward(&[1, 2, 3], &mut cache, Logits::Last, Cancel::NEVER)
+                .is_err());
+        }
+    }
 }
