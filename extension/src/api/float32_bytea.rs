@@ -1,26 +1,78 @@
-//! `Float32Bytea`: how every float32 tensor result leaves a SQL function, as `bytea`. The
-//! values are copied once, straight into the result value; encoding to a `Vec<u8>` first would
-//! copy large results such as logits twice and fault in an extra buffer of their size.
+//! `Float32Bytea`: how every float32 tensor result leaves a SQL function, as `bytea`. Values
+//! computed into a `Vec` are copied once, straight into the result value; large results such
+//! as logits can instead be computed in the result value itself (`Float32Bytea::computed`),
+//! so they are neither copied nor held twice.
 
-use pg_llm_engine::tensor;
+use std::mem::MaybeUninit;
 
-/// A float32 tensor returned as `bytea`, copied once, straight into the result value (large
-/// results such as logits would otherwise be copied twice).
-pub struct Float32Bytea(pub Vec<f32>);
+use pg_llm_engine::{parallel, tensor, Cancel, EngineError};
+use pgrx::pg_sys;
+
+/// A float32 tensor returned as `bytea`.
+pub struct Float32Bytea(Repr);
+
+enum Repr {
+    Values(Vec<f32>),
+    /// A finished bytea, palloc'd in the function's memory context.
+    Bytea(pg_sys::Datum),
+}
+
+impl From<Vec<f32>> for Float32Bytea {
+    fn from(values: Vec<f32>) -> Self {
+        Self(Repr::Values(values))
+    }
+}
+
+impl Float32Bytea {
+    /// A result of `len` values that `compute` writes straight into the bytea's payload. The
+    /// payload is zeroed first on the compute pool (cancellable: for 2048 tokens of logits it
+    /// is 411 MB of fresh pages); an error leaves the memory to the memory context.
+    pub fn computed(
+        len: usize,
+        cancel: Cancel,
+        compute: impl FnOnce(&mut [f32]) -> pg_llm_engine::Result<()>,
+    ) -> pg_llm_engine::Result<Self> {
+        if len > tensor::MAX_TENSOR_ELEMS {
+            return Err(EngineError::too_large(format!(
+                "a result of {len} float32 values exceeds the 1 GB limit of one bytea"
+            )));
+        }
+        if cfg!(target_endian = "big") {
+            let mut values = tensor::alloc_zeroed(len)?;
+            compute(&mut values)?;
+            return Ok(Self::from(values));
+        }
+        let total = pg_sys::VARHDRSZ + 4 * len;
+        // SAFETY: palloc returns a MAXALIGN'd block of `total` bytes (or raises an ERROR), so
+        // the payload after the 4-byte header is 4-byte aligned room for `len` f32 values,
+        // viewed as uninitialised until `zeroed` has written them. The block lives in the
+        // current memory context, which outlives this call, and nothing else refers to it.
+        unsafe {
+            let ptr = pg_sys::palloc(total) as *mut pg_sys::varlena;
+            pgrx::set_varsize_4b(ptr, total as i32);
+            let payload = (ptr as *mut u8).add(pg_sys::VARHDRSZ) as *mut MaybeUninit<f32>;
+            let values = parallel::zeroed(std::slice::from_raw_parts_mut(payload, len), cancel)?;
+            compute(values)?;
+            Ok(Self(Repr::Bytea(pg_sys::Datum::from(ptr))))
+        }
+    }
+}
 
 impl pgrx::IntoDatum for Float32Bytea {
-    fn into_datum(self) -> Option<pgrx::pg_sys::Datum> {
-        if cfg!(target_endian = "little") {
-            // SAFETY: reading f32 values as bytes is always valid.
-            let (_, bytes, _) = unsafe { self.0.align_to::<u8>() };
-            bytes.into_datum()
-        } else {
-            tensor::encode(&self.0).into_datum()
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        match self.0 {
+            Repr::Bytea(datum) => Some(datum),
+            Repr::Values(values) if cfg!(target_endian = "little") => {
+                // SAFETY: reading f32 values as bytes is always valid.
+                let (_, bytes, _) = unsafe { values.align_to::<u8>() };
+                bytes.into_datum()
+            }
+            Repr::Values(values) => tensor::encode(&values).into_datum(),
         }
     }
 
-    fn type_oid() -> pgrx::pg_sys::Oid {
-        pgrx::pg_sys::BYTEAOID
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::BYTEAOID
     }
 }
 
@@ -31,7 +83,7 @@ unsafe impl pgrx::callconv::BoxRet for Float32Bytea {
         fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
     ) -> pgrx::datum::Datum<'fcx> {
         match pgrx::IntoDatum::into_datum(self) {
-            // SAFETY: a freshly palloc'd bytea in the function's memory context.
+            // SAFETY: a palloc'd bytea in the function's memory context.
             Some(datum) => unsafe { fcinfo.return_raw_datum(datum) },
             None => fcinfo.return_null(),
         }

@@ -28,7 +28,7 @@ fn pg_llm_matmul(
         let b = tensor_exact(b, "b", b_len, &format!("[k={k}, n={n}]"))?;
         let c = matmul::matmul(&a, &b, m, k, n, cancel())?;
         tensor::check_result(&c, "matmul result")?;
-        Ok(Float32Bytea(c))
+        Ok(Float32Bytea::from(c))
     })
 }
 
@@ -36,7 +36,7 @@ fn pg_llm_matmul(
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_add", || {
-        Ok(Float32Bytea(elementwise::add(
+        Ok(Float32Bytea::from(elementwise::add(
             &tensor(a, "a")?,
             &tensor(b, "b")?,
         )?))
@@ -47,7 +47,9 @@ fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Float32Bytea {
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_gelu(a: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_gelu", || {
-        Ok(Float32Bytea(elementwise::gelu_forward(&tensor(a, "a")?)))
+        Ok(Float32Bytea::from(elementwise::gelu_forward(&tensor(
+            a, "a",
+        )?)))
     })
 }
 
@@ -55,7 +57,7 @@ fn pg_llm_gelu(a: Option<&[u8]>) -> Float32Bytea {
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_gelu_backward(x: Option<&[u8]>, dy: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_gelu_backward", || {
-        Ok(Float32Bytea(elementwise::gelu_backward(
+        Ok(Float32Bytea::from(elementwise::gelu_backward(
             &tensor(x, "x")?,
             &tensor(dy, "dy")?,
         )?))
@@ -74,7 +76,7 @@ fn cols_or_all(cols: Option<i32>, len: usize) -> pg_llm_engine::Result<usize> {
 fn pg_llm_softmax(a: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_softmax", || {
         let a = logits_arg(a, "a")?;
-        Ok(Float32Bytea(softmax::softmax_forward(
+        Ok(Float32Bytea::from(softmax::softmax_forward(
             &a,
             cols_or_all(None, a.len())?,
         )?))
@@ -86,7 +88,7 @@ fn pg_llm_softmax(a: Option<&[u8]>) -> Float32Bytea {
 fn pg_llm_softmax_rows(a: Option<&[u8]>, cols: Option<i32>) -> Float32Bytea {
     run("pg_llm_softmax", || {
         let a = logits_arg(a, "a")?;
-        Ok(Float32Bytea(softmax::softmax_forward(
+        Ok(Float32Bytea::from(softmax::softmax_forward(
             &a,
             cols_or_all(Some(required(cols, "cols")?), a.len())?,
         )?))
@@ -98,7 +100,7 @@ fn pg_llm_softmax_rows(a: Option<&[u8]>, cols: Option<i32>) -> Float32Bytea {
 fn pg_llm_softmax_backward(y: Option<&[u8]>, dy: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_softmax_backward", || {
         let y = tensor(y, "y")?;
-        Ok(Float32Bytea(softmax::softmax_backward(
+        Ok(Float32Bytea::from(softmax::softmax_backward(
             &y,
             &tensor(dy, "dy")?,
             cols_or_all(None, y.len())?,
@@ -116,7 +118,7 @@ fn pg_llm_softmax_backward_rows(
     run("pg_llm_softmax_backward", || {
         let y = tensor(y, "y")?;
         let cols = cols_or_all(Some(required(cols, "cols")?), y.len())?;
-        Ok(Float32Bytea(softmax::softmax_backward(
+        Ok(Float32Bytea::from(softmax::softmax_backward(
             &y,
             &tensor(dy, "dy")?,
             cols,
@@ -139,7 +141,7 @@ fn pg_llm_layernorm(
             &tensor(beta, "beta")?,
             finite(eps, "eps")?,
         )?;
-        Ok(Float32Bytea(y))
+        Ok(Float32Bytea::from(y))
     })
 }
 
@@ -159,10 +161,10 @@ fn pg_llm_layernorm_backward(
         )
     });
     let mut t = PgHeapTuple::new_composite_type("layernorm_grads").expect("type layernorm_grads");
-    t.set_by_name("dx", Float32Bytea(g.dx)).expect("dx");
-    t.set_by_name("dgamma", Float32Bytea(g.dgamma))
+    t.set_by_name("dx", Float32Bytea::from(g.dx)).expect("dx");
+    t.set_by_name("dgamma", Float32Bytea::from(g.dgamma))
         .expect("dgamma");
-    t.set_by_name("dbeta", Float32Bytea(g.dbeta))
+    t.set_by_name("dbeta", Float32Bytea::from(g.dbeta))
         .expect("dbeta");
     t
 }
@@ -186,7 +188,7 @@ fn pg_llm_cross_entropy_backward(logits: Option<&[u8]>, target: Option<i32>) -> 
             &logits_arg(logits, "logits")?,
             required(target, "target")? as i64,
         )?;
-        Ok(Float32Bytea(g))
+        Ok(Float32Bytea::from(g))
     })
 }
 
@@ -201,7 +203,7 @@ fn pg_llm_dropout(
     run("pg_llm_dropout", || {
         let x = tensor(input, "input")?;
         let mut rng = rng_from_seed(seed);
-        Ok(Float32Bytea(dropout::dropout_forward(
+        Ok(Float32Bytea::from(dropout::dropout_forward(
             &x,
             finite(p, "p")?,
             required(training, "training")?,
@@ -226,7 +228,7 @@ fn pg_llm_dropout_backward(
             finite(p, "p")?,
             required(training, "training")?,
         )?;
-        Ok(Float32Bytea(dx))
+        Ok(Float32Bytea::from(dx))
     })
 }
 
@@ -238,7 +240,7 @@ fn filled_like(src: Option<&[u8]>, value: f32) -> pg_llm_engine::Result<Float32B
             src.len()
         )));
     }
-    Ok(Float32Bytea(vec![value; src.len() / 4]))
+    Ok(Float32Bytea::from(vec![value; src.len() / 4]))
 }
 
 #[pg_extern(immutable, parallel_safe)]
@@ -258,7 +260,7 @@ fn pg_llm_transpose(src: Option<&[u8]>, rows: Option<i32>, cols: Option<i32>) ->
         let (r, c) = (dim(rows, "rows")?, dim(cols, "cols")?);
         let n = tensor::numel(&[r, c], "src")?;
         let src = tensor_exact(src, "src", n, &format!("[rows={r}, cols={c}]"))?;
-        Ok(Float32Bytea(elementwise::transpose(&src, r, c)?))
+        Ok(Float32Bytea::from(elementwise::transpose(&src, r, c)?))
     })
 }
 
@@ -340,7 +342,7 @@ fn pg_llm_attention(
 ) -> Float32Bytea {
     run("pg_llm_attention", || {
         let a = BlockArgs::parse(x, w_qkv, b_qkv, w_o, b_o, n_head, t, d)?;
-        Ok(Float32Bytea(attention_block_forward(
+        Ok(Float32Bytea::from(attention_block_forward(
             &a.x,
             a.weights(),
             a.t,
@@ -375,12 +377,14 @@ fn pg_llm_attention_backward(
         attention_block_backward(&a.x, a.weights(), &dy, a.t, a.d, a.n_head, cancel())
     });
     let mut t = PgHeapTuple::new_composite_type("attention_grads").expect("type attention_grads");
-    t.set_by_name("dx", Float32Bytea(g.dx)).expect("dx");
-    t.set_by_name("dw_qkv", Float32Bytea(g.dw_qkv))
+    t.set_by_name("dx", Float32Bytea::from(g.dx)).expect("dx");
+    t.set_by_name("dw_qkv", Float32Bytea::from(g.dw_qkv))
         .expect("dw_qkv");
-    t.set_by_name("db_qkv", Float32Bytea(g.db_qkv))
+    t.set_by_name("db_qkv", Float32Bytea::from(g.db_qkv))
         .expect("db_qkv");
-    t.set_by_name("dw_o", Float32Bytea(g.dw_o)).expect("dw_o");
-    t.set_by_name("db_o", Float32Bytea(g.db_o)).expect("db_o");
+    t.set_by_name("dw_o", Float32Bytea::from(g.dw_o))
+        .expect("dw_o");
+    t.set_by_name("db_o", Float32Bytea::from(g.db_o))
+        .expect("db_o");
     t
 }

@@ -3,7 +3,7 @@
 use pg_llm_engine::formats::{hf_config, names, safetensors, TensorMap};
 use pg_llm_engine::model::check_tensors;
 use pg_llm_engine::model::init::init_params;
-use pg_llm_engine::{EngineError, Result};
+use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
@@ -155,6 +155,7 @@ fn llm_logits(
                 model.config.n_positions
             )));
         }
-        Ok(Float32Bytea(model.logits(&ids, cancel())?))
+        let len = tensor::numel(&[ids.len(), model.config.vocab], "logits")?;
+        Float32Bytea::computed(len, cancel(), |out| model.logits_into(out, &ids, cancel()))
     })
 }

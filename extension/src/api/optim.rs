@@ -43,9 +43,10 @@ fn pg_llm_adamw_step(
         Ok((w, m, v))
     });
     let mut t = PgHeapTuple::new_composite_type("adamw_state").expect("type adamw_state");
-    t.set_by_name("weight", Float32Bytea(w)).expect("weight");
-    t.set_by_name("m", Float32Bytea(m)).expect("m");
-    t.set_by_name("v", Float32Bytea(v)).expect("v");
+    t.set_by_name("weight", Float32Bytea::from(w))
+        .expect("weight");
+    t.set_by_name("m", Float32Bytea::from(m)).expect("m");
+    t.set_by_name("v", Float32Bytea::from(v)).expect("v");
     t
 }
 
@@ -55,7 +56,7 @@ fn pg_llm_grad_clip(grad: Option<&[u8]>, clip: Option<f32>) -> Float32Bytea {
     run("pg_llm_grad_clip", || {
         let mut g = tensor(grad, "grad")?;
         optim::clip_grad_norm(&mut g, finite(clip, "clip")?)?;
-        Ok(Float32Bytea(g))
+        Ok(Float32Bytea::from(g))
     })
 }
 

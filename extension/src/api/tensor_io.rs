@@ -20,7 +20,7 @@ fn pg_llm_from_array(values: Option<Vec<Option<f32>>>) -> Float32Bytea {
                 EngineError::NullValue(format!("values has a NULL at element {}", i + 1))
             })?);
         }
-        Ok(Float32Bytea(out))
+        Ok(Float32Bytea::from(out))
     })
 }
 

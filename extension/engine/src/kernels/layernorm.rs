@@ -43,14 +43,13 @@ pub fn layernorm_into(
     eps: f32,
 ) -> Result<()> {
     let c = check(x, gamma, eps)?;
-    if beta.len() != c || y.len() != x.len() {
+    if beta.len() != c {
         return Err(EngineError::invalid(format!(
-            "beta has {} values and y {}, but gamma has {c} and x {}",
-            beta.len(),
-            y.len(),
-            x.len()
+            "beta has {} values but gamma has {c}",
+            beta.len()
         )));
     }
+    assert_eq!(y.len(), x.len(), "layernorm: y");
     crate::parallel::for_rows(y, c, |first, block| {
         let xs = &x[first * c..first * c + block.len()];
         for (xr, yr) in xs.chunks_exact(c).zip(block.chunks_exact_mut(c)) {
