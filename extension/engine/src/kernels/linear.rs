@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_into, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
+use super::matmul::{gemm_sliced, Accumulate, MatRef, FLOPS_PER_SLICE};
 use crate::error::Result;
 use crate::parallel::{self, Cancel};
 use crate::{simd, tensor};
@@ -63,8 +63,8 @@ pub fn linear_into(
 }
 
 /// The compute-bound case: slices of output columns (weight rows), each packed and multiplied
-/// once, so cancel is checked every `flops_per_slice` without re-reading the weights. The bias
-/// is placed in (or added to) y first and the products accumulate onto it.
+/// once (`gemm_sliced`), so cancel is checked every `flops_per_slice`. The bias is placed in
+/// (or added to) y first and the products accumulate onto it.
 #[allow(clippy::too_many_arguments)]
 fn linear_many_rows(
     y: &mut [f32],
@@ -90,24 +90,9 @@ fn linear_many_rows(
         }
         None => acc,
     };
-    // A multiple of 48 keeps slice edges on whole micro-kernel tiles.
-    let cols = (flops_per_slice / (2 * t * d_in).max(1))
-        .max(1)
-        .next_multiple_of(48);
     let xs = MatRef::new(x, t, d_in);
-    for c0 in (0..d_out).step_by(cols) {
-        cancel.check()?;
-        let c1 = (c0 + cols).min(d_out);
-        gemm_into(
-            &mut y[c0..],
-            d_out,
-            xs,
-            MatRef::transposed(&w[c0 * d_in..c1 * d_in], d_in, c1 - c0),
-            acc,
-            Threads::Pool,
-        );
-    }
-    Ok(())
+    let wt = MatRef::transposed(w, d_in, d_out);
+    gemm_sliced(y, xs, wt, acc, flops_per_slice, cancel)
 }
 
 /// The memory-bound case of at most SMALL_T rows: each weight row is read once and dotted

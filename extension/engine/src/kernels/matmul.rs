@@ -56,25 +56,17 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Rows `start..end` of this view.
-    pub fn row_range(&self, start: usize, end: usize) -> Self {
-        assert!(start <= end && end <= self.rows);
-        let offset = start * self.row_stride;
+    /// Columns `start..end` of this view.
+    pub fn col_range(&self, start: usize, end: usize) -> Self {
+        assert!(start <= end && end <= self.cols);
         let data = if end > start {
-            &self.data[offset..]
+            &self.data[start * self.col_stride..]
         } else {
             &self.data[..0]
         };
         Self {
             data,
-            rows: end - start,
+            cols: end - start,
             ..*self
         }
     }
@@ -103,7 +95,7 @@ pub fn gemm(dst: &mut [f32], a: MatRef, b: MatRef, acc: Accumulate, threads: Thr
 
 /// Like `gemm`, with row r of the result at dst[r * dst_stride..] (a column block of a wider
 /// row-major matrix).
-pub fn gemm_into(
+fn gemm_into(
     dst: &mut [f32],
     dst_stride: usize,
     a: MatRef,
@@ -172,8 +164,40 @@ pub fn gemm_into(
 /// 12 ms on two cores, so a cancel request is honoured well within 100 ms.
 pub const FLOPS_PER_SLICE: usize = 2_000_000_000;
 
-/// C[m, n] = A[m, k] · B[k, n] for row-major operands, validated, split into row slices so a
-/// cancel request is honoured between slices of a very large product.
+/// dst[m, n] (row-major, contiguous) = a · b, or += with `Accumulate::Add`, on the compute
+/// pool in slices of b's columns of at most `flops_per_slice` each, checking `cancel` before
+/// every slice. Each column block of b is packed once (slicing a's rows instead would pack all
+/// of b again for every slice).
+pub fn gemm_sliced(
+    dst: &mut [f32],
+    a: MatRef,
+    b: MatRef,
+    acc: Accumulate,
+    flops_per_slice: usize,
+    cancel: Cancel,
+) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    // A multiple of 48 keeps slice edges on whole micro-kernel tiles.
+    let cols = (flops_per_slice / (2 * m * k).max(1))
+        .max(1)
+        .next_multiple_of(48);
+    for c0 in (0..n).step_by(cols) {
+        cancel.check()?;
+        let c1 = (c0 + cols).min(n);
+        gemm_into(
+            &mut dst[c0..],
+            n,
+            a,
+            b.col_range(c0, c1),
+            acc,
+            Threads::Pool,
+        );
+    }
+    Ok(())
+}
+
+/// C[m, n] = A[m, k] · B[k, n] for row-major operands, validated; a large product runs in
+/// slices (`gemm_sliced`) so a cancel request is honoured between them.
 pub fn matmul(
     a: &[f32],
     b: &[f32],
@@ -197,23 +221,14 @@ pub fn matmul(
         small_m_product(&mut out, a, b, m, k, n);
         return Ok(out);
     }
-    let slices = (2 * m * k * n).div_ceil(FLOPS_PER_SLICE).max(1);
-    let rows_per_slice = m.div_ceil(slices);
-    let b_view = MatRef::new(b, k, n);
-    let mut start = 0;
-    while start < m {
-        cancel.check()?;
-        let end = (start + rows_per_slice).min(m);
-        let a_view = MatRef::new(&a[start * k..end * k], end - start, k);
-        gemm(
-            &mut out[start * n..end * n],
-            a_view,
-            b_view,
-            Accumulate::Overwrite,
-            Threads::Pool,
-        );
-        start = end;
-    }
+    gemm_sliced(
+        &mut out,
+        MatRef::new(a, m, k),
+        MatRef::new(b, k, n),
+        Accumulate::Overwrite,
+        FLOPS_PER_SLICE,
+        cancel,
+    )?;
     Ok(out)
 }
 
@@ -335,6 +350,23 @@ mod tests {
         for (x, y) in out.iter().zip(expect) {
             assert!((x - (y + 1.0)).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn column_slices_match_one_product() {
+        // 1 FLOP per slice: 48-column slices, the last one ragged, on a row-major b.
+        let (m, k, n) = (7, 5, 101);
+        let (a, b) = (seq(m * k, 0.3), seq(k * n, 0.2));
+        let expect = naive(&a, &b, m, k, n);
+        let mut out = vec![f32::NAN; m * n];
+        let (av, bv) = (MatRef::new(&a, m, k), MatRef::new(&b, k, n));
+        gemm_sliced(&mut out, av, bv, Accumulate::Overwrite, 1, Cancel::NEVER).unwrap();
+        for (x, y) in out.iter().zip(&expect) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+        let stop = || true;
+        let cancelled = gemm_sliced(&mut out, av, bv, Accumulate::Add, 1, Cancel::new(&stop));
+        assert_eq!(cancelled, Err(EngineError::Cancelled));
     }
 
     #[test]
