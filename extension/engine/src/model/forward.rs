@@ -146,7 +146,6 @@ impl Model {
         let mut qkv = tensor::alloc_zeroed(t * 3 * da)?;
         let mut attn = tensor::alloc_zeroed(t * da)?;
         let mut f = tensor::alloc_zeroed(t * cfg.d_ff)?;
-        let pre_ln = cfg.ln_placement == LnPlacement::Pre;
         for (i, layer) in self.weights.layers.iter().enumerate() {
             cancel.check()?;
             let opts = AttnOptions {
@@ -157,10 +156,7 @@ impl Model {
                 scale: cfg.scale_attn,
             };
             // Attention sub-layer.
-            if pre_ln {
-                norm_into(&mut h, &x, &layer.ln_1, cfg.ln_eps)?;
-            }
-            let input = if pre_ln { &h } else { &x };
+            let input = self.sublayer_input(&mut h, &x, &layer.ln_1)?;
             let dims = (t, d, 3 * da);
             linear_into(
                 &mut qkv,
@@ -183,24 +179,19 @@ impl Model {
                 ),
             };
             attend_into(&mut attn, inputs, cfg.n_head, cfg.d_head, opts, cancel)?;
+            let dims = (t, da, d);
             linear_into(
                 &mut x,
                 &attn,
                 &layer.w_o,
                 Some(&layer.b_o),
-                (t, da, d),
+                dims,
                 ADD,
                 cancel,
             )?;
-            if !pre_ln {
-                norm_into(&mut h, &x, &layer.ln_1, cfg.ln_eps)?;
-                std::mem::swap(&mut x, &mut h);
-            }
+            self.post_norm(&mut x, &mut h, &layer.ln_1)?;
             // MLP sub-layer.
-            if pre_ln {
-                norm_into(&mut h, &x, &layer.ln_2, cfg.ln_eps)?;
-            }
-            let input = if pre_ln { &h } else { &x };
+            let input = self.sublayer_input(&mut h, &x, &layer.ln_2)?;
             let dims = (t, d, cfg.d_ff);
             linear_into(
                 &mut f,
@@ -222,15 +213,31 @@ impl Model {
                 ADD,
                 cancel,
             )?;
-            if !pre_ln {
-                norm_into(&mut h, &x, &layer.ln_2, cfg.ln_eps)?;
-                std::mem::swap(&mut x, &mut h);
-            }
+            self.post_norm(&mut x, &mut h, &layer.ln_2)?;
         }
         if let Some(cache) = cache {
             cache.len += t;
         }
         Ok(x)
+    }
+
+    /// A sub-layer's input: LayerNorm(x), written to h, with pre-LN; x itself with post-LN.
+    fn sublayer_input<'a>(&self, h: &'a mut [f32], x: &'a [f32], n: &Norm) -> Result<&'a [f32]> {
+        if self.config.ln_placement == LnPlacement::Pre {
+            norm_into(h, x, n, self.config.ln_eps)?;
+            Ok(h)
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// After a sub-layer's residual addition: x ← LayerNorm(x) with post-LN (through h).
+    fn post_norm(&self, x: &mut Vec<f32>, h: &mut Vec<f32>, n: &Norm) -> Result<()> {
+        if self.config.ln_placement == LnPlacement::Post {
+            norm_into(h, x, n, self.config.ln_eps)?;
+            std::mem::swap(x, h);
+        }
+        Ok(())
     }
 
     /// Token + position embeddings of `tokens` placed at positions start.. → [T, d_model].
