@@ -22,7 +22,7 @@ fn sqlstate(err: &EngineError) -> PgSqlErrorCode {
 }
 
 /// An SPI failure as an engine error (the statement text is ours; a failure is unexpected data).
-pub fn spi(e: pgrx::spi::SpiError) -> EngineError {
+pub fn spi_error(e: pgrx::spi::SpiError) -> EngineError {
     EngineError::data(format!("SPI: {e}"))
 }
 
@@ -44,13 +44,47 @@ pub fn run<T>(function: &str, body: impl FnOnce() -> pg_llm_engine::Result<T>) -
     }
 }
 
+/// True when PostgreSQL wants the running statement to end: a query cancel (raised by
+/// pg_cancel_backend, statement_timeout, lock/recovery conflicts), termination, or a client
+/// that went away. Any other interrupt (timers, signal barriers, memory-context dumps, catch-up
+/// of invalidations) only asks to be served and must not end the call.
+fn stop_requested() -> bool {
+    // SAFETY: plain reads of flags that PostgreSQL's signal handlers set; no PostgreSQL function
+    // is called, so this is safe from any thread.
+    unsafe {
+        std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::QueryCancelPending)) != 0
+            || std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::ProcDiePending)) != 0
+            || std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::ClientConnectionLost)) != 0
+    }
+}
+
 fn interrupt_pending() -> bool {
-    // SAFETY: a plain read of a sig_atomic_t flag that PostgreSQL's signal handlers set; safe
-    // from any thread (no PostgreSQL function is called).
+    // SAFETY: as above.
     unsafe { std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::InterruptPending)) != 0 }
 }
 
-static PROBE: fn() -> bool = interrupt_pending;
+/// The backend's own thread (compute threads never call into PostgreSQL).
+fn on_backend_thread() -> bool {
+    // SAFETY: plain system calls. A process's main thread has the process id as thread id.
+    unsafe { libc::gettid() == libc::getpid() }
+}
+
+/// The probe behind `cancel()`, called between blocks of engine work on any thread. On the
+/// backend's thread a pending interrupt that is not a stop is served right away, as PostgreSQL
+/// serves interrupts between the rows of a query, so barriers (CREATE/DROP DATABASE) and
+/// requests such as pg_log_backend_memory_contexts never wait for a long call to end.
+fn probe() -> bool {
+    if stop_requested() {
+        return true;
+    }
+    if interrupt_pending() && on_backend_thread() {
+        // Raises the usual ERROR itself should a cancel arrive in between.
+        pg_sys::check_for_interrupts!();
+    }
+    false
+}
+
+static PROBE: fn() -> bool = probe;
 
 /// A cancellation probe for engine work running in this backend.
 pub fn cancel() -> Cancel<'static> {
