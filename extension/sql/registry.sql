@@ -6,7 +6,7 @@
 CREATE SEQUENCE llm_model_version_seq;
 
 CREATE TABLE llm_model_config (
-    model             text PRIMARY KEY,
+    model             text PRIMARY KEY CHECK (model <> ''),
     n_layer           int  NOT NULL CHECK (n_layer > 0),
     n_head            int  NOT NULL CHECK (n_head > 0),
     d_model           int  NOT NULL CHECK (d_model > 0),
@@ -30,7 +30,7 @@ CREATE TABLE llm_model_config (
     ln_eps            float4 NOT NULL DEFAULT 1e-5 CHECK (ln_eps > 0),
     d_embed           int CHECK (d_embed > 0),       -- token embedding width when projected to d_model (OPT-350m)
     family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo')),
-    version           bigint NOT NULL DEFAULT nextval('llm_model_version_seq'),  -- changes with every write; keys cached weights
+    version           bigint NOT NULL DEFAULT nextval('@extschema@.llm_model_version_seq'::regclass),  -- changes with every write; keys cached weights
     note              text,
     CONSTRAINT local_layers_need_a_window CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL)
 );
@@ -56,9 +56,13 @@ VALUES
     ('gpt3-175b', 96, 96, 12288, 128, 49152, 2048, 50257, '{dense,local}', 256, 'gpt3', 'GPT-3 175B ("GPT-3")'),
     ('gpt2-small', 12, 12,  768,  64,  3072, 1024, 50257, '{dense}', NULL, 'gpt2', 'GPT-2 small (pg_gpt2 compatibility)');
 
+-- Every function below pins its search_path (pg_catalog first, pg_temp last), so that objects
+-- a session creates (temporary tables, functions or operators in its own schemas) can never
+-- stand in for the extension's own; see docs/internal_architecture.md.
+
 -- Raises 42704 for an unknown model, so every caller reports the same clear error.
 CREATE FUNCTION llm_get_model_config(model text) RETURNS llm_model_config
-LANGUAGE plpgsql STABLE STRICT AS $$
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, @extschema@, pg_temp AS $$
 DECLARE
     cfg llm_model_config;
 BEGIN
@@ -73,9 +77,10 @@ END
 $$;
 
 -- Any change to a model row gives it a new version so cached weights are reloaded.
-CREATE FUNCTION llm_model_config_bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION llm_model_config_bump_version() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp AS $$
 BEGIN
-    NEW.version := nextval('llm_model_version_seq');
+    NEW.version := nextval('@extschema@.llm_model_version_seq'::regclass);
     RETURN NEW;
 END
 $$;
@@ -107,10 +112,15 @@ ALTER TABLE llm_param ALTER COLUMN m SET STORAGE EXTERNAL;
 ALTER TABLE llm_param ALTER COLUMN v SET STORAGE EXTERNAL;
 
 -- Any write to a model's parameters, through pg_llm or by hand, gives the model a new version.
-CREATE FUNCTION llm_param_bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION llm_param_bump_version() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp AS $$
 BEGIN
-    UPDATE llm_model_config SET version = nextval('llm_model_version_seq')
-     WHERE model IN (SELECT model FROM changed_rows);
+    IF TG_OP = 'TRUNCATE' THEN
+        UPDATE @extschema@.llm_model_config SET version = nextval('@extschema@.llm_model_version_seq'::regclass);
+    ELSE
+        UPDATE @extschema@.llm_model_config SET version = nextval('@extschema@.llm_model_version_seq'::regclass)
+         WHERE model IN (SELECT model FROM changed_rows);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -120,6 +130,15 @@ CREATE TRIGGER llm_param_version_upd AFTER UPDATE ON llm_param
     REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
 CREATE TRIGGER llm_param_version_del AFTER DELETE ON llm_param
     REFERENCING OLD TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
+CREATE TRIGGER llm_param_version_truncate AFTER TRUNCATE ON llm_param
+    FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
+-- Versions must change with every write, also when rows arrive by logical replication or a
+-- restore that runs with session_replication_role = replica.
+ALTER TABLE llm_model_config ENABLE ALWAYS TRIGGER llm_model_config_version;
+ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_ins;
+ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_upd;
+ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_del;
+ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_truncate;
 
 -- One row per tensor, for people and tools that do not care about chunks.
 CREATE VIEW llm_param_info AS

@@ -12,6 +12,7 @@ mod files;
 mod flush;
 mod guc;
 mod model_cache;
+mod spi;
 mod store;
 mod tokenizer_cache;
 

@@ -21,17 +21,23 @@ use pg_llm_engine::model::weight_file::{self, FileId, Rejected};
 use pg_llm_engine::model::{MapSource, Model, ModelConfig, ModelWeights};
 use pg_llm_engine::{EngineError, Result};
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
-use crate::errors::spi;
+use crate::errors::spi_error;
+use crate::spi;
 use crate::store::{self, StoredConfig, TableSource};
 
 thread_local! {
     static MODELS: RefCell<HashMap<String, (i64, Rc<Model>)>> = RefCell::new(HashMap::new());
 }
 
-/// The current weights of `model`, loading them when the cache is cold or stale.
+/// The current weights of `model`, loading them when the cache is cold or stale. The version,
+/// the configuration and every tensor are read under one snapshot, so the weights are exactly
+/// one committed state of the tables, and the weight file written for that version holds it.
 pub fn get(model: &str) -> Result<Rc<Model>> {
+    spi::consistent(|| load(model))
+}
+
+fn load(model: &str) -> Result<Rc<Model>> {
     let stored = store::load_config(model)?;
     if let Some(hit) = MODELS.with(|m| {
         m.borrow()
@@ -62,6 +68,26 @@ pub fn get(model: &str) -> Result<Rc<Model>> {
         ModelWeights::load(&stored.config, &mut TableSource::new(model))?
     };
     remember(model, stored, weights)
+}
+
+/// What this backend holds: (model, version, mapped from a weight file, bytes of weights).
+pub fn loaded() -> Vec<(String, i64, bool, i64)> {
+    let mut out: Vec<_> = MODELS.with(|m| {
+        m.borrow()
+            .iter()
+            .map(|(name, (version, model))| {
+                let storage = model.weights.storage();
+                (
+                    name.clone(),
+                    *version,
+                    storage.is_mapped(),
+                    (storage.as_slice().len() * 4) as i64,
+                )
+            })
+            .collect()
+    });
+    out.sort();
+    out
 }
 
 /// Called right after all of `model`'s parameters were written (init, import) with the
@@ -163,8 +189,7 @@ fn database_dir() -> PathBuf {
 /// The OID of `llm_param`: it changes when the extension is dropped and created again, which
 /// restarts the version sequence, so files of an earlier installation never match.
 fn param_table_oid() -> Result<u32> {
-    Spi::get_one::<pg_sys::Oid>("SELECT 'llm_param'::regclass::oid")
-        .map_err(spi)?
+    spi::read_one::<pg_sys::Oid>("SELECT 'llm_param'::regclass::oid", &[])?
         .map(|o| o.to_u32())
         .ok_or_else(|| EngineError::Internal("llm_param has no OID".into()))
 }
@@ -174,13 +199,14 @@ fn param_table_oid() -> Result<u32> {
 /// of dropped databases. Backends still mapping a removed file keep their mapping.
 fn prune(place: &FilePlace) {
     let (dir, keep, id) = (&place.dir, &place.path, &place.id);
-    let models: Option<HashSet<String>> = Spi::connect(|client| {
-        let rows = client
-            .select("SELECT model FROM llm_model_config", None, &[])
-            .ok()?;
-        rows.map(|r| r.get::<String>(1).ok().flatten()).collect()
+    let mut models = HashSet::new();
+    let listed = spi::read("SELECT model FROM llm_model_config", &[], |row| {
+        models.extend(row.get::<String>(1).map_err(spi_error)?);
+        Ok(())
     });
-    let Some(models) = models else { return };
+    if listed.is_err() {
+        return;
+    }
     let prefix = format!("{}:", place.param_table);
     let entries = fs::read_dir(dir).into_iter().flatten().flatten();
     for path in entries.map(|e| e.path()) {
@@ -198,14 +224,12 @@ fn prune(place: &FilePlace) {
             let _ = fs::remove_file(&path);
         }
     }
-    let databases: Option<HashSet<u32>> = Spi::connect(|client| {
-        let rows = client
-            .select("SELECT oid FROM pg_database", None, &[])
-            .ok()?;
-        rows.map(|r| r.get::<pg_sys::Oid>(1).ok().flatten().map(|o| o.to_u32()))
-            .collect()
+    let mut databases = HashSet::new();
+    let listed = spi::read("SELECT oid FROM pg_database", &[], |row| {
+        databases.extend(row.get::<pg_sys::Oid>(1).map_err(spi_error)?.map(|o| o.to_u32()));
+        Ok(())
     });
-    let (Some(databases), Some(root)) = (databases, dir.parent()) else {
+    let (Ok(()), Some(root)) = (listed, dir.parent()) else {
         return;
     };
     for entry in fs::read_dir(root).into_iter().flatten().flatten() {

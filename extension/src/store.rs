@@ -1,5 +1,7 @@
 //! Reading and writing models in their tables (`llm_model_config`, `llm_param`) through SPI.
-//! Everything runs in the caller's transaction: an error rolls every write back.
+//! Everything runs in the caller's transaction: an error rolls every write back. Reads go
+//! through `spi::read`; a caller that needs several reads to agree (a model load) wraps them in
+//! `spi::consistent`.
 
 use std::collections::HashMap;
 
@@ -7,8 +9,10 @@ use pg_llm_engine::formats::TensorMap;
 use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig, TensorSource};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
 
-use crate::errors::spi;
+use crate::errors::spi_error;
+use crate::spi;
 
 /// Values per stored chunk: 256 MB, well inside PostgreSQL's 1 GB limit for one value.
 const CHUNK_ELEMS: usize = 64 * 1024 * 1024;
@@ -21,69 +25,68 @@ pub struct StoredConfig {
 }
 
 pub fn load_config(model: &str) -> Result<StoredConfig> {
-    Spi::connect(|client| {
-        let rows = client
-            .select(
-                "SELECT n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, activation, attention_pattern, \
-                 local_window, scale_attn, position_offset, qkv_bias, tied_head, padded_vocab, ln_placement, ln_eps, \
-                 d_embed, family, version FROM llm_model_config WHERE model = $1",
-                Some(1),
-                &[model.into()],
-            )
-            .map_err(spi)?;
-        if rows.is_empty() {
-            return Err(EngineError::UndefinedObject(format!(
-                "model \"{model}\" is not registered in llm_model_config"
-            )));
-        }
-        let row = rows.first();
-        let int = |i: usize| -> Result<usize> {
-            Ok(row.get::<i32>(i).map_err(spi)?.unwrap_or(0).max(0) as usize)
-        };
-        let opt_int = |i: usize| -> Result<Option<usize>> {
-            Ok(row.get::<i32>(i).map_err(spi)?.map(|v| v.max(0) as usize))
-        };
-        let text = |i: usize| -> Result<String> {
-            Ok(row.get::<String>(i).map_err(spi)?.unwrap_or_default())
-        };
-        let flag =
-            |i: usize| -> Result<bool> { Ok(row.get::<bool>(i).map_err(spi)?.unwrap_or(false)) };
-        let pattern: Vec<Option<String>> = row.get(9).map_err(spi)?.unwrap_or_default();
-        let config = ModelConfig {
-            n_layer: int(1)?,
-            n_head: int(2)?,
-            d_model: int(3)?,
-            d_head: int(4)?,
-            d_ff: int(5)?,
-            n_positions: int(6)?,
-            vocab: int(7)?,
-            activation: Activation::parse(&text(8)?)?,
-            attention_pattern: pattern
-                .iter()
-                .map(|k| AttnKind::parse(k.as_deref().unwrap_or("")))
-                .collect::<Result<_>>()?,
-            local_window: opt_int(10)?,
-            scale_attn: flag(11)?,
-            position_offset: int(12)?,
-            qkv_bias: flag(13)?,
-            tied_head: flag(14)?,
-            padded_vocab: opt_int(15)?,
-            ln_placement: if text(16)? == "post" {
-                LnPlacement::Post
-            } else {
-                LnPlacement::Pre
-            },
-            ln_eps: row.get::<f32>(17).map_err(spi)?.unwrap_or(1e-5),
-            d_embed: opt_int(18)?,
-        };
-        let family = text(19)?;
-        let version = row.get::<i64>(20).map_err(spi)?.unwrap_or(0);
-        config.validate()?;
-        Ok(StoredConfig {
-            config,
-            family,
-            version,
-        })
+    let mut stored = None;
+    spi::read(
+        "SELECT n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, activation, attention_pattern, \
+         local_window, scale_attn, position_offset, qkv_bias, tied_head, padded_vocab, ln_placement, ln_eps, \
+         d_embed, family, version FROM llm_model_config WHERE model = $1",
+        &[model.into()],
+        |row| {
+            stored = Some(config_from_row(row)?);
+            Ok(())
+        },
+    )?;
+    stored.ok_or_else(|| {
+        EngineError::UndefinedObject(format!(
+            "model \"{model}\" is not registered in llm_model_config"
+        ))
+    })
+}
+
+fn config_from_row(row: &SpiHeapTupleData) -> Result<StoredConfig> {
+    let int =
+        |i: usize| -> Result<usize> { Ok(row.get::<i32>(i).map_err(spi_error)?.unwrap_or(0).max(0) as usize) };
+    let opt_int = |i: usize| -> Result<Option<usize>> {
+        Ok(row.get::<i32>(i).map_err(spi_error)?.map(|v| v.max(0) as usize))
+    };
+    let text =
+        |i: usize| -> Result<String> { Ok(row.get::<String>(i).map_err(spi_error)?.unwrap_or_default()) };
+    let flag = |i: usize| -> Result<bool> { Ok(row.get::<bool>(i).map_err(spi_error)?.unwrap_or(false)) };
+    let pattern: Vec<Option<String>> = row.get(9).map_err(spi_error)?.unwrap_or_default();
+    let config = ModelConfig {
+        n_layer: int(1)?,
+        n_head: int(2)?,
+        d_model: int(3)?,
+        d_head: int(4)?,
+        d_ff: int(5)?,
+        n_positions: int(6)?,
+        vocab: int(7)?,
+        activation: Activation::parse(&text(8)?)?,
+        attention_pattern: pattern
+            .iter()
+            .map(|k| AttnKind::parse(k.as_deref().unwrap_or("")))
+            .collect::<Result<_>>()?,
+        local_window: opt_int(10)?,
+        scale_attn: flag(11)?,
+        position_offset: int(12)?,
+        qkv_bias: flag(13)?,
+        tied_head: flag(14)?,
+        padded_vocab: opt_int(15)?,
+        ln_placement: if text(16)? == "post" {
+            LnPlacement::Post
+        } else {
+            LnPlacement::Pre
+        },
+        ln_eps: row.get::<f32>(17).map_err(spi_error)?.unwrap_or(1e-5),
+        d_embed: opt_int(18)?,
+    };
+    let family = text(19)?;
+    let version = row.get::<i64>(20).map_err(spi_error)?.unwrap_or(0);
+    config.validate()?;
+    Ok(StoredConfig {
+        config,
+        family,
+        version,
     })
 }
 
@@ -143,7 +146,7 @@ pub fn ensure_config(model: &str, cfg: &ModelConfig, family: &str) -> Result<()>
                     family.into(),
                 ],
             )
-            .map_err(spi)
+            .map_err(spi_error)
         }
         Err(e) => Err(e),
     }
@@ -164,7 +167,7 @@ fn describe(c: &ModelConfig) -> String {
 
 /// Replaces every parameter of `model` with `tensors` (canonical names), chunked.
 pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
-    Spi::run_with_args("DELETE FROM llm_param WHERE model = $1", &[model.into()]).map_err(spi)?;
+    Spi::run_with_args("DELETE FROM llm_param WHERE model = $1", &[model.into()]).map_err(spi_error)?;
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
@@ -184,7 +187,7 @@ pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
                     bytes.as_slice().into(),
                 ],
             )
-            .map_err(spi)?;
+            .map_err(spi_error)?;
         }
     }
     Ok(())
@@ -206,22 +209,17 @@ impl TableSource {
 
 impl TensorSource for TableSource {
     fn shapes(&self) -> Result<HashMap<String, Vec<usize>>> {
-        let shapes: HashMap<String, Vec<usize>> = Spi::connect(|client| {
-            let rows = client
-                .select(
-                    "SELECT name, shape FROM llm_param WHERE model = $1 AND chunk = 0",
-                    None,
-                    &[self.model.as_str().into()],
-                )
-                .map_err(spi)?;
-            let mut out = HashMap::new();
-            for row in rows {
-                let name: String = row.get(1).map_err(spi)?.unwrap_or_default();
-                let shape: Vec<i32> = row.get(2).map_err(spi)?.unwrap_or_default();
-                out.insert(name, shape.iter().map(|&d| d.max(0) as usize).collect());
-            }
-            Ok::<_, EngineError>(out)
-        })?;
+        let mut shapes = HashMap::new();
+        spi::read(
+            "SELECT name, shape FROM llm_param WHERE model = $1 AND chunk = 0",
+            &[self.model.as_str().into()],
+            |row| {
+                let name: String = row.get(1).map_err(spi_error)?.unwrap_or_default();
+                let shape: Vec<i32> = row.get(2).map_err(spi_error)?.unwrap_or_default();
+                shapes.insert(name, shape.iter().map(|&d| d.max(0) as usize).collect());
+                Ok(())
+            },
+        )?;
         if shapes.is_empty() {
             return Err(EngineError::UndefinedObject(format!(
                 "model \"{}\" has no parameters; create them with llm_init_params or pg_llm_import_safetensors",
@@ -233,23 +231,18 @@ impl TensorSource for TableSource {
 
     fn read_into(&mut self, name: &str, out: &mut [f32]) -> Result<()> {
         pgrx::check_for_interrupts!();
-        // One SPI connection per tensor: its detoasted chunks are freed before the next tensor.
-        let filled = Spi::connect(|client| {
-            let rows = client
-                .select(
-                    "SELECT data FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
-                    None,
-                    &[self.model.as_str().into(), name.into()],
-                )
-                .map_err(spi)?;
-            let mut filled = 0;
-            for row in rows {
-                let bytes: &[u8] = row.get(1).map_err(spi)?.unwrap_or_default();
+        // One query per tensor: its detoasted chunks are freed before the next tensor.
+        let mut filled = 0;
+        spi::read(
+            "SELECT data FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
+            &[self.model.as_str().into(), name.into()],
+            |row| {
+                let bytes: &[u8] = row.get(1).map_err(spi_error)?.unwrap_or_default();
                 filled += tensor::copy_decoded(&mut out[filled..], bytes, name)
                     .map_err(|_| self.wrong_size(name, out.len()))?;
-            }
-            Ok::<_, EngineError>(filled)
-        })?;
+                Ok(())
+            },
+        )?;
         if filled != out.len() {
             return Err(self.wrong_size(name, out.len()));
         }

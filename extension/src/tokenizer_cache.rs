@@ -7,7 +7,9 @@ use std::rc::Rc;
 
 use pg_llm_engine::tokenizer::Bpe;
 use pg_llm_engine::{EngineError, Result};
-use pgrx::prelude::*;
+
+use crate::errors::spi_error;
+use crate::spi;
 
 thread_local! {
     static TOKENIZERS: RefCell<HashMap<i64, Rc<Bpe>>> = RefCell::new(HashMap::new());
@@ -15,10 +17,11 @@ thread_local! {
 
 /// The tokenizer of `model`; 42704 when the model has none.
 pub fn for_model(model: &str) -> Result<Rc<Bpe>> {
-    let id = Spi::get_one_with_args::<i64>("SELECT tokenizer_id FROM llm_model_tokenizer WHERE model = $1", &[model.into()])
-        .ok()
-        .flatten()
-        .ok_or_else(|| {
+    let id = spi::read_one::<i64>(
+        "SELECT tokenizer_id FROM llm_model_tokenizer WHERE model = $1",
+        &[model.into()],
+    )?
+    .ok_or_else(|| {
             EngineError::UndefinedObject(format!(
                 "model \"{model}\" has no tokenizer; load one with llm_load_tokenizer(model, vocab, merges)"
             ))
@@ -26,15 +29,17 @@ pub fn for_model(model: &str) -> Result<Rc<Bpe>> {
     if let Some(hit) = TOKENIZERS.with(|t| t.borrow().get(&id).cloned()) {
         return Ok(hit);
     }
-    let (vocab, merges) = Spi::get_two_with_args::<String, String>(
+    let mut bpe = None;
+    spi::read(
         "SELECT vocab, merges FROM llm_tokenizer WHERE id = $1",
         &[id.into()],
-    )
-    .map_err(crate::errors::spi)?;
-    let bpe = Rc::new(Bpe::new(
-        &vocab.unwrap_or_default(),
-        &merges.unwrap_or_default(),
-    )?);
+        |row| {
+            let text = |i| row.get::<&str>(i).map_err(spi_error).map(Option::unwrap_or_default);
+            bpe = Some(Rc::new(Bpe::new(text(1)?, text(2)?)?));
+            Ok(())
+        },
+    )?;
+    let bpe = bpe.ok_or_else(|| EngineError::UndefinedObject(format!("tokenizer {id} of model \"{model}\" is gone")))?;
     TOKENIZERS.with(|t| t.borrow_mut().insert(id, bpe.clone()));
     Ok(bpe)
 }

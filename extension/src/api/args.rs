@@ -65,3 +65,12 @@ pub fn token_ids(ids: Option<Vec<Option<i32>>>, name: &str) -> Result<Vec<u32>> 
         })
         .collect()
 }
+
+/// A model name argument: present and not empty (the registry refuses empty names too).
+pub fn model_name<'a>(value: Option<&'a str>, name: &str) -> Result<&'a str> {
+    let model = required(value, name)?;
+    if model.is_empty() {
+        return Err(EngineError::invalid(format!("{name} must not be empty")));
+    }
+    Ok(model)
+}

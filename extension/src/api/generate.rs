@@ -10,7 +10,7 @@ use pg_llm_engine::tokenizer::Bpe;
 use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
 
-use super::args::{finite, required};
+use super::args::{self, finite, required};
 use crate::errors::{cancel, report, run};
 use crate::{model_cache, tokenizer_cache};
 
@@ -51,13 +51,14 @@ fn text_without_eos(bpe: &Bpe, ids: &[u32], eos: Option<u32>) -> Result<String> 
 }
 
 fn model_and_tokenizer(name: Option<&str>) -> Result<(Rc<Model>, Rc<Bpe>)> {
-    let name = required(name, "model_name")?;
+    let name = args::model_name(name, "model_name")?;
     Ok((model_cache::get(name)?, tokenizer_cache::for_model(name)?))
 }
 
 /// The continuation of `prompt` (EOS not included). Temperature 0 is greedy; `seed` makes
 /// sampling reproducible; `eos_token` NULL or negative never stops early.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
 fn llm_generate(
     prompt: Option<&str>,
@@ -80,6 +81,7 @@ fn llm_generate(
 
 /// Generated token ids after `token_ids` (an EOS that stopped generation is included).
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
 fn llm_generate_ids(
     token_ids: Option<Vec<Option<i32>>>,
@@ -94,7 +96,7 @@ fn llm_generate_ids(
     run("llm_generate_ids", || {
         let opts = options(max_tokens, temperature, topk, topp, eos_token, seed)?;
         let ids = super::args::token_ids(token_ids, "token_ids")?;
-        let model = model_cache::get(required(model_name, "model_name")?)?;
+        let model = model_cache::get(args::model_name(model_name, "model_name")?)?;
         Ok(generate(&model, &ids, opts, cancel())?
             .into_iter()
             .map(|t| t as i32)
@@ -149,6 +151,7 @@ impl Iterator for Stream {
 /// row with empty token text. Rows stream to the client when the function is called in the
 /// select list, e.g. `SELECT (s).* FROM (SELECT llm_generate_stream(...) AS s) q`.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
 fn llm_generate_stream(
     prompt: Option<&str>,
@@ -188,6 +191,7 @@ fn llm_generate_stream(
 /// Beam search in the server: the `beam_width` best continuations of `prompt`, ranked by
 /// summed log-probability / length^length_penalty.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn llm_beam_search(
     prompt: Option<&str>,
     beam_width: default!(Option<i32>, 4),

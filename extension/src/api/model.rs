@@ -15,9 +15,10 @@ use crate::{files, model_cache, store};
 /// Initialises every parameter of a registered model (GPT-2/3 scheme), replacing any it had.
 /// Returns the number of parameters written.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn llm_init_params(model: Option<&str>, seed: default!(Option<i64>, 0)) -> i64 {
     run("llm_init_params", || {
-        let model = required(model, "model")?;
+        let model = args::model_name(model, "model")?;
         let stored = store::load_config(model)?;
         let params = init_params(&stored.config, required(seed, "seed")? as u64)?;
         store::write_params(model, &params)?;
@@ -68,6 +69,7 @@ fn import(model: &str, files: Vec<(String, Vec<u8>)>, config: Option<JsonB>) -> 
 /// (the checkpoint's config.json) the model row is created or checked and the family detected;
 /// without it the model must be registered. All or nothing. Returns the parameter count.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_import_safetensors_bytes(
     data: Option<&[u8]>,
     model: Option<&str>,
@@ -76,7 +78,7 @@ fn pg_llm_import_safetensors_bytes(
     run("pg_llm_import_safetensors_bytes", || {
         let data = required(data, "data")?.to_vec();
         import(
-            required(model, "model")?,
+            args::model_name(model, "model")?,
             vec![("data".into(), data)],
             config,
         )
@@ -86,6 +88,7 @@ fn pg_llm_import_safetensors_bytes(
 /// Imports from a server path: a `.safetensors` file, a sharded checkpoint's
 /// `model.safetensors.index.json`, or a directory holding either. Restricted like COPY FROM.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_import_safetensors(
     path: Option<&str>,
     model: Option<&str>,
@@ -135,19 +138,20 @@ fn pg_llm_import_safetensors(
             let name = shard.to_string_lossy().to_string();
             blobs.push((name.clone(), files::read(&name)?));
         }
-        import(required(model, "model")?, blobs, config)
+        import(args::model_name(model, "model")?, blobs, config)
     })
 }
 
 /// float32 logits [T, vocab] for every position of `token_ids`.
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn llm_logits(
     token_ids: Option<Vec<Option<i32>>>,
     model_name: default!(Option<&str>, "'gpt3-125m'"),
 ) -> Float32Bytea {
     run("llm_logits", || {
         let ids = args::token_ids(token_ids, "token_ids")?;
-        let model = model_cache::get(required(model_name, "model_name")?)?;
+        let model = model_cache::get(args::model_name(model_name, "model_name")?)?;
         if ids.len() > model.config.n_positions {
             return Err(EngineError::invalid(format!(
                 "{} tokens exceed the model's context of {} tokens",
@@ -158,4 +162,19 @@ fn llm_logits(
         let len = tensor::numel(&[ids.len(), model.config.vocab], "logits")?;
         Float32Bytea::computed(len, cancel(), |out| model.logits_into(out, &ids, cancel()))
     })
+}
+
+/// The models this connection holds in memory: the version of their weights, whether the
+/// weights are mapped from a shared weight file, and their size in bytes.
+#[pg_extern(volatile, parallel_restricted)]
+fn llm_loaded_models() -> TableIterator<
+    'static,
+    (
+        name!(model, String),
+        name!(version, i64),
+        name!(weight_file, bool),
+        name!(bytes, i64),
+    ),
+> {
+    TableIterator::new(model_cache::loaded())
 }

@@ -31,9 +31,9 @@ fn pg_llm_sample(
             None => &all[..],
             Some(v) => {
                 let v = tensor::dim(v as i64, "vocab")?;
-                if all.len() % v != 0 {
+                if all.is_empty() || all.len() % v != 0 {
                     return Err(EngineError::invalid(format!(
-                        "logits have {} values, which is not a whole number of rows of vocab = {v}",
+                        "logits have {} values, which is not a whole, non-zero number of rows of vocab = {v}",
                         all.len()
                     )));
                 }

@@ -4,9 +4,9 @@ use pg_llm_engine::tokenizer::Bpe;
 use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
 
-use super::args::{required, token_ids};
-use crate::errors::{run, spi};
-use crate::{files, store, tokenizer_cache};
+use super::args::{self, required, token_ids};
+use crate::errors::{run, spi_error};
+use crate::{files, spi, store, tokenizer_cache};
 
 /// Validates, stores (once per distinct content) and attaches a tokenizer to `model`.
 fn attach(model: &str, vocab: &str, merges: &str) -> Result<i32> {
@@ -19,14 +19,14 @@ fn attach(model: &str, vocab: &str, merges: &str) -> Result<i32> {
          SELECT id FROM ins UNION ALL SELECT id FROM llm_tokenizer WHERE digest = md5($1 || E'\\x1f' || $2) LIMIT 1",
         &[vocab.into(), merges.into(), n.into()],
     )
-    .map_err(spi)?
+    .map_err(spi_error)?
     .ok_or_else(|| EngineError::data("could not store the tokenizer"))?;
     Spi::run_with_args(
         "INSERT INTO llm_model_tokenizer (model, tokenizer_id) VALUES ($1, $2) \
          ON CONFLICT (model) DO UPDATE SET tokenizer_id = EXCLUDED.tokenizer_id",
         &[model.into(), id.into()],
     )
-    .map_err(spi)?;
+    .map_err(spi_error)?;
     Ok(n)
 }
 
@@ -34,10 +34,11 @@ fn attach(model: &str, vocab: &str, merges: &str) -> Result<i32> {
 /// vocab.bpe / merges.txt. Models loading identical files share one stored copy. Returns the
 /// vocabulary size.
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn llm_load_tokenizer(model: Option<&str>, vocab: Option<&str>, merges: Option<&str>) -> i32 {
     run("llm_load_tokenizer", || {
         attach(
-            required(model, "model")?,
+            args::model_name(model, "model")?,
             required(vocab, "vocab")?,
             required(merges, "merges")?,
         )
@@ -48,7 +49,7 @@ fn llm_load_tokenizer(model: Option<&str>, vocab: Option<&str>, merges: Option<&
 /// is attached once both halves are loaded. Returns the number of entries read.
 fn load_half(function: &str, path: Option<&str>, model: Option<&str>, column: &str) -> Result<i32> {
     files::require_read_privilege(function)?;
-    let model = required(model, "model")?;
+    let model = args::model_name(model, "model")?;
     store::load_config(model)?;
     let content = files::read_text(required(path, "path")?)?;
     let entries = if column == "vocab" {
@@ -62,24 +63,32 @@ fn load_half(function: &str, path: Option<&str>, model: Option<&str>, column: &s
         "INSERT INTO llm_tokenizer_staging (model, {column}) VALUES ($1, $2) \
          ON CONFLICT (model) DO UPDATE SET {column} = EXCLUDED.{column}"
     );
-    Spi::run_with_args(&sql, &[model.into(), content.as_str().into()]).map_err(spi)?;
-    let (vocab, merges) = Spi::get_two_with_args::<String, String>(
+    Spi::run_with_args(&sql, &[model.into(), content.as_str().into()]).map_err(spi_error)?;
+    let mut halves = (None, None);
+    spi::read(
         "SELECT vocab, merges FROM llm_tokenizer_staging WHERE model = $1",
         &[model.into()],
-    )
-    .map_err(spi)?;
-    if let (Some(v), Some(m)) = (vocab, merges) {
+        |row| {
+            halves = (
+                row.get::<String>(1).map_err(spi_error)?,
+                row.get::<String>(2).map_err(spi_error)?,
+            );
+            Ok(())
+        },
+    )?;
+    if let (Some(v), Some(m)) = halves {
         attach(model, &v, &m)?;
         Spi::run_with_args(
             "DELETE FROM llm_tokenizer_staging WHERE model = $1",
             &[model.into()],
         )
-        .map_err(spi)?;
+        .map_err(spi_error)?;
     }
     Ok(entries as i32)
 }
 
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_load_bpe_vocab(path: Option<&str>, model: Option<&str>) -> i32 {
     run("pg_llm_load_bpe_vocab", || {
         load_half("pg_llm_load_bpe_vocab", path, model, "vocab")
@@ -87,6 +96,7 @@ fn pg_llm_load_bpe_vocab(path: Option<&str>, model: Option<&str>) -> i32 {
 }
 
 #[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_load_bpe_merges(path: Option<&str>, model: Option<&str>) -> i32 {
     run("pg_llm_load_bpe_merges", || {
         load_half("pg_llm_load_bpe_merges", path, model, "merges")
@@ -95,9 +105,10 @@ fn pg_llm_load_bpe_merges(path: Option<&str>, model: Option<&str>) -> i32 {
 
 /// Token ids of `text_in`; `<|endoftext|>` is the single token 50256.
 #[pg_extern(stable, parallel_safe)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn llm_encode(text_in: Option<&str>, model: default!(Option<&str>, "'gpt3-125m'")) -> Vec<i32> {
     run("llm_encode", || {
-        let bpe = tokenizer_cache::for_model(required(model, "model")?)?;
+        let bpe = tokenizer_cache::for_model(args::model_name(model, "model")?)?;
         Ok(bpe
             .encode(required(text_in, "text_in")?)?
             .into_iter()
@@ -108,12 +119,13 @@ fn llm_encode(text_in: Option<&str>, model: default!(Option<&str>, "'gpt3-125m'"
 
 /// Text of `ids` (every id decodes, repeated ones repeatedly).
 #[pg_extern(stable, parallel_safe)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn llm_decode(
     ids: Option<Vec<Option<i32>>>,
     model: default!(Option<&str>, "'gpt3-125m'"),
 ) -> String {
     run("llm_decode", || {
-        let bpe = tokenizer_cache::for_model(required(model, "model")?)?;
+        let bpe = tokenizer_cache::for_model(args::model_name(model, "model")?)?;
         let ids = match ids {
             Some(v) if v.is_empty() => return Ok(String::new()),
             other => token_ids(other, "ids")?,

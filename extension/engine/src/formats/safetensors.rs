@@ -10,6 +10,8 @@ use crate::error::{EngineError, Result};
 pub fn read(bytes: &[u8], what: &str) -> Result<TensorMap> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| EngineError::data(format!("{what} is not a valid safetensors file: {e}")))?;
+    reject_repeated_names(bytes)
+        .map_err(|e| EngineError::data(format!("{what} is not a valid safetensors file: {e}")))?;
     let mut out = TensorMap::new();
     for (name, view) in st.tensors() {
         let values = to_f32(&view, what, &name)?;
@@ -26,6 +28,35 @@ pub fn read_one(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         .tensor(name)
         .map_err(|e| EngineError::data(format!("tensor {name}: {e}")))?;
     Ok((view.shape().to_vec(), to_f32(&view, "safetensors", name)?))
+}
+
+/// The header is a JSON object keyed by tensor name. JSON parsers (the safetensors crate's
+/// included) keep the last of repeated keys, so a header naming a tensor twice would import
+/// silently whichever comes last: refuse it. Called on a blob that already parsed.
+fn reject_repeated_names(bytes: &[u8]) -> std::result::Result<(), serde_json::Error> {
+    use serde::de::{Deserializer, Error, IgnoredAny, MapAccess, Visitor};
+
+    struct UniqueKeys;
+    impl<'de> Visitor<'de> for UniqueKeys {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Err(A::Error::custom(format!("the header names \"{key}\" twice")));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    let len = u64::from_le_bytes(bytes[..8].try_into().expect("parsed blobs have a header"));
+    let header = &bytes[8..8 + len as usize];
+    serde_json::Deserializer::from_slice(header).deserialize_map(UniqueKeys)
 }
 
 fn to_f32(view: &safetensors::tensor::TensorView<'_>, what: &str, name: &str) -> Result<Vec<f32>> {
@@ -79,5 +110,31 @@ pub fn read_ints(bytes: &[u8], name: &str) -> Result<Vec<i64>> {
         other => Err(EngineError::data(format!(
             "tensor {name} has dtype {other:?}, not an integer"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn a_tensor_named_twice_is_refused() {
+        let one = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let data = 1.5f32.to_le_bytes();
+        assert_eq!(read(&blob(one, &data), "f").unwrap()["a"].1, vec![1.5]);
+
+        let twice = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let err = read(&blob(twice, &data), "f").unwrap_err();
+        assert!(
+            matches!(&err, EngineError::Data(m) if m.contains("names \"a\" twice")),
+            "{err}"
+        );
     }
 }
