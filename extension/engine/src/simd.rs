@@ -181,6 +181,21 @@ pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// Σ f(v) over x in float64, in eight independent partial sums: for statistics of float32 data
+/// whose sums or squares overflow float32 (values near ±3.4e38 square to 1e77).
+#[inline(always)]
+pub fn sum_map_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
 /// The largest value of x (−∞ when empty), in eight independent lanes.
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
@@ -297,6 +312,9 @@ mod approx_tests {
             .collect();
         let naive_sum: f64 = xs.iter().map(|&v| (v * v) as f64).sum();
         assert!((sum_map(&xs, |v| v * v) as f64 - naive_sum).abs() < 1e-3);
+        let huge = [3e38f32; 11];
+        let want = 11.0 * (3e38f32 as f64).powi(2);
+        assert!((sum_map_f64(&huge, |v| v * v) / want - 1.0).abs() < 1e-15);
         assert_eq!(max(&xs), 5.0);
         assert_eq!(max(&[]), f32::NEG_INFINITY);
         let mut p = xs.clone();
