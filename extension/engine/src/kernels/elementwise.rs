@@ -24,12 +24,13 @@ pub fn add(a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-const GELU_CUBIC: f32 = 0.044_715;
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_CUBIC: f64 = 0.044_715;
 
-/// d gelu_new(x) / dx.
+/// d gelu_new(x) / dx, in float64: in float32, x³ overflows for |x| above 7e12 and the second
+/// term becomes 0·∞ = NaN; in float64 it is 0 there (tanh has saturated), as it should be.
 #[inline]
-pub fn gelu_new_grad(x: f32) -> f32 {
+pub fn gelu_new_grad(x: f64) -> f64 {
     let inner = SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
     let t = inner.tanh();
     let d_inner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
@@ -44,13 +45,16 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
     y
 }
 
-/// dx = dy · gelu'(x).
+/// dx = dy · gelu'(x); `OutOfRange` where that exceeds float32 (gelu' peaks at 1.13).
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
     same_len(x, dy, "x", "dy")?;
-    Ok(x.iter()
+    let dx: Vec<f32> = x
+        .iter()
         .zip(dy)
-        .map(|(&v, &g)| g * gelu_new_grad(v))
-        .collect())
+        .map(|(&v, &g)| (g as f64 * gelu_new_grad(v as f64)) as f32)
+        .collect();
+    tensor::check_result(&dx, "gelu gradient")?;
+    Ok(dx)
 }
 
 /// Out-of-place transpose of a row-major [rows, cols] matrix.
@@ -122,6 +126,19 @@ mod tests {
                 .map(|(a, b)| (*a as f64) * (*b as f64))
                 .sum()
         });
+    }
+
+    #[test]
+    fn gelu_gradient_at_extremes() {
+        // gelu' is 1 for large x and 0 for large −x, not NaN (x³ overflowed float32).
+        let dx = gelu_backward(&[3.4e38, -3.4e38, 1e13, -1e13], &[2.0; 4]).unwrap();
+        assert_eq!(dx, vec![2.0, 0.0, 2.0, 0.0]);
+        // Reported: dy = 3.4e38 gave inf; gelu'(1) = 1.0830 makes 3.68e38, out of range.
+        let err = gelu_backward(&[1.0], &[3.4e38]).unwrap_err();
+        assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
+        assert!(gelu_forward(&[3.4e38, -3.4e38, -1e-45])
+            .iter()
+            .all(|v| v.is_finite()));
     }
 
     #[test]

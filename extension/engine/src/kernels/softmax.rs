@@ -3,6 +3,7 @@
 
 use super::elementwise::same_len;
 use crate::error::{EngineError, Result};
+use crate::tensor;
 
 fn rows_of(len: usize, cols: usize, arg: &str) -> Result<usize> {
     if cols == 0 || len % cols != 0 {
@@ -41,21 +42,24 @@ pub fn softmax_forward(x: &[f32], cols: usize) -> Result<Vec<f32>> {
     Ok(y)
 }
 
-/// dx = y ⊙ (dy − Σ_row y⊙dy), given the softmax output y.
+/// dx = y ⊙ (dy − Σ_row y⊙dy), given the softmax output y. Any finite y is accepted, so the
+/// row's dot product (9e76 for y = dy = 3e38) is formed in float64; a dx beyond float32's range
+/// is `OutOfRange`.
 pub fn softmax_backward(y: &[f32], dy: &[f32], cols: usize) -> Result<Vec<f32>> {
     same_len(y, dy, "y", "dy")?;
     rows_of(y.len(), cols, "y")?;
-    let mut dx = vec![0.0f32; y.len()];
+    let mut dx = tensor::alloc_zeroed(y.len())?;
     for ((yr, gr), dr) in y
         .chunks_exact(cols)
         .zip(dy.chunks_exact(cols))
         .zip(dx.chunks_exact_mut(cols))
     {
-        let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+        let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| a as f64 * b as f64).sum();
         for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
-            *d = yv * (gv - dot);
+            *d = (yv as f64 * (gv as f64 - dot)) as f32;
         }
     }
+    tensor::check_result(&dx, "softmax gradient")?;
     Ok(dx)
 }
 
@@ -73,6 +77,19 @@ mod tests {
         assert!((y[3] - 0.5).abs() < 1e-6);
         assert!(softmax_forward(&[f32::NEG_INFINITY; 2], 2).is_err());
         assert!(softmax_forward(&[1.0; 5], 2).is_err());
+    }
+
+    #[test]
+    fn backward_of_large_values() {
+        // Reported: y = dy = {3e38, 1} gave −inf; the true dx[0] = 3e38·(3e38 − 9e76) is out
+        // of range. A partial dot product beyond float32 (1.5·3e38) is no error when the
+        // result is in range: here dot = 3e38 and dx = 0.
+        let err = softmax_backward(&[3e38, 1.0], &[3e38, 1.0], 2).unwrap_err();
+        assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
+        let dx = softmax_backward(&[1.5, -0.5], &[3e38, 3e38], 2).unwrap();
+        assert_eq!(dx, vec![0.0, 0.0]);
+        let y = softmax_forward(&[3.4e38, -3.4e38, 0.0], 3).unwrap();
+        assert_eq!(y, vec![1.0, 0.0, 0.0]);
     }
 
     #[test]
