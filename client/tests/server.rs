@@ -1,12 +1,9 @@
-//! Integration tests against a real server: set PG_GPT3_DSN to a database with pg_llm
-//! installed (scripts/test.sh does). Without it these tests fail rather than pass vacuously.
+//! Integration tests against a real server (see common/mod.rs).
 
+mod common;
+
+use common::{dsn, random_model, real_tokenizer};
 use pg_gpt3_client::{Client, DEFAULT_MODEL};
-
-fn dsn() -> String {
-    std::env::var("PG_GPT3_DSN")
-        .expect("PG_GPT3_DSN must point at a database with pg_llm (scripts/test.sh sets it)")
-}
 
 #[tokio::test]
 async fn reads_the_registry_and_reports_sqlstates() {
@@ -68,17 +65,7 @@ async fn streaming_model(client: &Client) {
         .execute("SELECT llm_init_params('client-stream-test', 1)")
         .await
         .unwrap();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
-    let vocab = std::fs::read_to_string(dir.join("encoder.json")).unwrap();
-    let merges = std::fs::read_to_string(dir.join("vocab.bpe")).unwrap();
-    client
-        .raw()
-        .execute(
-            "SELECT llm_load_tokenizer('client-stream-test', $1, $2)",
-            &[&vocab, &merges],
-        )
-        .await
-        .unwrap();
+    real_tokenizer(client, "client-stream-test").await;
 }
 
 /// Rows of llm_generate_stream reach the client while generation is still running: the first
@@ -122,21 +109,6 @@ async fn generation_streams_rows_as_they_are_produced() {
     // The same tokens as the non-streaming call.
     let text = client.generate("Once upon a time", &opts).await.unwrap();
     assert_eq!(events.last().unwrap().text, text);
-}
-
-/// Registers `model` (GPT-3 layout, random weights from `seed`) unless it exists.
-async fn random_model(client: &Client, model: &str, dims: &str, seed: i64) {
-    client
-        .execute(&format!(
-            "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab) \
-             VALUES ('{model}', {dims}) ON CONFLICT DO NOTHING"
-        ))
-        .await
-        .unwrap();
-    client
-        .execute(&format!("SELECT llm_init_params('{model}', {seed})"))
-        .await
-        .unwrap();
 }
 
 async fn greedy_ids(client: &Client, model: &str) -> Vec<i32> {
@@ -187,44 +159,4 @@ async fn weight_changes_reach_every_connection() {
         .unwrap()
         .get(0);
     assert_eq!(private, mapped);
-}
-
-/// Query cancel stops a long generation with SQLSTATE 57014, long before it would have ended,
-/// and the connection stays usable. (The latency target, 100 ms, is measured by
-/// extension/engine/benches/inference_vs_torch.py; here the bound only proves promptness.)
-#[tokio::test]
-async fn cancel_stops_a_long_generation() {
-    use std::time::{Duration, Instant};
-
-    let model = "client-cancel-test";
-    let client = Client::connect(&dsn()).await.unwrap();
-    random_model(&client, model, "2, 4, 256, 64, 1024, 2048, 50257", 1).await;
-    let token = client.cancel_token();
-    let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let sent = Instant::now();
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        sent
-    });
-    let started = Instant::now();
-    // 2000 greedy tokens take several seconds even on a fast machine.
-    let err = client
-        .raw()
-        .query_one(
-            "SELECT llm_generate_ids(ARRAY[1, 2, 3], 2000, 0, 0, 1, $1, NULL)",
-            &[&model],
-        )
-        .await
-        .unwrap_err();
-    let ended = Instant::now();
-    let sent = canceller.await.unwrap();
-    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
-    let latency = ended.duration_since(sent);
-    println!(
-        "cancel honoured {latency:?} after the request ({:?} into the call)",
-        sent - started
-    );
-    assert!(latency < Duration::from_secs(1), "cancel took {latency:?}");
-    // The connection is usable again.
-    assert_eq!(client.execute("SELECT 1").await.unwrap(), 1);
 }

@@ -1,0 +1,56 @@
+//! Shared by the integration tests: they run against a real server. Set PG_GPT3_DSN to a
+//! database with pg_llm installed (scripts/test.sh does); without it they fail rather than
+//! pass vacuously.
+#![allow(dead_code)]
+
+use pg_gpt3_client::Client;
+
+pub fn dsn() -> String {
+    std::env::var("PG_GPT3_DSN")
+        .expect("PG_GPT3_DSN must point at a database with pg_llm (scripts/test.sh sets it)")
+}
+
+pub async fn connect() -> Client {
+    Client::connect(&dsn()).await.unwrap()
+}
+
+/// Registers `model` (GPT-3 layout; `dims` = n_layer, n_head, d_model, d_head, d_ff,
+/// n_positions, vocab) unless it is registered, and gives it random weights from `seed`.
+pub async fn random_model(client: &Client, model: &str, dims: &str, seed: i64) {
+    client
+        .execute(&format!(
+            "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab) \
+             VALUES ('{model}', {dims}) ON CONFLICT DO NOTHING"
+        ))
+        .await
+        .unwrap();
+    client
+        .execute(&format!("SELECT llm_init_params('{model}', {seed})"))
+        .await
+        .unwrap();
+}
+
+/// Attaches the real GPT-2/3 tokenizer (tests/fixtures/tokenizer) to `model`.
+pub async fn real_tokenizer(client: &Client, model: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
+    let vocab = std::fs::read_to_string(dir.join("encoder.json")).unwrap();
+    let merges = std::fs::read_to_string(dir.join("vocab.bpe")).unwrap();
+    client
+        .raw()
+        .execute(
+            "SELECT llm_load_tokenizer($1, $2, $3)",
+            &[&model, &vocab, &merges],
+        )
+        .await
+        .unwrap();
+}
+
+/// The backend process id of `client`'s connection.
+pub async fn backend_pid(client: &Client) -> i32 {
+    client
+        .raw()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
