@@ -15,17 +15,26 @@ fn check_target(len: usize, target: i64) -> Result<usize> {
     Ok(target as usize)
 }
 
-/// log Σ exp(logits), stable.
-pub fn logsumexp(logits: &[f32]) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return f32::NEG_INFINITY;
+/// The largest logit and log Σ exp(logit − max); an error when every logit is −∞. In float64:
+/// a float32 difference of logits overflows (3e38 − (−3e38)), and max + log Σ rounds away the
+/// log term whenever max is large (at 1e10 a float32 ulp is 1024).
+fn shifted_lse(logits: &[f32]) -> Result<(f64, f64)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if max == f64::NEG_INFINITY {
+        return Err(EngineError::data("logits are entirely -infinity"));
     }
-    let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
-    max + sum.ln()
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    Ok((max, sum.ln()))
 }
 
-/// −log softmax(logits)[target].
+/// log Σ exp(logits), stable (−∞ when every logit is −∞). It never overflows: the log term is
+/// at most ln(len), negligible next to a max near float32's limit.
+pub fn logsumexp(logits: &[f32]) -> f32 {
+    shifted_lse(logits).map_or(f32::NEG_INFINITY, |(max, log_sum)| (max + log_sum) as f32)
+}
+
+/// −log softmax(logits)[target] = (max − logits[target]) + log Σ exp(logit − max); a loss
+/// beyond float32's range (3e38 − (−3e38)) is `OutOfRange`.
 pub fn cross_entropy_forward(logits: &[f32], target: i64) -> Result<f32> {
     let t = check_target(logits.len(), target)?;
     if logits[t] == f32::NEG_INFINITY {
@@ -33,17 +42,25 @@ pub fn cross_entropy_forward(logits: &[f32], target: i64) -> Result<f32> {
             "the logit of target {target} is -infinity, so the loss is infinite"
         )));
     }
-    Ok(logsumexp(logits) - logits[t])
+    let (max, log_sum) = shifted_lse(logits)?;
+    let loss = (max - logits[t] as f64) + log_sum;
+    if !(loss as f32).is_finite() {
+        return Err(EngineError::OutOfRange(format!(
+            "the loss {loss:e} overflows float32"
+        )));
+    }
+    Ok(loss as f32)
 }
 
-/// softmax(logits) − onehot(target).
+/// softmax(logits) − onehot(target), each probability exp(logit − max) / Σ in float64 (so
+/// two logits of 1e10 get 0.5 each, not 1).
 pub fn cross_entropy_backward(logits: &[f32], target: i64) -> Result<Vec<f32>> {
     let t = check_target(logits.len(), target)?;
-    let lse = logsumexp(logits);
-    if lse == f32::NEG_INFINITY {
-        return Err(EngineError::data("logits are entirely -infinity"));
-    }
-    let mut grad: Vec<f32> = logits.iter().map(|v| (v - lse).exp()).collect();
+    let (max, log_sum) = shifted_lse(logits)?;
+    let mut grad: Vec<f32> = logits
+        .iter()
+        .map(|&v| ((v as f64 - max) - log_sum).exp() as f32)
+        .collect();
     grad[t] -= 1.0;
     Ok(grad)
 }
@@ -60,6 +77,26 @@ mod tests {
         assert!(cross_entropy_forward(&[1.0, 2.0], 2).is_err());
         assert!(cross_entropy_forward(&[1.0, 2.0], -1).is_err());
         assert!(cross_entropy_forward(&[f32::NEG_INFINITY, 2.0], 0).is_err());
+    }
+
+    #[test]
+    fn extreme_logits() {
+        // Reported: {3e38, −3e38} with target 1 gave inf; the loss 6e38 is out of range.
+        let err = cross_entropy_forward(&[3e38, -3e38], 1).unwrap_err();
+        assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
+        assert_eq!(cross_entropy_forward(&[3e38, -3e38], 0).unwrap(), 0.0);
+        // At 1e10 a float32 ulp is 1024: the loss ln 2 must not round away.
+        let loss = cross_entropy_forward(&[1e10, 1e10], 0).unwrap();
+        assert!((loss - std::f32::consts::LN_2).abs() < 1e-6, "{loss}");
+        assert_eq!(
+            cross_entropy_backward(&[1e10, 1e10], 0).unwrap(),
+            vec![-0.5, 0.5]
+        );
+        assert_eq!(
+            cross_entropy_backward(&[3e38, -3e38], 1).unwrap(),
+            vec![1.0, -1.0]
+        );
+        assert_eq!(logsumexp(&[3.4e38, 3.4e38]), 3.4e38);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use rand::Rng;
 
 use crate::error::{EngineError, Result};
+use crate::tensor;
 
 fn check_p(p: f32) -> Result<()> {
     if !(0.0..=1.0).contains(&p) {
@@ -23,7 +24,8 @@ pub fn dropout_forward(x: &[f32], p: f32, training: bool, rng: &mut impl Rng) ->
         return Ok(vec![0.0; x.len()]);
     }
     let scale = 1.0 / (1.0 - p);
-    Ok(x.iter()
+    let y: Vec<f32> = x
+        .iter()
         .map(|&v| {
             if rng.random::<f32>() < p {
                 0.0
@@ -31,7 +33,10 @@ pub fn dropout_forward(x: &[f32], p: f32, training: bool, rng: &mut impl Rng) ->
                 v * scale
             }
         })
-        .collect())
+        .collect();
+    // Survivors grow by 1/(1−p): 3e38 kept at p = 0.5 is 6e38.
+    tensor::check_result(&y, "dropout output")?;
+    Ok(y)
 }
 
 /// Gradient of dropout given its input and output. The mask is read back from the output: an
@@ -60,7 +65,8 @@ pub fn dropout_backward(
         return Ok(vec![0.0; x.len()]);
     }
     let scale = 1.0 / (1.0 - p);
-    Ok(x.iter()
+    let dx: Vec<f32> = x
+        .iter()
         .zip(y)
         .zip(dy)
         .map(|((&xv, &yv), &g)| {
@@ -70,7 +76,9 @@ pub fn dropout_backward(
                 0.0
             }
         })
-        .collect())
+        .collect();
+    tensor::check_result(&dx, "dropout gradient")?;
+    Ok(dx)
 }
 
 #[cfg(test)]
@@ -93,6 +101,18 @@ mod tests {
         let eval = dropout_forward(&x, 0.25, false, &mut ChaCha8Rng::seed_from_u64(7)).unwrap();
         assert_eq!(eval, x);
         assert!(dropout_forward(&x, 1.5, true, &mut ChaCha8Rng::seed_from_u64(7)).is_err());
+    }
+
+    #[test]
+    fn scaled_survivors_beyond_float32_are_out_of_range() {
+        // Reported: {3e38} at p = 0.5 with seed 1 gave inf (the element was kept: 6e38).
+        let mut rng = crate::sample::rng_from_seed(Some(1));
+        let err = dropout_forward(&[3e38], 0.5, true, &mut rng).unwrap_err();
+        assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
+        let err = dropout_backward(&[1.0], &[2.0], &[3e38], 0.5, true).unwrap_err();
+        assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
+        let y = dropout_forward(&[1e38; 8], 0.5, true, &mut rng).unwrap();
+        assert!(y.iter().all(|v| *v == 0.0 || *v == 2e38));
     }
 
     #[test]
