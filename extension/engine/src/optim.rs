@@ -1,6 +1,7 @@
 //! AdamW, gradient clipping and the GPT-3 learning-rate schedule.
 
 use crate::error::{EngineError, Result};
+use crate::tensor;
 
 /// Hyper-parameters of one AdamW step (PyTorch's `torch.optim.AdamW` semantics).
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +49,9 @@ impl AdamW {
 
     /// One step in place. `step` counts optimizer steps from 1 (bias correction uses it).
     /// Decay is decoupled: w ← w·(1 − lr·wd) before the Adam update, as PyTorch does.
+    /// Computed in float64 (g² of a gradient above 1.8e19 overflows float32 even when
+    /// (1 − beta2)·g² does not); a new w, m or v beyond float32's range is `OutOfRange`, and
+    /// the buffers are then partly updated.
     pub fn step(
         &self,
         w: &mut [f32],
@@ -73,18 +77,22 @@ impl AdamW {
             )));
         }
         let t = step.min(i32::MAX as i64) as i32;
-        let bias1 = 1.0 - (self.beta1 as f64).powi(t);
-        let bias2 = 1.0 - (self.beta2 as f64).powi(t);
-        let step_size = (self.lr as f64 / bias1) as f32;
-        let bias2_sqrt = bias2.sqrt() as f32;
-        let decay = 1.0 - self.lr * self.weight_decay;
+        let (beta1, beta2) = (self.beta1 as f64, self.beta2 as f64);
+        let step_size = self.lr as f64 / (1.0 - beta1.powi(t));
+        let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        let decay = 1.0 - self.lr as f64 * self.weight_decay as f64;
         for i in 0..n {
-            m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g[i];
-            v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g[i] * g[i];
-            let denom = v[i].sqrt() / bias2_sqrt + self.eps;
-            w[i] = w[i] * decay - step_size * m[i] / denom;
+            let gi = g[i] as f64;
+            let mi = beta1 * m[i] as f64 + (1.0 - beta1) * gi;
+            let vi = beta2 * v[i] as f64 + (1.0 - beta2) * gi * gi;
+            let denom = vi.sqrt() / bias2_sqrt + self.eps as f64;
+            w[i] = (w[i] as f64 * decay - step_size * mi / denom) as f32;
+            m[i] = mi as f32;
+            v[i] = vi as f32;
         }
-        Ok(())
+        tensor::check_result(w, "updated weight")?;
+        tensor::check_result(m, "first moment m")?;
+        tensor::check_result(v, "second moment v")
     }
 }
 
@@ -107,8 +115,9 @@ pub fn clip_grad_norm(g: &mut [f32], max_norm: f32) -> Result<f64> {
     let norm = grad_norm(g);
     let coef = max_norm as f64 / (norm + 1e-6);
     if coef < 1.0 {
-        let c = coef as f32;
-        g.iter_mut().for_each(|x| *x *= c);
+        // Scaled in float64: coef itself can be below float32's range (a 1e-30 clip of a
+        // 3e38 gradient) while the scaled values are not.
+        g.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
     }
     Ok(norm)
 }
@@ -178,6 +187,33 @@ mod tests {
         assert!(opt.step(&mut w, &g, &mut m, &mut v, 0).is_err());
         let bad = AdamW { beta2: 1.0, ..opt };
         assert!(bad.step(&mut w, &g, &mut m, &mut v, 2).is_err());
+    }
+
+    #[test]
+    fn adamw_with_huge_gradients() {
+        let opt = AdamW {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        // Reported: grad 3e38 gave v = inf; the true v = 0.05·9e76 is out of range.
+        let (mut w, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
+        let err = opt.step(&mut w, &[3e38], &mut m, &mut v, 1).unwrap_err();
+        assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
+        // g² = 2.5e39 overflows float32 but v = 0.05·g² = 1.25e38 does not; the step is lr.
+        let (mut w, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
+        opt.step(&mut w, &[5e19], &mut m, &mut v, 1).unwrap();
+        assert!((v[0] / 1.25e38 - 1.0).abs() < 1e-6 && (w[0] - 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn norm_and_clip_of_huge_gradients() {
+        let mut g = vec![3e38f32; 4];
+        assert!((grad_norm(&g) / 6e38 - 1.0).abs() < 1e-7);
+        clip_grad_norm(&mut g, 1e-30).unwrap();
+        assert!(g.iter().all(|x| (x / 5e-31 - 1.0).abs() < 1e-6), "{g:?}");
     }
 
     #[test]
