@@ -197,7 +197,9 @@ pub fn gemm_sliced(
 }
 
 /// C[m, n] = A[m, k] · B[k, n] for row-major operands, validated; a large product runs in
-/// slices (`gemm_sliced`) so a cancel request is honoured between them.
+/// slices (`gemm_sliced`) so a cancel request is honoured between them. A product beyond
+/// float32's range is `OutOfRange`, and so is one whose float32 partial sums overflow (an
+/// infinity is not brought back by later terms).
 pub fn matmul(
     a: &[f32],
     b: &[f32],
@@ -219,16 +221,17 @@ pub fn matmul(
     if m <= SMALL_M {
         cancel.check()?;
         small_m_product(&mut out, a, b, m, k, n);
-        return Ok(out);
+    } else {
+        gemm_sliced(
+            &mut out,
+            MatRef::new(a, m, k),
+            MatRef::new(b, k, n),
+            Accumulate::Overwrite,
+            FLOPS_PER_SLICE,
+            cancel,
+        )?;
     }
-    gemm_sliced(
-        &mut out,
-        MatRef::new(a, m, k),
-        MatRef::new(b, k, n),
-        Accumulate::Overwrite,
-        FLOPS_PER_SLICE,
-        cancel,
-    )?;
+    tensor::check_result(&out, "matmul result")?;
     Ok(out)
 }
 
@@ -373,6 +376,18 @@ mod tests {
     fn rejects_wrong_lengths() {
         let err = matmul(&[1.0; 5], &[1.0; 6], 2, 3, 2, Cancel::NEVER).unwrap_err();
         assert_eq!(err.sqlstate(), "22023");
+    }
+
+    #[test]
+    fn overflow_is_out_of_range() {
+        // Both paths: m ≤ SMALL_M and the sliced product.
+        for m in [1, 9] {
+            let a = vec![3e38f32; m * 2];
+            let err = matmul(&a, &[1.0, 1.0], m, 2, 1, Cancel::NEVER).unwrap_err();
+            assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
+            let c = matmul(&a, &[1.0, -1.0], m, 2, 1, Cancel::NEVER).unwrap();
+            assert!(c.iter().all(|v| *v == 0.0));
+        }
     }
 
     #[test]
