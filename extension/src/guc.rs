@@ -9,7 +9,26 @@ pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// `$PGDATA/pg_llm_cache` (see model_cache.rs).
 pub static WEIGHT_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// `pg_llm.weight_cache_size`: bound on the total size of the weight files, in MB.
+pub static WEIGHT_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+
+/// The bound of `pg_llm.weight_cache_size` in bytes.
+pub fn weight_cache_bytes() -> u64 {
+    WEIGHT_CACHE_MB.get().max(1) as u64 * (1 << 20)
+}
+
 pub fn register() {
+    GucRegistry::define_int_guc(
+        c"pg_llm.weight_cache_size",
+        c"Largest total size of the weight files in pg_llm_cache, all databases together.",
+        c"Before a new weight file is written the least recently used ones are removed until it \
+          fits; a model larger than the bound stays private to each connection.",
+        &WEIGHT_CACHE_MB,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MB,
+    );
     GucRegistry::define_bool_guc(
         c"pg_llm.weight_files",
         c"Share loaded model weights between connections through files in pg_llm_cache.",

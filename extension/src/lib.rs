@@ -15,11 +15,17 @@ mod model_cache;
 mod spi;
 mod store;
 mod tokenizer_cache;
+mod weight_cache;
 
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/types.sql", name = "types", bootstrap);
 pgrx::extension_sql_file!("../sql/registry.sql", name = "registry");
+pgrx::extension_sql_file!(
+    "../sql/cache.sql",
+    name = "cache",
+    requires = [pg_llm_weight_cache]
+);
 pgrx::extension_sql_file!(
     "../sql/tokenizer.sql",
     name = "tokenizer",

@@ -1,6 +1,7 @@
 //! SQL functions, one module per concern.
 
 mod args;
+mod cache;
 mod float32_bytea;
 mod generate;
 mod kernels;

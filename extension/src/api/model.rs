@@ -163,18 +163,3 @@ fn llm_logits(
         Float32Bytea::computed(len, cancel(), |out| model.logits_into(out, &ids, cancel()))
     })
 }
-
-/// The models this connection holds in memory: the version of their weights, whether the
-/// weights are mapped from a shared weight file, and their size in bytes.
-#[pg_extern(volatile, parallel_restricted)]
-fn llm_loaded_models() -> TableIterator<
-    'static,
-    (
-        name!(model, String),
-        name!(version, i64),
-        name!(weight_file, bool),
-        name!(bytes, i64),
-    ),
-> {
-    TableIterator::new(model_cache::loaded())
-}

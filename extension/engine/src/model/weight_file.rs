@@ -12,10 +12,15 @@
 //!     float32 × values, in packing order
 //! ```
 //!
-//! A file is written under a temporary name and renamed into place once complete, so a reader
-//! never sees a partial file. The checksum (XXH3 over 16 MiB blocks) is verified on every
-//! open instead of forcing the file to disk: a file torn by an operating-system crash, or
-//! changed by hand, is detected and rebuilt rather than trusted.
+//! A file is written under a temporary name (`<name>.tmp<pid>`) and renamed into place once
+//! complete, so a reader never sees a partial file. The writer holds an exclusive `flock` on
+//! the temporary file while writing; the kernel drops it when the writer dies, which is how a
+//! clean-up tells an abandoned temporary file (`is_abandoned`) from one being written.
+//!
+//! The checksum (XXH3 over 16 MiB blocks) is verified on every open instead of forcing the file
+//! to disk: a file torn by an operating-system crash, or changed by hand, is detected and
+//! rebuilt rather than trusted. Opening a file sets its modification time: it records the last
+//! use, for clean-ups that keep the least recently used files last.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -93,6 +98,8 @@ pub fn open(
     if checksum(storage.as_slice()) != header.checksum {
         return Ok(Err(Rejected::Corrupt("checksum mismatch".into())));
     }
+    // The modification time records the last use: clean-ups remove least recently used files.
+    let _ = file.set_modified(std::time::SystemTime::now());
     Ok(Ok(ModelWeights::from_storage(cfg, Arc::new(storage))?))
 }
 
@@ -145,6 +152,7 @@ pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Res
         .mode(0o600)
         .open(&tmp.0)
         .map_err(|e| io(&tmp.0, "create", e))?;
+    lock(&file, false).map_err(|e| io(&tmp.0, "lock", e))?;
     let body = if cfg!(target_endian = "little") {
         // SAFETY: reading f32 values as bytes is always valid.
         std::borrow::Cow::Borrowed(unsafe { values.align_to::<u8>() }.1)
@@ -193,8 +201,38 @@ fn checksum(values: &[f32]) -> String {
 
 fn temp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
+    name.push(format!("{TEMP_MARK}{}", std::process::id()));
     path.with_file_name(name)
+}
+
+const TEMP_MARK: &str = ".tmp";
+
+/// Whether `path` names a temporary file of `write` (complete or not).
+pub fn is_temporary(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.rsplit_once(TEMP_MARK))
+        .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `path` is a temporary file no living writer holds (its writer died before renaming
+/// it into place). Between creating the file and locking it a writer is unprotected for an
+/// instant; a file removed then only costs that writer its rename, which it reports as an I/O
+/// error (the model stays private to that connection).
+pub fn is_abandoned(path: &Path) -> bool {
+    is_temporary(path) && File::open(path).is_ok_and(|f| lock(&f, true).is_ok())
+}
+
+/// An exclusive advisory lock on `file`, held until the file is closed.
+fn lock(file: &File, nonblocking: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let op = if nonblocking { libc::LOCK_EX | libc::LOCK_NB } else { libc::LOCK_EX };
+    // SAFETY: flock on a valid open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Removes a temporary file that was not renamed into place (error or cancel).
@@ -314,6 +352,24 @@ mod tests {
         // The mapping made before the file was replaced still reads the original weights.
         assert_eq!(mapped.storage().as_slice(), in_memory.storage().as_slice());
         fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn temporary_files_of_dead_writers_are_abandoned() {
+        let d = dir();
+        let final_path = d.join("4.weights");
+        let tmp = temp_path(&final_path);
+        assert!(is_temporary(&tmp) && !is_temporary(&final_path));
+        assert!(!is_temporary(&d.join("4.weights.tmp")));
+        // A writer holding its lock: not abandoned; once its handle is gone (process death
+        // closes it), abandoned.
+        let writer = File::create(&tmp).unwrap();
+        lock(&writer, false).unwrap();
+        assert!(!is_abandoned(&tmp));
+        drop(writer);
+        assert!(is_abandoned(&tmp));
+        assert!(!is_abandoned(&final_path));
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -1,0 +1,254 @@
+//! The weight-file cache: `$PGDATA/pg_llm_cache/<database oid>/<version>.weights`, one file
+//! per model version, mapped by every connection that uses it (see model_cache.rs for when
+//! files are written and engine `model::weight_file` for their format). This module says where
+//! a file lives and keeps the directory clean and bounded:
+//! - writing a file prunes what it supersedes: other versions of the same model, files of
+//!   models no longer registered or of an earlier installation of the extension;
+//! - a backend's first use of the cache sweeps it: temporary files whose writer died (kill -9,
+//!   crash; see `weight_file::is_abandoned`) and the directories of dropped databases go, so a
+//!   crash leaves nothing behind once the restarted server is used again;
+//! - before a file is written, the least recently used files are removed until the cache fits
+//!   `pg_llm.weight_cache_size`; a model larger than the whole bound stays private to each
+//!   connection instead. Writers running at the same moment may overshoot the bound by their
+//!   files until the next write.
+//!
+//! Tables stay the source of truth: a removed file is rebuilt from `llm_param` by its next user.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use pg_llm_engine::model::weight_file::{self, FileId};
+use pg_llm_engine::model::{ModelConfig, ModelWeights};
+use pg_llm_engine::{EngineError, Result};
+use pgrx::pg_sys;
+
+use crate::errors::spi_error;
+use crate::spi;
+
+thread_local! {
+    static SWEPT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Where the weight file of one version of a model lives, and the identity it must carry.
+pub struct FilePlace {
+    dir: PathBuf,
+    pub path: PathBuf,
+    pub id: FileId,
+    param_table: u32,
+}
+
+impl FilePlace {
+    pub fn new(model: &str, version: i64) -> Result<Self> {
+        sweep_once()?;
+        let param_table = param_table_oid()?;
+        let dir = root().join(current_database().to_string());
+        Ok(Self {
+            path: dir.join(format!("{version}.weights")),
+            dir,
+            id: FileId {
+                owner: format!("{param_table}:{model}"),
+                version,
+            },
+            param_table,
+        })
+    }
+}
+
+/// Writes `private` to its weight file and returns the weights mapped from it (the private
+/// copy is then freed). A file-system problem (full disk, permissions) costs sharing, not the
+/// query: the private copy is kept, with a WARNING; so does a model too large for the cache.
+pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Result<ModelWeights> {
+    let bytes = file_size_estimate(&private);
+    if !make_room(bytes, &place.path) {
+        pgrx::log!(
+            "pg_llm: the weights of \"{}\" ({bytes} bytes) exceed pg_llm.weight_cache_size; they stay private to this connection",
+            place.id.owner
+        );
+        return Ok(private);
+    }
+    let attempt = || -> Result<ModelWeights> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&place.dir)
+            .map_err(|e| {
+                EngineError::Io(format!("could not create \"{}\": {e}", place.dir.display()))
+            })?;
+        let mapped = weight_file::write(&place.path, &place.id, cfg, private.storage().as_slice())?;
+        prune(&place.dir, place.param_table, Some(&place.id));
+        Ok(mapped)
+    };
+    match attempt() {
+        Ok(mapped) => Ok(mapped),
+        Err(EngineError::Io(why)) => {
+            pgrx::warning!("pg_llm: model weights stay private to this connection: {why}");
+            Ok(private)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A file's size is its values plus a header page or two.
+fn file_size_estimate(weights: &ModelWeights) -> u64 {
+    (weights.storage().as_slice().len() * 4 + 8192) as u64
+}
+
+/// `$PGDATA/pg_llm_cache`.
+fn root() -> PathBuf {
+    // SAFETY: DataDir is set at postmaster start and never changes.
+    let data_dir = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) }
+        .to_string_lossy()
+        .into_owned();
+    Path::new(&data_dir).join("pg_llm_cache")
+}
+
+fn current_database() -> u32 {
+    // SAFETY: MyDatabaseId is set once the backend has connected, before any SQL function runs.
+    unsafe { pg_sys::MyDatabaseId.to_u32() }
+}
+
+/// The OID of `llm_param`: it changes when the extension is dropped and created again, which
+/// restarts the version sequence, so files of an earlier installation never match.
+fn param_table_oid() -> Result<u32> {
+    spi::read_one::<pg_sys::Oid>("SELECT 'llm_param'::regclass::oid", &[])?
+        .map(|o| o.to_u32())
+        .ok_or_else(|| EngineError::Internal("llm_param has no OID".into()))
+}
+
+/// One file of the cache, as the `llm_weight_cache` view shows it.
+pub struct Entry {
+    pub database: u32,
+    pub path: PathBuf,
+    pub id: Option<FileId>,
+    pub bytes: u64,
+    pub last_used: SystemTime,
+    /// "ready", "writing" (a temporary file a writer holds) or "abandoned".
+    pub state: &'static str,
+}
+
+/// Every file in every database directory of the cache.
+pub fn entries() -> Vec<Entry> {
+    let mut out = Vec::new();
+    for (database, dir) in database_dirs() {
+        for path in files_in(&dir) {
+            let Ok(meta) = fs::metadata(&path) else { continue };
+            let state = if !weight_file::is_temporary(&path) {
+                "ready"
+            } else if weight_file::is_abandoned(&path) {
+                "abandoned"
+            } else {
+                "writing"
+            };
+            out.push(Entry {
+                database,
+                id: (state == "ready").then(|| weight_file::read_id(&path)).flatten(),
+                path,
+                bytes: meta.len(),
+                last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                state,
+            });
+        }
+    }
+    out.sort_by(|a, b| (a.database, &a.path).cmp(&(b.database, &b.path)));
+    out
+}
+
+fn database_dirs() -> Vec<(u32, PathBuf)> {
+    let entries = fs::read_dir(root()).into_iter().flatten().flatten();
+    entries
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
+        .collect()
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let entries = fs::read_dir(dir).into_iter().flatten().flatten();
+    entries.map(|e| e.path()).filter(|p| p.is_file()).collect()
+}
+
+/// Once per backend, on its first use of the cache: removes abandoned temporary files, the
+/// directories of databases that no longer exist, and in this database the files of models no
+/// longer registered or of an earlier installation.
+fn sweep_once() -> Result<()> {
+    if SWEPT.replace(true) {
+        return Ok(());
+    }
+    prune(&root().join(current_database().to_string()), param_table_oid()?, None);
+    let mut databases = HashSet::new();
+    let listed = spi::read("SELECT oid FROM pg_database", &[], |row| {
+        databases.extend(row.get::<pg_sys::Oid>(1).map_err(spi_error)?.map(|o| o.to_u32()));
+        Ok(())
+    });
+    if listed.is_err() {
+        return Ok(());
+    }
+    for (database, dir) in database_dirs() {
+        if !databases.contains(&database) {
+            let _ = fs::remove_dir_all(&dir);
+            continue;
+        }
+        for path in files_in(&dir) {
+            if weight_file::is_abandoned(&path) {
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes least recently used complete files until `needed` more bytes fit the bound;
+/// false when they cannot fit (the file at `keep` is never removed).
+fn make_room(needed: u64, keep: &Path) -> bool {
+    let limit = crate::guc::weight_cache_bytes();
+    if needed > limit {
+        return false;
+    }
+    let mut files = entries();
+    let mut used: u64 = files.iter().map(|e| e.bytes).sum();
+    files.retain(|e| e.state == "ready" && e.path != keep);
+    files.sort_by_key(|e| e.last_used);
+    for oldest in files {
+        if used + needed <= limit {
+            break;
+        }
+        if fs::remove_file(&oldest.path).is_ok() {
+            used -= oldest.bytes;
+        }
+    }
+    used + needed <= limit
+}
+
+/// Removes the files of `dir` (one database) that no longer belong: files of an earlier
+/// installation of the extension (another `llm_param` OID), of models no longer registered,
+/// and, given the file just written, the other versions of its model. Backends still mapping
+/// a removed file keep their mapping.
+fn prune(dir: &Path, param_table: u32, written: Option<&FileId>) {
+    let mut models = HashSet::new();
+    let listed = spi::read("SELECT model FROM llm_model_config", &[], |row| {
+        models.extend(row.get::<String>(1).map_err(spi_error)?);
+        Ok(())
+    });
+    if listed.is_err() {
+        return;
+    }
+    let prefix = format!("{param_table}:");
+    for path in files_in(dir) {
+        if weight_file::is_temporary(&path) {
+            continue;
+        }
+        let superseded = match weight_file::read_id(&path) {
+            Some(other) if Some(&other) == written => false,
+            Some(other) => match other.owner.strip_prefix(&prefix) {
+                Some(model) => written.is_some_and(|w| w.owner == other.owner) || !models.contains(model),
+                None => true,
+            },
+            None => false,
+        };
+        if superseded {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
