@@ -152,8 +152,11 @@ fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2^23 rounds x·log2(e) to an integer held in the sum's low mantissa bits.
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E).round();
+    let shifted = x * LOG2E + SHIFTER;
+    let n = shifted - SHIFTER;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4f32;
     let p = p * r + 1.398_199_9e-3;
@@ -162,8 +165,11 @@ fn exp_approx(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    // Scale by 2^n through the exponent bits (n is within the normal range after the clamp).
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * y
+    // Scale by 2^n through the exponent bits (n is within the normal range after the clamp),
+    // taking n from the bits of `shifted`: a float-to-int cast must saturate, which LLVM does
+    // one lane at a time.
+    let n_bits = shifted.to_bits().wrapping_sub(SHIFTER.to_bits());
+    f32::from_bits(n_bits.wrapping_add(127) << 23) * y
 }
 
 /// Σ f(v) over x in eight independent partial sums, so that the compiler can vectorise it (a
