@@ -152,9 +152,11 @@ fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    const MIN_ARG: f32 = -87.3;
+    let x_in = x;
     // Adding 1.5·2^23 rounds x·log2(e) to an integer held in the sum's low mantissa bits.
     const SHIFTER: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.0);
+    let x = x.clamp(MIN_ARG, 88.0);
     let shifted = x * LOG2E + SHIFTER;
     let n = shifted - SHIFTER;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -169,7 +171,16 @@ fn exp_approx(x: f32) -> f32 {
     // taking n from the bits of `shifted`: a float-to-int cast must saturate, which LLVM does
     // one lane at a time.
     let n_bits = shifted.to_bits().wrapping_sub(SHIFTER.to_bits());
-    f32::from_bits(n_bits.wrapping_add(127) << 23) * y
+    let e = f32::from_bits(n_bits.wrapping_add(127) << 23) * y;
+    // Below the clamp the true value is under 1.2e-38: flush it to zero rather than return
+    // e^−87.3, which gives a score far below its row's maximum (or one that overflowed to −∞)
+    // a probability of 1e-38, wrong by whole units once it weights a value near 1e38.
+    // A select, so the loop stays vectorised.
+    if x_in < MIN_ARG {
+        0.0
+    } else {
+        e
+    }
 }
 
 /// Σ f(v) over x in eight independent partial sums, so that the compiler can vectorise it (a
@@ -290,8 +301,10 @@ mod approx_tests {
                 "exp({x}) = {y}, want {want}"
             );
         }
-        let (tiny, huge) = (exp_approx(-200.0), exp_approx(200.0));
-        assert!((0.0..1e-37).contains(&tiny) && huge.is_finite());
+        let (tiny, huge) = (exp_approx(-87.0), exp_approx(200.0));
+        assert!((1e-38..1e-37).contains(&tiny) && huge.is_finite());
+        assert_eq!(exp_approx(-200.0), 0.0);
+        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

@@ -327,9 +327,16 @@ pub fn attention_backward(
                 let o = gather(&fwd.out, t, width, h * dh, dh);
                 let d_o = gather(dout, t, width, h * dh, dh);
                 let lse = &fwd.lse[h * t..(h + 1) * t];
-                // D_i = dO_i · O_i, the row term of the softmax backward.
+                // D_i = dO_i · O_i, the row term of the softmax backward; summed in float64,
+                // where a partial sum cannot overflow before the last terms cancel it.
                 let delta: Vec<f32> = (0..t)
-                    .map(|i| (0..dh).map(|c| o[i * dh + c] * d_o[i * dh + c]).sum())
+                    .map(|i| {
+                        let row = i * dh..(i + 1) * dh;
+                        let dot: f64 = (o[row.clone()].iter().zip(&d_o[row]))
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum();
+                        dot as f32
+                    })
                     .collect();
                 let (mut dq, mut dk, mut dv) = (
                     vec![0.0f32; t * dh],
@@ -505,11 +512,31 @@ fn linear_backward(
         Accumulate::Overwrite,
         Threads::Pool,
     );
-    let mut db = vec![0.0f32; d_out];
+    // The bias gradient sums dy over rows in float64: cheap, and a float32 running sum can
+    // overflow before later rows bring it back into range.
+    let mut db = vec![0.0f64; d_out];
     for row in dy.chunks_exact(d_out) {
-        db.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(row).for_each(|(a, &b)| *a += b as f64);
     }
-    (dx, dw, db)
+    (dx, dw, db.iter().map(|&v| v as f32).collect())
+}
+
+/// q | k | v = x · w_qkv + b_qkv, then the attention over them. Any intermediate beyond
+/// float32's range is `OutOfRange`: a q|k|v value, or a score q·k (whose log-sum-exp is then
+/// not finite); softmax would turn either into NaN.
+fn block_attention(
+    x: &[f32],
+    w: &AttnBlockWeights,
+    shape: AttnShape,
+    cancel: Cancel,
+) -> Result<(Vec<f32>, AttnForward)> {
+    let d = shape.width();
+    let qkv = linear(x, w.w_qkv, w.b_qkv, shape.t, d, 3 * d);
+    tensor::check_result(&qkv, "attention q|k|v projection")?;
+    let attn = attention_forward(&qkv, shape, AttnOptions::DENSE, cancel)?;
+    tensor::check_result(&attn.lse, "attention scores' log-sum-exp")?;
+    tensor::check_result(&attn.out, "attention-weighted values")?;
+    Ok((qkv, attn))
 }
 
 /// y = softmax-attention(x · w_qkv + b_qkv) · w_o + b_o, causal, dense.
@@ -522,8 +549,7 @@ pub fn attention_block_forward(
     cancel: Cancel,
 ) -> Result<Vec<f32>> {
     let shape = check_block(x, &w, t, d, n_head)?;
-    let qkv = linear(x, w.w_qkv, w.b_qkv, t, d, 3 * d);
-    let attn = attention_forward(&qkv, shape, AttnOptions::DENSE, cancel)?;
+    let (_, attn) = block_attention(x, &w, shape, cancel)?;
     let y = linear(&attn.out, w.w_o, w.b_o, t, d, d);
     tensor::check_result(&y, "attention output")?;
     Ok(y)
@@ -547,18 +573,33 @@ pub fn attention_block_backward(
             t * d
         )));
     }
-    let qkv = linear(x, w.w_qkv, w.b_qkv, t, d, 3 * d);
-    let attn = attention_forward(&qkv, shape, AttnOptions::DENSE, cancel)?;
+    let (qkv, attn) = block_attention(x, &w, shape, cancel)?;
     let (d_attn, dw_o, db_o) = linear_backward(&attn.out, w.w_o, dy, t, d, d);
+    // Checked before use: an overflowed gradient turns into NaN downstream.
+    tensor::check_result(&d_attn, "gradient of the attention-weighted values")?;
     let dqkv = attention_backward(&qkv, &attn, &d_attn, shape, AttnOptions::DENSE, cancel)?;
+    tensor::check_result(&dqkv, "gradient of q|k|v")?;
     let (dx, dw_qkv, db_qkv) = linear_backward(x, w.w_qkv, &dqkv, t, d, 3 * d);
-    Ok(AttnBlockGrads {
+    let grads = AttnBlockGrads {
         dx,
         dw_qkv,
         db_qkv,
         dw_o,
         db_o,
-    })
+    };
+    grads.check()?;
+    Ok(grads)
+}
+
+impl AttnBlockGrads {
+    /// `OutOfRange` when a gradient overflowed float32.
+    fn check(&self) -> Result<()> {
+        tensor::check_result(&self.dx, "attention dx")?;
+        tensor::check_result(&self.dw_qkv, "attention dw_qkv")?;
+        tensor::check_result(&self.db_qkv, "attention db_qkv")?;
+        tensor::check_result(&self.dw_o, "attention dw_o")?;
+        tensor::check_result(&self.db_o, "attention db_o")
+    }
 }
 
 #[cfg(test)]
@@ -756,6 +797,49 @@ mod tests {
         assert_grad_matches(&b_o, &g.db_o, |v| {
             f(AttnBlockWeights { b_o: v, ..weights }, &x)
         });
+    }
+
+    fn one_by_one<'a>(w_qkv: &'a [f32], zeros: &'a [f32]) -> AttnBlockWeights<'a> {
+        AttnBlockWeights {
+            w_qkv,
+            b_qkv: &zeros[..3],
+            w_o: &[1.0],
+            b_o: &zeros[..1],
+        }
+    }
+
+    #[test]
+    fn overflowing_scores_are_out_of_range() {
+        // Reported: x = 3e38 gave dx = NaN. With unit weights q·k = 9e76 is beyond float32.
+        let zeros = [0.0f32; 3];
+        let w = one_by_one(&[1.0; 3], &zeros);
+        let fwd = attention_block_forward(&[3e38], w, 1, 1, 1, Cancel::NEVER);
+        assert!(matches!(fwd, Err(EngineError::OutOfRange(_))));
+        let bwd = attention_block_backward(&[3e38], w, &[1.0], 1, 1, 1, Cancel::NEVER);
+        assert!(matches!(bwd, Err(EngineError::OutOfRange(_))));
+        // Scaled down by the weights, the same x is fine: one query attends to itself, so
+        // dq = dk = 0, dv = dy and dw_qkv = xᵀ·dqkv.
+        let w = one_by_one(&[1e-38; 3], &zeros);
+        let g = attention_block_backward(&[3e38], w, &[1.0], 1, 1, 1, Cancel::NEVER).unwrap();
+        assert_eq!(g.dw_qkv, vec![0.0, 0.0, 3e38]);
+        assert!((g.dx[0] - 1e-38).abs() < 1e-44);
+    }
+
+    #[test]
+    fn a_score_overflowing_to_minus_infinity_gets_no_weight() {
+        // x = [[−3e38, 0], [0, 1]]; q = (1e20·x₁, 0), k = (x₀ + x₁, 0), v = x, w_o = I.
+        // Query 1 scores key 0 at 1e20·(−3e38) = −∞: its weight is exactly 0, so y₁ = v₁.
+        // (e^−87.3 in its place gave −3e38·1.2e-38 = −3.6 in y₁.)
+        let w_qkv = [0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1e20, 0.0, 1.0, 0.0, 0.0, 1.0];
+        let w = AttnBlockWeights {
+            w_qkv: &w_qkv,
+            b_qkv: &[0.0; 6],
+            w_o: &[1.0, 0.0, 0.0, 1.0],
+            b_o: &[0.0; 2],
+        };
+        let x = [-3e38, 0.0, 0.0, 1.0];
+        let y = attention_block_forward(&x, w, 2, 2, 1, Cancel::NEVER).unwrap();
+        assert_eq!(y, vec![-3e38, 0.0, 0.0, 1.0]);
     }
 
     #[test]
