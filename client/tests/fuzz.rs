@@ -1,0 +1,302 @@
+//! Fuzzing every SQL function of pg_llm with hostile arguments: NULLs, empty and ragged
+//! tensors, NaN and extreme floats, absurd sizes, unknown and empty model names, server paths
+//! that are devices, pipes or directories, and damaged safetensors checkpoints. Every call must
+//! end in a result or in an SQL error with a meaningful SQLSTATE: never an internal error
+//! (XX000, a Rust panic), never a crashed backend, never a hang.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{connect, random_model};
+use pg_gpt3_client::{encode, Client};
+
+/// A deterministic pseudo-random source (xorshift64*), so a failure replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a>(&mut self, items: &'a [String]) -> &'a str {
+        &items[self.below(items.len())]
+    }
+}
+
+const MODEL: &str = "client-fuzz-test";
+const FIFO: &str = "/tmp/pg_gpt3_fuzz_fifo";
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn bytea(bytes: &[u8]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("'\\x{hex}'::bytea")
+}
+
+fn fixture(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(path)
+}
+
+/// Float32 tensors: (ordinary values of many lengths, awkward lengths and values).
+fn tensors(rng: &mut Rng) -> (Vec<String>, Vec<String>) {
+    let specials = [
+        0.0,
+        1.0,
+        -1.0,
+        0.5,
+        3.4e38,
+        -3.4e38,
+        1e38,
+        1e-45,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ];
+    let mut sane = Vec::new();
+    let mut hostile = vec![bytea(&[]), bytea(&[0]), bytea(&[1, 2, 3])];
+    for len in [1usize, 2, 3, 4, 6, 8, 9, 12, 16, 24, 64, 192, 768] {
+        let ordinary: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+        sane.push(bytea(&encode(&ordinary)));
+    }
+    // Few hostile tensors, so that each is drawn often.
+    for len in [1usize, 3, 8, 64] {
+        let specials: Vec<f32> = (0..len).map(|_| specials[rng.below(specials.len())]).collect();
+        hostile.push(bytea(&encode(&specials)));
+        let extreme: Vec<f32> = (0..len)
+            .map(|i| if i % 2 == 0 { 3e38 } else { -3e38 })
+            .collect();
+        hostile.push(bytea(&encode(&extreme)));
+    }
+    (sane, hostile)
+}
+
+/// A real checkpoint, and damaged copies of it.
+fn checkpoints(rng: &mut Rng) -> Vec<String> {
+    let good = std::fs::read(fixture("models/gpt2/model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(good[8..8 + header_len].to_vec()).unwrap();
+    let with_header = |h: &str| {
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h.as_bytes());
+        b.extend_from_slice(&good[8 + header_len..]);
+        b
+    };
+    let mut blobs = vec![
+        good.clone(),
+        good[..good.len() / 2].to_vec(),
+        good[..8 + header_len].to_vec(),
+        [u64::MAX.to_le_bytes().as_slice(), &good[8..]].concat(),
+        with_header(&header.replacen("F32", "I64", 1)),
+        with_header(&header.replacen("F32", "F16", 3)),
+        with_header(&header.replacen("\"shape\":[", "\"shape\":[4294967296,4294967296,", 1)),
+        with_header(&header.replacen("\"shape\":[", "\"shape\":[0,", 1)),
+        with_header(&header.replacen("{", "{\"wte.weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},", 1)),
+    ];
+    for _ in 0..12 {
+        let mut b = good.clone();
+        for _ in 0..4 {
+            let i = 8 + rng.below(header_len.min(b.len() - 8));
+            b[i] = rng.next() as u8;
+        }
+        blobs.push(b);
+    }
+    blobs.iter().map(|b| bytea(b)).collect()
+}
+
+/// Values for one argument, by its type and name: (sane values, hostile values). A call mixes
+/// mostly sane arguments with one or two hostile ones, so that it gets past the first check.
+fn values(ty: &str, name: &str, pools: &Pools) -> (Vec<String>, Vec<String>) {
+    let texts = |v: &[&str]| v.iter().map(|s| quote(s)).collect::<Vec<_>>();
+    let plain = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let typed = |v: &[&str], ty: &str| v.iter().map(|s| format!("{}::{ty}", quote(s))).collect::<Vec<_>>();
+    let fixture_path = |p: &str| fixture(p).to_string_lossy().into_owned();
+    let (sane, mut hostile) = match (ty, name) {
+        ("bytea", "data") => (pools.checkpoints[..1].to_vec(), pools.checkpoints[1..].to_vec()),
+        ("bytea", _) => (pools.tensors.clone(), pools.hostile_tensors.clone()),
+        ("integer", _) => (
+            plain(&["1", "2", "3", "4", "8", "16"]),
+            plain(&["0", "-1", "-7", "5", "64", "2147483647", "-2147483648", "50256", "50257"]),
+        ),
+        ("bigint", _) => (plain(&["0", "1", "42"]), plain(&["-1", "9223372036854775807", "-9223372036854775808"])),
+        ("real", _) => (
+            plain(&["0::real", "0.5::real", "0.95::real", "1::real"]),
+            plain(&["-1::real", "2::real", "1e-45::real", "3e38::real", "-3e38::real", "'NaN'::real", "'Infinity'::real", "'-Infinity'::real"]),
+        ),
+        ("boolean", _) => (plain(&["true", "false"]), vec![]),
+        ("integer[]", _) => (
+            typed(&["{1}", "{1,2,3}", "{50256,464}"], "int[]"),
+            typed(&["{}", "{-1}", "{NULL}", "{50257}", "{2147483647}", "{{1,2},{3,4}}"], "int[]")
+                .into_iter()
+                .chain(plain(&["array_fill(1, ARRAY[100])", "array_fill(7, ARRAY[3000])"]))
+                .collect(),
+        ),
+        ("real[]", _) => (
+            typed(&["{1,2,3}", "{0.5}"], "real[]"),
+            typed(&["{}", "{NaN}", "{Infinity,1}", "{3e38,-3e38}", "{NULL}"], "real[]"),
+        ),
+        ("jsonb", _) => (
+            vec!["NULL::jsonb".into(), format!("{}::jsonb", quote(&std::fs::read_to_string(fixture("models/gpt2/config.json")).unwrap()))],
+            typed(&[
+                "{}",
+                "[]",
+                "\"gpt2\"",
+                r#"{"model_type": "gpt2", "n_layer": -1, "n_embd": 8, "n_head": 2, "vocab_size": 10, "n_positions": 8}"#,
+                r#"{"model_type": "gpt2", "n_layer": 100000, "n_embd": 100000, "n_head": 1, "vocab_size": 2000000000, "n_positions": 2000000000}"#,
+                r#"{"model_type": "llama"}"#,
+            ], "jsonb"),
+        ),
+        ("text", "path") => (
+            texts(&[
+                &fixture_path("models/gpt2/model.safetensors"),
+                &fixture_path("models/gpt2_sharded"),
+                &fixture_path("tokenizer/encoder.json"),
+                &fixture_path("tokenizer/vocab.bpe"),
+            ]),
+            texts(&[FIFO, "/dev/zero", "/dev/null", "/dev/urandom", "/", "/etc/passwd", "/proc/self/mem", "/proc/self/environ", "", "no/such/relative/path"]),
+        ),
+        ("text", "model" | "model_name") => (
+            texts(&[MODEL]),
+            texts(&["no-such-model", "", "x'; DROP TABLE llm_param; --", "ÿ😀"]),
+        ),
+        ("text", "vocab") => (
+            texts(&["{\"a\": 0, \"b\": 1, \"ab\": 2}"]),
+            texts(&["{}", "not json", "{\"a\": -5}", "[1,2]", ""]),
+        ),
+        ("text", "merges") => (texts(&["#version: 0.2\na b"]), texts(&["", "a b c", "#version: 0.2", "a"])),
+        ("text", _) => (
+            texts(&["Hello", "😀 日本語 \t\n"]),
+            texts(&["", "<|endoftext|>", &"long prompt ".repeat(200)]),
+        ),
+        (other, _) => panic!("no values for arguments of type {other}"),
+    };
+    hostile.push(format!("NULL::{ty}"));
+    (sane, hostile)
+}
+
+struct Pools {
+    tensors: Vec<String>,
+    hostile_tensors: Vec<String>,
+    checkpoints: Vec<String>,
+}
+
+#[tokio::test]
+async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
+    let setup = connect().await;
+    random_model(&setup, MODEL, "2, 2, 32, 16, 128, 64, 50257", 1).await;
+    setup
+        .raw()
+        .batch_execute(&format!(
+            "COPY (SELECT 1) TO PROGRAM 'rm -f {FIFO}; mkfifo -m 666 {FIFO}'"
+        ))
+        .await
+        .unwrap();
+    let functions: Vec<(String, Vec<String>, Vec<String>)> = setup
+        .raw()
+        .query(
+            "SELECT p.proname, coalesce(string_to_array(oidvectortypes(p.proargtypes), ', '), '{}'), \
+                    coalesce(p.proargnames[1:p.pronargs], '{}') \
+               FROM pg_proc p \
+               JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e' \
+               JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm' \
+              WHERE p.prorettype <> 'trigger'::regtype \
+              ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(functions.len() >= 40, "{} functions", functions.len());
+
+    let mut rng = Rng(0x5eed_cafe_f00d_0001);
+    let (sane_tensors, hostile_tensors) = tensors(&mut rng);
+    let pools = Pools {
+        tensors: sane_tensors,
+        hostile_tensors,
+        checkpoints: checkpoints(&mut rng),
+    };
+    let mut client = fuzz_connection().await;
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failures = Vec::new();
+    let calls_per_function = 300;
+    let started = Instant::now();
+    // FUZZ_TRACE=<function> prints that function's calls.
+    let trace = std::env::var("FUZZ_TRACE").ok();
+    for (name, types, arg_names) in &functions {
+        let candidates: Vec<(Vec<String>, Vec<String>)> = types
+            .iter()
+            .zip(arg_names.iter().chain(std::iter::repeat(&String::new())))
+            .map(|(ty, arg)| values(ty, arg, &pools))
+            .collect();
+        for _ in 0..calls_per_function {
+            // One or two hostile arguments, the others sane.
+            let hostile: Vec<usize> = (0..1 + rng.below(2)).map(|_| rng.below(candidates.len().max(1))).collect();
+            let args: Vec<&str> = candidates
+                .iter()
+                .enumerate()
+                .map(|(i, (sane, bad))| {
+                    if hostile.contains(&i) && !bad.is_empty() {
+                        rng.pick(bad)
+                    } else {
+                        rng.pick(sane)
+                    }
+                })
+                .collect();
+            let sql = format!("SELECT * FROM {name}({})", args.join(", "));
+            if trace.as_deref() == Some(name.as_str()) {
+                println!("{}", shorten(&sql));
+            }
+            let outcome = match tokio::time::timeout(Duration::from_secs(30), client.raw().batch_execute(&sql)).await {
+                Err(_) => "hang".to_string(),
+                Ok(Ok(())) => "ok".to_string(),
+                Ok(Err(e)) => match e.code() {
+                    Some(code) => code.code().to_string(),
+                    None => "connection lost".to_string(),
+                },
+            };
+            if ["XX000", "hang", "connection lost"].contains(&outcome.as_str()) {
+                failures.push(format!("{outcome}: {}", shorten(&sql)));
+                client = fuzz_connection().await;
+            }
+            *outcomes.entry(outcome).or_default() += 1;
+        }
+    }
+    println!(
+        "{} calls over {} functions in {:?}: {outcomes:?}",
+        functions.len() * calls_per_function,
+        functions.len(),
+        started.elapsed()
+    );
+    assert!(failures.is_empty(), "{} bad outcomes:\n{}", failures.len(), failures.join("\n"));
+    // The fuzzer reached past argument checking: some calls succeeded.
+    assert!(outcomes.get("ok").copied().unwrap_or(0) > functions.len());
+}
+
+async fn fuzz_connection() -> Client {
+    let client = connect().await;
+    client
+        .execute("SET statement_timeout = '3s'")
+        .await
+        .unwrap();
+    client
+}
+
+fn shorten(sql: &str) -> String {
+    if sql.len() <= 400 {
+        return sql.to_string();
+    }
+    let cut = (0..=400).rev().find(|&i| sql.is_char_boundary(i)).unwrap_or(0);
+    format!("{}… ({} bytes)", &sql[..cut], sql.len())
+}
