@@ -80,8 +80,18 @@ SELECT label, pg_temp.err(q) AS outcome FROM (VALUES
   ('config mismatch',   format('SELECT pg_llm_import_safetensors_bytes(%L::bytea, %L, %L::jsonb)', (SELECT st FROM fixture WHERE family = 'gpt2'), 'fx-opt', (SELECT cfg FROM fixture WHERE family = 'gpt2'))),
   ('corrupt file',      $$SELECT pg_llm_import_safetensors_bytes('\x0102030405'::bytea, 'fx-gpt2')$$),
   ('unknown model',     $$SELECT pg_llm_import_safetensors_bytes('\x00'::bytea, 'no-such-model')$$),
-  ('unsupported type',  $$SELECT pg_llm_import_safetensors_bytes('\x00'::bytea, 'x', '{"model_type": "llama"}')$$)
+  ('unsupported type',  $$SELECT pg_llm_import_safetensors_bytes('\x00'::bytea, 'x', '{"model_type": "llama"}')$$),
+  ('empty model name',  format('SELECT pg_llm_import_safetensors_bytes(%L::bytea, %L, %L::jsonb)', (SELECT st FROM fixture WHERE family = 'gpt2'), '', (SELECT cfg FROM fixture WHERE family = 'gpt2')))
 ) AS cases(label, q);
+-- a header that names a tensor twice is ambiguous (JSON parsers keep the last): refused
+WITH h(j) AS (VALUES ('{"wte.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"wte.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'))
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors_bytes(%L::bytea, %L)',
+         decode(lpad(to_hex(length(j)), 2, '0') || '00000000000000', 'hex') || convert_to(j, 'UTF8') || '\x0000c03f'::bytea,
+         'fx-gpt2')) AS tensor_named_twice
+  FROM h;
+-- the registry refuses an empty name too
+SELECT pg_temp.err($$INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab)
+                     VALUES ('', 1, 1, 8, 8, 8, 8, 8)$$) AS empty_name_row;
 -- the refused imports left the model as it was
 SELECT family, (SELECT count(*) FROM llm_param p WHERE p.model = f.model) AS tensors FROM fixture f WHERE family = 'gpt2';
 
@@ -180,4 +190,14 @@ SELECT (SELECT llm_logits(ARRAY[5, 6, 7], 'fx-sharded')) = (SELECT llm_logits(AR
   FROM (SELECT pg_llm_import_safetensors(:'fixtures' || '/models/gpt2/model.safetensors', 'fx-gpt2-again', :'cfg')) x;
 SELECT regexp_replace(pg_temp.err(format('SELECT pg_llm_import_safetensors(%L, %L)', :'sharded' || '/missing.safetensors', 'fx-sharded')),
                       '"[^"]*/', '".../') AS missing_file;
+-- only regular files are read: a named pipe is refused before opening it could block, and
+-- devices and directories are refused too
+COPY (SELECT 1) TO PROGRAM 'rm -f /tmp/pg_gpt3_regress_fifo && mkfifo /tmp/pg_gpt3_regress_fifo';
+SELECT label, pg_temp.err(q) AS outcome FROM (VALUES
+  ('named pipe',          $$SELECT pg_llm_import_safetensors('/tmp/pg_gpt3_regress_fifo', 'fx-sharded')$$),
+  ('named pipe as vocab', $$SELECT pg_llm_load_bpe_vocab('/tmp/pg_gpt3_regress_fifo', 'gpt3-125m')$$),
+  ('device',              $$SELECT pg_llm_import_safetensors('/dev/zero', 'fx-sharded')$$),
+  ('directory as merges', $$SELECT pg_llm_load_bpe_merges('/tmp', 'gpt3-125m')$$)
+) AS cases(label, q);
+COPY (SELECT 1) TO PROGRAM 'rm -f /tmp/pg_gpt3_regress_fifo';
 DELETE FROM llm_model_config WHERE model IN ('fx-sharded', 'fx-gpt2-again');

@@ -22,11 +22,12 @@ SELECT p.proname, p.proconfig
  WHERE p.proconfig IS NOT NULL
  ORDER BY 1;
 -- ... and the others run no SQL at all (tensor kernels, conversions, this backend's state)
-SELECT string_agg(p.proname, ', ' ORDER BY p.proname) AS run_no_sql
+SELECT DISTINCT p.proname AS runs_no_sql
   FROM pg_proc p
   JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
   JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm'
- WHERE p.proconfig IS NULL;
+ WHERE p.proconfig IS NULL
+ ORDER BY 1;
 
 -- 2. A small model with the real tokenizer, and what it computes in a plain session
 \set vocab `cat :fixtures/tokenizer/encoder.json`
