@@ -14,13 +14,12 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pg_llm_engine::formats::TensorMap;
-use pg_llm_engine::model::weight_file::{self, Rejected};
 use pg_llm_engine::model::{MapSource, Model, ModelWeights};
 use pg_llm_engine::Result;
 
 use crate::spi;
 use crate::store::{self, StoredConfig, TableSource};
-use crate::weight_cache::{share, FilePlace};
+use crate::weight_cache::{self, FilePlace};
 
 thread_local! {
     static MODELS: RefCell<HashMap<String, (i64, Rc<Model>)>> = RefCell::new(HashMap::new());
@@ -45,23 +44,12 @@ fn load(model: &str) -> Result<Rc<Model>> {
     }
     // Drop a stale copy first so two versions never sit in memory together.
     MODELS.with(|m| m.borrow_mut().remove(model));
+    let from_tables = || ModelWeights::load(&stored.config, &mut TableSource::new(model));
     let weights = if crate::guc::WEIGHT_FILES.get() {
         let place = FilePlace::new(model, stored.version)?;
-        match weight_file::open(&place.path, &place.id, &stored.config)? {
-            Ok(mapped) => mapped,
-            Err(rejected) => {
-                if let Rejected::Corrupt(why) = rejected {
-                    pgrx::log!(
-                        "pg_llm: rebuilding weight file \"{}\": {why}",
-                        place.path.display()
-                    );
-                }
-                let private = ModelWeights::load(&stored.config, &mut TableSource::new(model))?;
-                share(&place, &stored.config, private)?
-            }
-        }
+        weight_cache::open_or_write(&place, &stored.config, from_tables)?
     } else {
-        ModelWeights::load(&stored.config, &mut TableSource::new(model))?
+        from_tables()?
     };
     remember(model, stored, weights)
 }
@@ -94,7 +82,7 @@ pub fn publish(model: &str, tensors: TensorMap) -> Result<()> {
     // MapSource frees each tensor once packed: the weights are never held twice.
     let private = ModelWeights::load(&stored.config, &mut MapSource::new(tensors))?;
     let weights = if crate::guc::WEIGHT_FILES.get() {
-        share(
+        weight_cache::share(
             &FilePlace::new(model, stored.version)?,
             &stored.config,
             private,

@@ -77,3 +77,23 @@ fn registry_is_seeded_with_the_gpt3_family() {
     Spi::run("UPDATE llm_model_config SET note = 'x' WHERE model = 'gpt2-small'").unwrap();
     assert_ne!(version(), before, "a change gives the model a new version");
 }
+
+#[pg_test]
+fn internal_reads_assign_no_transaction_id_and_see_own_writes() {
+    let xid = || unsafe { pg_sys::GetCurrentTransactionIdIfAny() };
+    let before = xid();
+    let models = crate::spi::read_one::<i64>("SELECT count(*) FROM llm_model_config", &[]).unwrap();
+    assert!(models.unwrap() >= 9);
+    assert_eq!(xid(), before, "a read assigned a transaction id");
+    // A write earlier in the same transaction is visible to a later read, also inside one
+    // consistent block (which takes its snapshot after the write).
+    Spi::run("UPDATE llm_model_config SET note = 'seen' WHERE model = 'gpt2-small'").unwrap();
+    let note = crate::spi::consistent(|| {
+        crate::spi::read_one::<String>(
+            "SELECT note FROM llm_model_config WHERE model = $1",
+            &["gpt2-small".into()],
+        )
+    })
+    .unwrap();
+    assert_eq!(note.as_deref(), Some("seen"));
+}

@@ -21,7 +21,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use pg_llm_engine::model::weight_file::{self, FileId};
+use pg_llm_engine::model::weight_file::{self, FileId, Rejected};
 use pg_llm_engine::model::{ModelConfig, ModelWeights};
 use pg_llm_engine::{EngineError, Result};
 use pgrx::pg_sys;
@@ -36,8 +36,8 @@ thread_local! {
 /// Where the weight file of one version of a model lives, and the identity it must carry.
 pub struct FilePlace {
     dir: PathBuf,
-    pub path: PathBuf,
-    pub id: FileId,
+    path: PathBuf,
+    id: FileId,
     param_table: u32,
 }
 
@@ -55,6 +55,24 @@ impl FilePlace {
             },
             param_table,
         })
+    }
+}
+
+/// The weights mapped from `place`'s file when it holds exactly this version; otherwise the
+/// weights `build` reads (from the tables), written to the file for the next user.
+pub fn open_or_write(
+    place: &FilePlace,
+    cfg: &ModelConfig,
+    build: impl FnOnce() -> Result<ModelWeights>,
+) -> Result<ModelWeights> {
+    match weight_file::open(&place.path, &place.id, cfg)? {
+        Ok(mapped) => Ok(mapped),
+        Err(rejected) => {
+            if let Rejected::Corrupt(why) = rejected {
+                pgrx::log!("pg_llm: rebuilding weight file \"{}\": {why}", place.path.display());
+            }
+            share(place, cfg, build()?)
+        }
     }
 }
 
