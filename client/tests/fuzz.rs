@@ -167,7 +167,7 @@ fn values(ty: &str, name: &str, pools: &Pools) -> (Vec<String>, Vec<String>) {
         ),
         ("text", "model" | "model_name") => (
             texts(&[MODEL]),
-            texts(&["no-such-model", "", "x'; DROP TABLE llm_param; --", "ÿ😀"]),
+            texts(&["client-fuzz-unregistered", "", "x'; DROP TABLE llm_param; --", "ÿ😀"]),
         ),
         ("text", "vocab") => (
             texts(&["{\"a\": 0, \"b\": 1, \"ab\": 2}"]),
@@ -194,6 +194,9 @@ struct Pools {
 async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
     let setup = connect().await;
     random_model(&setup, MODEL, "2, 2, 32, 16, 128, 64, 50257", 1).await;
+    // Imports with a config.json register the models they name: remove those afterwards.
+    let registered = "SELECT coalesce(array_agg(model), '{}') FROM llm_model_config";
+    let before: Vec<String> = setup.raw().query_one(registered, &[]).await.unwrap().get(0);
     setup
         .raw()
         .batch_execute(&format!(
@@ -273,6 +276,11 @@ async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
             *outcomes.entry(outcome).or_default() += 1;
         }
     }
+    setup
+        .raw()
+        .execute("DELETE FROM llm_model_config WHERE model <> ALL ($1)", &[&before])
+        .await
+        .unwrap();
     println!(
         "{} calls over {} functions in {:?}: {outcomes:?}",
         functions.len() * calls_per_function,
