@@ -46,7 +46,7 @@ pub fn cross_entropy_forward(logits: &[f32], target: i64) -> Result<f32> {
     let loss = (max - logits[t] as f64) + log_sum;
     if !(loss as f32).is_finite() {
         return Err(EngineError::OutOfRange(format!(
-            "the loss {loss:e} overflows float32"
+            "the loss {loss:.4e} overflows float32"
         )));
     }
     Ok(loss as f32)
@@ -84,6 +84,7 @@ mod tests {
         // Reported: {3e38, −3e38} with target 1 gave inf; the loss 6e38 is out of range.
         let err = cross_entropy_forward(&[3e38, -3e38], 1).unwrap_err();
         assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
+        assert_eq!(err.to_string(), "the loss 6.0000e38 overflows float32");
         assert_eq!(cross_entropy_forward(&[3e38, -3e38], 0).unwrap(), 0.0);
         // At 1e10 a float32 ulp is 1024: the loss ln 2 must not round away.
         let loss = cross_entropy_forward(&[1e10, 1e10], 0).unwrap();
