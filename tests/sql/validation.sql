@@ -70,4 +70,21 @@ SELECT label, pg_temp.err(q) AS outcome FROM (VALUES
   ('NULL training flag',  $$SELECT pg_llm_dropout(pg_llm_from_array('{1}'), 0.5, NULL)$$)
 ) AS cases(label, q);
 
+-- Finite inputs near float32's limits: the right finite answer where one exists (LayerNorm
+-- statistics in float64), otherwise 22003 -- never NaN, infinity or a silently wrong value
+SELECT pg_llm_to_array(pg_llm_layernorm(pg_llm_from_array('{3e38,3e38}'), pg_llm_from_array('{1,1}'),
+                                        pg_llm_from_array('{0.5,-0.5}'), 1e-5)) AS equal_huge_values_give_beta,
+       pg_llm_to_array(pg_llm_layernorm(pg_llm_from_array('{2e38,-2e38,1}'), pg_llm_from_array('{1,1,1}'),
+                                        pg_llm_from_array('{0,0,0}'), 1e-5))::numeric(6,4)[] AS huge_values_normalise,
+       pg_llm_to_array(pg_llm_gelu_backward(pg_llm_from_array('{0}'), pg_llm_from_array('{3.4e38}'))) AS gelu_grad_at_zero;
+SELECT label, pg_temp.err(q) AS outcome FROM (VALUES
+  ('gelu_backward',       $$SELECT pg_llm_gelu_backward(pg_llm_from_array('{1}'), pg_llm_from_array('{3.4e38}'))$$),
+  ('softmax_backward',    $$SELECT pg_llm_softmax_backward(pg_llm_from_array('{3e38,1}'), pg_llm_from_array('{3e38,1}'))$$),
+  ('dropout',             $$SELECT pg_llm_dropout(pg_llm_from_array('{3e38}'), 0.5, true, 1)$$),
+  ('adamw huge grad',     $$SELECT pg_llm_adamw_step(pg_llm_from_array('{1}'), pg_llm_from_array('{3e38}'), pg_llm_from_array('{0}'), pg_llm_from_array('{0}'), 0.1, 0.9, 0.95, 1e-8, 0, 1)$$),
+  ('attention_backward',  $$SELECT pg_llm_attention_backward(pg_llm_from_array('{3e38}'), pg_llm_from_array('{1,1,1}'), pg_llm_from_array('{0,0,0}'), pg_llm_from_array('{1}'), pg_llm_from_array('{0}'), pg_llm_from_array('{1}'), 1, 1, 1)$$),
+  ('cross_entropy',       $$SELECT pg_llm_cross_entropy(pg_llm_from_array('{3e38,-3e38}'), 1)$$),
+  ('layernorm output',    $$SELECT pg_llm_layernorm(pg_llm_from_array('{3e38,-3e38}'), pg_llm_from_array('{3e38,3e38}'), pg_llm_from_array('{3e38,3e38}'), 1e-5)$$)
+) AS cases(label, q);
+
 SELECT 'backend alive' AS status;
