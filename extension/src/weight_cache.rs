@@ -137,15 +137,37 @@ fn param_table_oid() -> Result<u32> {
         .ok_or_else(|| EngineError::Internal("llm_param has no OID".into()))
 }
 
+/// What a file of the cache is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum FileState {
+    /// A complete weight file (or a stranger; see `Entry::model`).
+    Ready,
+    /// A temporary file a living writer holds.
+    Writing,
+    /// A temporary file whose writer died; the next sweep removes it.
+    Abandoned,
+}
+
+impl FileState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Writing => "writing",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
 /// One file of the cache, as the `llm_weight_cache` view shows it.
 pub struct Entry {
     pub database: u32,
     pub path: PathBuf,
-    pub id: Option<FileId>,
+    /// The model and version a complete weight file holds (None for anything else).
+    pub model: Option<String>,
+    pub version: Option<i64>,
     pub bytes: u64,
     pub last_used: SystemTime,
-    /// "ready", "writing" (a temporary file a writer holds) or "abandoned".
-    pub state: &'static str,
+    pub state: FileState,
 }
 
 /// Every file in every database directory of the cache.
@@ -155,15 +177,17 @@ pub fn entries() -> Vec<Entry> {
         for path in files_in(&dir) {
             let Ok(meta) = fs::metadata(&path) else { continue };
             let state = if !weight_file::is_temporary(&path) {
-                "ready"
+                FileState::Ready
             } else if weight_file::is_abandoned(&path) {
-                "abandoned"
+                FileState::Abandoned
             } else {
-                "writing"
+                FileState::Writing
             };
+            let id = (state == FileState::Ready).then(|| weight_file::read_id(&path)).flatten();
             out.push(Entry {
                 database,
-                id: (state == "ready").then(|| weight_file::read_id(&path)).flatten(),
+                model: id.as_ref().and_then(|id| owner_model(&id.owner)).map(str::to_string),
+                version: id.map(|id| id.version),
                 path,
                 bytes: meta.len(),
                 last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -173,6 +197,11 @@ pub fn entries() -> Vec<Entry> {
     }
     out.sort_by(|a, b| (a.database, &a.path).cmp(&(b.database, &b.path)));
     out
+}
+
+/// A file's owner is "<llm_param oid>:<model>" (see `FilePlace::new`).
+fn owner_model(owner: &str) -> Option<&str> {
+    owner.split_once(':').map(|(_, model)| model)
 }
 
 fn database_dirs() -> Vec<(u32, PathBuf)> {
@@ -226,7 +255,7 @@ fn make_room(needed: u64, keep: &Path) -> bool {
     }
     let mut files = entries();
     let mut used: u64 = files.iter().map(|e| e.bytes).sum();
-    files.retain(|e| e.state == "ready" && e.path != keep);
+    files.retain(|e| e.state == FileState::Ready && e.path != keep);
     files.sort_by_key(|e| e.last_used);
     for oldest in files {
         if used + needed <= limit {

@@ -36,14 +36,6 @@ fn pg_llm_weight_cache() -> TableIterator<
     ),
 > {
     let rows = weight_cache::entries().into_iter().map(|e| {
-        let (model, version) = match e.id {
-            // owner is "<llm_param oid>:<model>"
-            Some(id) => (
-                id.owner.split_once(':').map(|(_, m)| m.to_string()),
-                Some(id.version),
-            ),
-            None => (None, None),
-        };
         let last_used = e
             .last_used
             .duration_since(std::time::UNIX_EPOCH)
@@ -51,11 +43,11 @@ fn pg_llm_weight_cache() -> TableIterator<
             .and_then(|d| pgrx::datum::TimestampWithTimeZone::try_from(pg_unix_time(d)).ok());
         (
             pg_sys::Oid::from(e.database),
-            model,
-            version,
+            e.model,
+            e.version,
             e.bytes as i64,
             last_used,
-            e.state.to_string(),
+            e.state.name().to_string(),
             e.path.file_name().unwrap_or_default().to_string_lossy().into_owned(),
         )
     });
