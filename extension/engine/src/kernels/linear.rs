@@ -37,6 +37,51 @@ pub fn linear(
     Ok(y)
 }
 
+/// Backward of y = x · wᵀ: dw[out, in] += dyᵀ · x and, when asked, dx[t, in] = dy · w.
+pub fn linear_backward(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (t, d_in, d_out): (usize, usize, usize),
+) {
+    use super::matmul::{gemm, Threads};
+    assert_eq!(x.len(), t * d_in, "linear_backward: x");
+    assert_eq!(w.len(), d_out * d_in, "linear_backward: w");
+    assert_eq!(dy.len(), t * d_out, "linear_backward: dy");
+    assert_eq!(dw.len(), d_out * d_in, "linear_backward: dw");
+    let dy_t = MatRef::transposed(dy, d_out, t);
+    gemm(
+        dw,
+        dy_t,
+        MatRef::new(x, t, d_in),
+        Accumulate::Add,
+        Threads::Pool,
+    );
+    if let Some(dx) = dx {
+        assert_eq!(dx.len(), t * d_in, "linear_backward: dx");
+        let dy = MatRef::new(dy, t, d_out);
+        gemm(
+            dx,
+            dy,
+            MatRef::new(w, d_out, d_in),
+            Accumulate::Overwrite,
+            Threads::Pool,
+        );
+    }
+}
+
+/// Backward of a bias broadcast over rows: db[out] += Σ_rows dy[·, out].
+pub fn bias_backward(db: &mut [f32], dy: &[f32], d_out: usize) {
+    assert_eq!(db.len(), d_out, "bias_backward: db");
+    let mut sums = vec![0.0f64; d_out];
+    for row in dy.chunks_exact(d_out) {
+        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+    }
+    db.iter_mut().zip(&sums).for_each(|(d, &s)| *d += s as f32);
+}
+
 /// y = x · wᵀ (+ b) with `Accumulate::Overwrite`, y += x · wᵀ (+ b) with `Accumulate::Add`
 /// (a residual connection without a temporary). y is [t, out] and is never read when
 /// overwritten.

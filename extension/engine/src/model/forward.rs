@@ -324,7 +324,7 @@ fn norm_into(y: &mut [f32], x: &[f32], n: &Norm, eps: f32) -> Result<()> {
     layernorm_into(y, x, &n.weight, &n.bias, eps)
 }
 
-fn activate(x: &mut [f32], act: Activation) {
+pub(crate) fn activate(x: &mut [f32], act: Activation) {
     parallel::for_rows(x, 1, |_, block| match act {
         Activation::GeluNew => crate::simd::gelu_new_inplace(block),
         Activation::Gelu => block

@@ -1,5 +1,6 @@
 //! GPT-3 family models: configuration, weights, forward pass with KV cache.
 
+pub mod backward;
 pub mod config;
 pub mod forward;
 pub mod init;
@@ -7,6 +8,7 @@ pub mod storage;
 pub mod weight_file;
 pub mod weights;
 
+pub use backward::Batch;
 pub use config::{Activation, AttnKind, LnPlacement, ModelConfig};
 pub use forward::{KvCache, Logits, Model};
 pub use storage::{Param, Storage};

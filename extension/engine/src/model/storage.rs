@@ -48,6 +48,12 @@ impl Param {
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
     }
+
+    /// Where this tensor's values lie in the packed buffer (and its gradient in a gradient
+    /// buffer of the same packing).
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
 }
 
 impl Deref for Param {

@@ -1,0 +1,786 @@
+//! Training: the loss of a batch and the gradient of every parameter, for every architecture
+//! the forward pass supports (pre- and post-LayerNorm, dense and locally banded attention,
+//! the three activations, projected embeddings, tied or separate head), llm.c style: a
+//! forward pass that keeps what the backward needs, then the backward layer by layer with each
+//! kernel's backward function.
+//!
+//! Layout: a batch of B sequences of T tokens is N = B·T rows; activations are [N, width]
+//! row-major and attention runs per sequence. Gradients live in one buffer with the packing
+//! of the weights (`weights::packing`), so that `Param::range` of a weight is also where its
+//! gradient is, and an optimizer walks one flat buffer.
+
+use super::config::{Activation, AttnKind, LnPlacement, ModelConfig};
+use super::forward::{activate, Model};
+use super::weights::{LayerWeights, Norm};
+use super::Param;
+use crate::error::{EngineError, Result};
+use crate::kernels::attention::{
+    attend_into, attention_backward, AttnForward, AttnInputs, AttnOptions, AttnShape,
+};
+use crate::kernels::elementwise::gelu_new_grad;
+use crate::kernels::layernorm::{layernorm_backward, layernorm_into};
+use crate::kernels::linear::{bias_backward, linear, linear_backward, linear_into};
+use crate::kernels::matmul::Accumulate;
+use crate::parallel::Cancel;
+use crate::tensor;
+
+/// B sequences of T tokens with their next-token targets, row-major [B, T].
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    pub targets: &'a [u32],
+    pub sequences: usize,
+    pub len: usize,
+}
+
+impl Batch<'_> {
+    fn rows(&self) -> usize {
+        self.sequences * self.len
+    }
+
+    fn check(&self, cfg: &ModelConfig) -> Result<()> {
+        let n = self.rows();
+        if n == 0 {
+            return Err(EngineError::invalid("a batch needs at least one token"));
+        }
+        if self.tokens.len() != n || self.targets.len() != n {
+            return Err(EngineError::invalid(format!(
+                "a batch of {} × {} needs {n} tokens and targets, got {} and {}",
+                self.sequences,
+                self.len,
+                self.tokens.len(),
+                self.targets.len()
+            )));
+        }
+        if self.len > cfg.n_positions {
+            return Err(EngineError::invalid(format!(
+                "sequences of {} tokens exceed the model's context of {}",
+                self.len, cfg.n_positions
+            )));
+        }
+        for (what, ids) in [("token", self.tokens), ("target", self.targets)] {
+            if let Some((i, bad)) = ids
+                .iter()
+                .enumerate()
+                .find(|(_, &id)| id as usize >= cfg.vocab)
+            {
+                return Err(EngineError::invalid(format!(
+                    "{what} id {bad} at index {i} is outside the vocabulary of {} tokens",
+                    cfg.vocab
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one layer's backward needs from its forward.
+struct LayerActs {
+    /// Residual stream entering the layer [N, d].
+    x_in: Vec<f32>,
+    /// Attention sub-layer input: LayerNorm(x_in) with pre-LN (x_in itself with post-LN) [N, d].
+    h1: Option<Vec<f32>>,
+    qkv: Vec<f32>,
+    /// Attention output [N, d_attn] and its log-sum-exp, per sequence [H, T].
+    attn: Vec<f32>,
+    lse: Vec<Vec<f32>>,
+    /// Residual stream after the attention sub-layer, before its post-LN [N, d].
+    s1: Vec<f32>,
+    /// Stream entering the MLP sub-layer (after post-LN) [N, d]; with pre-LN it equals s1.
+    x_mid: Option<Vec<f32>>,
+    /// MLP input: LayerNorm(x_mid) with pre-LN [N, d].
+    h2: Option<Vec<f32>>,
+    /// MLP hidden before and after the activation [N, d_ff].
+    f_pre: Vec<f32>,
+    f_act: Vec<f32>,
+    /// Residual stream after the MLP sub-layer, before its post-LN [N, d] (post-LN only).
+    s2: Option<Vec<f32>>,
+}
+
+impl LayerActs {
+    fn x_mid(&self) -> &[f32] {
+        self.x_mid.as_deref().unwrap_or(&self.s1)
+    }
+    fn h1(&self) -> &[f32] {
+        self.h1.as_deref().unwrap_or(&self.x_in)
+    }
+    fn h2(&self) -> &[f32] {
+        self.h2.as_deref().unwrap_or(self.x_mid())
+    }
+}
+
+impl Model {
+    /// Mean cross-entropy of `batch` (eval mode, no dropout) and, with `grads` (the packed
+    /// layout, `packed_len` values), the gradient of that loss added into it.
+    pub fn loss_and_grads(
+        &self,
+        batch: Batch,
+        grads: Option<&mut [f32]>,
+        cancel: Cancel,
+    ) -> Result<f32> {
+        let cfg = &self.config;
+        batch.check(cfg)?;
+        if let Some(g) = grads.as_deref() {
+            if g.len() != self.weights.storage().as_slice().len() {
+                return Err(EngineError::Internal(
+                    "gradient buffer of the wrong size".into(),
+                ));
+            }
+        }
+        let n = batch.rows();
+        let (d, e) = (cfg.d_model, cfg.d_embed());
+        let tok = self.token_embeddings(batch.tokens)?;
+        let mut x = self.embed_rows(&tok, batch, cancel)?;
+        let mut acts = Vec::with_capacity(cfg.n_layer);
+        for (i, layer) in self.weights.layers.iter().enumerate() {
+            cancel.check()?;
+            let (layer_acts, out) = self.layer_forward(i, layer, x, batch, cancel)?;
+            acts.push(layer_acts);
+            x = out;
+        }
+        // Head: final LayerNorm (pre-LN), projection (OPT-350m), output layer.
+        let w = &self.weights;
+        let hf = match &w.ln_f {
+            Some(nrm) => Some(norm(&x, nrm, cfg.ln_eps, n * d)?),
+            None => None,
+        };
+        let hf_d = hf.as_deref().unwrap_or(&x);
+        let he = match &w.project_out {
+            Some(p) => Some(crate::kernels::linear::linear(
+                hf_d, p, None, n, d, e, cancel,
+            )?),
+            None => None,
+        };
+        let h_out = he.as_deref().unwrap_or(hf_d);
+        let table = w.lm_head.as_ref().unwrap_or(&w.wte);
+        let mut logits = tensor::alloc_zeroed(tensor::numel(&[n, cfg.vocab], "logits")?)?;
+        linear_into(
+            &mut logits,
+            h_out,
+            &table[..cfg.vocab * e],
+            None,
+            (n, e, cfg.vocab),
+            Accumulate::Overwrite,
+            cancel,
+        )?;
+        // Loss; with gradients, the logits become dL/dlogits in place.
+        let loss = cross_entropy_rows(&mut logits, batch.targets, cfg.vocab, grads.is_some())?;
+        let Some(grads) = grads else {
+            return Ok(loss);
+        };
+
+        // Output layer: table [vocab, e] (wte when tied; padding rows get no gradient).
+        let rows = range(table).start..range(table).start + cfg.vocab * e;
+        let mut dh = tensor::alloc_zeroed(n * e)?;
+        linear_backward(
+            Some(&mut dh),
+            &mut grads[rows],
+            h_out,
+            &table[..cfg.vocab * e],
+            &logits,
+            (n, e, cfg.vocab),
+        );
+        drop(logits);
+        if let Some(p) = &w.project_out {
+            let mut dhd = tensor::alloc_zeroed(n * d)?;
+            linear_grads(grads, p, None, Some(&mut dhd), hf_d, &dh, (n, d, e));
+            dh = dhd;
+        }
+        let mut dx = match &w.ln_f {
+            Some(nrm) => norm_backward(grads, &x, &dh, nrm, cfg.ln_eps)?,
+            None => dh,
+        };
+        drop(x);
+
+        for (i, layer) in self.weights.layers.iter().enumerate().rev() {
+            cancel.check()?;
+            let a = acts.pop().expect("one activation set per layer");
+            dx = self.layer_backward(i, layer, &a, dx, batch, grads, cancel)?;
+        }
+
+        // Embeddings: positions, then (through project_in) tokens.
+        let wpe_at = range(&w.wpe).start;
+        for (r, row) in dx.chunks_exact(d).enumerate() {
+            let pos = r % batch.len + cfg.position_offset;
+            let g = &mut grads[wpe_at + pos * d..wpe_at + (pos + 1) * d];
+            g.iter_mut().zip(row).for_each(|(g, v)| *g += v);
+        }
+        let dtok = match &w.project_in {
+            Some(p) => {
+                let mut dt = tensor::alloc_zeroed(n * e)?;
+                linear_grads(grads, p, None, Some(&mut dt), &tok, &dx, (n, e, d));
+                dt
+            }
+            None => dx,
+        };
+        let wte_at = range(&w.wte).start;
+        for (&id, row) in batch.tokens.iter().zip(dtok.chunks_exact(e)) {
+            let at = wte_at + id as usize * e;
+            let g = &mut grads[at..at + e];
+            g.iter_mut().zip(row).for_each(|(g, v)| *g += v);
+        }
+        tensor::check_result(grads, "gradient")?;
+        Ok(loss)
+    }
+
+    fn token_embeddings(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let e = self.config.d_embed();
+        let mut tok = Vec::new();
+        tok.try_reserve_exact(tokens.len() * e)
+            .map_err(|_| EngineError::too_large("the batch's embeddings do not fit in memory"))?;
+        for &id in tokens {
+            tok.extend_from_slice(&self.weights.wte[id as usize * e..(id as usize + 1) * e]);
+        }
+        Ok(tok)
+    }
+
+    /// Token embeddings (projected when d_embed ≠ d_model) plus each row's position embedding.
+    fn embed_rows(&self, tok: &[f32], batch: Batch, cancel: Cancel) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let (d, e, n) = (cfg.d_model, cfg.d_embed(), batch.rows());
+        let mut x = match &self.weights.project_in {
+            Some(p) => linear(tok, p, None, n, e, d, cancel)?,
+            None => tok.to_vec(),
+        };
+        for (r, row) in x.chunks_exact_mut(d).enumerate() {
+            let pos = r % batch.len + cfg.position_offset;
+            row.iter_mut()
+                .zip(&self.weights.wpe[pos * d..(pos + 1) * d])
+                .for_each(|(v, p)| *v += p);
+        }
+        Ok(x)
+    }
+
+    fn attn_options(&self, layer: usize) -> AttnOptions {
+        AttnOptions {
+            window: match self.config.layer_kind(layer) {
+                AttnKind::Dense => None,
+                AttnKind::Local => self.config.local_window,
+            },
+            scale: self.config.scale_attn,
+        }
+    }
+
+    fn shape(&self, t: usize) -> AttnShape {
+        AttnShape {
+            t,
+            n_head: self.config.n_head,
+            d_head: self.config.d_head,
+        }
+    }
+
+    /// One layer of the training forward: its saved activations and its output stream.
+    fn layer_forward(
+        &self,
+        i: usize,
+        layer: &LayerWeights,
+        x_in: Vec<f32>,
+        batch: Batch,
+        cancel: Cancel,
+    ) -> Result<(LayerActs, Vec<f32>)> {
+        let cfg = &self.config;
+        let (n, d, da, ff, t) = (batch.rows(), cfg.d_model, cfg.d_attn(), cfg.d_ff, batch.len);
+        let pre = cfg.ln_placement == LnPlacement::Pre;
+        let h1 = if pre {
+            Some(norm(&x_in, &layer.ln_1, cfg.ln_eps, n * d)?)
+        } else {
+            None
+        };
+        let mut qkv = tensor::alloc_zeroed(n * 3 * da)?;
+        let input = h1.as_deref().unwrap_or(&x_in);
+        linear_into(
+            &mut qkv,
+            input,
+            &layer.w_qkv,
+            Some(&layer.b_qkv),
+            (n, d, 3 * da),
+            Accumulate::Overwrite,
+            cancel,
+        )?;
+        let mut attn = tensor::alloc_zeroed(n * da)?;
+        let mut lse = Vec::with_capacity(batch.sequences);
+        for (q, o) in qkv
+            .chunks_exact(t * 3 * da)
+            .zip(attn.chunks_exact_mut(t * da))
+        {
+            let inputs = AttnInputs::fused(q, self.shape(t));
+            lse.push(attend_into(
+                o,
+                inputs,
+                cfg.n_head,
+                cfg.d_head,
+                self.attn_options(i),
+                cancel,
+            )?);
+        }
+        let mut s1 = x_in.clone();
+        linear_into(
+            &mut s1,
+            &attn,
+            &layer.w_o,
+            Some(&layer.b_o),
+            (n, da, d),
+            Accumulate::Add,
+            cancel,
+        )?;
+        let x_mid = if pre {
+            None
+        } else {
+            Some(norm(&s1, &layer.ln_1, cfg.ln_eps, n * d)?)
+        };
+        let mid = x_mid.as_deref().unwrap_or(&s1);
+        let h2 = if pre {
+            Some(norm(mid, &layer.ln_2, cfg.ln_eps, n * d)?)
+        } else {
+            None
+        };
+        let mut f_pre = tensor::alloc_zeroed(n * ff)?;
+        let input = h2.as_deref().unwrap_or(mid);
+        linear_into(
+            &mut f_pre,
+            input,
+            &layer.w_fc,
+            Some(&layer.b_fc),
+            (n, d, ff),
+            Accumulate::Overwrite,
+            cancel,
+        )?;
+        let mut f_act = f_pre.clone();
+        activate(&mut f_act, cfg.activation);
+        let mut s2 = mid.to_vec();
+        linear_into(
+            &mut s2,
+            &f_act,
+            &layer.w_proj,
+            Some(&layer.b_proj),
+            (n, ff, d),
+            Accumulate::Add,
+            cancel,
+        )?;
+        let (out, s2) = if pre {
+            (s2, None)
+        } else {
+            (norm(&s2, &layer.ln_2, cfg.ln_eps, n * d)?, Some(s2))
+        };
+        let acts = LayerActs {
+            x_in,
+            h1,
+            qkv,
+            attn,
+            lse,
+            s1,
+            x_mid,
+            h2,
+            f_pre,
+            f_act,
+            s2,
+        };
+        Ok((acts, out))
+    }
+
+    /// One layer's backward: dL/d(output stream) in, dL/d(input stream) out; parameter
+    /// gradients are added into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        i: usize,
+        layer: &LayerWeights,
+        a: &LayerActs,
+        d_out: Vec<f32>,
+        batch: Batch,
+        grads: &mut [f32],
+        cancel: Cancel,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let (n, d, da, ff, t) = (batch.rows(), cfg.d_model, cfg.d_attn(), cfg.d_ff, batch.len);
+        let pre = cfg.ln_placement == LnPlacement::Pre;
+        // MLP sub-layer: out = s2 (pre-LN) or LN2(s2) (post-LN), s2 = x_mid + mlp(h2).
+        let ds2 = match &a.s2 {
+            None => d_out,
+            Some(s2) => norm_backward(grads, s2, &d_out, &layer.ln_2, cfg.ln_eps)?,
+        };
+        let mut df = tensor::alloc_zeroed(n * ff)?;
+        linear_grads(
+            grads,
+            &layer.w_proj,
+            Some(&layer.b_proj),
+            Some(&mut df),
+            &a.f_act,
+            &ds2,
+            (n, ff, d),
+        );
+        df.iter_mut()
+            .zip(&a.f_pre)
+            .for_each(|(g, &v)| *g *= activation_grad(cfg.activation, v));
+        let mut dh2 = tensor::alloc_zeroed(n * d)?;
+        linear_grads(
+            grads,
+            &layer.w_fc,
+            Some(&layer.b_fc),
+            Some(&mut dh2),
+            a.h2(),
+            &df,
+            (n, d, ff),
+        );
+        drop(df);
+        // dL/dx_mid: the residual path plus the MLP input's path (through LN2 with pre-LN).
+        let mut dmid = ds2;
+        let through = if pre {
+            norm_backward(grads, a.x_mid(), &dh2, &layer.ln_2, cfg.ln_eps)?
+        } else {
+            dh2
+        };
+        dmid.iter_mut().zip(&through).for_each(|(g, v)| *g += v);
+        drop(through);
+        cancel.check()?;
+
+        // Attention sub-layer: x_mid = s1 (pre-LN) or LN1(s1), s1 = x_in + attn(h1)·W_oᵀ + b_o.
+        let ds1 = if pre {
+            dmid
+        } else {
+            norm_backward(grads, &a.s1, &dmid, &layer.ln_1, cfg.ln_eps)?
+        };
+        let mut dattn = tensor::alloc_zeroed(n * da)?;
+        linear_grads(
+            grads,
+            &layer.w_o,
+            Some(&layer.b_o),
+            Some(&mut dattn),
+            &a.attn,
+            &ds1,
+            (n, da, d),
+        );
+        let mut dqkv = Vec::with_capacity(n * 3 * da);
+        for (b, (q, o)) in a
+            .qkv
+            .chunks_exact(t * 3 * da)
+            .zip(a.attn.chunks_exact(t * da))
+            .enumerate()
+        {
+            let fwd = AttnForward {
+                out: o.to_vec(),
+                lse: a.lse[b].clone(),
+            };
+            let dout = &dattn[b * t * da..(b + 1) * t * da];
+            dqkv.extend(attention_backward(
+                q,
+                &fwd,
+                dout,
+                self.shape(t),
+                self.attn_options(i),
+                cancel,
+            )?);
+        }
+        drop(dattn);
+        // Models without q/k/v biases keep a zero slot there: it gets no gradient.
+        let b_qkv = cfg.qkv_bias.then_some(&layer.b_qkv);
+        let mut dh1 = tensor::alloc_zeroed(n * d)?;
+        linear_grads(
+            grads,
+            &layer.w_qkv,
+            b_qkv,
+            Some(&mut dh1),
+            a.h1(),
+            &dqkv,
+            (n, d, 3 * da),
+        );
+        drop(dqkv);
+        let mut dx = ds1;
+        let through = if pre {
+            norm_backward(grads, &a.x_in, &dh1, &layer.ln_1, cfg.ln_eps)?
+        } else {
+            dh1
+        };
+        dx.iter_mut().zip(&through).for_each(|(g, v)| *g += v);
+        Ok(dx)
+    }
+}
+
+/// Where a weight's gradient lives in the packed gradient buffer.
+fn range(p: &Param) -> std::ops::Range<usize> {
+    p.range()
+}
+
+/// Backward of y = x · wᵀ (+ b): the gradients of `w` (and `b`) added into `grads`, and dx
+/// when asked.
+fn linear_grads(
+    grads: &mut [f32],
+    w: &Param,
+    b: Option<&Param>,
+    dx: Option<&mut [f32]>,
+    x: &[f32],
+    dy: &[f32],
+    dims: (usize, usize, usize),
+) {
+    linear_backward(dx, &mut grads[range(w)], x, w, dy, dims);
+    if let Some(b) = b {
+        bias_backward(&mut grads[range(b)], dy, dims.2);
+    }
+}
+
+fn norm(x: &[f32], n: &Norm, eps: f32, len: usize) -> Result<Vec<f32>> {
+    let mut y = tensor::alloc_zeroed(len)?;
+    layernorm_into(&mut y, x, &n.weight, &n.bias, eps)?;
+    Ok(y)
+}
+
+/// LayerNorm backward: adds dgamma and dbeta into `grads`, returns dx.
+fn norm_backward(grads: &mut [f32], x: &[f32], dy: &[f32], n: &Norm, eps: f32) -> Result<Vec<f32>> {
+    let g = layernorm_backward(x, dy, &n.weight, eps)?;
+    add_into(&mut grads[range(&n.weight)], &g.dgamma);
+    add_into(&mut grads[range(&n.bias)], &g.dbeta);
+    Ok(g.dx)
+}
+
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+fn activation_grad(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::GeluNew => gelu_new_grad(x as f64) as f32,
+        Activation::Gelu => {
+            let x = x as f64;
+            let cdf = 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            (cdf + x * pdf) as f32
+        }
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+/// Mean cross-entropy of each row's target; with `grad`, each row becomes
+/// (softmax − onehot) / rows, the gradient of the mean.
+fn cross_entropy_rows(
+    logits: &mut [f32],
+    targets: &[u32],
+    vocab: usize,
+    grad: bool,
+) -> Result<f32> {
+    let rows = targets.len();
+    let mut total = 0.0f64;
+    for (row, &target) in logits.chunks_exact_mut(vocab).zip(targets) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let lse = max + sum.ln();
+        total += lse - row[target as usize] as f64;
+        if grad {
+            let scale = 1.0 / rows as f64;
+            for v in row.iter_mut() {
+                *v = (((*v as f64) - lse).exp() * scale) as f32;
+            }
+            row[target as usize] -= scale as f32;
+        }
+    }
+    let loss = (total / rows as f64) as f32;
+    if !loss.is_finite() {
+        return Err(EngineError::OutOfRange(format!(
+            "the loss {loss} is not finite"
+        )));
+    }
+    Ok(loss)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::kernels::gradcheck::{assert_grad_matches, assert_grad_matches_piecewise};
+    use crate::model::config::tiny_gpt3;
+    use crate::model::weights::{packed_len, packing};
+    use crate::model::{ModelWeights, Storage};
+    use crate::parallel::Cancel;
+
+    /// Every architecture knob the forward supports, on tiny shapes.
+    fn families() -> Vec<(&'static str, ModelConfig)> {
+        let gpt3 = tiny_gpt3();
+        vec![
+            ("gpt3 dense + local", gpt3.clone()),
+            (
+                "gpt2",
+                ModelConfig {
+                    attention_pattern: vec![AttnKind::Dense],
+                    local_window: None,
+                    ..gpt3.clone()
+                },
+            ),
+            (
+                "cerebras (exact gelu), untied, padded vocabulary",
+                ModelConfig {
+                    activation: Activation::Gelu,
+                    tied_head: false,
+                    padded_vocab: Some(14),
+                    ..gpt3.clone()
+                },
+            ),
+            (
+                "opt pre-LN",
+                ModelConfig {
+                    activation: Activation::Relu,
+                    position_offset: 2,
+                    attention_pattern: vec![AttnKind::Dense],
+                    local_window: None,
+                    ..gpt3.clone()
+                },
+            ),
+            (
+                "opt post-LN, projected embeddings",
+                ModelConfig {
+                    activation: Activation::Relu,
+                    position_offset: 2,
+                    attention_pattern: vec![AttnKind::Dense],
+                    local_window: None,
+                    ln_placement: LnPlacement::Post,
+                    d_embed: Some(6),
+                    ..gpt3.clone()
+                },
+            ),
+            (
+                "gpt-neo",
+                ModelConfig {
+                    scale_attn: false,
+                    qkv_bias: false,
+                    ..gpt3
+                },
+            ),
+        ]
+    }
+
+    /// Weights from a fixed pseudo-random uniform(-0.5, 0.5): large enough that every
+    /// non-linearity matters; zero in the q/k/v bias slot of models without one.
+    fn packed(cfg: &ModelConfig, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut out = Vec::with_capacity(packed_len(cfg).unwrap());
+        for slot in packing(cfg) {
+            let n: usize = slot.shape.iter().product();
+            for _ in 0..n {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                out.push(if slot.name.is_some() { u } else { 0.0 });
+            }
+        }
+        out
+    }
+
+    fn model(cfg: &ModelConfig, values: Vec<f32>) -> Model {
+        let weights = ModelWeights::from_storage(cfg, Arc::new(Storage::Owned(values))).unwrap();
+        Model::new(cfg.clone(), weights).unwrap()
+    }
+
+    const TOKENS: [u32; 10] = [1, 4, 9, 2, 0, 7, 7, 3, 10, 5];
+    const TARGETS: [u32; 10] = [4, 9, 2, 0, 6, 7, 3, 10, 5, 1];
+
+    fn batch() -> Batch<'static> {
+        Batch {
+            tokens: &TOKENS,
+            targets: &TARGETS,
+            sequences: 2,
+            len: 5,
+        }
+    }
+
+    /// Every third parameter (every tensor has several), starting at a different offset per
+    /// family, to keep the test quick.
+    #[test]
+    fn gradients_match_finite_differences_for_every_family() {
+        for (k, (family, cfg)) in families().into_iter().enumerate() {
+            let values = packed(&cfg, 7);
+            let m = model(&cfg, values.clone());
+            let mut grads = vec![0.0; values.len()];
+            m.loss_and_grads(batch(), Some(&mut grads), Cancel::NEVER)
+                .unwrap();
+            // Only real parameters: the zero q/k/v bias slot of bias-free models is not one.
+            let mut at = 0;
+            let mut params = Vec::new();
+            for slot in packing(&cfg) {
+                let n: usize = slot.shape.iter().product();
+                if slot.name.is_some() {
+                    params.extend((at..at + n).filter(|i| (i + k) % 3 == 0));
+                } else {
+                    assert!(grads[at..at + n].iter().all(|g| *g == 0.0), "{family}");
+                }
+                at += n;
+            }
+            let x: Vec<f32> = params.iter().map(|&i| values[i]).collect();
+            let analytic: Vec<f32> = params.iter().map(|&i| grads[i]).collect();
+            let loss_at = |probe: &[f32]| {
+                let mut v = values.clone();
+                params.iter().zip(probe).for_each(|(&i, &p)| v[i] = p);
+                model(&cfg, v)
+                    .loss_and_grads(batch(), None, Cancel::NEVER)
+                    .unwrap() as f64
+            };
+            println!("{family}: {} parameters checked", params.len());
+            if cfg.activation == Activation::Relu {
+                assert_grad_matches_piecewise(&x, &analytic, loss_at);
+            } else {
+                assert_grad_matches(&x, &analytic, loss_at);
+            }
+        }
+    }
+
+    /// The training forward computes the same loss as the inference forward's logits.
+    #[test]
+    fn loss_equals_cross_entropy_of_the_logits() {
+        for (family, cfg) in families() {
+            let m = model(&cfg, packed(&cfg, 3));
+            let loss = m.loss_and_grads(batch(), None, Cancel::NEVER).unwrap() as f64;
+            let mut total = 0.0f64;
+            for (tokens, targets) in TOKENS.chunks(5).zip(TARGETS.chunks(5)) {
+                let logits = m.logits(tokens, Cancel::NEVER).unwrap();
+                for (row, &t) in logits.chunks(cfg.vocab).zip(targets) {
+                    let max = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+                    let lse = max
+                        + row
+                            .iter()
+                            .map(|&v| (v as f64 - max).exp())
+                            .sum::<f64>()
+                            .ln();
+                    total += lse - row[t as usize] as f64;
+                }
+            }
+            let expected = total / TOKENS.len() as f64;
+            assert!(
+                (loss - expected).abs() < 1e-5 * expected.abs().max(1.0),
+                "{family}: {loss} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_batches_are_refused() {
+        let cfg = tiny_gpt3();
+        let m = model(&cfg, packed(&cfg, 1));
+        let err = |b: Batch| m.loss_and_grads(b, None, Cancel::NEVER).unwrap_err();
+        let ragged = Batch {
+            sequences: 3,
+            ..batch()
+        };
+        assert!(matches!(err(ragged), EngineError::InvalidParameter(_)));
+        let beyond = [11u32; 10];
+        let outside = Batch {
+            targets: &beyond,
+            ..batch()
+        };
+        assert!(
+            matches!(err(outside), EngineError::InvalidParameter(m) if m.contains("target id 11"))
+        );
+        let long = [1u32; 17];
+        let too_long = Batch {
+            tokens: &long,
+            targets: &long,
+            sequences: 1,
+            len: 17,
+        };
+        assert!(matches!(err(too_long), EngineError::InvalidParameter(m) if m.contains("context")));
+    }
+}
