@@ -206,8 +206,14 @@ async fn every_result_is_one_committed_state() {
             tally.wrong_version
         );
         assert_eq!(tally.mixed, 0, "weight_files = {weight_files}: {tally:?}");
-        assert_eq!(tally.wrong_version, 0, "weight_files = {weight_files}: {tally:?}");
+        assert_eq!(
+            tally.wrong_version, 0,
+            "weight_files = {weight_files}: {tally:?}"
+        );
         // The reader saw the writes interleave with its own loads.
-        assert!(tally.versions.len() >= 10, "weight_files = {weight_files}: {tally:?}");
+        assert!(
+            tally.versions.len() >= 10,
+            "weight_files = {weight_files}: {tally:?}"
+        );
     }
 }

@@ -71,7 +71,9 @@ fn tensors(rng: &mut Rng) -> (Vec<String>, Vec<String>) {
     }
     // Few hostile tensors, so that each is drawn often.
     for len in [1usize, 3, 8, 64] {
-        let specials: Vec<f32> = (0..len).map(|_| specials[rng.below(specials.len())]).collect();
+        let specials: Vec<f32> = (0..len)
+            .map(|_| specials[rng.below(specials.len())])
+            .collect();
         hostile.push(bytea(&encode(&specials)));
         let extreme: Vec<f32> = (0..len)
             .map(|i| if i % 2 == 0 { 3e38 } else { -3e38 })
@@ -101,7 +103,11 @@ fn checkpoints(rng: &mut Rng) -> Vec<String> {
         with_header(&header.replacen("F32", "F16", 3)),
         with_header(&header.replacen("\"shape\":[", "\"shape\":[4294967296,4294967296,", 1)),
         with_header(&header.replacen("\"shape\":[", "\"shape\":[0,", 1)),
-        with_header(&header.replacen("{", "{\"wte.weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},", 1)),
+        with_header(&header.replacen(
+            "{",
+            "{\"wte.weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},",
+            1,
+        )),
     ];
     for _ in 0..12 {
         let mut b = good.clone();
@@ -119,42 +125,96 @@ fn checkpoints(rng: &mut Rng) -> Vec<String> {
 fn values(ty: &str, name: &str, pools: &Pools) -> (Vec<String>, Vec<String>) {
     let texts = |v: &[&str]| v.iter().map(|s| quote(s)).collect::<Vec<_>>();
     let plain = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let typed = |v: &[&str], ty: &str| v.iter().map(|s| format!("{}::{ty}", quote(s))).collect::<Vec<_>>();
+    let typed = |v: &[&str], ty: &str| {
+        v.iter()
+            .map(|s| format!("{}::{ty}", quote(s)))
+            .collect::<Vec<_>>()
+    };
     let fixture_path = |p: &str| fixture(p).to_string_lossy().into_owned();
     let (sane, mut hostile) = match (ty, name) {
-        ("bytea", "data") => (pools.checkpoints[..1].to_vec(), pools.checkpoints[1..].to_vec()),
+        ("bytea", "data") => (
+            pools.checkpoints[..1].to_vec(),
+            pools.checkpoints[1..].to_vec(),
+        ),
         ("bytea", _) => (pools.tensors.clone(), pools.hostile_tensors.clone()),
         ("integer", _) => (
             plain(&["1", "2", "3", "4", "8", "16"]),
-            plain(&["0", "-1", "-7", "5", "64", "2147483647", "-2147483648", "50256", "50257"]),
+            plain(&[
+                "0",
+                "-1",
+                "-7",
+                "5",
+                "64",
+                "2147483647",
+                "-2147483648",
+                "50256",
+                "50257",
+            ]),
         ),
-        ("bigint", _) => (plain(&["0", "1", "42"]), plain(&["-1", "9223372036854775807", "-9223372036854775808"])),
+        ("bigint", _) => (
+            plain(&["0", "1", "42"]),
+            plain(&["-1", "9223372036854775807", "-9223372036854775808"]),
+        ),
         ("real", _) => (
             plain(&["0::real", "0.5::real", "0.95::real", "1::real"]),
-            plain(&["-1::real", "2::real", "1e-45::real", "3e38::real", "-3e38::real", "'NaN'::real", "'Infinity'::real", "'-Infinity'::real"]),
+            plain(&[
+                "-1::real",
+                "2::real",
+                "1e-45::real",
+                "3e38::real",
+                "-3e38::real",
+                "'NaN'::real",
+                "'Infinity'::real",
+                "'-Infinity'::real",
+            ]),
         ),
         ("boolean", _) => (plain(&["true", "false"]), vec![]),
         ("integer[]", _) => (
             typed(&["{1}", "{1,2,3}", "{50256,464}"], "int[]"),
-            typed(&["{}", "{-1}", "{NULL}", "{50257}", "{2147483647}", "{{1,2},{3,4}}"], "int[]")
-                .into_iter()
-                .chain(plain(&["array_fill(1, ARRAY[100])", "array_fill(7, ARRAY[3000])"]))
-                .collect(),
+            typed(
+                &[
+                    "{}",
+                    "{-1}",
+                    "{NULL}",
+                    "{50257}",
+                    "{2147483647}",
+                    "{{1,2},{3,4}}",
+                ],
+                "int[]",
+            )
+            .into_iter()
+            .chain(plain(&[
+                "array_fill(1, ARRAY[100])",
+                "array_fill(7, ARRAY[3000])",
+            ]))
+            .collect(),
         ),
         ("real[]", _) => (
             typed(&["{1,2,3}", "{0.5}"], "real[]"),
-            typed(&["{}", "{NaN}", "{Infinity,1}", "{3e38,-3e38}", "{NULL}"], "real[]"),
+            typed(
+                &["{}", "{NaN}", "{Infinity,1}", "{3e38,-3e38}", "{NULL}"],
+                "real[]",
+            ),
         ),
         ("jsonb", _) => (
-            vec!["NULL::jsonb".into(), format!("{}::jsonb", quote(&std::fs::read_to_string(fixture("models/gpt2/config.json")).unwrap()))],
-            typed(&[
-                "{}",
-                "[]",
-                "\"gpt2\"",
-                r#"{"model_type": "gpt2", "n_layer": -1, "n_embd": 8, "n_head": 2, "vocab_size": 10, "n_positions": 8}"#,
-                r#"{"model_type": "gpt2", "n_layer": 100000, "n_embd": 100000, "n_head": 1, "vocab_size": 2000000000, "n_positions": 2000000000}"#,
-                r#"{"model_type": "llama"}"#,
-            ], "jsonb"),
+            vec![
+                "NULL::jsonb".into(),
+                format!(
+                    "{}::jsonb",
+                    quote(&std::fs::read_to_string(fixture("models/gpt2/config.json")).unwrap())
+                ),
+            ],
+            typed(
+                &[
+                    "{}",
+                    "[]",
+                    "\"gpt2\"",
+                    r#"{"model_type": "gpt2", "n_layer": -1, "n_embd": 8, "n_head": 2, "vocab_size": 10, "n_positions": 8}"#,
+                    r#"{"model_type": "gpt2", "n_layer": 100000, "n_embd": 100000, "n_head": 1, "vocab_size": 2000000000, "n_positions": 2000000000}"#,
+                    r#"{"model_type": "llama"}"#,
+                ],
+                "jsonb",
+            ),
         ),
         ("text", "path") => (
             texts(&[
@@ -163,17 +223,36 @@ fn values(ty: &str, name: &str, pools: &Pools) -> (Vec<String>, Vec<String>) {
                 &fixture_path("tokenizer/encoder.json"),
                 &fixture_path("tokenizer/vocab.bpe"),
             ]),
-            texts(&[FIFO, "/dev/zero", "/dev/null", "/dev/urandom", "/", "/etc/passwd", "/proc/self/mem", "/proc/self/environ", "", "no/such/relative/path"]),
+            texts(&[
+                FIFO,
+                "/dev/zero",
+                "/dev/null",
+                "/dev/urandom",
+                "/",
+                "/etc/passwd",
+                "/proc/self/mem",
+                "/proc/self/environ",
+                "",
+                "no/such/relative/path",
+            ]),
         ),
         ("text", "model" | "model_name") => (
             texts(&[MODEL]),
-            texts(&["client-fuzz-unregistered", "", "x'; DROP TABLE llm_param; --", "ÿ😀"]),
+            texts(&[
+                "client-fuzz-unregistered",
+                "",
+                "x'; DROP TABLE llm_param; --",
+                "ÿ😀",
+            ]),
         ),
         ("text", "vocab") => (
             texts(&["{\"a\": 0, \"b\": 1, \"ab\": 2}"]),
             texts(&["{}", "not json", "{\"a\": -5}", "[1,2]", ""]),
         ),
-        ("text", "merges") => (texts(&["#version: 0.2\na b"]), texts(&["", "a b c", "#version: 0.2", "a"])),
+        ("text", "merges") => (
+            texts(&["#version: 0.2\na b"]),
+            texts(&["", "a b c", "#version: 0.2", "a"]),
+        ),
         ("text", _) => (
             texts(&["Hello", "😀 日本語 \t\n"]),
             texts(&["", "<|endoftext|>", &"long prompt ".repeat(200)]),
@@ -245,7 +324,9 @@ async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
             .collect();
         for _ in 0..calls_per_function {
             // One or two hostile arguments, the others sane.
-            let hostile: Vec<usize> = (0..1 + rng.below(2)).map(|_| rng.below(candidates.len().max(1))).collect();
+            let hostile: Vec<usize> = (0..1 + rng.below(2))
+                .map(|_| rng.below(candidates.len().max(1)))
+                .collect();
             let args: Vec<&str> = candidates
                 .iter()
                 .enumerate()
@@ -261,7 +342,12 @@ async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
             if trace.as_deref() == Some(name.as_str()) {
                 println!("{}", shorten(&sql));
             }
-            let outcome = match tokio::time::timeout(Duration::from_secs(30), client.raw().batch_execute(&sql)).await {
+            let outcome = match tokio::time::timeout(
+                Duration::from_secs(30),
+                client.raw().batch_execute(&sql),
+            )
+            .await
+            {
                 Err(_) => "hang".to_string(),
                 Ok(Ok(())) => "ok".to_string(),
                 Ok(Err(e)) => match e.code() {
@@ -278,7 +364,10 @@ async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
     }
     setup
         .raw()
-        .execute("DELETE FROM llm_model_config WHERE model <> ALL ($1)", &[&before])
+        .execute(
+            "DELETE FROM llm_model_config WHERE model <> ALL ($1)",
+            &[&before],
+        )
         .await
         .unwrap();
     println!(
@@ -287,7 +376,12 @@ async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
         functions.len(),
         started.elapsed()
     );
-    assert!(failures.is_empty(), "{} bad outcomes:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} bad outcomes:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // The fuzzer reached past argument checking: some calls succeeded.
     assert!(outcomes.get("ok").copied().unwrap_or(0) > functions.len());
 }
@@ -305,6 +399,9 @@ fn shorten(sql: &str) -> String {
     if sql.len() <= 400 {
         return sql.to_string();
     }
-    let cut = (0..=400).rev().find(|&i| sql.is_char_boundary(i)).unwrap_or(0);
+    let cut = (0..=400)
+        .rev()
+        .find(|&i| sql.is_char_boundary(i))
+        .unwrap_or(0);
     format!("{}… ({} bytes)", &sql[..cut], sql.len())
 }

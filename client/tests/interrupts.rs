@@ -42,7 +42,10 @@ async fn is_active(observer: &Client, pid: i32) -> bool {
 async fn wait_until_active(observer: &Client, pid: i32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !is_active(observer, pid).await {
-        assert!(Instant::now() < deadline, "backend {pid} never started its call");
+        assert!(
+            Instant::now() < deadline,
+            "backend {pid} never started its call"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -129,7 +132,10 @@ async fn a_call_outlives_the_statistics_timer() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let generations: i64 = stdout.lines().last().unwrap().parse().unwrap();
-    assert!(generations > 0 && elapsed > Duration::from_secs(11), "{stdout} in {elapsed:?}");
+    assert!(
+        generations > 0 && elapsed > Duration::from_secs(11),
+        "{stdout} in {elapsed:?}"
+    );
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -161,7 +167,10 @@ async fn cancel_and_statement_timeout_end_calls_within_100ms() {
         let mut cancel_latency = Vec::new();
         for _ in 0..3 {
             client
-                .execute(&format!("SET statement_timeout = {}", fire_after.as_millis()))
+                .execute(&format!(
+                    "SET statement_timeout = {}",
+                    fire_after.as_millis()
+                ))
                 .await
                 .unwrap();
             let started = Instant::now();
@@ -183,8 +192,14 @@ async fn cancel_and_statement_timeout_end_calls_within_100ms() {
             assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{kind}: {err}");
         }
         println!("{kind}: statement_timeout latency {timeout_latency:?}, cancel latency {cancel_latency:?}");
-        assert!(median(timeout_latency.clone()) < budget, "{kind}: {timeout_latency:?}");
-        assert!(median(cancel_latency.clone()) < budget, "{kind}: {cancel_latency:?}");
+        assert!(
+            median(timeout_latency.clone()) < budget,
+            "{kind}: {timeout_latency:?}"
+        );
+        assert!(
+            median(cancel_latency.clone()) < budget,
+            "{kind}: {cancel_latency:?}"
+        );
     }
     assert_eq!(client.execute("SELECT 1").await.unwrap(), 1);
 }

@@ -33,7 +33,10 @@ async fn cache_files(client: &Client, database: Option<u32>) -> Vec<(String, Str
 async fn current_version(client: &Client, model: &str) -> i64 {
     client
         .raw()
-        .query_one("SELECT version FROM llm_model_config WHERE model = $1", &[&model])
+        .query_one(
+            "SELECT version FROM llm_model_config WHERE model = $1",
+            &[&model],
+        )
         .await
         .unwrap()
         .get(0)
@@ -84,14 +87,21 @@ async fn a_writer_killed_mid_write_leaves_nothing_after_the_restart() {
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     let temp = loop {
-        let writing = cache_files(&setup, None).await.into_iter().find(|(file, state)| {
-            file.starts_with(&temp_prefix) && state == "writing"
-        });
+        let writing = cache_files(&setup, None)
+            .await
+            .into_iter()
+            .find(|(file, state)| file.starts_with(&temp_prefix) && state == "writing");
         if let Some((file, _)) = writing {
             break file;
         }
-        assert!(!load.is_finished(), "the file was written before it could be caught");
-        assert!(Instant::now() < deadline, "no weight file was being written");
+        assert!(
+            !load.is_finished(),
+            "the file was written before it could be caught"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no weight file was being written"
+        );
     };
     // SIGKILL from the server's side; the postmaster then restarts, dropping every connection.
     let _ = setup
@@ -114,7 +124,9 @@ async fn a_writer_killed_mid_write_leaves_nothing_after_the_restart() {
         .unwrap();
     let files = cache_files(&after, None).await;
     assert!(
-        files.iter().all(|(file, state)| *file != temp && state != "abandoned"),
+        files
+            .iter()
+            .all(|(file, state)| *file != temp && state != "abandoned"),
         "{files:?}"
     );
     // And the killed model loads (and writes its file) as usual.
@@ -168,7 +180,11 @@ async fn a_dropped_database_loses_its_directory() {
         .execute("DROP DATABASE pg_gpt3_cache_dropped WITH (FORCE)")
         .await
         .unwrap();
-    assert_eq!(cache_files(&admin, Some(oid)).await.len(), 1, "gone before any sweep?");
+    assert_eq!(
+        cache_files(&admin, Some(oid)).await.len(),
+        1,
+        "gone before any sweep?"
+    );
     let user = connect().await;
     user.raw()
         .execute("SELECT length(llm_logits('{1}', $1))", &[&SMALL])
@@ -216,7 +232,13 @@ async fn the_cache_keeps_to_its_size_bound() {
         .execute("SET pg_llm.weight_cache_size = '4MB'")
         .await
         .unwrap();
-    random_model(&client, "client-bound-d", "2, 2, 128, 64, 512, 64, 10000", 1).await;
+    random_model(
+        &client,
+        "client-bound-d",
+        "2, 2, 128, 64, 512, 64, 10000",
+        1,
+    )
+    .await;
     let (mapped, files): (bool, i64) = {
         let row = client
             .raw()
@@ -234,7 +256,10 @@ async fn the_cache_keeps_to_its_size_bound() {
     let logits = "SELECT llm_logits('{1, 2, 3}', 'client-bound-d')";
     let private: Vec<u8> = client.raw().query_one(logits, &[]).await.unwrap().get(0);
     let other = connect().await;
-    other.execute("SET pg_llm.weight_files = off").await.unwrap();
+    other
+        .execute("SET pg_llm.weight_files = off")
+        .await
+        .unwrap();
     let direct: Vec<u8> = other.raw().query_one(logits, &[]).await.unwrap().get(0);
     assert_eq!(private, direct);
 }

@@ -34,7 +34,9 @@ const READ_BLOCK: usize = 16 << 20;
 /// before a read could block: the file is opened non-blocking and checked on the open handle,
 /// so it cannot be swapped between the check and the read. Cancel is honoured between blocks.
 pub fn read(path: &str) -> Result<Vec<u8>> {
-    let io = |what: &str, e: std::io::Error| EngineError::Io(format!("could not {what} file \"{path}\": {e}"));
+    let io = |what: &str, e: std::io::Error| {
+        EngineError::Io(format!("could not {what} file \"{path}\": {e}"))
+    };
     let mut file = File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -53,11 +55,14 @@ pub fn read(path: &str) -> Result<Vec<u8>> {
             "\"{path}\" is {kind}; only regular files can be read"
         )));
     }
-    let size = usize::try_from(meta.len()).map_err(|_| EngineError::too_large(format!("file \"{path}\" is too large")))?;
+    let size = usize::try_from(meta.len())
+        .map_err(|_| EngineError::too_large(format!("file \"{path}\" is too large")))?;
     let mut bytes = Vec::new();
-    bytes
-        .try_reserve_exact(size)
-        .map_err(|_| EngineError::too_large(format!("file \"{path}\" ({size} bytes) does not fit in memory")))?;
+    bytes.try_reserve_exact(size).map_err(|_| {
+        EngineError::too_large(format!(
+            "file \"{path}\" ({size} bytes) does not fit in memory"
+        ))
+    })?;
     loop {
         pgrx::check_for_interrupts!();
         let start = bytes.len();

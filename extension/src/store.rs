@@ -44,14 +44,20 @@ pub fn load_config(model: &str) -> Result<StoredConfig> {
 }
 
 fn config_from_row(row: &SpiHeapTupleData) -> Result<StoredConfig> {
-    let int =
-        |i: usize| -> Result<usize> { Ok(row.get::<i32>(i).map_err(spi_error)?.unwrap_or(0).max(0) as usize) };
-    let opt_int = |i: usize| -> Result<Option<usize>> {
-        Ok(row.get::<i32>(i).map_err(spi_error)?.map(|v| v.max(0) as usize))
+    let int = |i: usize| -> Result<usize> {
+        Ok(row.get::<i32>(i).map_err(spi_error)?.unwrap_or(0).max(0) as usize)
     };
-    let text =
-        |i: usize| -> Result<String> { Ok(row.get::<String>(i).map_err(spi_error)?.unwrap_or_default()) };
-    let flag = |i: usize| -> Result<bool> { Ok(row.get::<bool>(i).map_err(spi_error)?.unwrap_or(false)) };
+    let opt_int = |i: usize| -> Result<Option<usize>> {
+        Ok(row
+            .get::<i32>(i)
+            .map_err(spi_error)?
+            .map(|v| v.max(0) as usize))
+    };
+    let text = |i: usize| -> Result<String> {
+        Ok(row.get::<String>(i).map_err(spi_error)?.unwrap_or_default())
+    };
+    let flag =
+        |i: usize| -> Result<bool> { Ok(row.get::<bool>(i).map_err(spi_error)?.unwrap_or(false)) };
     let pattern: Vec<Option<String>> = row.get(9).map_err(spi_error)?.unwrap_or_default();
     let config = ModelConfig {
         n_layer: int(1)?,
@@ -167,7 +173,8 @@ fn describe(c: &ModelConfig) -> String {
 
 /// Replaces every parameter of `model` with `tensors` (canonical names), chunked.
 pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
-    Spi::run_with_args("DELETE FROM llm_param WHERE model = $1", &[model.into()]).map_err(spi_error)?;
+    Spi::run_with_args("DELETE FROM llm_param WHERE model = $1", &[model.into()])
+        .map_err(spi_error)?;
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {

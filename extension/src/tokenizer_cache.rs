@@ -34,12 +34,18 @@ pub fn for_model(model: &str) -> Result<Rc<Bpe>> {
         "SELECT vocab, merges FROM llm_tokenizer WHERE id = $1",
         &[id.into()],
         |row| {
-            let text = |i| row.get::<&str>(i).map_err(spi_error).map(Option::unwrap_or_default);
+            let text = |i| {
+                row.get::<&str>(i)
+                    .map_err(spi_error)
+                    .map(Option::unwrap_or_default)
+            };
             bpe = Some(Rc::new(Bpe::new(text(1)?, text(2)?)?));
             Ok(())
         },
     )?;
-    let bpe = bpe.ok_or_else(|| EngineError::UndefinedObject(format!("tokenizer {id} of model \"{model}\" is gone")))?;
+    let bpe = bpe.ok_or_else(|| {
+        EngineError::UndefinedObject(format!("tokenizer {id} of model \"{model}\" is gone"))
+    })?;
     TOKENIZERS.with(|t| t.borrow_mut().insert(id, bpe.clone()));
     Ok(bpe)
 }

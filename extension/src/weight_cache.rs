@@ -69,7 +69,10 @@ pub fn open_or_write(
         Ok(mapped) => Ok(mapped),
         Err(rejected) => {
             if let Rejected::Corrupt(why) = rejected {
-                pgrx::log!("pg_llm: rebuilding weight file \"{}\": {why}", place.path.display());
+                pgrx::log!(
+                    "pg_llm: rebuilding weight file \"{}\": {why}",
+                    place.path.display()
+                );
             }
             share(place, cfg, build()?)
         }
@@ -175,7 +178,9 @@ pub fn entries() -> Vec<Entry> {
     let mut out = Vec::new();
     for (database, dir) in database_dirs() {
         for path in files_in(&dir) {
-            let Ok(meta) = fs::metadata(&path) else { continue };
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
             let state = if !weight_file::is_temporary(&path) {
                 FileState::Ready
             } else if weight_file::is_abandoned(&path) {
@@ -183,10 +188,15 @@ pub fn entries() -> Vec<Entry> {
             } else {
                 FileState::Writing
             };
-            let id = (state == FileState::Ready).then(|| weight_file::read_id(&path)).flatten();
+            let id = (state == FileState::Ready)
+                .then(|| weight_file::read_id(&path))
+                .flatten();
             out.push(Entry {
                 database,
-                model: id.as_ref().and_then(|id| owner_model(&id.owner)).map(str::to_string),
+                model: id
+                    .as_ref()
+                    .and_then(|id| owner_model(&id.owner))
+                    .map(str::to_string),
                 version: id.map(|id| id.version),
                 path,
                 bytes: meta.len(),
@@ -223,10 +233,18 @@ fn sweep_once() -> Result<()> {
     if SWEPT.replace(true) {
         return Ok(());
     }
-    prune(&root().join(current_database().to_string()), param_table_oid()?, None);
+    prune(
+        &root().join(current_database().to_string()),
+        param_table_oid()?,
+        None,
+    );
     let mut databases = HashSet::new();
     let listed = spi::read("SELECT oid FROM pg_database", &[], |row| {
-        databases.extend(row.get::<pg_sys::Oid>(1).map_err(spi_error)?.map(|o| o.to_u32()));
+        databases.extend(
+            row.get::<pg_sys::Oid>(1)
+                .map_err(spi_error)?
+                .map(|o| o.to_u32()),
+        );
         Ok(())
     });
     if listed.is_err() {
@@ -289,7 +307,9 @@ fn prune(dir: &Path, param_table: u32, written: Option<&FileId>) {
         let superseded = match weight_file::read_id(&path) {
             Some(other) if Some(&other) == written => false,
             Some(other) => match other.owner.strip_prefix(&prefix) {
-                Some(model) => written.is_some_and(|w| w.owner == other.owner) || !models.contains(model),
+                Some(model) => {
+                    written.is_some_and(|w| w.owner == other.owner) || !models.contains(model)
+                }
                 None => true,
             },
             None => false,

@@ -48,7 +48,11 @@ fn pg_llm_weight_cache() -> TableIterator<
             e.bytes as i64,
             last_used,
             e.state.name().to_string(),
-            e.path.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+            e.path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
         )
     });
     TableIterator::new(rows.collect::<Vec<_>>())

@@ -27,7 +27,14 @@ fn pg_llm_matmul(
         let a = tensor_exact(a, "a", a_len, &format!("[m={m}, k={k}]"))?;
         let b = tensor_exact(b, "b", b_len, &format!("[k={k}, n={n}]"))?;
         // matmul checks its result (22003 beyond float32's range).
-        Ok(Float32Bytea::from(matmul::matmul(&a, &b, m, k, n, cancel())?))
+        Ok(Float32Bytea::from(matmul::matmul(
+            &a,
+            &b,
+            m,
+            k,
+            n,
+            cancel(),
+        )?))
     })
 }
 

@@ -47,7 +47,9 @@ fn reject_repeated_names(bytes: &[u8]) -> std::result::Result<(), serde_json::Er
             while let Some(key) = map.next_key::<String>()? {
                 map.next_value::<IgnoredAny>()?;
                 if !seen.insert(key.clone()) {
-                    return Err(A::Error::custom(format!("the header names \"{key}\" twice")));
+                    return Err(A::Error::custom(format!(
+                        "the header names \"{key}\" twice"
+                    )));
                 }
             }
             Ok(())

@@ -226,7 +226,11 @@ pub fn is_abandoned(path: &Path) -> bool {
 /// An exclusive advisory lock on `file`, held until the file is closed.
 fn lock(file: &File, nonblocking: bool) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let op = if nonblocking { libc::LOCK_EX | libc::LOCK_NB } else { libc::LOCK_EX };
+    let op = if nonblocking {
+        libc::LOCK_EX | libc::LOCK_NB
+    } else {
+        libc::LOCK_EX
+    };
     // SAFETY: flock on a valid open descriptor.
     if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
         Ok(())
