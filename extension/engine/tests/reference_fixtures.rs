@@ -2,37 +2,18 @@
 //! (tests/fixtures/models, made by tests/fixtures/make_fixtures.py): logits within 1e-4 and
 //! identical greedy generations, for every supported family.
 
+mod common;
+
 use std::path::PathBuf;
 
-use pg_llm_engine::formats::{hf_config, names, safetensors};
-use pg_llm_engine::model::{Logits, MapSource, Model, ModelWeights};
+use common::{fixture_dir, load};
+use pg_llm_engine::formats::safetensors;
+use pg_llm_engine::model::Logits;
 use pg_llm_engine::sample::argmax;
 use pg_llm_engine::Cancel;
 
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
-
-fn load(name: &str) -> Model {
-    let dir = fixture_dir(name);
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let (cfg, family) = hf_config::parse(&config).unwrap();
-    let raw = safetensors::read(
-        &std::fs::read(dir.join("model.safetensors")).unwrap(),
-        "model.safetensors",
-    )
-    .unwrap();
-    let canonical = names::to_canonical(family, &cfg, raw).unwrap();
-    let mut src = MapSource::new(canonical);
-    let weights = ModelWeights::load(&cfg, &mut src).unwrap();
-    Model::new(cfg, weights).unwrap()
-}
-
 fn check_family(name: &str) {
-    let model = load(name);
+    let (model, _) = load(name);
     let expected = std::fs::read(fixture_dir(name).join("expected.safetensors")).unwrap();
     let ids: Vec<u32> = safetensors::read_ints(&expected, "input_ids")
         .unwrap()
