@@ -294,10 +294,12 @@ pub fn attention_forward(
     attend(AttnInputs::fused(qkv, s), s.n_head, s.d_head, opts, cancel)
 }
 
-/// Gradient with respect to qkv, given the forward's output and log-sum-exp and dL/dout.
+/// Gradient with respect to qkv, given the forward's output [T, H·dh] and log-sum-exp [H, T]
+/// (see `AttnForward`) and dL/dout.
 pub fn attention_backward(
     qkv: &[f32],
-    fwd: &AttnForward,
+    out: &[f32],
+    lse: &[f32],
     dout: &[f32],
     s: AttnShape,
     opts: AttnOptions,
@@ -305,7 +307,7 @@ pub fn attention_backward(
 ) -> Result<Vec<f32>> {
     check_shape(qkv, s, opts)?;
     let (t, dh, width) = (s.t, s.d_head, s.width());
-    if dout.len() != t * width || fwd.out.len() != t * width || fwd.lse.len() != s.n_head * t {
+    if dout.len() != t * width || out.len() != t * width || lse.len() != s.n_head * t {
         return Err(EngineError::invalid(format!(
             "attention gradient has {} values but [T={t}, {width}] needs {}",
             dout.len(),
@@ -324,9 +326,9 @@ pub fn attention_backward(
                 let q = gather(qkv, t, 3 * width, h * dh, dh);
                 let k = gather(qkv, t, 3 * width, width + h * dh, dh);
                 let v = gather(qkv, t, 3 * width, 2 * width + h * dh, dh);
-                let o = gather(&fwd.out, t, width, h * dh, dh);
+                let o = gather(out, t, width, h * dh, dh);
                 let d_o = gather(dout, t, width, h * dh, dh);
-                let lse = &fwd.lse[h * t..(h + 1) * t];
+                let lse = &lse[h * t..(h + 1) * t];
                 // D_i = dO_i · O_i, the row term of the softmax backward; summed in float64,
                 // where a partial sum cannot overflow before the last terms cancel it.
                 let delta: Vec<f32> = (0..t)
@@ -577,7 +579,15 @@ pub fn attention_block_backward(
     let (d_attn, dw_o, db_o) = linear_backward(&attn.out, w.w_o, dy, t, d, d);
     // Checked before use: an overflowed gradient turns into NaN downstream.
     tensor::check_result(&d_attn, "gradient of the attention-weighted values")?;
-    let dqkv = attention_backward(&qkv, &attn, &d_attn, shape, AttnOptions::DENSE, cancel)?;
+    let dqkv = attention_backward(
+        &qkv,
+        &attn.out,
+        &attn.lse,
+        &d_attn,
+        shape,
+        AttnOptions::DENSE,
+        cancel,
+    )?;
     tensor::check_result(&dqkv, "gradient of q|k|v")?;
     let (dx, dw_qkv, db_qkv) = linear_backward(x, w.w_qkv, &dqkv, t, d, 3 * d);
     let grads = AttnBlockGrads {
@@ -736,7 +746,8 @@ mod tests {
             },
         ] {
             let fwd = attention_forward(&qkv, s, opts, Cancel::NEVER).unwrap();
-            let g = attention_backward(&qkv, &fwd, &w, s, opts, Cancel::NEVER).unwrap();
+            let g =
+                attention_backward(&qkv, &fwd.out, &fwd.lse, &w, s, opts, Cancel::NEVER).unwrap();
             assert_grad_matches(&qkv, &g, |x| {
                 let o = attention_forward(x, s, opts, Cancel::NEVER).unwrap().out;
                 o.iter()

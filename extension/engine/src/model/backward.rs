@@ -15,7 +15,7 @@ use super::weights::{LayerWeights, Norm};
 use super::Param;
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{
-    attend_into, attention_backward, AttnForward, AttnInputs, AttnOptions, AttnShape,
+    attend_into, attention_backward, AttnInputs, AttnOptions, AttnShape,
 };
 use crate::kernels::elementwise::gelu_new_grad;
 use crate::kernels::layernorm::{layernorm_backward, layernorm_into};
@@ -457,14 +457,11 @@ impl Model {
             .zip(a.attn.chunks_exact(t * da))
             .enumerate()
         {
-            let fwd = AttnForward {
-                out: o.to_vec(),
-                lse: a.lse[b].clone(),
-            };
             let dout = &dattn[b * t * da..(b + 1) * t * da];
             dqkv.extend(attention_backward(
                 q,
-                &fwd,
+                o,
+                &a.lse[b],
                 dout,
                 self.shape(t),
                 self.attn_options(i),
