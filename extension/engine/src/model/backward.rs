@@ -10,7 +10,7 @@
 //! gradient is, and an optimizer walks one flat buffer.
 
 use super::config::{Activation, AttnKind, LnPlacement, ModelConfig};
-use super::forward::{activate, Model};
+use super::forward::{activate, check_ids, Model};
 use super::weights::{LayerWeights, Norm};
 use super::Param;
 use crate::error::{EngineError, Result};
@@ -58,19 +58,8 @@ impl Batch<'_> {
                 self.len, cfg.n_positions
             )));
         }
-        for (what, ids) in [("token", self.tokens), ("target", self.targets)] {
-            if let Some((i, bad)) = ids
-                .iter()
-                .enumerate()
-                .find(|(_, &id)| id as usize >= cfg.vocab)
-            {
-                return Err(EngineError::invalid(format!(
-                    "{what} id {bad} at index {i} is outside the vocabulary of {} tokens",
-                    cfg.vocab
-                )));
-            }
-        }
-        Ok(())
+        check_ids(self.tokens, cfg.vocab, "token")?;
+        check_ids(self.targets, cfg.vocab, "target")
     }
 }
 
@@ -129,8 +118,8 @@ impl Model {
         }
         let n = batch.rows();
         let (d, e) = (cfg.d_model, cfg.d_embed());
-        let tok = self.token_embeddings(batch.tokens)?;
-        let mut x = self.embed_rows(&tok, batch, cancel)?;
+        let tok = self.token_rows(batch.tokens)?;
+        let mut x = self.embed_rows(&tok, |r| r % batch.len, cancel)?;
         let mut acts = Vec::with_capacity(cfg.n_layer);
         for (i, layer) in self.weights.layers.iter().enumerate() {
             cancel.check()?;
@@ -141,14 +130,12 @@ impl Model {
         // Head: final LayerNorm (pre-LN), projection (OPT-350m), output layer.
         let w = &self.weights;
         let hf = match &w.ln_f {
-            Some(nrm) => Some(norm(&x, nrm, cfg.ln_eps, n * d)?),
+            Some(nrm) => Some(norm(&x, nrm, cfg.ln_eps)?),
             None => None,
         };
         let hf_d = hf.as_deref().unwrap_or(&x);
         let he = match &w.project_out {
-            Some(p) => Some(crate::kernels::linear::linear(
-                hf_d, p, None, n, d, e, cancel,
-            )?),
+            Some(p) => Some(linear(hf_d, p, None, n, d, e, cancel)?),
             None => None,
         };
         let h_out = he.as_deref().unwrap_or(hf_d);
@@ -223,34 +210,6 @@ impl Model {
         Ok(loss)
     }
 
-    fn token_embeddings(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let e = self.config.d_embed();
-        let mut tok = Vec::new();
-        tok.try_reserve_exact(tokens.len() * e)
-            .map_err(|_| EngineError::too_large("the batch's embeddings do not fit in memory"))?;
-        for &id in tokens {
-            tok.extend_from_slice(&self.weights.wte[id as usize * e..(id as usize + 1) * e]);
-        }
-        Ok(tok)
-    }
-
-    /// Token embeddings (projected when d_embed ≠ d_model) plus each row's position embedding.
-    fn embed_rows(&self, tok: &[f32], batch: Batch, cancel: Cancel) -> Result<Vec<f32>> {
-        let cfg = &self.config;
-        let (d, e, n) = (cfg.d_model, cfg.d_embed(), batch.rows());
-        let mut x = match &self.weights.project_in {
-            Some(p) => linear(tok, p, None, n, e, d, cancel)?,
-            None => tok.to_vec(),
-        };
-        for (r, row) in x.chunks_exact_mut(d).enumerate() {
-            let pos = r % batch.len + cfg.position_offset;
-            row.iter_mut()
-                .zip(&self.weights.wpe[pos * d..(pos + 1) * d])
-                .for_each(|(v, p)| *v += p);
-        }
-        Ok(x)
-    }
-
     fn attn_options(&self, layer: usize) -> AttnOptions {
         AttnOptions {
             window: match self.config.layer_kind(layer) {
@@ -282,7 +241,7 @@ impl Model {
         let (n, d, da, ff, t) = (batch.rows(), cfg.d_model, cfg.d_attn(), cfg.d_ff, batch.len);
         let pre = cfg.ln_placement == LnPlacement::Pre;
         let h1 = if pre {
-            Some(norm(&x_in, &layer.ln_1, cfg.ln_eps, n * d)?)
+            Some(norm(&x_in, &layer.ln_1, cfg.ln_eps)?)
         } else {
             None
         };
@@ -326,11 +285,11 @@ impl Model {
         let x_mid = if pre {
             None
         } else {
-            Some(norm(&s1, &layer.ln_1, cfg.ln_eps, n * d)?)
+            Some(norm(&s1, &layer.ln_1, cfg.ln_eps)?)
         };
         let mid = x_mid.as_deref().unwrap_or(&s1);
         let h2 = if pre {
-            Some(norm(mid, &layer.ln_2, cfg.ln_eps, n * d)?)
+            Some(norm(mid, &layer.ln_2, cfg.ln_eps)?)
         } else {
             None
         };
@@ -360,7 +319,7 @@ impl Model {
         let (out, s2) = if pre {
             (s2, None)
         } else {
-            (norm(&s2, &layer.ln_2, cfg.ln_eps, n * d)?, Some(s2))
+            (norm(&s2, &layer.ln_2, cfg.ln_eps)?, Some(s2))
         };
         let acts = LayerActs {
             x_in,
@@ -515,8 +474,8 @@ fn linear_grads(
     }
 }
 
-fn norm(x: &[f32], n: &Norm, eps: f32, len: usize) -> Result<Vec<f32>> {
-    let mut y = tensor::alloc_zeroed(len)?;
+fn norm(x: &[f32], n: &Norm, eps: f32) -> Result<Vec<f32>> {
+    let mut y = tensor::alloc_zeroed(x.len())?;
     layernorm_into(&mut y, x, &n.weight, &n.bias, eps)?;
     Ok(y)
 }

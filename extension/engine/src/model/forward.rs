@@ -131,17 +131,9 @@ impl Model {
                 start + t
             )));
         }
-        if let Some((i, bad)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= cfg.vocab)
-        {
-            return Err(EngineError::invalid(format!(
-                "token id {bad} at index {i} is outside the vocabulary of {} tokens",
-                cfg.vocab
-            )));
-        }
-        let mut x = self.embed(tokens, start, cancel)?;
+        check_ids(tokens, cfg.vocab, "token")?;
+        let tok = self.token_rows(tokens)?;
+        let mut x = self.embed_rows(&tok, |r| start + r, cancel)?;
         let mut h = tensor::alloc_zeroed(t * d)?;
         let mut qkv = tensor::alloc_zeroed(t * 3 * da)?;
         let mut attn = tensor::alloc_zeroed(t * da)?;
@@ -240,20 +232,35 @@ impl Model {
         Ok(())
     }
 
-    /// Token + position embeddings of `tokens` placed at positions start.. → [T, d_model].
-    fn embed(&self, tokens: &[u32], start: usize, cancel: Cancel) -> Result<Vec<f32>> {
-        let cfg = &self.config;
-        let (d, e) = (cfg.d_model, cfg.d_embed());
-        let mut tok = Vec::with_capacity(tokens.len() * e);
+    /// The token-embedding rows of `tokens` → [T, d_embed] (ids already checked).
+    pub(crate) fn token_rows(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let e = self.config.d_embed();
+        let mut tok = Vec::new();
+        tok.try_reserve_exact(tokens.len() * e)
+            .map_err(|_| EngineError::too_large("the token embeddings do not fit in memory"))?;
         for &id in tokens {
             tok.extend_from_slice(&self.weights.wte[id as usize * e..(id as usize + 1) * e]);
         }
+        Ok(tok)
+    }
+
+    /// Token rows [T, d_embed] (projected when d_embed ≠ d_model) plus the position
+    /// embedding of each row's position `position(r)` → [T, d_model].
+    pub(crate) fn embed_rows(
+        &self,
+        tok: &[f32],
+        position: impl Fn(usize) -> usize,
+        cancel: Cancel,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let (d, e) = (cfg.d_model, cfg.d_embed());
+        let rows = tok.len() / e;
         let mut x = match &self.weights.project_in {
-            Some(p) => linear(&tok, p, None, tokens.len(), e, d, cancel)?,
-            None => tok,
+            Some(p) => linear(tok, p, None, rows, e, d, cancel)?,
+            None => tok.to_vec(),
         };
         for (r, row) in x.chunks_exact_mut(d).enumerate() {
-            let pos = start + r + cfg.position_offset;
+            let pos = position(r) + cfg.position_offset;
             row.iter_mut()
                 .zip(&self.weights.wpe[pos * d..(pos + 1) * d])
                 .for_each(|(v, p)| *v += p);
@@ -314,6 +321,16 @@ impl KvCache {
             start,
             t,
         }
+    }
+}
+
+/// Refuses an id outside the vocabulary; `what` names the ids in the message.
+pub(crate) fn check_ids(ids: &[u32], vocab: usize, what: &str) -> Result<()> {
+    match ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        Some((i, bad)) => Err(EngineError::invalid(format!(
+            "{what} id {bad} at index {i} is outside the vocabulary of {vocab} tokens"
+        ))),
+        None => Ok(()),
     }
 }
 
