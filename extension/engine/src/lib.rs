@@ -18,6 +18,7 @@ pub mod sample;
 pub mod simd;
 pub mod tensor;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{EngineError, Result};
 pub use parallel::Cancel;

@@ -1,7 +1,9 @@
 //! AdamW, gradient clipping and the GPT-3 learning-rate schedule.
 
+use rayon::prelude::*;
+
 use crate::error::{EngineError, Result};
-use crate::tensor;
+use crate::{parallel, tensor};
 
 /// Hyper-parameters of one AdamW step (PyTorch's `torch.optim.AdamW` semantics).
 #[derive(Clone, Copy, Debug)]
@@ -81,14 +83,29 @@ impl AdamW {
         let step_size = self.lr as f64 / (1.0 - beta1.powi(t));
         let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         let decay = 1.0 - self.lr as f64 * self.weight_decay as f64;
-        for i in 0..n {
-            let gi = g[i] as f64;
-            let mi = beta1 * m[i] as f64 + (1.0 - beta1) * gi;
-            let vi = beta2 * v[i] as f64 + (1.0 - beta2) * gi * gi;
-            let denom = vi.sqrt() / bias2_sqrt + self.eps as f64;
-            w[i] = (w[i] as f64 * decay - step_size * mi / denom) as f32;
-            m[i] = mi as f32;
-            v[i] = vi as f32;
+        let eps = self.eps as f64;
+        let update = |w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+            for i in 0..w.len() {
+                let gi = g[i] as f64;
+                let mi = beta1 * m[i] as f64 + (1.0 - beta1) * gi;
+                let vi = beta2 * v[i] as f64 + (1.0 - beta2) * gi * gi;
+                let denom = vi.sqrt() / bias2_sqrt + eps;
+                w[i] = (w[i] as f64 * decay - step_size * mi / denom) as f32;
+                m[i] = mi as f32;
+                v[i] = vi as f32;
+            }
+        };
+        // Elementwise, so blocks on the compute pool give the same result as one loop.
+        if n <= BLOCK {
+            update(w, g, m, v);
+        } else {
+            parallel::install(|| {
+                w.par_chunks_mut(BLOCK)
+                    .zip(g.par_chunks(BLOCK))
+                    .zip(m.par_chunks_mut(BLOCK))
+                    .zip(v.par_chunks_mut(BLOCK))
+                    .for_each(|(((w, g), m), v)| update(w, g, m, v))
+            });
         }
         tensor::check_result(w, "updated weight")?;
         tensor::check_result(m, "first moment m")?;
@@ -96,12 +113,19 @@ impl AdamW {
     }
 }
 
+/// Values per task of the optimizer's elementwise and reduction work.
+const BLOCK: usize = 64 * 1024;
+
 /// L2 norm of a gradient, accumulated in float64.
+/// Partial sums over fixed blocks, added in order: the same value for any thread count.
 pub fn grad_norm(g: &[f32]) -> f64 {
-    g.iter()
-        .map(|&x| (x as f64) * (x as f64))
-        .sum::<f64>()
-        .sqrt()
+    let square_sum = |b: &[f32]| b.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+    let partial: Vec<f64> = if g.len() <= BLOCK {
+        vec![square_sum(g)]
+    } else {
+        parallel::install(|| g.par_chunks(BLOCK).map(square_sum).collect())
+    };
+    partial.iter().sum::<f64>().sqrt()
 }
 
 /// Scales `g` in place so its L2 norm is at most `max_norm` (PyTorch's `clip_grad_norm_`:
@@ -117,7 +141,8 @@ pub fn clip_grad_norm(g: &mut [f32], max_norm: f32) -> Result<f64> {
     if coef < 1.0 {
         // Scaled in float64: coef itself can be below float32's range (a 1e-30 clip of a
         // 3e38 gradient) while the scaled values are not.
-        g.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+        let scale = |b: &mut [f32]| b.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+        parallel::install(|| g.par_chunks_mut(BLOCK).for_each(scale));
     }
     Ok(norm)
 }

@@ -21,7 +21,7 @@ use crate::kernels::elementwise::gelu_new_grad;
 use crate::kernels::layernorm::{layernorm_backward, layernorm_into};
 use crate::kernels::linear::{bias_backward, linear, linear_backward, linear_into};
 use crate::kernels::matmul::Accumulate;
-use crate::parallel::Cancel;
+use crate::parallel::{self, Cancel};
 use crate::tensor;
 
 /// B sequences of T tokens with their next-token targets, row-major [B, T].
@@ -38,7 +38,7 @@ impl Batch<'_> {
         self.sequences * self.len
     }
 
-    fn check(&self, cfg: &ModelConfig) -> Result<()> {
+    pub(crate) fn check(&self, cfg: &ModelConfig) -> Result<()> {
         let n = self.rows();
         if n == 0 {
             return Err(EngineError::invalid("a batch needs at least one token"));
@@ -98,6 +98,35 @@ impl LayerActs {
     }
 }
 
+/// How a training pass runs beyond the plain loss and gradient.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrainOptions {
+    /// Dropout probability on the embeddings and on each sub-layer's output before it joins
+    /// the residual stream (GPT-2's embd_pdrop and resid_pdrop); 0 = off.
+    pub dropout_p: f32,
+    /// Seed of the dropout masks. A mask element is a pure function of (seed, site, row,
+    /// column), so a recomputed layer sees the same mask and the result does not depend on
+    /// the thread count.
+    pub dropout_seed: u64,
+    /// Row of this batch's first sequence within the whole step's batch, so that the
+    /// micro-batches of an accumulated step get the masks the whole batch would.
+    pub first_row: usize,
+    /// Keep only each layer's input during the forward and recompute the rest during the
+    /// backward: activation memory of one layer instead of all, for about a third more work.
+    pub recompute: bool,
+    /// Multiplies the loss's gradient (not the returned loss): a micro-batch holding a
+    /// fraction f of the step's tokens uses f, so the accumulated gradient is the whole
+    /// batch's. 0 is taken as 1.
+    pub grad_scale: f32,
+}
+
+/// What the backward gets back from a layer's forward.
+enum Saved {
+    All(LayerActs),
+    /// The layer's input only (recomputation).
+    Input(Vec<f32>),
+}
+
 impl Model {
     /// Mean cross-entropy of `batch` (eval mode, no dropout) and, with `grads` (the packed
     /// layout, `packed_len` values), the gradient of that loss added into it.
@@ -107,8 +136,27 @@ impl Model {
         grads: Option<&mut [f32]>,
         cancel: Cancel,
     ) -> Result<f32> {
+        self.train_pass(batch, grads, &TrainOptions::default(), cancel)
+    }
+
+    /// `loss_and_grads` in training mode: dropout, recomputation and gradient scaling as
+    /// `opts` says. The returned loss is the batch's mean cross-entropy with dropout applied.
+    pub fn train_pass(
+        &self,
+        batch: Batch,
+        grads: Option<&mut [f32]>,
+        opts: &TrainOptions,
+        cancel: Cancel,
+    ) -> Result<f32> {
         let cfg = &self.config;
         batch.check(cfg)?;
+        if !(0.0..1.0).contains(&opts.dropout_p) {
+            return Err(EngineError::invalid(format!(
+                "dropout_p must be in [0, 1), got {}",
+                opts.dropout_p
+            )));
+        }
+        let dropout = Dropout::new(opts);
         if let Some(g) = grads.as_deref() {
             if g.len() != self.weights.storage().as_slice().len() {
                 return Err(EngineError::Internal(
@@ -120,11 +168,16 @@ impl Model {
         let (d, e) = (cfg.d_model, cfg.d_embed());
         let tok = self.token_rows(batch.tokens)?;
         let mut x = self.embed_rows(&tok, |r| r % batch.len, cancel)?;
-        let mut acts = Vec::with_capacity(cfg.n_layer);
+        dropout.apply(&mut x, d, EMBEDDING_SITE);
+        let mut saved = Vec::with_capacity(cfg.n_layer);
         for (i, layer) in self.weights.layers.iter().enumerate() {
             cancel.check()?;
-            let (layer_acts, out) = self.layer_forward(i, layer, x, batch, cancel)?;
-            acts.push(layer_acts);
+            let (layer_acts, out) = self.layer_forward(i, layer, x, batch, &dropout, cancel)?;
+            saved.push(if opts.recompute {
+                Saved::Input(layer_acts.x_in)
+            } else {
+                Saved::All(layer_acts)
+            });
             x = out;
         }
         // Head: final LayerNorm (pre-LN), projection (OPT-350m), output layer.
@@ -151,7 +204,17 @@ impl Model {
             cancel,
         )?;
         // Loss; with gradients, the logits become dL/dlogits in place.
-        let loss = cross_entropy_rows(&mut logits, batch.targets, cfg.vocab, grads.is_some())?;
+        let grad_scale = if opts.grad_scale == 0.0 {
+            1.0
+        } else {
+            opts.grad_scale
+        };
+        let loss = cross_entropy_rows(
+            &mut logits,
+            batch.targets,
+            cfg.vocab,
+            grads.is_some().then_some(grad_scale),
+        )?;
         let Some(grads) = grads else {
             return Ok(loss);
         };
@@ -181,9 +244,13 @@ impl Model {
 
         for (i, layer) in self.weights.layers.iter().enumerate().rev() {
             cancel.check()?;
-            let a = acts.pop().expect("one activation set per layer");
-            dx = self.layer_backward(i, layer, &a, dx, batch, grads, cancel)?;
+            let a = match saved.pop().expect("one activation set per layer") {
+                Saved::All(a) => a,
+                Saved::Input(x_in) => self.layer_forward(i, layer, x_in, batch, &dropout, cancel)?.0,
+            };
+            dx = self.layer_backward(i, layer, &a, dx, batch, &dropout, grads, cancel)?;
         }
+        dropout.apply(&mut dx, d, EMBEDDING_SITE);
 
         // Embeddings: positions, then (through project_in) tokens.
         let wpe_at = range(&w.wpe).start;
@@ -235,6 +302,7 @@ impl Model {
         layer: &LayerWeights,
         x_in: Vec<f32>,
         batch: Batch,
+        dropout: &Dropout,
         cancel: Cancel,
     ) -> Result<(LayerActs, Vec<f32>)> {
         let cfg = &self.config;
@@ -272,16 +340,17 @@ impl Model {
                 cancel,
             )?);
         }
-        let mut s1 = x_in.clone();
-        linear_into(
-            &mut s1,
-            &attn,
-            &layer.w_o,
-            Some(&layer.b_o),
-            (n, da, d),
-            Accumulate::Add,
-            cancel,
-        )?;
+        let s1 = residual_branch(&x_in, d, dropout, attn_site(i), |out, acc| {
+            linear_into(
+                out,
+                &attn,
+                &layer.w_o,
+                Some(&layer.b_o),
+                (n, da, d),
+                acc,
+                cancel,
+            )
+        })?;
         let x_mid = if pre {
             None
         } else {
@@ -306,16 +375,17 @@ impl Model {
         )?;
         let mut f_act = f_pre.clone();
         activate(&mut f_act, cfg.activation);
-        let mut s2 = mid.to_vec();
-        linear_into(
-            &mut s2,
-            &f_act,
-            &layer.w_proj,
-            Some(&layer.b_proj),
-            (n, ff, d),
-            Accumulate::Add,
-            cancel,
-        )?;
+        let s2 = residual_branch(mid, d, dropout, mlp_site(i), |out, acc| {
+            linear_into(
+                out,
+                &f_act,
+                &layer.w_proj,
+                Some(&layer.b_proj),
+                (n, ff, d),
+                acc,
+                cancel,
+            )
+        })?;
         let (out, s2) = if pre {
             (s2, None)
         } else {
@@ -347,6 +417,7 @@ impl Model {
         a: &LayerActs,
         d_out: Vec<f32>,
         batch: Batch,
+        dropout: &Dropout,
         grads: &mut [f32],
         cancel: Cancel,
     ) -> Result<Vec<f32>> {
@@ -359,15 +430,17 @@ impl Model {
             Some(s2) => norm_backward(grads, s2, &d_out, &layer.ln_2, cfg.ln_eps)?,
         };
         let mut df = tensor::alloc_zeroed(n * ff)?;
+        let dbranch = dropout.masked(&ds2, d, mlp_site(i));
         linear_grads(
             grads,
             &layer.w_proj,
             Some(&layer.b_proj),
             Some(&mut df),
             &a.f_act,
-            &ds2,
+            dbranch.as_deref().unwrap_or(&ds2),
             (n, ff, d),
         );
+        drop(dbranch);
         df.iter_mut()
             .zip(&a.f_pre)
             .for_each(|(g, &v)| *g *= activation_grad(cfg.activation, v));
@@ -400,15 +473,17 @@ impl Model {
             norm_backward(grads, &a.s1, &dmid, &layer.ln_1, cfg.ln_eps)?
         };
         let mut dattn = tensor::alloc_zeroed(n * da)?;
+        let dbranch = dropout.masked(&ds1, d, attn_site(i));
         linear_grads(
             grads,
             &layer.w_o,
             Some(&layer.b_o),
             Some(&mut dattn),
             &a.attn,
-            &ds1,
+            dbranch.as_deref().unwrap_or(&ds1),
             (n, da, d),
         );
+        drop(dbranch);
         let mut dqkv = Vec::with_capacity(n * 3 * da);
         for (b, (q, o)) in a
             .qkv
@@ -511,30 +586,129 @@ fn activation_grad(act: Activation, x: f32) -> f32 {
     }
 }
 
-/// Mean cross-entropy of each row's target; with `grad`, each row becomes
-/// (softmax − onehot) / rows, the gradient of the mean.
+
+const EMBEDDING_SITE: u64 = 0;
+
+fn attn_site(layer: usize) -> u64 {
+    1 + 2 * layer as u64
+}
+
+fn mlp_site(layer: usize) -> u64 {
+    2 + 2 * layer as u64
+}
+
+/// Inverted dropout with masks that are a pure function of (seed, site, row, column): the
+/// backward applies the very mask the forward did without storing it.
+struct Dropout {
+    p: f32,
+    seed: u64,
+    first_row: usize,
+}
+
+impl Dropout {
+    fn new(opts: &TrainOptions) -> Self {
+        Self {
+            p: opts.dropout_p,
+            seed: opts.dropout_seed,
+            first_row: opts.first_row,
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.p > 0.0
+    }
+
+    /// Zeroes the dropped elements of `x` ([rows, width]) and scales the kept ones by 1/(1−p).
+    fn apply(&self, x: &mut [f32], width: usize, site: u64) {
+        if !self.active() {
+            return;
+        }
+        // Keep when the hash's top 32 bits are at or above p·2³².
+        let threshold = (self.p as f64 * 4294967296.0) as u64;
+        let scale = (1.0 / (1.0 - self.p as f64)) as f32;
+        let site_key = splitmix64(self.seed ^ splitmix64(site));
+        let first = self.first_row;
+        parallel::for_rows(x, width, |row0, block| {
+            for (r, row) in block.chunks_exact_mut(width).enumerate() {
+                let base = ((first + row0 + r) * width) as u64;
+                for (c, v) in row.iter_mut().enumerate() {
+                    let keep = splitmix64(site_key ^ (base + c as u64)) >> 32 >= threshold;
+                    *v = if keep { *v * scale } else { 0.0 };
+                }
+            }
+        });
+    }
+
+    /// `g` with the mask applied, or None when dropout is off (use `g` itself).
+    fn masked(&self, g: &[f32], width: usize, site: u64) -> Option<Vec<f32>> {
+        self.active().then(|| {
+            let mut out = g.to_vec();
+            self.apply(&mut out, width, site);
+            out
+        })
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `residual + dropout(branch)`, where `branch` writes (or adds) the sub-layer's output into
+/// its buffer: without dropout it adds straight into a copy of the residual.
+fn residual_branch(
+    residual: &[f32],
+    width: usize,
+    dropout: &Dropout,
+    site: u64,
+    branch: impl FnOnce(&mut [f32], Accumulate) -> Result<()>,
+) -> Result<Vec<f32>> {
+    let mut out = residual.to_vec();
+    if !dropout.active() {
+        branch(&mut out, Accumulate::Add)?;
+        return Ok(out);
+    }
+    let mut b = tensor::alloc_zeroed(residual.len())?;
+    branch(&mut b, Accumulate::Overwrite)?;
+    dropout.apply(&mut b, width, site);
+    add_into(&mut out, &b);
+    Ok(out)
+}
+
+/// Mean cross-entropy of each row's target; with `grad_scale`, each row becomes
+/// grad_scale·(softmax − onehot)/rows, the (scaled) gradient of the mean. Rows run on the
+/// compute pool; the mean is summed in row order, so it does not depend on the thread count.
 fn cross_entropy_rows(
     logits: &mut [f32],
     targets: &[u32],
     vocab: usize,
-    grad: bool,
+    grad_scale: Option<f32>,
 ) -> Result<f32> {
+    use rayon::prelude::*;
     let rows = targets.len();
-    let mut total = 0.0f64;
-    for (row, &target) in logits.chunks_exact_mut(vocab).zip(targets) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-        let lse = max + sum.ln();
-        total += lse - row[target as usize] as f64;
-        if grad {
-            let scale = 1.0 / rows as f64;
-            for v in row.iter_mut() {
-                *v = (((*v as f64) - lse).exp() * scale) as f32;
-            }
-            row[target as usize] -= scale as f32;
-        }
-    }
-    let loss = (total / rows as f64) as f32;
+    let scale = grad_scale.map(|s| s as f64 / rows as f64);
+    let per_row: Vec<f64> = parallel::install(|| {
+        logits
+            .par_chunks_mut(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &target)| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                let lse = max + sum.ln();
+                let loss = lse - row[target as usize] as f64;
+                if let Some(scale) = scale {
+                    for v in row.iter_mut() {
+                        *v = (((*v as f64) - lse).exp() * scale) as f32;
+                    }
+                    row[target as usize] -= scale as f32;
+                }
+                loss
+            })
+            .collect()
+    });
+    let loss = (per_row.iter().sum::<f64>() / rows as f64) as f32;
     if !loss.is_finite() {
         return Err(EngineError::OutOfRange(format!(
             "the loss {loss} is not finite"
@@ -682,6 +856,35 @@ mod tests {
                 assert_grad_matches(&x, &analytic, loss_at);
             }
         }
+    }
+
+    /// Dropout masks are fixed by their seed, so the training loss is a smooth function of
+    /// the weights and its gradient can be checked the same way (recomputation on).
+    #[test]
+    fn gradients_with_dropout_match_finite_differences() {
+        let cfg = tiny_gpt3();
+        let values = packed(&cfg, 11);
+        let opts = TrainOptions {
+            dropout_p: 0.25,
+            dropout_seed: 42,
+            recompute: true,
+            ..TrainOptions::default()
+        };
+        let mut grads = vec![0.0; values.len()];
+        model(&cfg, values.clone())
+            .train_pass(batch(), Some(&mut grads), &opts, Cancel::NEVER)
+            .unwrap();
+        let params: Vec<usize> = (0..values.len()).step_by(5).collect();
+        let x: Vec<f32> = params.iter().map(|&i| values[i]).collect();
+        let analytic: Vec<f32> = params.iter().map(|&i| grads[i]).collect();
+        let loss_at = |probe: &[f32]| {
+            let mut v = values.clone();
+            params.iter().zip(probe).for_each(|(&i, &p)| v[i] = p);
+            model(&cfg, v)
+                .train_pass(batch(), None, &opts, Cancel::NEVER)
+                .unwrap() as f64
+        };
+        assert_grad_matches(&x, &analytic, loss_at);
     }
 
     /// The training forward computes the same loss as the inference forward's logits.
