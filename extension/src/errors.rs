@@ -14,6 +14,7 @@ fn sqlstate(err: &EngineError) -> PgSqlErrorCode {
         EngineError::TooLarge(_) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         EngineError::OutOfRange(_) => ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
         EngineError::UndefinedObject(_) => ERRCODE_UNDEFINED_OBJECT,
+        EngineError::NotReady(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         EngineError::InsufficientPrivilege(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
         EngineError::Io(_) => ERRCODE_IO_ERROR,
         EngineError::Cancelled => ERRCODE_QUERY_CANCELED,

@@ -12,12 +12,41 @@ pub static WEIGHT_FILES: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// `pg_llm.weight_cache_size`: bound on the total size of the weight files, in MB.
 pub static WEIGHT_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
+/// `pg_llm.train_recompute`: keep only each layer's input during a training forward and
+/// recompute the rest in the backward (less memory, about a third more work).
+pub static TRAIN_RECOMPUTE: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// `pg_llm.train_micro_batch`: sequences per forward/backward pass of a training step; the
+/// gradients of the passes are accumulated into the step's (0 = the whole batch at once).
+pub static TRAIN_MICRO_BATCH: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// The bound of `pg_llm.weight_cache_size` in bytes.
 pub fn weight_cache_bytes() -> u64 {
     WEIGHT_CACHE_MB.get().max(1) as u64 * (1 << 20)
 }
 
 pub fn register() {
+    GucRegistry::define_bool_guc(
+        c"pg_llm.train_recompute",
+        c"Recompute activations in the backward pass of training instead of keeping them.",
+        c"Keeps one layer's input per layer during a training step's forward pass and recomputes \
+          the layer during the backward: activation memory of one layer instead of all, for \
+          about a third more arithmetic. The update is the same.",
+        &TRAIN_RECOMPUTE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_llm.train_micro_batch",
+        c"Sequences per forward/backward pass of a training step (0 = the whole batch).",
+        c"A batch larger than this is processed in passes whose gradients are accumulated; the \
+          update equals the whole batch's.",
+        &TRAIN_MICRO_BATCH,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pg_llm.weight_cache_size",
         c"Largest total size of the weight files in pg_llm_cache, all databases together.",

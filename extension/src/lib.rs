@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod dataset;
 mod errors;
 mod files;
 mod flush;
@@ -15,6 +16,7 @@ mod model_cache;
 mod spi;
 mod store;
 mod tokenizer_cache;
+mod training;
 mod weight_cache;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -25,6 +27,11 @@ pgrx::extension_sql_file!(
     "../sql/cache.sql",
     name = "cache",
     requires = [pg_llm_weight_cache]
+);
+pgrx::extension_sql_file!(
+    "../sql/training.sql",
+    name = "training",
+    requires = ["registry", llm_train_segment]
 );
 pgrx::extension_sql_file!(
     "../sql/tokenizer.sql",

@@ -12,9 +12,10 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use pg_llm_engine::formats::TensorMap;
-use pg_llm_engine::model::{MapSource, Model, ModelWeights};
+use pg_llm_engine::model::{MapSource, Model, ModelWeights, Storage};
 use pg_llm_engine::Result;
 
 use crate::spi;
@@ -29,18 +30,24 @@ thread_local! {
 /// the configuration and every tensor are read under one snapshot, so the weights are exactly
 /// one committed state of the tables, and the weight file written for that version holds it.
 pub fn get(model: &str) -> Result<Rc<Model>> {
+    spi::consistent(|| load(model)).map(|(_, m)| m)
+}
+
+/// `get` with the version the weights are.
+pub fn get_versioned(model: &str) -> Result<(i64, Rc<Model>)> {
     spi::consistent(|| load(model))
 }
 
-fn load(model: &str) -> Result<Rc<Model>> {
+fn load(model: &str) -> Result<(i64, Rc<Model>)> {
     let stored = store::load_config(model)?;
+    let version = stored.version;
     if let Some(hit) = MODELS.with(|m| {
         m.borrow()
             .get(model)
             .filter(|(v, _)| *v == stored.version)
             .map(|(_, m)| m.clone())
     }) {
-        return Ok(hit);
+        return Ok((version, hit));
     }
     // Drop a stale copy first so two versions never sit in memory together.
     MODELS.with(|m| m.borrow_mut().remove(model));
@@ -51,7 +58,7 @@ fn load(model: &str) -> Result<Rc<Model>> {
     } else {
         from_tables()?
     };
-    remember(model, stored, weights)
+    remember(model, stored, weights).map(|m| (version, m))
 }
 
 /// What this backend holds: (model, version, mapped from a weight file, bytes of weights).
@@ -91,6 +98,27 @@ pub fn publish(model: &str, tensors: TensorMap) -> Result<()> {
         private
     };
     remember(model, stored, weights).map(|_| ())
+}
+
+/// `publish` for weights already in the packed layout (a training call's result).
+pub fn publish_packed(model: &str, weights: Vec<f32>) -> Result<()> {
+    let stored = store::load_config(model)?;
+    let private = ModelWeights::from_storage(&stored.config, Arc::new(Storage::Owned(weights)))?;
+    let weights = if crate::guc::WEIGHT_FILES.get() {
+        weight_cache::share(
+            &FilePlace::new(model, stored.version)?,
+            &stored.config,
+            private,
+        )?
+    } else {
+        private
+    };
+    remember(model, stored, weights).map(|_| ())
+}
+
+/// Drops this backend's copy of `model` (a training call holds its own while it runs).
+pub fn forget(model: &str) {
+    MODELS.with(|m| m.borrow_mut().remove(model));
 }
 
 fn remember(model: &str, stored: StoredConfig, weights: ModelWeights) -> Result<Rc<Model>> {

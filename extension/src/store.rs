@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use pg_llm_engine::formats::TensorMap;
+use pg_llm_engine::model::weights::packing;
 use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig, TensorSource};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
@@ -15,7 +16,7 @@ use crate::errors::spi_error;
 use crate::spi;
 
 /// Values per stored chunk: 256 MB, well inside PostgreSQL's 1 GB limit for one value.
-const CHUNK_ELEMS: usize = 64 * 1024 * 1024;
+pub const CHUNK_ELEMS: usize = 64 * 1024 * 1024;
 
 /// A registered model's configuration, family and current version; 42704 when unknown.
 pub struct StoredConfig {
@@ -264,4 +265,120 @@ impl TableSource {
             self.model
         ))
     }
+}
+
+/// Each named tensor of `cfg` with its range in the packed buffer (`weights::packing`); the
+/// zero q/k/v-bias slot of bias-free models is not a stored tensor and is left out.
+pub fn packed_tensors(cfg: &ModelConfig) -> Vec<(String, std::ops::Range<usize>)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    for slot in packing(cfg) {
+        let n: usize = slot.shape.iter().product();
+        if let Some(name) = slot.name {
+            out.push((name, at..at + n));
+        }
+        at += n;
+    }
+    out
+}
+
+/// AdamW state stored beside a model's weights, in the packed layout.
+pub struct Moments {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub step: i64,
+}
+
+/// The stored moments and step count of `model`, or None when any tensor has none (never
+/// trained, or weights replaced since): the optimizer then starts afresh. A step count that
+/// differs between tensors (hand-edited rows) is a data error.
+pub fn read_moments(model: &str, cfg: &ModelConfig, len: usize) -> Result<Option<Moments>> {
+    let mut m = tensor::alloc_zeroed(len)?;
+    let mut v = tensor::alloc_zeroed(len)?;
+    let mut step: Option<i64> = None;
+    for (name, range) in packed_tensors(cfg) {
+        pgrx::check_for_interrupts!();
+        let mut filled = 0;
+        let mut complete = true;
+        spi::read(
+            "SELECT m, v, step FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
+            &[model.into(), name.as_str().into()],
+            |row| {
+                let mb: Option<&[u8]> = row.get(1).map_err(spi_error)?;
+                let vb: Option<&[u8]> = row.get(2).map_err(spi_error)?;
+                let s = row.get::<i32>(3).map_err(spi_error)?.unwrap_or(0) as i64;
+                let (Some(mb), Some(vb)) = (mb, vb) else {
+                    complete = false;
+                    return Ok(());
+                };
+                if *step.get_or_insert(s) != s {
+                    return Err(EngineError::data(format!(
+                        "the tensors of model \"{model}\" have different optimizer step counts"
+                    )));
+                }
+                let dst = range.start + filled..range.end;
+                let got = tensor::copy_decoded(&mut m[dst.clone()], mb, &name)?;
+                if tensor::copy_decoded(&mut v[dst], vb, &name)? != got {
+                    return Err(EngineError::data(format!(
+                        "moments m and v of \"{name}\" differ in length"
+                    )));
+                }
+                filled += got;
+                Ok(())
+            },
+        )?;
+        if !complete {
+            return Ok(None);
+        }
+        if filled != range.len() {
+            return Err(EngineError::data(format!(
+                "the optimizer moments of \"{name}\" of model \"{model}\" do not hold {} values",
+                range.len()
+            )));
+        }
+    }
+    Ok(step.map(|step| Moments { m, v, step }))
+}
+
+/// Writes trained weights and their moments and step count over `model`'s rows, chunk by
+/// chunk in the layout `write_params` made. Every row must exist (the caller loaded them).
+pub fn write_trained(
+    model: &str,
+    cfg: &ModelConfig,
+    weights: &[f32],
+    moments: &Moments,
+) -> Result<()> {
+    let step = i32::try_from(moments.step)
+        .map_err(|_| EngineError::too_large("the optimizer step count passed 2³¹"))?;
+    for (name, range) in packed_tensors(cfg) {
+        pgrx::check_for_interrupts!();
+        for (chunk, start) in (range.start..range.end).step_by(CHUNK_ELEMS).enumerate() {
+            let part = start..(start + CHUNK_ELEMS).min(range.end);
+            let updated = Spi::connect_mut(|client| {
+                client
+                    .update(
+                        "UPDATE llm_param SET data = $4, m = $5, v = $6, step = $7, grad = NULL \
+                         WHERE model = $1 AND name = $2 AND chunk = $3",
+                        None,
+                        &[
+                            model.into(),
+                            name.as_str().into(),
+                            (chunk as i32).into(),
+                            tensor::encode(&weights[part.clone()]).as_slice().into(),
+                            tensor::encode(&moments.m[part.clone()]).as_slice().into(),
+                            tensor::encode(&moments.v[part.clone()]).as_slice().into(),
+                            step.into(),
+                        ],
+                    )
+                    .map(|t| t.len())
+            })
+            .map_err(spi_error)?;
+            if updated != 1 {
+                return Err(EngineError::data(format!(
+                    "chunk {chunk} of parameter \"{name}\" of model \"{model}\" is missing from llm_param"
+                )));
+            }
+        }
+    }
+    Ok(())
 }

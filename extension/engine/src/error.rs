@@ -26,6 +26,10 @@ pub enum EngineError {
     /// A named object (model, tensor, tokenizer) does not exist (42704 undefined_object).
     #[error("{0}")]
     UndefinedObject(String),
+    /// The objects involved are not ready for this, e.g. a model without training data
+    /// (55000 object_not_in_prerequisite_state).
+    #[error("{0}")]
+    NotReady(String),
     /// The role may not do this (42501 insufficient_privilege).
     #[error("{0}")]
     InsufficientPrivilege(String),
@@ -60,6 +64,7 @@ impl EngineError {
             Self::TooLarge(_) => "54000",
             Self::OutOfRange(_) => "22003",
             Self::UndefinedObject(_) => "42704",
+            Self::NotReady(_) => "55000",
             Self::InsufficientPrivilege(_) => "42501",
             Self::Io(_) => "58030",
             Self::Cancelled => "57014",

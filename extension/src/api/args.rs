@@ -74,3 +74,29 @@ pub fn model_name<'a>(value: Option<&'a str>, name: &str) -> Result<&'a str> {
     }
     Ok(model)
 }
+
+/// A token-id array of one row (1-D) or several equal-length rows (2-D; PostgreSQL itself
+/// refuses ragged ones): the ids row-major, with (rows, row length).
+pub fn token_matrix(
+    value: Option<pgrx::Array<i32>>,
+    name: &str,
+) -> Result<(Vec<u32>, usize, usize)> {
+    let array = required(value, name)?;
+    let elems: Vec<Option<i32>> = array.iter().collect();
+    // SAFETY: `array` came from PostgreSQL as an ArrayType.
+    let dims: Vec<usize> = unsafe { pgrx::array::RawArray::from_array(array) }
+        .map(|raw| raw.dims().iter().map(|&d| d.max(0) as usize).collect())
+        .unwrap_or_default();
+    let (rows, len) = match dims.as_slice() {
+        [n] => (1, *n),
+        [r, n] => (*r, *n),
+        [] => return Err(EngineError::invalid(format!("{name} must not be empty"))),
+        _ => return Err(EngineError::invalid(format!(
+            "{name} must be a 1-D array (one sequence) or a 2-D array (a batch), got {} dimensions",
+            dims.len()
+        ))),
+    };
+    let ids = token_ids(Some(elems), name)?;
+    debug_assert_eq!(ids.len(), rows * len);
+    Ok((ids, rows, len))
+}

@@ -2,6 +2,7 @@
 
 mod args;
 mod cache;
+mod dataset;
 mod float32_bytea;
 mod generate;
 mod kernels;
@@ -10,3 +11,4 @@ mod optim;
 mod sample;
 mod tensor_io;
 mod tokenizer;
+mod train;

@@ -246,7 +246,10 @@ impl Model {
             cancel.check()?;
             let a = match saved.pop().expect("one activation set per layer") {
                 Saved::All(a) => a,
-                Saved::Input(x_in) => self.layer_forward(i, layer, x_in, batch, &dropout, cancel)?.0,
+                Saved::Input(x_in) => {
+                    self.layer_forward(i, layer, x_in, batch, &dropout, cancel)?
+                        .0
+                }
             };
             dx = self.layer_backward(i, layer, &a, dx, batch, &dropout, grads, cancel)?;
         }
@@ -585,7 +588,6 @@ fn activation_grad(act: Activation, x: f32) -> f32 {
         }
     }
 }
-
 
 const EMBEDDING_SITE: u64 = 0;
 
