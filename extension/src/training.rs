@@ -99,7 +99,16 @@ impl Session {
     /// One optimizer step; returns its statistics and log row.
     pub fn step(&mut self, batch: Batch, settings: &StepSettings) -> Result<(StepStats, StepLog)> {
         let started = Instant::now();
-        let stats = self.trainer.step(batch, settings, cancel())?;
+        let step = self.step_count() + 1;
+        let stats = self
+            .trainer
+            .step(batch, settings, cancel())
+            .map_err(|e| match e {
+                EngineError::OutOfRange(msg) => EngineError::OutOfRange(format!(
+                    "training diverged at step {step} ({msg}); nothing of this call was stored"
+                )),
+                e => e,
+            })?;
         let tokens = batch.tokens.len();
         let entry = StepLog {
             step: self.step_count(),

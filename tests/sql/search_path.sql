@@ -26,7 +26,15 @@ SELECT DISTINCT p.proname AS runs_no_sql
   FROM pg_proc p
   JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
   JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm'
- WHERE p.proconfig IS NULL
+ WHERE p.proconfig IS NULL AND p.prokind <> 'p'
+ ORDER BY 1;
+-- ... except procedures that commit, which PostgreSQL does not let pin a search_path: they
+-- name every function and operator with its schema instead.
+SELECT p.proname AS commits_so_names_its_schemas, p.prosrc ~ 'OPERATOR\(pg_catalog\.' AS qualified_operators
+  FROM pg_proc p
+  JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+  JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm'
+ WHERE p.prokind = 'p'
  ORDER BY 1;
 
 -- 2. A small model with the real tokenizer, and what it computes in a plain session
