@@ -91,10 +91,12 @@ pub fn token_matrix(
         [n] => (1, *n),
         [r, n] => (*r, *n),
         [] => return Err(EngineError::invalid(format!("{name} must not be empty"))),
-        _ => return Err(EngineError::invalid(format!(
+        _ => {
+            return Err(EngineError::invalid(format!(
             "{name} must be a 1-D array (one sequence) or a 2-D array (a batch), got {} dimensions",
             dims.len()
-        ))),
+        )))
+        }
     };
     let ids = token_ids(Some(elems), name)?;
     debug_assert_eq!(ids.len(), rows * len);
