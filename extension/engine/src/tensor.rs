@@ -110,8 +110,16 @@ pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
 }
 
 /// Checks a computed result for overflow (a finite input can still overflow float32).
+/// Large results are scanned on the compute pool.
 pub fn check_result(values: &[f32], what: &str) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 16;
+    let position = if values.len() <= BLOCK {
+        values.iter().position(|v| !v.is_finite())
+    } else {
+        crate::parallel::install(|| values.par_iter().position_first(|v| !v.is_finite()))
+    };
+    match position {
         None => Ok(()),
         Some(i) => Err(EngineError::OutOfRange(format!(
             "{what} overflowed float32 range at index {i} ({})",

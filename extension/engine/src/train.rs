@@ -329,7 +329,10 @@ mod tests {
                 .zip(&b.weights)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0f32, f32::max);
-            assert!(diff < 1e-6, "{variant:?}: weights differ by {diff}");
+            // Summation order differs, so gradients agree to float32 rounding; Adam's first
+            // step moves a weight by about lr·g/|g|, which amplifies that for tiny gradients:
+            // allow 1e-3 of the step size.
+            assert!(diff < 1e-5, "{variant:?}: weights differ by {diff}");
         }
         // With dropout too: the masks follow the row within the whole batch.
         let drop = StepSettings {
@@ -347,7 +350,7 @@ mod tests {
             .weights
             .iter()
             .zip(&b.weights)
-            .all(|(x, y)| (x - y).abs() < 1e-6));
+            .all(|(x, y)| (x - y).abs() < 1e-5));
     }
 
     #[test]

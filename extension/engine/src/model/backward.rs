@@ -444,9 +444,7 @@ impl Model {
             (n, ff, d),
         );
         drop(dbranch);
-        df.iter_mut()
-            .zip(&a.f_pre)
-            .for_each(|(g, &v)| *g *= activation_grad(cfg.activation, v));
+        scale_by_activation_grad(&mut df, &a.f_pre, cfg.activation);
         let mut dh2 = tensor::alloc_zeroed(n * d)?;
         linear_grads(
             grads,
@@ -568,6 +566,21 @@ fn norm_backward(grads: &mut [f32], x: &[f32], dy: &[f32], n: &Norm, eps: f32) -
 
 fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+/// g ← g · act′(x), elementwise on the compute pool.
+fn scale_by_activation_grad(g: &mut [f32], x: &[f32], act: Activation) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 16 * 1024;
+    parallel::install(|| {
+        g.par_chunks_mut(BLOCK)
+            .zip(x.par_chunks(BLOCK))
+            .for_each(|(g, x)| {
+                g.iter_mut()
+                    .zip(x)
+                    .for_each(|(g, &v)| *g *= activation_grad(act, v))
+            })
+    });
 }
 
 fn activation_grad(act: Activation, x: f32) -> f32 {
