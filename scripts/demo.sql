@@ -57,6 +57,25 @@ SELECT step, token_id, token, is_complete FROM llm_generate_stream('Once upon a 
 SELECT rank, round(score::numeric, 3) AS score, token_ids FROM llm_beam_search('Hello', 3, 4);
 \timing off
 
+\echo '--- Training in the server: a small GPT learns a committed corpus from scratch'
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, note)
+VALUES ('demo-tiny', 2, 4, 64, 16, 256, 64, 50257, 'pg_gpt3 demo: a tiny GPT-3 style model');
+SELECT llm_init_params('demo-tiny', 1) AS parameters;
+SELECT llm_load_tokenizer('demo-tiny', :'vocab', :'merges') AS vocab_size;
+\set corpus `cat tests/fixtures/learning/corpus.txt`
+SELECT llm_dataset_from_text('demo-tiny', :'corpus', 32) AS train_rows;
+SELECT llm_dataset_from_text('demo-tiny', 'The library opens at nine in the morning.', 32, NULL, 'validation') AS validation_rows;
+SELECT round(loss::numeric, 3) AS loss_before FROM llm_eval('demo-tiny');
+\timing on
+SELECT step, round(loss::numeric, 3) AS loss, round(lr::numeric, 5) AS lr, round(grad_norm::numeric, 2) AS grad_norm
+  FROM llm_train('demo-tiny', 60, batch_size => 4, lr_max => 3e-3, warmup => 5, seed => 1)
+ WHERE step % 10 = 0 OR step = 1;
+\timing off
+SELECT round(loss::numeric, 3) AS loss_after, round(perplexity::numeric, 1) AS perplexity FROM llm_eval('demo-tiny');
+SELECT llm_checkpoint_save('demo-tiny', 'after 60 steps') AS checkpoint;
+SELECT id, model, note, step, n_params FROM llm_checkpoint;
+SELECT llm_generate('The library', 16, 0.7, 20, 0.95, 'demo-tiny', 50256, 3) AS sampled_continuation;
+
 \echo '--- Bad input is a clean SQL error, not a crash'
 \set ON_ERROR_STOP 0
 SELECT pg_llm_matmul(pg_llm_from_array('{1,2,3}'), pg_llm_from_array('{1,2}'), 2, 2, 1);
