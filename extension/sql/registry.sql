@@ -112,32 +112,31 @@ ALTER TABLE llm_param ALTER COLUMN m SET STORAGE EXTERNAL;
 ALTER TABLE llm_param ALTER COLUMN v SET STORAGE EXTERNAL;
 
 -- Any write to a model's parameters, through pg_llm or by hand, gives the model a new version.
+-- Row-level, not statement-level with transition tables: a transition table would copy every
+-- written row, weights included, into a tuplestore (doubling the cost of writing a model).
 CREATE FUNCTION llm_param_bump_version() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@, pg_temp AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         UPDATE @extschema@.llm_model_config SET version = nextval('@extschema@.llm_model_version_seq'::regclass);
+    ELSIF TG_OP = 'UPDATE' AND OLD.model IS DISTINCT FROM NEW.model THEN
+        UPDATE @extschema@.llm_model_config SET version = nextval('@extschema@.llm_model_version_seq'::regclass)
+         WHERE model IN (OLD.model, NEW.model);
     ELSE
         UPDATE @extschema@.llm_model_config SET version = nextval('@extschema@.llm_model_version_seq'::regclass)
-         WHERE model IN (SELECT model FROM changed_rows);
+         WHERE model = CASE TG_OP WHEN 'DELETE' THEN OLD.model ELSE NEW.model END;
     END IF;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER llm_param_version_ins AFTER INSERT ON llm_param
-    REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
-CREATE TRIGGER llm_param_version_upd AFTER UPDATE ON llm_param
-    REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
-CREATE TRIGGER llm_param_version_del AFTER DELETE ON llm_param
-    REFERENCING OLD TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
+CREATE TRIGGER llm_param_version AFTER INSERT OR UPDATE OR DELETE ON llm_param
+    FOR EACH ROW EXECUTE FUNCTION llm_param_bump_version();
 CREATE TRIGGER llm_param_version_truncate AFTER TRUNCATE ON llm_param
     FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
 -- Versions must change with every write, also when rows arrive by logical replication or a
 -- restore that runs with session_replication_role = replica.
 ALTER TABLE llm_model_config ENABLE ALWAYS TRIGGER llm_model_config_version;
-ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_ins;
-ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_upd;
-ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_del;
+ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version;
 ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_truncate;
 
 -- One row per tensor, for people and tools that do not care about chunks.

@@ -337,6 +337,20 @@ pub fn read_moments(model: &str, cfg: &ModelConfig, len: usize) -> Result<Option
             )));
         }
     }
+    // Moments are computed, never user input: NaN, infinity or a negative second moment can
+    // only come from hand edits, and would poison every later step.
+    let corrupt = |what: &str| {
+        EngineError::data(format!(
+            "the stored optimizer state of model \"{model}\" is corrupt ({what}); reset it with \
+             UPDATE llm_param SET m = NULL, v = NULL, step = 0 WHERE model = '{model}'"
+        ))
+    };
+    if m.iter().any(|x| !x.is_finite()) {
+        return Err(corrupt("a non-finite first moment"));
+    }
+    if v.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
+        return Err(corrupt("a negative or non-finite second moment"));
+    }
     Ok(step.map(|step| Moments { m, v, step }))
 }
 

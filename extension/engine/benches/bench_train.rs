@@ -2,7 +2,10 @@
 //! split into forward, forward + backward, and the optimizer, to see where a step's time
 //! goes. The SQL-level comparison with PyTorch is training_vs_torch.py.
 //!
-//!   cargo run --release -p pg_llm_engine --example bench_train -- [threads] [batch] [len] [recompute]
+//!   cargo run --release -p pg_llm_engine --example bench_train -- [threads] [batch] [len] [recompute] [350m]
+//!
+//! Ends with the process's peak resident memory (VmHWM): weights, gradient, both moments and
+//! the activations, i.e. what a backend needs for the same step.
 
 use std::time::Instant;
 
@@ -16,7 +19,7 @@ use pg_llm_engine::train::{StepSettings, Trainer};
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().expect("numbers"))
+        .filter_map(|a| a.parse().ok())
         .collect();
     let threads = args.first().copied().unwrap_or(2);
     let (b, t) = (
@@ -25,7 +28,12 @@ fn main() {
     );
     let recompute = args.get(3).copied().unwrap_or(0) == 1;
     parallel::set_threads(threads);
-    let cfg = ModelConfig::gpt3(12, 768, 12, 64);
+    let medium = std::env::args().any(|a| a == "350m");
+    let cfg = if medium {
+        ModelConfig::gpt3(24, 1024, 16, 64)
+    } else {
+        ModelConfig::gpt3(12, 768, 12, 64)
+    };
     let weights = ModelWeights::load(&cfg, &mut MapSource::new(init_params(&cfg, 1).unwrap()))
         .unwrap()
         .storage()
@@ -57,11 +65,12 @@ fn main() {
         recompute,
     };
     println!(
-        "gpt3-125m shape, {} parameters, batch {b} × {t}, {threads} threads, recompute {recompute}",
+        "{} shape, {} parameters, batch {b} × {t}, {threads} threads, recompute {recompute}",
+        if medium { "gpt3-350m" } else { "gpt3-125m" },
         packed_len(&cfg).unwrap()
     );
     trainer.step(batch, &settings, Cancel::NEVER).unwrap();
-    for _ in 0..3 {
+    for _ in 0..if medium { 1 } else { 3 } {
         let started = Instant::now();
         trainer.loss(batch, Cancel::NEVER).unwrap();
         let forward = started.elapsed().as_secs_f64();
@@ -72,5 +81,9 @@ fn main() {
             "forward {forward:.2} s   step {step:.2} s   {:.0} tokens/s",
             (b * t) as f64 / step
         );
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(hwm) = status.lines().find(|l| l.starts_with("VmHWM")) {
+        println!("{hwm}");
     }
 }

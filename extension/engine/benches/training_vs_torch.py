@@ -15,12 +15,15 @@ no dropout. Reports:
   memory     peak resident memory: the backend's VmHWM (a fresh connection per configuration)
              vs ru_maxrss of a separate Python process that only runs the PyTorch side
 With --recompute pg_llm also runs with pg_llm.train_recompute = on (activations recomputed in
-the backward pass), reported as a second column.
+the backward pass), reported as a second column. Before the measured calls one priming step
+stores AdamW moments, so that every measured call reads and writes the same state (a model's
+first call has no moments to read) whichever configuration runs first.
 
 Usage (a server with pg_llm on this machine, e.g. scripts/cluster.sh start):
   PG_GPT3_DSN="host=/tmp/pg_gpt3_cluster/sock port=54329 user=postgres dbname=bench" \\
       python3 extension/engine/benches/training_vs_torch.py --threads 2 [--steps 5] [--recompute] [--json out.json]
   python3 extension/engine/benches/training_vs_torch.py --torch-only --threads 2   # PyTorch side alone, JSON
+  (--no-torch: the pg_llm side alone)
 Needs: torch, transformers, psycopg. Initialises gpt3-125m in that database if it has no weights
 (training then changes them), and replaces that model's rows of llm_dataset with random tokens.
 """
@@ -56,10 +59,13 @@ def torch_side(threads, steps):
     opt = torch.optim.AdamW([{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": WD},
                              {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, eps=EPS)
-    rows = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    tokens, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    # A new batch of random tokens each step, as pg_llm's steps walk its random dataset rows.
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=g) for _ in range(steps + 1)]
 
     def step():
+        rows = batches.pop()
+        tokens, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         opt.zero_grad(set_to_none=True)
         logits = model(tokens).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -109,6 +115,23 @@ def prepare_database(dsn):
                                 "VALUES (%s, 'train', %s::int[], %s::int[])", rows)
 
 
+def train_sql(n_steps):
+    return (f"SELECT step, loss, lr, grad_norm, tokens_per_s FROM llm_train('{MODEL}', "
+            f"n_steps => {int(n_steps)}, batch_size => {BATCH}, seq_len => {SEQ}, lr_max => {LR!r})")
+
+
+def prime(dsn, threads):
+    """One training step, so that the model has stored AdamW moments: every measured call then
+    loads weights and moments and writes both back (the first call of a model has no moments to
+    read), whichever configuration runs first."""
+    import psycopg
+
+    print("priming: one llm_train step ...", flush=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"SET pg_llm.threads = {int(threads)}")
+        conn.execute(train_sql(1)).fetchall()
+
+
 def vm_status(pid):
     """VmHWM / VmRSS of a backend in KiB (None where /proc is not readable: server elsewhere)."""
     try:
@@ -126,8 +149,7 @@ def pg_side(dsn, threads, steps, recompute):
         conn.execute(f"SET pg_llm.threads = {int(threads)}")
         conn.execute(f"SET pg_llm.train_recompute = {'on' if recompute else 'off'}")
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-        sql = (f"SELECT step, loss, lr, grad_norm, tokens_per_s FROM llm_train('{MODEL}', "
-               f"n_steps => {int(steps) + 1}, batch_size => {BATCH}, seq_len => {SEQ}, lr_max => {LR!r})")
+        sql = train_sql(steps + 1)
         t = time.perf_counter()
         rows = conn.execute(sql).fetchall()
         wall = time.perf_counter() - t
@@ -153,6 +175,7 @@ def main():
     ap.add_argument("--recompute", action="store_true", help="also run pg_llm with pg_llm.train_recompute = on")
     ap.add_argument("--json", metavar="PATH", help="write the numbers to PATH")
     ap.add_argument("--torch-only", action="store_true", help="run only the PyTorch side here, print JSON")
+    ap.add_argument("--no-torch", action="store_true", help="measure only pg_llm")
     args = ap.parse_args()
     if args.torch_only:
         print(json.dumps(torch_side(args.threads, args.steps)))
@@ -162,28 +185,33 @@ def main():
         raise SystemExit("set PG_GPT3_DSN to a database where pg_llm can be created")
 
     prepare_database(dsn)
+    prime(dsn, args.threads)
     pg = [pg_side(dsn, args.threads, args.steps, False)]
     if args.recompute:
         pg.append(pg_side(dsn, args.threads, args.steps, True))
-    pt = run_torch_subprocess(args.threads, args.steps)
+    pt = None if args.no_torch else run_torch_subprocess(args.threads, args.steps)
 
-    names = [("pg_llm+recompute" if r["recompute"] else "pg_llm") for r in pg] + ["PyTorch"]
-    print(f"threads = {args.threads}, batch {BATCH} x {SEQ} tokens, fp32, torch {pt['torch']}, "
-          f"transformers {pt['transformers']}; median of steps 2..{args.steps + 1} (pg_llm) / "
-          f"{args.steps} steps after a warm-up (PyTorch)")
+    names = [("pg_llm+recompute" if r["recompute"] else "pg_llm") for r in pg] + (["PyTorch"] if pt else [])
+    print(f"threads = {args.threads}, batch {BATCH} x {SEQ} tokens, fp32"
+          + (f", torch {pt['torch']}, transformers {pt['transformers']}" if pt else "")
+          + f"; median of steps 2..{args.steps + 1} (pg_llm)"
+          + (f" / {args.steps} steps after a warm-up (PyTorch)" if pt else ""))
     print(f"{'':26}" + "".join(f"{n:>18}" for n in names))
 
-    def row(label, values):
+    def row(label, pg_values, torch_value):
+        values = pg_values + ([torch_value] if pt else [])
         print(f"{label:26}" + "".join(f"{v:>18}" for v in values))
 
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"
-    row("step (s)", [f"{r['step_s']:.3f}" for r in pg + [pt]])
-    row("tokens/s", [f"{r['tokens_per_s']:.1f}" for r in pg + [pt]])
-    row("tokens/s ratio pg/torch", [f"{r['tokens_per_s'] / pt['tokens_per_s']:.2f}" for r in pg] + ["1.00"])
-    row("per-call overhead (s)", [f"{r['overhead_s']:.2f}" for r in pg] + ["-"])
-    row("peak RSS (GiB)", [gib(r["vmhwm_gib"]) for r in pg] + [gib(pt["maxrss_gib"])])
-    row("first / last loss", [f"{r['rows'][0]['loss']:.3f}/{r['rows'][-1]['loss']:.3f}" for r in pg]
-        + [f"{pt['losses'][0]:.3f}/{pt['losses'][-1]:.3f}"])
+    t = pt or {}
+    row("step (s)", [f"{r['step_s']:.3f}" for r in pg], pt and f"{t['step_s']:.3f}")
+    row("tokens/s", [f"{r['tokens_per_s']:.1f}" for r in pg], pt and f"{t['tokens_per_s']:.1f}")
+    if pt:
+        row("tokens/s ratio pg/torch", [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}" for r in pg], "1.00")
+    row("per-call overhead (s)", [f"{r['overhead_s']:.2f}" for r in pg], "-")
+    row("peak RSS (GiB)", [gib(r["vmhwm_gib"]) for r in pg], pt and gib(t["maxrss_gib"]))
+    row("first / last loss", [f"{r['rows'][0]['loss']:.3f}/{r['rows'][-1]['loss']:.3f}" for r in pg],
+        pt and f"{t['losses'][0]:.3f}/{t['losses'][-1]:.3f}")
     print("peak RSS: pg_llm = backend VmHWM, PyTorch = ru_maxrss of its own process")
     if args.json:
         with open(args.json, "w") as f:
