@@ -146,6 +146,12 @@ def pg_side(dsn, threads, steps, recompute):
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # The previous call's write-back (1.5 GB) would otherwise still be flushed to disk by
+        # the checkpointer while these steps run.
+        try:
+            conn.execute("CHECKPOINT")
+        except psycopg.Error:
+            pass
         conn.execute(f"SET pg_llm.threads = {int(threads)}")
         conn.execute(f"SET pg_llm.train_recompute = {'on' if recompute else 'off'}")
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]

@@ -173,11 +173,14 @@ impl Model {
         for (i, layer) in self.weights.layers.iter().enumerate() {
             cancel.check()?;
             let (layer_acts, out) = self.layer_forward(i, layer, x, batch, &dropout, cancel)?;
-            saved.push(if opts.recompute {
-                Saved::Input(layer_acts.x_in)
-            } else {
-                Saved::All(layer_acts)
-            });
+            // Without a gradient to compute nothing needs keeping.
+            if grads.is_some() {
+                saved.push(if opts.recompute {
+                    Saved::Input(layer_acts.x_in)
+                } else {
+                    Saved::All(layer_acts)
+                });
+            }
             x = out;
         }
         // Head: final LayerNorm (pre-LN), projection (OPT-350m), output layer.
@@ -575,10 +578,12 @@ fn scale_by_activation_grad(g: &mut [f32], x: &[f32], act: Activation) {
     parallel::install(|| {
         g.par_chunks_mut(BLOCK)
             .zip(x.par_chunks(BLOCK))
-            .for_each(|(g, x)| {
-                g.iter_mut()
+            .for_each(|(g, x)| match act {
+                Activation::GeluNew => crate::simd::gelu_new_grad_mul(g, x),
+                _ => g
+                    .iter_mut()
                     .zip(x)
-                    .for_each(|(g, &v)| *g *= activation_grad(act, v))
+                    .for_each(|(g, &v)| *g *= activation_grad(act, v)),
             })
     });
 }
@@ -709,17 +714,15 @@ fn cross_entropy_rows(
             .par_chunks_mut(vocab)
             .zip(targets.par_iter())
             .map(|(row, &target)| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-                let lse = max + sum.ln();
-                let loss = lse - row[target as usize] as f64;
+                // The row becomes its softmax (vectorised); the loss needs the target's logit.
+                let logit = row[target as usize] as f64;
+                let lse = crate::simd::softmax_scaled_inplace(row, 1.0) as f64;
                 if let Some(scale) = scale {
-                    for v in row.iter_mut() {
-                        *v = (((*v as f64) - lse).exp() * scale) as f32;
-                    }
-                    row[target as usize] -= scale as f32;
+                    let scale = scale as f32;
+                    row.iter_mut().for_each(|v| *v *= scale);
+                    row[target as usize] -= scale;
                 }
-                loss
+                lse - logit
             })
             .collect()
     });
