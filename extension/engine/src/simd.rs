@@ -286,45 +286,6 @@ pub fn gelu_new_inplace(x: &mut [f32]) {
     gelu_body(x)
 }
 
-/// g ← g · gelu_new′(x), with tanh(u) from one exponential s = e^{2u}: 1 − t = 2/(s+1) and
-/// 1 + t = 2s/(s+1), so that 1 − t² = (1 − t)(1 + t) keeps its precision at both tails.
-#[inline(always)]
-fn gelu_grad_body(g: &mut [f32], x: &[f32]) {
-    const K: f32 = 0.797_884_6; // √(2/π)
-    const C: f32 = 0.044_715;
-    g.iter_mut().zip(x).for_each(|(g, &v)| {
-        let u = K * (v + C * v * v * v);
-        let s = exp_approx(2.0 * u);
-        let inv = 1.0 / (s + 1.0);
-        let (one_minus_t, one_plus_t) = (2.0 * inv, 2.0 * s * inv);
-        // e^{2u} overflows for u > 44: then t = 1 exactly.
-        let (one_minus_t, one_plus_t) = if s.is_finite() {
-            (one_minus_t, one_plus_t)
-        } else {
-            (0.0, 2.0)
-        };
-        let du = K * (1.0 + 3.0 * C * v * v);
-        *g *= 0.5 * one_plus_t + 0.5 * v * one_minus_t * one_plus_t * du;
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_grad_avx2(g: &mut [f32], x: &[f32]) {
-    gelu_grad_body(g, x)
-}
-
-/// g ← g · gelu_new′(x) element-wise (vectorised); the backward of `gelu_new_inplace`.
-pub fn gelu_new_grad_mul(g: &mut [f32], x: &[f32]) {
-    debug_assert_eq!(g.len(), x.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features were detected at run time.
-        return unsafe { gelu_grad_avx2(g, x) };
-    }
-    gelu_grad_body(g, x)
-}
-
 #[cfg(test)]
 mod approx_tests {
     use super::*;
@@ -359,23 +320,6 @@ mod approx_tests {
             assert!(
                 (*y as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
                 "gelu({x}) = {y}, want {want}"
-            );
-        }
-    }
-
-    #[test]
-    fn gelu_grad_matches_the_float64_derivative() {
-        let xs: Vec<f32> = (-3000..3000)
-            .map(|i| i as f32 * 0.01)
-            .chain([60.0, -60.0, 1e4, -1e4])
-            .collect();
-        let mut gs = vec![1.0f32; xs.len()];
-        gelu_new_grad_mul(&mut gs, &xs);
-        for (x, g) in xs.iter().zip(&gs) {
-            let want = crate::kernels::elementwise::gelu_new_grad(*x as f64);
-            assert!(
-                (*g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()),
-                "gelu'({x}) = {g}, want {want}"
             );
         }
     }

@@ -578,12 +578,10 @@ fn scale_by_activation_grad(g: &mut [f32], x: &[f32], act: Activation) {
     parallel::install(|| {
         g.par_chunks_mut(BLOCK)
             .zip(x.par_chunks(BLOCK))
-            .for_each(|(g, x)| match act {
-                Activation::GeluNew => crate::simd::gelu_new_grad_mul(g, x),
-                _ => g
-                    .iter_mut()
+            .for_each(|(g, x)| {
+                g.iter_mut()
                     .zip(x)
-                    .for_each(|(g, &v)| *g *= activation_grad(act, v)),
+                    .for_each(|(g, &v)| *g *= activation_grad(act, v))
             })
     });
 }
@@ -714,15 +712,17 @@ fn cross_entropy_rows(
             .par_chunks_mut(vocab)
             .zip(targets.par_iter())
             .map(|(row, &target)| {
-                // The row becomes its softmax (vectorised); the loss needs the target's logit.
-                let logit = row[target as usize] as f64;
-                let lse = crate::simd::softmax_scaled_inplace(row, 1.0) as f64;
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                let lse = max + sum.ln();
+                let loss = lse - row[target as usize] as f64;
                 if let Some(scale) = scale {
-                    let scale = scale as f32;
-                    row.iter_mut().for_each(|v| *v *= scale);
-                    row[target as usize] -= scale;
+                    for v in row.iter_mut() {
+                        *v = (((*v as f64) - lse).exp() * scale) as f32;
+                    }
+                    row[target as usize] -= scale as f32;
                 }
-                lse - logit
+                loss
             })
             .collect()
     });
