@@ -84,10 +84,11 @@ ALTER TABLE llm_checkpoint_param ALTER COLUMN data SET STORAGE EXTERNAL;
 ALTER TABLE llm_checkpoint_param ALTER COLUMN m SET STORAGE EXTERNAL;
 ALTER TABLE llm_checkpoint_param ALTER COLUMN v SET STORAGE EXTERNAL;
 
--- The architecture columns of a registry row (what must match for a checkpoint to load).
-CREATE FUNCTION llm_model_architecture(cfg llm_model_config) RETURNS jsonb
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, @extschema@, pg_temp AS $$
-    SELECT to_jsonb(cfg) - ARRAY['model', 'version', 'note']
+-- The architecture columns of a model's registry row (what must match for a checkpoint to load).
+CREATE FUNCTION llm_model_architecture(model text) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, @extschema@, pg_temp AS $$
+    SELECT to_jsonb(c) - ARRAY['model', 'version', 'note']
+      FROM llm_model_config c WHERE c.model = llm_model_architecture.model
 $$;
 
 -- Saves the model's weights and optimizer state as a new checkpoint; returns its id.
@@ -99,7 +100,7 @@ DECLARE
     saved int;
 BEGIN
     INSERT INTO llm_checkpoint (model, note, step, n_params, architecture)
-    VALUES (cfg.model, llm_checkpoint_save.note, 0, 0, llm_model_architecture(cfg))
+    VALUES (cfg.model, llm_checkpoint_save.note, 0, 0, llm_model_architecture(cfg.model))
     RETURNING id INTO saved;
     INSERT INTO llm_checkpoint_param (checkpoint_id, name, chunk, shape, elem_offset, data, m, v, step)
     SELECT saved, p.name, p.chunk, p.shape, p.elem_offset, p.data, p.m, p.v, p.step
@@ -136,7 +137,7 @@ BEGIN
             USING ERRCODE = 'undefined_object',
                   HINT = 'SELECT * FROM llm_checkpoint lists the checkpoints.';
     END IF;
-    IF ck.architecture IS DISTINCT FROM llm_model_architecture(cfg) THEN
+    IF ck.architecture IS DISTINCT FROM llm_model_architecture(cfg.model) THEN
         RAISE EXCEPTION 'checkpoint % was saved with another architecture of model "%"', ck.id, cfg.model
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
