@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{backend_pid, connect, random_model, real_tokenizer};
+use common::{backend_pid, connect, is_active, random_model, real_tokenizer};
 use pg_gpt3_client::Client;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -24,19 +24,6 @@ async fn model_client() -> Client {
     let client = connect().await;
     random_model(&client, MODEL, DIMS, 1).await;
     client
-}
-
-/// Whether backend `pid` is running a statement right now.
-async fn is_active(observer: &Client, pid: i32) -> bool {
-    observer
-        .raw()
-        .query_one(
-            "SELECT coalesce((SELECT state = 'active' FROM pg_stat_activity WHERE pid = $1), false)",
-            &[&pid],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 async fn wait_until_active(observer: &Client, pid: i32) {

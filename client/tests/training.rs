@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{backend_pid, connect, dsn, random_model};
+use common::{backend_pid, connect, is_active, random_model, reconnect};
 use futures_util::{pin_mut, TryStreamExt};
 use pg_gpt3_client::Client;
 
@@ -52,31 +52,6 @@ async fn fingerprint(client: &Client, model: &str) -> (i32, String) {
         .await
         .unwrap();
     (row.get(0), row.get(1))
-}
-
-async fn is_active(observer: &Client, pid: i32) -> bool {
-    observer
-        .raw()
-        .query_one(
-            "SELECT coalesce((SELECT state = 'active' FROM pg_stat_activity WHERE pid = $1), false)",
-            &[&pid],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// A new connection once the server accepts them again (after a crash restart).
-async fn reconnect() -> Client {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match Client::connect(&dsn()).await {
-            Ok(c) if c.execute("SELECT 1").await.is_ok() => return c,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(250)).await,
-            Err(e) => panic!("the server did not come back: {e}"),
-            Ok(_) => panic!("the server did not come back"),
-        }
-    }
 }
 
 /// `llm_train` in the select list: each step's row reaches the client when the step ends,

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{backend_pid, connect, dsn, random_model};
+use common::{backend_pid, connect, dsn, random_model, reconnect};
 use pg_gpt3_client::Client;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -40,19 +40,6 @@ async fn current_version(client: &Client, model: &str) -> i64 {
         .await
         .unwrap()
         .get(0)
-}
-
-/// A new connection once the server accepts them again (after a crash restart).
-async fn reconnect() -> Client {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match Client::connect(&dsn()).await {
-            Ok(c) if c.execute("SELECT 1").await.is_ok() => return c,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(250)).await,
-            Err(e) => panic!("the server did not come back: {e}"),
-            Ok(_) => panic!("the server did not come back"),
-        }
-    }
 }
 
 const SMALL: &str = "client-cache-small";

@@ -10,6 +10,7 @@
 
 use pg_llm_engine::train::epoch_order;
 use pg_llm_engine::{EngineError, Result};
+use pgrx::spi::SpiHeapTupleData;
 
 use crate::errors::spi_error;
 use crate::spi;
@@ -91,11 +92,8 @@ impl Samples {
                 ],
                 |row| {
                     found = true;
-                    for (col, out) in [(1, &mut tokens), (2, &mut targets)] {
-                        let ids: Vec<Option<i32>> =
-                            row.get(col).map_err(spi_error)?.unwrap_or_default();
-                        out.extend(ids.into_iter().map(|t| t.unwrap_or(-1).max(-1) as u32));
-                    }
+                    tokens.extend(token_ids(row, 1)?);
+                    targets.extend(token_ids(row, 2)?);
                     Ok(())
                 },
             )?;
@@ -117,4 +115,15 @@ impl Samples {
         let order = &self.order.as_ref().expect("just set").1;
         self.windows[order[(k % n) as usize]]
     }
+}
+
+/// Column `col` of `row`, an `int[]` of token ids. The table's constraints keep NULL and
+/// negative ids out; should one appear anyway it becomes an id beyond any vocabulary, which
+/// training refuses with 22023.
+pub fn token_ids(row: &SpiHeapTupleData, col: usize) -> Result<Vec<u32>> {
+    let ids: Vec<Option<i32>> = row.get(col).map_err(spi_error)?.unwrap_or_default();
+    Ok(ids
+        .into_iter()
+        .map(|t| t.filter(|&t| t >= 0).map_or(u32::MAX, |t| t as u32))
+        .collect())
 }

@@ -88,22 +88,18 @@ pub fn publish(model: &str, tensors: TensorMap) -> Result<()> {
     let stored = store::load_config(model)?;
     // MapSource frees each tensor once packed: the weights are never held twice.
     let private = ModelWeights::load(&stored.config, &mut MapSource::new(tensors))?;
-    let weights = if crate::guc::WEIGHT_FILES.get() {
-        weight_cache::share(
-            &FilePlace::new(model, stored.version)?,
-            &stored.config,
-            private,
-        )?
-    } else {
-        private
-    };
-    remember(model, stored, weights).map(|_| ())
+    publish_weights(model, stored, private)
 }
 
 /// `publish` for weights already in the packed layout (a training call's result).
 pub fn publish_packed(model: &str, weights: Vec<f32>) -> Result<()> {
     let stored = store::load_config(model)?;
     let private = ModelWeights::from_storage(&stored.config, Arc::new(Storage::Owned(weights)))?;
+    publish_weights(model, stored, private)
+}
+
+/// Shares `private` through the version's weight file (when weight files are on) and caches it.
+fn publish_weights(model: &str, stored: StoredConfig, private: ModelWeights) -> Result<()> {
     let weights = if crate::guc::WEIGHT_FILES.get() {
         weight_cache::share(
             &FilePlace::new(model, stored.version)?,

@@ -3,6 +3,8 @@
 //! pass vacuously.
 #![allow(dead_code)]
 
+use std::time::{Duration, Instant};
+
 use pg_gpt3_client::Client;
 
 pub fn dsn() -> String {
@@ -53,4 +55,30 @@ pub async fn backend_pid(client: &Client) -> i32 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Whether backend `pid` is running a statement right now.
+pub async fn is_active(observer: &Client, pid: i32) -> bool {
+    observer
+        .raw()
+        .query_one(
+            "SELECT coalesce((SELECT state = 'active' FROM pg_stat_activity WHERE pid = $1), false)",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A new connection once the server accepts them again (after a crash restart).
+pub async fn reconnect() -> Client {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match Client::connect(&dsn()).await {
+            Ok(c) if c.execute("SELECT 1").await.is_ok() => return c,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(e) => panic!("the server did not come back: {e}"),
+            Ok(_) => panic!("the server did not come back"),
+        }
+    }
 }

@@ -100,11 +100,7 @@ fn llm_dataset_retokenize(
             &[source.into(), split.into()],
             |row| {
                 let split: String = row.get(1).map_err(spi_error)?.unwrap_or_default();
-                let ids: Vec<Option<i32>> = row.get(2).map_err(spi_error)?.unwrap_or_default();
-                rows.push((
-                    split,
-                    ids.into_iter().map(|t| t.unwrap_or(0) as u32).collect(),
-                ));
+                rows.push((split, crate::dataset::token_ids(row, 2)?));
                 Ok(())
             },
         )?;

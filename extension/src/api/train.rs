@@ -11,7 +11,7 @@ use pgrx::prelude::*;
 use pgrx::Array;
 
 use super::args::{self, finite, required, token_matrix};
-use crate::dataset::Samples;
+use crate::dataset::{self, Samples};
 use crate::errors::{cancel, report, run};
 use crate::training::{check_memory, Session};
 use crate::{guc, model_cache, spi};
@@ -471,14 +471,7 @@ fn read_row(id: i64) -> Result<(Vec<u32>, Vec<u32>)> {
         "SELECT tokens, target FROM llm_dataset WHERE id = $1",
         &[id.into()],
         |row| {
-            let get = |col| -> Result<Vec<u32>> {
-                let v: Vec<Option<i32>> = row
-                    .get(col)
-                    .map_err(crate::errors::spi_error)?
-                    .unwrap_or_default();
-                Ok(v.into_iter().map(|t| t.unwrap_or(-1) as u32).collect())
-            };
-            out = (get(1)?, get(2)?);
+            out = (dataset::token_ids(row, 1)?, dataset::token_ids(row, 2)?);
             Ok(())
         },
     )?;
