@@ -62,6 +62,20 @@ impl AdamW {
         v: &mut [f32],
         step: i64,
     ) -> Result<()> {
+        self.step_scaled(w, g, m, v, step, 1.0)
+    }
+
+    /// `step` with the gradient taken as `grad_scale`·g: gradient clipping folded into the
+    /// update, so the gradient buffer is neither rewritten nor read twice.
+    pub fn step_scaled(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        step: i64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.validate()?;
         if step < 1 {
             return Err(EngineError::invalid(format!(
@@ -80,37 +94,103 @@ impl AdamW {
         }
         let t = step.min(i32::MAX as i64) as i32;
         let (beta1, beta2) = (self.beta1 as f64, self.beta2 as f64);
-        let step_size = self.lr as f64 / (1.0 - beta1.powi(t));
-        let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let decay = 1.0 - self.lr as f64 * self.weight_decay as f64;
-        let eps = self.eps as f64;
-        let update = |w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-            for i in 0..w.len() {
-                let gi = g[i] as f64;
-                let mi = beta1 * m[i] as f64 + (1.0 - beta1) * gi;
-                let vi = beta2 * v[i] as f64 + (1.0 - beta2) * gi * gi;
-                let denom = vi.sqrt() / bias2_sqrt + eps;
-                w[i] = (w[i] as f64 * decay - step_size * mi / denom) as f32;
-                m[i] = mi as f32;
-                v[i] = vi as f32;
-            }
+        let k = UpdateConstants {
+            beta1,
+            beta2,
+            step_size: self.lr as f64 / (1.0 - beta1.powi(t)),
+            bias2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
+            decay: 1.0 - self.lr as f64 * self.weight_decay as f64,
+            eps: self.eps as f64,
+            grad_scale,
         };
         // Elementwise, so blocks on the compute pool give the same result as one loop.
-        if n <= BLOCK {
-            update(w, g, m, v);
+        let finite = if n <= BLOCK {
+            update(w, g, m, v, &k)
         } else {
             parallel::install(|| {
                 w.par_chunks_mut(BLOCK)
                     .zip(g.par_chunks(BLOCK))
                     .zip(m.par_chunks_mut(BLOCK))
                     .zip(v.par_chunks_mut(BLOCK))
-                    .for_each(|(((w, g), m), v)| update(w, g, m, v))
-            });
+                    .map(|(((w, g), m), v)| update(w, g, m, v, &k))
+                    .reduce(|| true, |a, b| a && b)
+            })
+        };
+        if finite {
+            return Ok(());
         }
+        // Only on failure: find what overflowed, for the message.
         tensor::check_result(w, "updated weight")?;
         tensor::check_result(m, "first moment m")?;
         tensor::check_result(v, "second moment v")
     }
+}
+
+struct UpdateConstants {
+    beta1: f64,
+    beta2: f64,
+    step_size: f64,
+    bias2_sqrt: f64,
+    decay: f64,
+    eps: f64,
+    grad_scale: f64,
+}
+
+/// The AdamW update of one block; false when a new w, m or v is not finite. Vectorised:
+/// the float64 arithmetic runs four or eight lanes wide, and the finiteness test is an
+/// integer OR of exponent bits rather than a branch.
+fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &UpdateConstants) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { update_avx2(w, g, m, v, k) };
+    }
+    update_body(w, g, m, v, k)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn update_avx2(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &UpdateConstants,
+) -> bool {
+    update_body(w, g, m, v, k)
+}
+
+#[inline(always)]
+fn update_body(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &UpdateConstants,
+) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let n = w.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    let mut overflow = 0u32;
+    for i in 0..n {
+        let gi = g[i] as f64 * k.grad_scale;
+        let mi = k.beta1 * m[i] as f64 + (1.0 - k.beta1) * gi;
+        let vi = k.beta2 * v[i] as f64 + (1.0 - k.beta2) * gi * gi;
+        let denom = vi.sqrt() / k.bias2_sqrt + k.eps;
+        let (wn, mn, vn) = (
+            (w[i] as f64 * k.decay - k.step_size * mi / denom) as f32,
+            mi as f32,
+            vi as f32,
+        );
+        w[i] = wn;
+        m[i] = mn;
+        v[i] = vn;
+        // All exponent bits set: ±inf or NaN.
+        overflow |= ((wn.to_bits() & EXPONENT) == EXPONENT) as u32
+            | ((mn.to_bits() & EXPONENT) == EXPONENT) as u32
+            | ((vn.to_bits() & EXPONENT) == EXPONENT) as u32;
+    }
+    overflow == 0
 }
 
 /// Values per task of the optimizer's elementwise and reduction work.
@@ -119,13 +199,19 @@ const BLOCK: usize = 64 * 1024;
 /// L2 norm of a gradient, accumulated in float64.
 /// Partial sums over fixed blocks, added in order: the same value for any thread count.
 pub fn grad_norm(g: &[f32]) -> f64 {
-    let square_sum = |b: &[f32]| b.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+    let square_sum = |b: &[f32]| crate::simd::sum_squares_f64(b);
     let partial: Vec<f64> = if g.len() <= BLOCK {
         vec![square_sum(g)]
     } else {
         parallel::install(|| g.par_chunks(BLOCK).map(square_sum).collect())
     };
     partial.iter().sum::<f64>().sqrt()
+}
+
+/// The factor `clip_grad_norm` scales a gradient of L2 norm `norm` by (PyTorch's
+/// max_norm / (norm + 1e-6), never above 1).
+pub fn clip_coefficient(norm: f64, max_norm: f32) -> f64 {
+    (max_norm as f64 / (norm + 1e-6)).min(1.0)
 }
 
 /// Scales `g` in place so its L2 norm is at most `max_norm` (PyTorch's `clip_grad_norm_`:
@@ -137,7 +223,7 @@ pub fn clip_grad_norm(g: &mut [f32], max_norm: f32) -> Result<f64> {
         )));
     }
     let norm = grad_norm(g);
-    let coef = max_norm as f64 / (norm + 1e-6);
+    let coef = clip_coefficient(norm, max_norm);
     if coef < 1.0 {
         // Scaled in float64: coef itself can be below float32's range (a 1e-30 clip of a
         // 3e38 gradient) while the scaled values are not.

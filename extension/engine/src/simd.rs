@@ -213,6 +213,21 @@ pub fn sum_map_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// Σ v² in float64 (vectorised): the squared L2 norm of a gradient block.
+pub fn sum_squares_f64(x: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(x: &[f32]) -> f64 {
+        sum_map_f64(x, |v| v * v)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { avx2(x) };
+    }
+    sum_map_f64(x, |v| v * v)
+}
+
 /// The largest value of x (−∞ when empty), in eight independent lanes.
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
@@ -286,6 +301,68 @@ pub fn gelu_new_inplace(x: &mut [f32]) {
     gelu_body(x)
 }
 
+/// x ← e^{x − shift} element-wise; returns Σ of the new values, accumulated in float64 (a row
+/// of 50,257 probabilities summed in float32 lanes could lose 1e-4 of its total).
+#[inline(always)]
+fn exp_shifted_body(x: &mut [f32], shift: f32) -> f64 {
+    x.iter_mut().for_each(|v| *v = exp_approx(*v - shift));
+    sum_map_f64(x, |v| v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(x: &mut [f32], shift: f32) -> f64 {
+    exp_shifted_body(x, shift)
+}
+
+/// x ← e^{x − shift} (vectorised), returning the sum of the results. With shift = max(x),
+/// the unnormalised softmax of a row of logits and its normaliser.
+pub fn exp_shifted_inplace(x: &mut [f32], shift: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { exp_shifted_avx2(x, shift) };
+    }
+    exp_shifted_body(x, shift)
+}
+
+/// g ← g · gelu_new′(x). With e = e^{2u} (u the tanh argument), r = 1/(1 + e) and
+/// s = e·r, 1 + tanh u = 2s and 1 − tanh² u = 4sr: no difference of nearly equal numbers, so
+/// the far negative tail (gelu′(−5) ≈ −1e-6) keeps its digits.
+#[inline(always)]
+fn gelu_grad_body(g: &mut [f32], x: &[f32]) {
+    const K: f32 = 0.797_884_6; // √(2/π)
+    const C: f32 = 0.044_715;
+    for (g, &v) in g.iter_mut().zip(x) {
+        // Beyond ±9 the derivative is 1 or 0 to float32 precision; clamping keeps e finite
+        // and v³ from overflowing (NaN passes through).
+        let v = v.clamp(-9.0, 9.0);
+        let u = K * (v + C * v * v * v);
+        let e = exp_approx(2.0 * u);
+        let r = 1.0 / (1.0 + e);
+        let s = e * r;
+        let du = K * (1.0 + 3.0 * C * v * v);
+        *g *= s + 2.0 * v * du * s * r;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_grad_avx2(g: &mut [f32], x: &[f32]) {
+    gelu_grad_body(g, x)
+}
+
+/// g ← g · gelu_new′(x) element-wise (vectorised): the backward of `gelu_new_inplace`.
+pub fn mul_gelu_new_grad(g: &mut [f32], x: &[f32]) {
+    assert_eq!(g.len(), x.len(), "gradient and input of different lengths");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { gelu_grad_avx2(g, x) };
+    }
+    gelu_grad_body(g, x)
+}
+
 #[cfg(test)]
 mod approx_tests {
     use super::*;
@@ -321,6 +398,40 @@ mod approx_tests {
                 (*y as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
                 "gelu({x}) = {y}, want {want}"
             );
+        }
+    }
+
+    #[test]
+    fn gelu_grad_matches_the_float64_derivative() {
+        let xs: Vec<f32> = (-1200..1200).map(|i| i as f32 * 0.01).collect();
+        let mut g = vec![2.0f32; xs.len()];
+        mul_gelu_new_grad(&mut g, &xs);
+        for (x, g) in xs.iter().zip(&g) {
+            let want = 2.0 * crate::kernels::elementwise::gelu_new_grad(*x as f64);
+            assert!(
+                (*g as f64 - want).abs() < 2e-6,
+                "2·gelu'({x}) = {g}, want {want}"
+            );
+        }
+        let mut far = [1.0f32; 4];
+        mul_gelu_new_grad(&mut far, &[-1e30, -50.0, 50.0, 1e30]);
+        assert!(far[0].abs() < 1e-20 && far[1].abs() < 1e-20 && far[2] == 1.0 && far[3] == 1.0);
+    }
+
+    #[test]
+    fn shifted_exp_and_its_sum() {
+        let xs: Vec<f32> = (0..50_257)
+            .map(|i| ((i * 7919 % 1000) as f32) * 0.02)
+            .collect();
+        let top = max(&xs);
+        let mut e = xs.clone();
+        let sum = exp_shifted_inplace(&mut e, top);
+        let want: f64 = xs.iter().map(|&v| (v as f64 - top as f64).exp()).sum();
+        assert!((sum / want - 1.0).abs() < 1e-6, "{sum} vs {want}");
+        for (x, e) in xs.iter().zip(&e) {
+            // The argument is the float32 difference, as in any float32 softmax.
+            let want = ((*x - top) as f64).exp();
+            assert!((*e as f64 - want).abs() <= 3e-7 * want);
         }
     }
 

@@ -17,7 +17,7 @@ use crate::error::{EngineError, Result};
 use crate::model::backward::TrainOptions;
 use crate::model::weights::{packed_len, packing};
 use crate::model::{Batch, Model, ModelConfig, ModelWeights, Storage};
-use crate::optim::{clip_grad_norm, grad_norm, AdamW};
+use crate::optim::{clip_coefficient, grad_norm, AdamW};
 use crate::parallel::Cancel;
 use crate::tensor;
 
@@ -169,16 +169,19 @@ impl Trainer {
             Ok((loss_sum / sequences as f64) as f32)
         })?;
         cancel.check()?;
-        let norm = if settings.grad_clip > 0.0 {
-            clip_grad_norm(&mut self.grads, settings.grad_clip)?
-        } else {
-            grad_norm(&self.grads)
-        };
+        // The norm is not finite when any gradient is not: the one check the gradient needs.
+        let norm = grad_norm(&self.grads);
         if !norm.is_finite() {
             return Err(EngineError::OutOfRange(format!(
                 "the gradient norm is not finite ({norm}); the weights were not changed"
             )));
         }
+        // Clipping scales the gradient inside the update rather than in a pass of its own.
+        let grad_scale = if settings.grad_clip > 0.0 {
+            clip_coefficient(norm, settings.grad_clip)
+        } else {
+            1.0
+        };
         let step = self.state.step + 1;
         let TrainState { weights, m, v, .. } = &mut self.state;
         for (range, decayed) in &self.groups {
@@ -191,12 +194,13 @@ impl Trainer {
                 ..settings.adamw
             };
             let r = range.clone();
-            opt.step(
+            opt.step_scaled(
                 &mut weights[r.clone()],
                 &self.grads[r.clone()],
                 &mut m[r.clone()],
                 &mut v[r],
                 step,
+                grad_scale,
             )?;
         }
         self.state.step = step;

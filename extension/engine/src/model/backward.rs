@@ -133,14 +133,25 @@ impl Model {
     pub fn loss_and_grads(
         &self,
         batch: Batch,
-        grads: Option<&mut [f32]>,
+        mut grads: Option<&mut [f32]>,
         cancel: Cancel,
     ) -> Result<f32> {
-        self.train_pass(batch, grads, &TrainOptions::default(), cancel)
+        let loss = self.train_pass(
+            batch,
+            grads.as_deref_mut(),
+            &TrainOptions::default(),
+            cancel,
+        )?;
+        if let Some(g) = grads {
+            tensor::check_result(g, "gradient")?;
+        }
+        Ok(loss)
     }
 
     /// `loss_and_grads` in training mode: dropout, recomputation and gradient scaling as
     /// `opts` says. The returned loss is the batch's mean cross-entropy with dropout applied.
+    /// The gradient is not checked for overflow here: the trainer's gradient norm is
+    /// non-finite exactly when a gradient is, so one pass over it does both.
     pub fn train_pass(
         &self,
         batch: Batch,
@@ -279,7 +290,6 @@ impl Model {
             let g = &mut grads[at..at + e];
             g.iter_mut().zip(row).for_each(|(g, v)| *g += v);
         }
-        tensor::check_result(grads, "gradient")?;
         Ok(loss)
     }
 
@@ -575,14 +585,17 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 fn scale_by_activation_grad(g: &mut [f32], x: &[f32], act: Activation) {
     use rayon::prelude::*;
     const BLOCK: usize = 16 * 1024;
+    let scale = |g: &mut [f32], x: &[f32]| match act {
+        Activation::GeluNew => crate::simd::mul_gelu_new_grad(g, x),
+        _ => g
+            .iter_mut()
+            .zip(x)
+            .for_each(|(g, &v)| *g *= activation_grad(act, v)),
+    };
     parallel::install(|| {
         g.par_chunks_mut(BLOCK)
             .zip(x.par_chunks(BLOCK))
-            .for_each(|(g, x)| {
-                g.iter_mut()
-                    .zip(x)
-                    .for_each(|(g, &v)| *g *= activation_grad(act, v))
-            })
+            .for_each(|(g, x)| scale(g, x))
     });
 }
 
@@ -712,14 +725,15 @@ fn cross_entropy_rows(
             .par_chunks_mut(vocab)
             .zip(targets.par_iter())
             .map(|(row, &target)| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-                let lse = max + sum.ln();
-                let loss = lse - row[target as usize] as f64;
+                // Shifted by the row's max: every e^{v − max} ≤ 1 and the sum cannot overflow.
+                let max = crate::simd::max(row);
+                let target_logit = row[target as usize] as f64;
+                let sum = crate::simd::exp_shifted_inplace(row, max);
+                let loss = max as f64 + sum.ln() - target_logit;
                 if let Some(scale) = scale {
-                    for v in row.iter_mut() {
-                        *v = (((*v as f64) - lse).exp() * scale) as f32;
-                    }
+                    // softmax − onehot, times the gradient scale: the row now holds e^{v − max}.
+                    let k = (scale / sum) as f32;
+                    row.iter_mut().for_each(|p| *p *= k);
                     row[target as usize] -= scale as f32;
                 }
                 loss
