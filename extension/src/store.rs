@@ -267,21 +267,6 @@ impl TableSource {
     }
 }
 
-/// Each named tensor of `cfg` with its range in the packed buffer (`weights::packing`); the
-/// zero q/k/v-bias slot of bias-free models is not a stored tensor and is left out.
-pub fn packed_tensors(cfg: &ModelConfig) -> Vec<(String, std::ops::Range<usize>)> {
-    let mut at = 0;
-    let mut out = Vec::new();
-    for slot in packing(cfg) {
-        let n: usize = slot.shape.iter().product();
-        if let Some(name) = slot.name {
-            out.push((name, at..at + n));
-        }
-        at += n;
-    }
-    out
-}
-
 /// AdamW state stored beside a model's weights, in the packed layout.
 pub struct Moments {
     pub m: Vec<f32>,
@@ -296,7 +281,7 @@ pub fn read_moments(model: &str, cfg: &ModelConfig, len: usize) -> Result<Option
     let mut m = tensor::alloc_zeroed(len)?;
     let mut v = tensor::alloc_zeroed(len)?;
     let mut step: Option<i64> = None;
-    for (name, range) in packed_tensors(cfg) {
+    for (name, range) in pg_llm_engine::model::weights::packed_tensors(cfg) {
         pgrx::check_for_interrupts!();
         let mut filled = 0;
         let mut complete = true;
@@ -364,7 +349,7 @@ pub fn write_trained(
 ) -> Result<()> {
     let step = i32::try_from(moments.step)
         .map_err(|_| EngineError::too_large("the optimizer step count passed 2³¹"))?;
-    for (name, range) in packed_tensors(cfg) {
+    for (name, range) in pg_llm_engine::model::weights::packed_tensors(cfg) {
         pgrx::check_for_interrupts!();
         for (chunk, start) in (range.start..range.end).step_by(CHUNK_ELEMS).enumerate() {
             let part = start..(start + CHUNK_ELEMS).min(range.end);

@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::model::ModelConfig;
 
 /// How a source tensor becomes canonical tensors.
-enum Rule {
+pub(super) enum Rule {
     /// Same layout under a new name.
     Rename(&'static str),
     /// A Conv1D weight [in, out] stored transposed relative to Linear.
@@ -123,14 +123,14 @@ const OPT_GLOBAL: &[(&str, &str)] = &[
 ];
 
 /// Where a family keeps its layers and the names of its global tensors.
-struct Layout {
-    prefixes: &'static [&'static str],
-    layer: &'static str,
-    layer_rules: &'static [(&'static str, Rule)],
-    global: &'static [(&'static str, &'static str)],
+pub(super) struct Layout {
+    pub prefixes: &'static [&'static str],
+    pub layer: &'static str,
+    pub layer_rules: &'static [(&'static str, Rule)],
+    pub global: &'static [(&'static str, &'static str)],
 }
 
-fn layout(family: Family) -> Option<Layout> {
+pub(super) fn layout(family: Family) -> Option<Layout> {
     match family {
         Family::Gpt2 | Family::Cerebras => Some(Layout {
             prefixes: &["transformer.", ""],

@@ -20,6 +20,37 @@ pub fn read(bytes: &[u8], what: &str) -> Result<TensorMap> {
     Ok(out)
 }
 
+/// The header of a float32 safetensors file whose tensors follow it in the order given,
+/// packed: the 8-byte length, then the JSON (with the `{"format": "pt"}` metadata that
+/// `transformers` requires) padded with spaces to a multiple of 8 bytes.
+pub fn f32_header(tensors: &[(&str, &[usize])]) -> Result<Vec<u8>> {
+    let mut map = serde_json::Map::new();
+    map.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut at = 0u64;
+    for (name, shape) in tensors {
+        let bytes = 4 * shape.iter().map(|&d| d as u64).product::<u64>();
+        let entry = serde_json::json!({
+            "dtype": "F32",
+            "shape": shape,
+            "data_offsets": [at, at + bytes],
+        });
+        if map.insert(name.to_string(), entry).is_some() || *name == "__metadata__" {
+            return Err(EngineError::invalid(format!(
+                "tensor name \"{name}\" appears twice"
+            )));
+        }
+        at += bytes;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(map))
+        .map_err(|e| EngineError::Internal(format!("safetensors header: {e}")))?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut header = (json.len() as u64).to_le_bytes().to_vec();
+    header.extend(json);
+    Ok(header)
+}
+
 /// One float tensor of a safetensors blob.
 pub fn read_one(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let st = SafeTensors::deserialize(bytes)

@@ -120,6 +120,21 @@ pub fn packing(cfg: &ModelConfig) -> Vec<Slot> {
     slots
 }
 
+/// Each named tensor of `cfg` with its range in the packed buffer (`weights::packing`); the
+/// zero q/k/v-bias slot of bias-free models is not a stored tensor and is left out.
+pub fn packed_tensors(cfg: &ModelConfig) -> Vec<(String, std::ops::Range<usize>)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    for slot in packing(cfg) {
+        let n: usize = slot.shape.iter().product();
+        if let Some(name) = slot.name {
+            out.push((name, at..at + n));
+        }
+        at += n;
+    }
+    out
+}
+
 /// Number of float32 values in the packed buffer of `cfg`.
 pub fn packed_len(cfg: &ModelConfig) -> Result<usize> {
     let mut total = 0usize;
