@@ -45,6 +45,7 @@ const WRITERS: [&str; 9] = [
     "llm_train_step",
 ];
 const FIFO: &str = "/tmp/pg_gpt3_fuzz_fifo";
+const EXPORT_DIR: &str = "/tmp/pg_gpt3_fuzz_export";
 
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -135,6 +136,23 @@ fn checkpoints(rng: &mut Rng) -> Vec<String> {
 
 /// Values for one argument, by its type and name: (sane values, hostile values). A call mixes
 /// mostly sane arguments with one or two hostile ones, so that it gets past the first check.
+/// Where export functions may write: a scratch directory (never the fixtures the import
+/// functions read), and the hostile paths of `values` less the ones that name fixtures.
+fn export_paths() -> (Vec<String>, Vec<String>) {
+    let sane = [EXPORT_DIR, &format!("{EXPORT_DIR}/one.safetensors")].map(quote);
+    let hostile = [
+        FIFO,
+        "/dev/null",
+        "/",
+        "/etc/passwd",
+        "/proc/self/mem",
+        "",
+        "relative/dir",
+    ]
+    .map(quote);
+    (sane.to_vec(), hostile.to_vec())
+}
+
 fn values(ty: &str, name: &str, pools: &Pools) -> (Vec<String>, Vec<String>) {
     let texts = |v: &[&str]| v.iter().map(|s| quote(s)).collect::<Vec<_>>();
     let plain = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -334,7 +352,13 @@ async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
         let candidates: Vec<(Vec<String>, Vec<String>)> = types
             .iter()
             .zip(arg_names.iter().chain(std::iter::repeat(&String::new())))
-            .map(|(ty, arg)| values(ty, arg, &pools))
+            .map(|(ty, arg)| {
+                if name.starts_with("pg_llm_export") && arg == "path" {
+                    export_paths()
+                } else {
+                    values(ty, arg, &pools)
+                }
+            })
             .collect();
         // Training functions write the model (or run until the 3 s timeout) on most sane
         // calls: fewer of them keep the suite's time in bounds.

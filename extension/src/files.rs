@@ -80,3 +80,84 @@ pub fn read_text(path: &str) -> Result<String> {
     String::from_utf8(read(path)?)
         .map_err(|_| EngineError::data(format!("file \"{path}\" is not valid UTF-8")))
 }
+
+/// Checks the current role may write server files (superuser or pg_write_server_files, as
+/// `COPY TO` a file requires).
+pub fn require_write_privilege(function: &str) -> Result<()> {
+    // SAFETY: plain catalog lookups on the backend thread; the same test COPY TO makes.
+    let allowed = unsafe {
+        pg_sys::has_privs_of_role(
+            pg_sys::GetUserId(),
+            pg_sys::Oid::from(pg_sys::ROLE_PG_WRITE_SERVER_FILES),
+        )
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(EngineError::InsufficientPrivilege(format!(
+            "permission denied to write server files; {function} requires superuser or the \
+             privileges of pg_write_server_files (the bytea variant works for any role)"
+        )))
+    }
+}
+
+/// Files written under temporary names and renamed into place together by `commit`, so an
+/// error or a cancel part-way leaves no partial file behind: the temporaries of an
+/// uncommitted set are removed when it is dropped (also while an ERROR unwinds).
+#[derive(Default)]
+pub struct StagedFiles {
+    staged: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl StagedFiles {
+    /// A new file that becomes `path` at commit; refuses to follow a symlink at the
+    /// temporary name.
+    pub fn create(&mut self, path: &std::path::Path) -> Result<File> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| EngineError::invalid(format!("\"{}\" names no file", path.display())))?;
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| {
+                EngineError::Io(format!("could not create file \"{}\": {e}", tmp.display()))
+            })?;
+        self.staged.push((tmp, path.to_path_buf()));
+        Ok(file)
+    }
+
+    /// Flushes every file to disk and renames each into place.
+    pub fn commit(mut self) -> Result<()> {
+        for (tmp, _) in &self.staged {
+            File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| {
+                EngineError::Io(format!("could not sync \"{}\": {e}", tmp.display()))
+            })?;
+        }
+        for (tmp, path) in std::mem::take(&mut self.staged) {
+            std::fs::rename(&tmp, &path).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                EngineError::Io(format!(
+                    "could not rename \"{}\" to \"{}\": {e}",
+                    tmp.display(),
+                    path.display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StagedFiles {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}

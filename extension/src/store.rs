@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use pg_llm_engine::formats::TensorMap;
-use pg_llm_engine::model::weights::packing;
+use pg_llm_engine::model::weights::packed_tensors;
 use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig, TensorSource};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
@@ -281,7 +281,7 @@ pub fn read_moments(model: &str, cfg: &ModelConfig, len: usize) -> Result<Option
     let mut m = tensor::alloc_zeroed(len)?;
     let mut v = tensor::alloc_zeroed(len)?;
     let mut step: Option<i64> = None;
-    for (name, range) in pg_llm_engine::model::weights::packed_tensors(cfg) {
+    for (name, range) in packed_tensors(cfg) {
         pgrx::check_for_interrupts!();
         let mut filled = 0;
         let mut complete = true;
@@ -349,7 +349,7 @@ pub fn write_trained(
 ) -> Result<()> {
     let step = i32::try_from(moments.step)
         .map_err(|_| EngineError::too_large("the optimizer step count passed 2³¹"))?;
-    for (name, range) in pg_llm_engine::model::weights::packed_tensors(cfg) {
+    for (name, range) in packed_tensors(cfg) {
         pgrx::check_for_interrupts!();
         for (chunk, start) in (range.start..range.end).step_by(CHUNK_ELEMS).enumerate() {
             let part = start..(start + CHUNK_ELEMS).min(range.end);

@@ -3,6 +3,7 @@
 mod args;
 mod cache;
 mod dataset;
+mod export;
 mod float32_bytea;
 mod generate;
 mod kernels;

@@ -1,0 +1,112 @@
+-- Checkpoint export: bytes and path forms, config.json, sharding, GPT-3 models in GPT-2 /
+-- GPT-Neo layouts, refusals, privileges. Round trips are checked by importing the export into
+-- a new model and comparing logits (the tensors' equality with transformers' is checked in
+-- the engine's tests on committed fixtures).
+\pset footer off
+\getenv srcdir PG_ABS_SRCDIR
+\set fixtures :srcdir/fixtures
+CREATE FUNCTION pg_temp.err(q text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE q;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    -- server paths differ between machines
+    RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM, '"/[^"]*"', '"<path>"', 'g');
+END $$;
+CREATE FUNCTION pg_temp.same_logits(a text, b text) RETURNS boolean LANGUAGE sql AS $$
+    SELECT llm_logits('{1,5,9,2,7,3}', a) = llm_logits('{1,5,9,2,7,3}', b)
+$$;
+
+-- 1. Bytes form: an imported GPT-Neo and OPT model export and re-import with identical logits
+\set cfg `cat :fixtures/models/gpt_neo/config.json`
+\set st `base64 -w0 :fixtures/models/gpt_neo/model.safetensors`
+SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'ex-neo', :'cfg'::jsonb) AS neo_params;
+\set cfg `cat :fixtures/models/opt_post_ln/config.json`
+\set st `base64 -w0 :fixtures/models/opt_post_ln/model.safetensors`
+SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'ex-opt', :'cfg'::jsonb) AS opt_params;
+SELECT m AS model, c->>'model_type' AS model_type, c->'architectures'->>0 AS architecture,
+       c->>'tie_word_embeddings' AS tied, coalesce(c->>'window_size', '-') AS window_size,
+       coalesce(c->>'do_layer_norm_before', '-') AS pre_ln
+  FROM (VALUES ('ex-neo'), ('ex-opt')) v(m), LATERAL (SELECT pg_llm_export_config(m) AS c) x;
+SELECT pg_llm_import_safetensors_bytes(pg_llm_export_safetensors_bytes(m), m || '-copy', pg_llm_export_config(m)) AS params,
+       pg_temp.same_logits(m, m || '-copy') AS same_logits
+  FROM (VALUES ('ex-neo'), ('ex-opt')) v(m);
+-- the export is a safetensors file with transformers' metadata
+SELECT convert_from(substring(b FROM 9 FOR 31), 'UTF8') LIKE '{"__metadata__":{"format":"pt"}%' AS pt_metadata
+  FROM (SELECT pg_llm_export_safetensors_bytes('ex-neo') AS b) x;
+
+-- 2. GPT-3 models: all dense → GPT-2's layout; dense + banded → GPT-Neo's
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab,
+                              attention_pattern, local_window)
+VALUES ('ex-gpt3-dense', 2, 2, 16, 8, 64, 32, 50, '{dense}', NULL),
+       ('ex-gpt3-banded', 2, 2, 16, 8, 64, 32, 50, '{dense,local}', 4);
+SELECT llm_init_params('ex-gpt3-dense', 3) AS dense_params, llm_init_params('ex-gpt3-banded', 3) AS banded_params;
+-- non-zero biases everywhere (q/k/v included) for the GPT-2 layout, which has them all;
+-- the banded model gets non-zero key and value biases, which fold away exactly
+UPDATE llm_param SET data = pg_llm_from_array(array(SELECT sin(i)::real FROM generate_series(1, shape[1]) i))
+ WHERE model = 'ex-gpt3-dense' AND name LIKE '%bias';
+UPDATE llm_param SET data = pg_llm_from_array(array(SELECT (0.3 * cos(i))::real FROM generate_series(1, shape[1]) i))
+ WHERE model = 'ex-gpt3-banded' AND (name LIKE '%k_proj.bias' OR name LIKE '%v_proj.bias' OR name LIKE '%out_proj.bias');
+SELECT m AS model, c->>'model_type' AS model_type, c->'attention_layers' AS layers,
+       coalesce(c->>'scale_attn_weights', '-') AS scaled
+  FROM (VALUES ('ex-gpt3-dense'), ('ex-gpt3-banded')) v(m), LATERAL (SELECT pg_llm_export_config(m) AS c) x;
+-- re-imported as GPT-2 / GPT-Neo models: the logits agree to float32 rounding (folding the
+-- score scale and the value biases reorders a few operations)
+SELECT m AS model,
+       pg_llm_import_safetensors_bytes(pg_llm_export_safetensors_bytes(m), m || '-hf', pg_llm_export_config(m)) AS params
+  FROM (VALUES ('ex-gpt3-dense'), ('ex-gpt3-banded')) v(m);
+SELECT m AS model, (SELECT family FROM llm_model_config WHERE model = m || '-hf') AS family,
+       (SELECT max(abs(a - b)) < 1e-4 FROM unnest(pg_llm_to_array(llm_logits('{1,5,9,2,7,3}', m)),
+                                                pg_llm_to_array(llm_logits('{1,5,9,2,7,3}', m || '-hf'))) u(a, b)) AS same_logits
+  FROM (VALUES ('ex-gpt3-dense'), ('ex-gpt3-banded')) v(m);
+-- a query bias has no GPT-Neo equivalent: refused, nothing written
+UPDATE llm_param SET data = pg_llm_from_array(array_fill(0.5::real, ARRAY[shape[1]]))
+ WHERE model = 'ex-gpt3-banded' AND name = 'layers.1.attn.q_proj.bias';
+SELECT pg_temp.err($$SELECT pg_llm_export_safetensors_bytes('ex-gpt3-banded')$$) AS query_bias;
+SELECT pg_temp.err($$SELECT pg_llm_export_config('ex-gpt3-banded')$$) AS query_bias_config;
+
+-- 3. Path form (a folder from_pretrained loads): single file, shards, re-import from the folder
+SELECT current_setting('data_directory') || '/pg_llm_regress_export' AS dir \gset
+SELECT pg_llm_export_safetensors(:'dir', 'ex-neo') > 0 AS exported;
+SELECT f FROM pg_ls_dir(:'dir') f ORDER BY f;
+SELECT pg_llm_import_safetensors(:'dir', 'ex-neo-dir', pg_read_file(:'dir' || '/config.json')::jsonb) AS params,
+       pg_temp.same_logits('ex-neo', 'ex-neo-dir') AS same_logits;
+-- shards of at most 40 kB (a larger tensor gets one of its own); the single file is replaced
+SELECT pg_llm_export_safetensors(:'dir', 'ex-neo', 40000) > 0 AS exported_sharded;
+SELECT f FROM pg_ls_dir(:'dir') f ORDER BY f;
+SELECT count(*) AS indexed_tensors FROM jsonb_object_keys((pg_read_file(:'dir' || '/model.safetensors.index.json')::jsonb)->'weight_map');
+SELECT pg_llm_import_safetensors(:'dir', 'ex-neo-shards', pg_read_file(:'dir' || '/config.json')::jsonb) AS params,
+       pg_temp.same_logits('ex-neo', 'ex-neo-shards') AS same_logits;
+-- a path ending in .safetensors is one file
+SELECT pg_llm_export_safetensors(:'dir' || '/single.safetensors', 'ex-opt') > 0 AS exported_file;
+SELECT pg_llm_import_safetensors(:'dir' || '/single.safetensors', 'ex-opt-file', pg_llm_export_config('ex-opt')) AS params,
+       pg_temp.same_logits('ex-opt', 'ex-opt-file') AS same_logits;
+
+-- 4. Bad input: clear errors, no files left behind
+SELECT pg_temp.err($$SELECT pg_llm_export_safetensors_bytes('no-such-model')$$) AS unknown_model,
+       pg_temp.err($$SELECT pg_llm_export_safetensors_bytes(NULL)$$) AS null_model,
+       pg_temp.err($$SELECT pg_llm_export_config('no-such-model')$$) AS unknown_model_config;
+SELECT pg_temp.err($$SELECT pg_llm_export_safetensors('relative/dir', 'ex-neo')$$) AS relative_path,
+       pg_temp.err(format('SELECT pg_llm_export_safetensors(%L, %L, 0)', :'dir', 'ex-neo')) AS zero_shard_size,
+       pg_temp.err(format('SELECT pg_llm_export_safetensors(%L, %L)', :'dir' || '/PG_VERSION_missing/x.safetensors', 'ex-neo')) AS missing_parent,
+       pg_temp.err(format('SELECT pg_llm_export_safetensors(%L, %L)', current_setting('data_directory') || '/PG_VERSION', 'ex-neo')) AS file_as_directory;
+-- a registered model without parameters
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab)
+VALUES ('ex-empty', 1, 2, 16, 8, 64, 32, 50);
+SELECT pg_temp.err($$SELECT pg_llm_export_safetensors_bytes('ex-empty')$$) AS no_parameters;
+SELECT count(*) AS temporaries FROM pg_ls_dir(:'dir') f WHERE f LIKE '.%';
+
+-- 5. The path form is restricted like COPY TO a file; the bytes form works for any role with
+-- privileges on the model tables
+CREATE ROLE llm_export_user;
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO llm_export_user;
+SET ROLE llm_export_user;
+SELECT pg_temp.err($$SELECT pg_llm_export_safetensors('/tmp/pg_llm_export_denied', 'ex-neo')$$) AS path_export;
+SELECT length(pg_llm_export_safetensors_bytes('ex-neo')) > 0 AS bytes_export_as_plain_role,
+       pg_llm_export_config('ex-neo')->>'model_type' AS config_as_plain_role;
+RESET ROLE;
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM llm_export_user;
+DROP ROLE llm_export_user;
+
+-- Later tests list the registry: remove this test's models.
+DELETE FROM llm_model_config WHERE model LIKE 'ex-%';
