@@ -29,7 +29,7 @@ CREATE TABLE llm_model_config (
     ln_placement      text NOT NULL DEFAULT 'pre' CHECK (ln_placement IN ('pre', 'post')),
     ln_eps            float4 NOT NULL DEFAULT 1e-5 CHECK (ln_eps > 0),
     d_embed           int CHECK (d_embed > 0),       -- token embedding width when projected to d_model (OPT-350m)
-    family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo')),
+    family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo', 'megatron', 'megatron-v1', 'megatron-v0')),
     version           bigint NOT NULL DEFAULT nextval('@extschema@.llm_model_version_seq'::regclass),  -- changes with every write; keys cached weights
     note              text,
     CONSTRAINT local_layers_need_a_window CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL)

@@ -30,14 +30,30 @@ pub fn require_read_privilege(function: &str) -> Result<()> {
 /// Bytes read between two interrupt checks.
 const READ_BLOCK: usize = 16 << 20;
 
-/// Reads a whole regular server file. Anything else (a FIFO, a device, a directory) is refused
-/// before a read could block: the file is opened non-blocking and checked on the open handle,
-/// so it cannot be swapped between the check and the read. Cancel is honoured between blocks.
+/// Reads a whole regular server file (see `open_regular`). Cancel is honoured between blocks.
 pub fn read(path: &str) -> Result<Vec<u8>> {
+    let (file, size) = open_regular(path)?;
+    read_limited(file, path, size)
+}
+
+/// Bytes `offset..offset + length` of a regular server file (a manifest's tensor), with the
+/// checks of `read`; fewer bytes come back when the file ends early.
+pub fn read_range(path: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    let (mut file, size) = open_regular(path)?;
+    file.seek(SeekFrom::Start(offset.min(size)))
+        .map_err(|e| EngineError::Io(format!("could not seek in file \"{path}\": {e}")))?;
+    read_limited(file, path, length.min(size.saturating_sub(offset)))
+}
+
+/// Opens a regular file for reading and returns its size. Anything else (a FIFO, a device, a
+/// directory) is refused before a read could block: the file is opened non-blocking and
+/// checked on the open handle, so it cannot be swapped between the check and the read.
+fn open_regular(path: &str) -> Result<(File, u64)> {
     let io = |what: &str, e: std::io::Error| {
         EngineError::Io(format!("could not {what} file \"{path}\": {e}"))
     };
-    let mut file = File::options()
+    let file = File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
@@ -55,7 +71,12 @@ pub fn read(path: &str) -> Result<Vec<u8>> {
             "\"{path}\" is {kind}; only regular files can be read"
         )));
     }
-    let size = usize::try_from(meta.len())
+    Ok((file, meta.len()))
+}
+
+/// Reads up to `size` bytes in blocks, honouring cancel between them.
+fn read_limited(file: File, path: &str, size: u64) -> Result<Vec<u8>> {
+    let size = usize::try_from(size)
         .map_err(|_| EngineError::too_large(format!("file \"{path}\" is too large")))?;
     let mut bytes = Vec::new();
     bytes.try_reserve_exact(size).map_err(|_| {
@@ -63,13 +84,14 @@ pub fn read(path: &str) -> Result<Vec<u8>> {
             "file \"{path}\" ({size} bytes) does not fit in memory"
         ))
     })?;
+    let mut file = file.take(size as u64);
     loop {
         pgrx::check_for_interrupts!();
         let start = bytes.len();
         let n = (&mut file)
             .take(READ_BLOCK as u64)
             .read_to_end(&mut bytes)
-            .map_err(|e| io("read", e))?;
+            .map_err(|e| EngineError::Io(format!("could not read file \"{path}\": {e}")))?;
         if n == 0 || bytes.len() == start {
             return Ok(bytes);
         }

@@ -82,6 +82,38 @@ SELECT pg_llm_export_safetensors(:'dir' || '/single.safetensors', 'ex-opt') > 0 
 SELECT pg_llm_import_safetensors(:'dir' || '/single.safetensors', 'ex-opt-file', pg_llm_export_config('ex-opt')) AS params,
        pg_temp.same_logits('ex-opt', 'ex-opt-file') AS same_logits;
 
+-- a folder export carries a tensor manifest: each tensor's file, byte range and sha256
+SELECT count(*) AS manifest_lines,
+       bool_and(l::jsonb ? 'sha256' AND length(l::jsonb->>'sha256') = 64) AS every_line_has_a_digest
+  FROM regexp_split_to_table(rtrim(pg_read_file(:'dir' || '/model.manifest.jsonl'), E'\n'), E'\n') l;
+SELECT pg_llm_import_safetensors(:'dir' || '/model.manifest.jsonl', 'ex-neo-manifest', pg_read_file(:'dir' || '/config.json')::jsonb) AS params,
+       pg_temp.same_logits('ex-neo', 'ex-neo-manifest') AS same_logits;
+-- a manifest whose checksums do not match: refused, and the model is not created
+\set bad :dir/bad.manifest.jsonl
+COPY (SELECT regexp_replace(l, '"sha256":"[0-9a-f]{64}"', '"sha256":"' || repeat('0', 64) || '"')
+        FROM regexp_split_to_table(rtrim(pg_read_file(:'dir' || '/model.manifest.jsonl'), E'\n'), E'\n') WITH ORDINALITY AS t(l, n)
+       ORDER BY n) TO :'bad';
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors(%L, %L, %L::jsonb)', :'bad',
+                          'ex-neo-bad', pg_read_file(:'dir' || '/config.json'))) AS bad_checksum,
+       (SELECT count(*) FROM llm_model_config WHERE model = 'ex-neo-bad') AS created;
+
+-- Megatron-LM GPT checkpoints in each fused-QKV ordering give the same model; exported, it is
+-- a GPT-2 checkpoint
+\set cfg `cat :fixtures/megatron/v0/config.json`
+\set st `base64 -w0 :fixtures/megatron/v0/model.safetensors`
+SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'ex-megatron-v0', :'cfg'::jsonb) AS v0_params;
+\set cfg `cat :fixtures/megatron/v1/config.json`
+\set st `base64 -w0 :fixtures/megatron/v1/model.safetensors`
+SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'ex-megatron-v1', :'cfg'::jsonb) AS v1_params;
+\set cfg `cat :fixtures/megatron/v2/config.json`
+\set st `base64 -w0 :fixtures/megatron/v2/model.safetensors`
+SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'ex-megatron-v2', :'cfg'::jsonb) AS v2_params;
+SELECT model, family, padded_vocab, activation FROM llm_model_config WHERE model LIKE 'ex-megatron-v_' ORDER BY model;
+SELECT pg_temp.same_logits('ex-megatron-v0', 'ex-megatron-v1') AS v0_v1, pg_temp.same_logits('ex-megatron-v1', 'ex-megatron-v2') AS v1_v2,
+       pg_llm_export_config('ex-megatron-v2')->>'model_type' AS exports_as;
+SELECT pg_llm_import_safetensors_bytes(pg_llm_export_safetensors_bytes('ex-megatron-v2'), 'ex-megatron-hf', pg_llm_export_config('ex-megatron-v2')) AS params;
+SELECT pg_temp.same_logits('ex-megatron-v2', 'ex-megatron-hf') AS same_logits;
+
 -- 4. Bad input: clear errors, no files left behind
 SELECT pg_temp.err($$SELECT pg_llm_export_safetensors_bytes('no-such-model')$$) AS unknown_model,
        pg_temp.err($$SELECT pg_llm_export_safetensors_bytes(NULL)$$) AS null_model,

@@ -27,8 +27,8 @@ fn read_map(path: PathBuf) -> TensorMap {
 fn export_bytes(plan: &export::Plan, params: &dyn Canonical, cfg: &ModelConfig) -> Vec<u8> {
     let mut out = Vec::new();
     let n =
-        export::write_safetensors(&mut out, &plan.tensors, params, cfg, &mut || Ok(())).unwrap();
-    assert_eq!(n as usize, out.len());
+        export::write_safetensors(&mut out, &plan.tensors, params, cfg, None, &mut || Ok(())).unwrap();
+    assert_eq!(n.bytes as usize, out.len());
     out
 }
 
@@ -247,4 +247,29 @@ fn shards_split_in_order_and_index_every_tensor() {
         export::shard_file_name(1, shards.len())
     );
     assert_eq!(export::shards(&plan.tensors, u64::MAX).len(), 1);
+}
+
+#[test]
+fn manifest_entries_describe_the_written_file() {
+    use pg_llm_engine::formats::manifest;
+    let cfg = gpt3_config(true);
+    let canonical = read_map(export_dir("local").join("canonical.safetensors"));
+    let plan = export::plan(Family::Gpt3, &cfg, &canonical).unwrap();
+    let mut bytes = Vec::new();
+    let written = export::write_safetensors(
+        &mut bytes,
+        &plan.tensors,
+        &canonical,
+        &cfg,
+        Some("model.safetensors"),
+        &mut || Ok(()),
+    )
+    .unwrap();
+    assert_eq!(written.entries.len(), plan.tensors.len());
+    let entries = manifest::parse(&manifest::to_jsonl(&written.entries)).unwrap();
+    let from_manifest = manifest::read_tensors(&entries, &mut |e| {
+        Ok(bytes[e.offset as usize..(e.offset + e.length) as usize].to_vec())
+    })
+    .unwrap();
+    assert_eq!(from_manifest, safetensors::read(&bytes, "export").unwrap());
 }

@@ -29,12 +29,24 @@ fn planned(model: &str) -> Result<(Rc<Model>, Plan)> {
     Ok((loaded, plan))
 }
 
-fn write(out: &mut dyn Write, model: &Model, tensors: &[export::Planned]) -> Result<u64> {
+fn write(
+    out: &mut dyn Write,
+    model: &Model,
+    tensors: &[export::Planned],
+    manifest_file: Option<&str>,
+) -> Result<export::Written> {
     let packed = Packed::new(&model.config, model.weights.storage().as_slice());
-    export::write_safetensors(out, tensors, &packed, &model.config, &mut || {
-        pgrx::check_for_interrupts!();
-        Ok(())
-    })
+    export::write_safetensors(
+        out,
+        tensors,
+        &packed,
+        &model.config,
+        manifest_file,
+        &mut || {
+            pgrx::check_for_interrupts!();
+            Ok(())
+        },
+    )
 }
 
 /// The largest bytea PostgreSQL stores.
@@ -55,7 +67,7 @@ fn pg_llm_export_safetensors_bytes(model: Option<&str>) -> Vec<u8> {
             )));
         }
         let mut bytes = Vec::new();
-        write(&mut bytes, &loaded, &plan.tensors)?;
+        write(&mut bytes, &loaded, &plan.tensors, None)?;
         Ok(bytes)
     })
 }
@@ -103,9 +115,9 @@ fn pg_llm_export_safetensors(
         let (loaded, plan) = planned(args::model_name(model, "model")?)?;
         let mut staged = StagedFiles::default();
         if path.extension().is_some_and(|e| e == "safetensors") {
-            let written = write_file(&mut staged, &path, &loaded, &plan.tensors)?;
+            let written = write_file(&mut staged, &path, &loaded, &plan.tensors, false)?;
             staged.commit()?;
-            return Ok(written as i64);
+            return Ok(written.bytes as i64);
         }
         let (written, names) =
             write_directory(&mut staged, &path, &loaded, &plan, max_shard as u64)?;
@@ -115,29 +127,44 @@ fn pg_llm_export_safetensors(
     })
 }
 
+/// One safetensors file; with `manifest`, its tensors' manifest entries too.
 fn write_file(
     staged: &mut StagedFiles,
     path: &Path,
     model: &Model,
     tensors: &[export::Planned],
-) -> Result<u64> {
+    manifest: bool,
+) -> Result<export::Written> {
     let file = staged.create(path)?;
     let mut out = BufWriter::with_capacity(8 << 20, file);
-    let n = write(&mut out, model, tensors)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+    let written = write(
+        &mut out,
+        model,
+        tensors,
+        name.as_deref().filter(|_| manifest),
+    )?;
     out.flush()
         .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
-    Ok(n)
+    Ok(written)
 }
 
 fn write_json(staged: &mut StagedFiles, path: &Path, json: &serde_json::Value) -> Result<u64> {
     let text = serde_json::to_vec_pretty(json)
         .map_err(|e| EngineError::Internal(format!("{}: {e}", path.display())))?;
+    write_bytes(staged, path, &text)
+}
+
+fn write_bytes(staged: &mut StagedFiles, path: &Path, bytes: &[u8]) -> Result<u64> {
     staged
         .create(path)?
-        .write_all(&text)
+        .write_all(bytes)
         .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
-    Ok(text.len() as u64)
+    Ok(bytes.len() as u64)
 }
+
+/// The tensor manifest of a folder export.
+const MANIFEST: &str = "model.manifest.jsonl";
 
 fn write_directory(
     staged: &mut StagedFiles,
@@ -155,19 +182,33 @@ fn write_directory(
     let mut written = write_json(staged, &dir.join("config.json"), &plan.config)?;
     let shards = export::shards(&plan.tensors, max_shard);
     let mut names = Vec::new();
+    let mut entries = Vec::new();
+    let mut add = |w: export::Written| {
+        written += w.bytes;
+        entries.extend(w.entries);
+    };
     if shards.len() == 1 {
         names.push("model.safetensors".to_string());
-        written += write_file(staged, &dir.join(&names[0]), model, shards[0])?;
+        add(write_file(
+            staged,
+            &dir.join(&names[0]),
+            model,
+            shards[0],
+            true,
+        )?);
     } else {
         for (k, shard) in shards.iter().enumerate() {
             let name = export::shard_file_name(k + 1, shards.len());
-            written += write_file(staged, &dir.join(&name), model, shard)?;
+            add(write_file(staged, &dir.join(&name), model, shard, true)?);
             names.push(name);
         }
         let index = export::shard_index(&shards);
         names.push("model.safetensors.index.json".to_string());
         written += write_json(staged, &dir.join("model.safetensors.index.json"), &index)?;
     }
+    // The manifest: every tensor's byte range and checksum (formats::manifest).
+    let manifest = pg_llm_engine::formats::manifest::to_jsonl(&entries);
+    written += write_bytes(staged, &dir.join(MANIFEST), manifest.as_bytes())?;
     Ok((written, names))
 }
 

@@ -1,6 +1,6 @@
 //! Models as SQL: initialisation, checkpoint import, logits.
 
-use pg_llm_engine::formats::{hf_config, names, safetensors, TensorMap};
+use pg_llm_engine::formats::{hf_config, manifest, names, safetensors, TensorMap};
 use pg_llm_engine::model::check_tensors;
 use pg_llm_engine::model::init::init_params;
 use pg_llm_engine::{tensor, EngineError, Result};
@@ -34,6 +34,30 @@ fn count(t: &TensorMap) -> i64 {
 
 /// Shared by both import forms: `files` are the checkpoint's safetensors blobs.
 fn import(model: &str, files: Vec<(String, Vec<u8>)>, config: Option<JsonB>) -> Result<i64> {
+    import_tensors(model, config, || {
+        let mut raw = TensorMap::new();
+        for (what, bytes) in files {
+            pgrx::check_for_interrupts!();
+            for (name, t) in safetensors::read(&bytes, &what)? {
+                if raw.insert(name.clone(), t).is_some() {
+                    return Err(EngineError::data(format!(
+                        "tensor \"{name}\" appears in more than one shard"
+                    )));
+                }
+            }
+        }
+        Ok(raw)
+    })
+}
+
+/// Resolves the model (from `config`, or its registered row), then maps the checkpoint's
+/// tensors (its family's names, from `read`) onto it, checks them against its configuration
+/// and writes them, all or nothing.
+fn import_tensors(
+    model: &str,
+    config: Option<JsonB>,
+    read: impl FnOnce() -> Result<TensorMap>,
+) -> Result<i64> {
     let (cfg, family) = match config {
         Some(JsonB(json)) => {
             let (cfg, family) = hf_config::parse(&json)?;
@@ -45,18 +69,7 @@ fn import(model: &str, files: Vec<(String, Vec<u8>)>, config: Option<JsonB>) -> 
             (stored.config, hf_config::Family::parse(&stored.family)?)
         }
     };
-    let mut raw = TensorMap::new();
-    for (what, bytes) in files {
-        pgrx::check_for_interrupts!();
-        for (name, t) in safetensors::read(&bytes, &what)? {
-            if raw.insert(name.clone(), t).is_some() {
-                return Err(EngineError::data(format!(
-                    "tensor \"{name}\" appears in more than one shard"
-                )));
-            }
-        }
-    }
-    let canonical = names::to_canonical(family, &cfg, raw)?;
+    let canonical = names::to_canonical(family, &cfg, read()?)?;
     // Check completeness and shapes before writing anything (without copying the weights).
     check_tensors(&cfg, &canonical)?;
     store::write_params(model, &canonical)?;
@@ -86,7 +99,9 @@ fn pg_llm_import_safetensors_bytes(
 }
 
 /// Imports from a server path: a `.safetensors` file, a sharded checkpoint's
-/// `model.safetensors.index.json`, or a directory holding either. Restricted like COPY FROM.
+/// `model.safetensors.index.json`, a directory holding either, or a tensor manifest
+/// (`*.jsonl`, `formats::manifest`) whose checksums are all verified before anything is
+/// written. Restricted like COPY FROM.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_import_safetensors(
@@ -97,6 +112,9 @@ fn pg_llm_import_safetensors(
     run("pg_llm_import_safetensors", || {
         files::require_read_privilege("pg_llm_import_safetensors")?;
         let path = std::path::PathBuf::from(required(path, "path")?);
+        if path.to_string_lossy().ends_with(".jsonl") {
+            return import_manifest(&path, args::model_name(model, "model")?, config);
+        }
         let index = if path.is_dir() {
             let idx = path.join("model.safetensors.index.json");
             if idx.exists() {
@@ -139,6 +157,18 @@ fn pg_llm_import_safetensors(
             blobs.push((name.clone(), files::read(&name)?));
         }
         import(args::model_name(model, "model")?, blobs, config)
+    })
+}
+
+/// A checkpoint described by a tensor manifest: each tensor's byte range is read from its
+/// file (relative to the manifest) and checked against its sha256 before anything is written.
+fn import_manifest(path: &std::path::Path, model: &str, config: Option<JsonB>) -> Result<i64> {
+    import_tensors(model, config, || {
+        let entries = manifest::parse(&files::read_text(&path.to_string_lossy())?)?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        manifest::read_tensors(&entries, &mut |e| {
+            files::read_range(&dir.join(&e.file).to_string_lossy(), e.offset, e.length)
+        })
     })
 }
 

@@ -70,6 +70,9 @@ pub fn target_family(stored: Family, cfg: &ModelConfig) -> Family {
             }
         }
         Family::Gpt3 => Family::GptNeo,
+        // Megatron-LM's GPT is GPT-2's architecture.
+        Family::Megatron(_) if cfg.activation == Activation::Gelu => Family::Cerebras,
+        Family::Megatron(_) => Family::Gpt2,
         other => other,
     }
 }
@@ -123,6 +126,11 @@ pub fn plan(stored: Family, cfg: &ModelConfig, params: &dyn Canonical) -> Result
         for (suffix, rule) in lay.layer_rules {
             let planned = match rule {
                 Rule::Ignore => continue,
+                Rule::SplitFusedQkv => {
+                    return Err(EngineError::Internal(
+                        "no export family fuses QKV the Megatron way".into(),
+                    ))
+                }
                 Rule::SplitQkv => {
                     let bias = !suffix.ends_with("weight");
                     Planned {
@@ -342,7 +350,7 @@ pub fn config_json(family: Family, cfg: &ModelConfig) -> Value {
                 "dtype": "float32",
             })
         }
-        Family::Gpt2 | Family::Cerebras | Family::Gpt3 => json!({
+        Family::Gpt2 | Family::Cerebras | Family::Gpt3 | Family::Megatron(_) => json!({
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
             "n_embd": cfg.d_model,
@@ -408,15 +416,25 @@ pub fn data_bytes(t: &Planned) -> u64 {
     4 * t.shape.iter().product::<usize>() as u64
 }
 
+/// What `write_safetensors` wrote.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub bytes: u64,
+    /// Manifest entries of the file's tensors, when asked for (see `manifest`).
+    pub entries: Vec<super::manifest::Entry>,
+}
+
 /// Writes `tensors` as one float32 safetensors file, making each tensor's values only when
-/// it is written; `between` runs before each tensor (a cancel check). Returns bytes written.
+/// it is written; `between` runs before each tensor (a cancel check). With `manifest_file`,
+/// also returns a manifest entry (byte range and sha256) per tensor, naming that file.
 pub fn write_safetensors(
     out: &mut dyn std::io::Write,
     tensors: &[Planned],
     params: &dyn Canonical,
     cfg: &ModelConfig,
+    manifest_file: Option<&str>,
     between: &mut dyn FnMut() -> Result<()>,
-) -> Result<u64> {
+) -> Result<Written> {
     let io = |e: std::io::Error| EngineError::Io(format!("could not write the checkpoint: {e}"));
     let entries: Vec<(&str, &[usize])> = tensors
         .iter()
@@ -424,7 +442,10 @@ pub fn write_safetensors(
         .collect();
     let header = super::safetensors::f32_header(&entries)?;
     out.write_all(&header).map_err(io)?;
-    let mut written = header.len() as u64;
+    let mut written = Written {
+        bytes: header.len() as u64,
+        entries: Vec::new(),
+    };
     for t in tensors {
         between()?;
         let values = t.values(params, cfg)?;
@@ -433,7 +454,18 @@ pub fn write_safetensors(
             bytes.extend_from_slice(&v.to_le_bytes());
         }
         out.write_all(&bytes).map_err(io)?;
-        written += bytes.len() as u64;
+        if let Some(file) = manifest_file {
+            written.entries.push(super::manifest::Entry {
+                name: t.name.clone(),
+                dtype: "F32".into(),
+                shape: t.shape.clone(),
+                file: file.to_string(),
+                offset: written.bytes,
+                length: bytes.len() as u64,
+                sha256: super::manifest::sha256_hex(&bytes),
+            });
+        }
+        written.bytes += bytes.len() as u64;
     }
     Ok(written)
 }

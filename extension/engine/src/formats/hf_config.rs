@@ -18,6 +18,38 @@ pub enum Family {
     Opt,
     /// GPT-Neo: global/local layers, no score scaling, bias-free q/k/v.
     GptNeo,
+    /// Megatron-LM GPT: Linear weights [out, in], a fused query_key_value whose row order
+    /// depends on the checkpoint version, a vocabulary padded to a multiple of 128.
+    Megatron(QkvOrder),
+}
+
+/// Row order of Megatron-LM's fused query_key_value weight and bias, by checkpoint version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkvOrder {
+    /// Version 0: [3, heads, d_head] (all queries, then keys, then values).
+    Split,
+    /// Version 1.0: [heads, d_head, 3].
+    HeadDim,
+    /// Version 2.0 and later: [heads, 3, d_head].
+    HeadSplit,
+}
+
+impl QkvOrder {
+    /// The fused row holding row `j` of head `head` of part `part` (0 q, 1 k, 2 v).
+    pub fn fused_row(
+        self,
+        part: usize,
+        head: usize,
+        j: usize,
+        heads: usize,
+        d_head: usize,
+    ) -> usize {
+        match self {
+            Self::Split => (part * heads + head) * d_head + j,
+            Self::HeadDim => (head * d_head + j) * 3 + part,
+            Self::HeadSplit => (head * 3 + part) * d_head + j,
+        }
+    }
 }
 
 impl Family {
@@ -28,6 +60,9 @@ impl Family {
             Self::Cerebras => "cerebras",
             Self::Opt => "opt",
             Self::GptNeo => "gpt-neo",
+            Self::Megatron(QkvOrder::Split) => "megatron-v0",
+            Self::Megatron(QkvOrder::HeadDim) => "megatron-v1",
+            Self::Megatron(QkvOrder::HeadSplit) => "megatron",
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
@@ -37,6 +72,9 @@ impl Family {
             "cerebras" => Ok(Self::Cerebras),
             "opt" => Ok(Self::Opt),
             "gpt-neo" => Ok(Self::GptNeo),
+            "megatron-v0" => Ok(Self::Megatron(QkvOrder::Split)),
+            "megatron-v1" => Ok(Self::Megatron(QkvOrder::HeadDim)),
+            "megatron" => Ok(Self::Megatron(QkvOrder::HeadSplit)),
             other => Err(EngineError::invalid(format!(
                 "unknown model family \"{other}\""
             ))),
@@ -186,10 +224,11 @@ pub fn parse(config: &Value) -> Result<(ModelConfig, Family)> {
             };
             (cfg, Family::GptNeo)
         }
+        "megatron-lm" | "megatron_gpt" => megatron(config)?,
         "" => return Err(EngineError::invalid("config.json has no \"model_type\"")),
         other => {
             return Err(EngineError::invalid(format!(
-            "model_type \"{other}\" is not supported (gpt2, opt, gpt_neo; Cerebras-GPT uses gpt2)"
+            "model_type \"{other}\" is not supported (gpt2, opt, gpt_neo, megatron-lm; Cerebras-GPT uses gpt2)"
         )))
         }
     };
@@ -200,6 +239,79 @@ pub fn parse(config: &Value) -> Result<(ModelConfig, Family)> {
     }
     cfg.validate()?;
     Ok((cfg, family))
+}
+
+/// A Megatron-LM GPT model from its training arguments (the names of Megatron's `args`, given
+/// as a JSON object with `"model_type": "megatron-lm"`). Megatron's GPT is GPT-2's
+/// architecture: pre-LN, learned positions, dense attention scaled by 1/√d_head (query-key
+/// layer scaling changes nothing numerically), exact GELU unless `openai_gelu`.
+fn megatron(config: &Value) -> Result<(ModelConfig, Family)> {
+    let refuse = |what: &str| {
+        Err(EngineError::invalid(format!(
+            "Megatron-LM checkpoints with {what} are not supported"
+        )))
+    };
+    if !matches!(
+        string(config, "position_embedding_type", "learned_absolute"),
+        "learned_absolute"
+    ) {
+        return refuse("rotary or relative position embeddings");
+    }
+    if !matches!(string(config, "normalization", "LayerNorm"), "LayerNorm") {
+        return refuse("RMSNorm");
+    }
+    if boolean(config, "swiglu", false) || boolean(config, "squared_relu", false) {
+        return refuse("a gated or squared activation");
+    }
+    if boolean(config, "group_query_attention", false)
+        || boolean(config, "apply_residual_connection_post_layernorm", false)
+        || !boolean(config, "add_bias_linear", true)
+    {
+        return refuse("grouped-query attention, post-LayerNorm residuals or bias-free layers");
+    }
+    let d = uint(config, "hidden_size")?;
+    let n_head = uint(config, "num_attention_heads")?;
+    let d_head = match opt_uint(config, "kv_channels") {
+        Some(k) if k * n_head != d => return refuse("kv_channels · heads ≠ hidden_size"),
+        _ => head_size(d, n_head)?,
+    };
+    let vocab = uint(config, "vocab_size")?;
+    let version = config
+        .get("checkpoint_version")
+        .and_then(Value::as_f64)
+        .unwrap_or(3.0);
+    let order = if version < 1.0 {
+        QkvOrder::Split
+    } else if version < 2.0 {
+        QkvOrder::HeadDim
+    } else {
+        QkvOrder::HeadSplit
+    };
+    let cfg = ModelConfig {
+        n_layer: uint(config, "num_layers")?,
+        n_head,
+        d_model: d,
+        d_head,
+        d_ff: opt_uint(config, "ffn_hidden_size").unwrap_or(4 * d),
+        n_positions: uint(config, "max_position_embeddings")?,
+        vocab,
+        activation: if boolean(config, "openai_gelu", false) {
+            Activation::GeluNew
+        } else {
+            Activation::Gelu
+        },
+        attention_pattern: vec![AttnKind::Dense],
+        local_window: None,
+        scale_attn: true,
+        position_offset: 0,
+        qkv_bias: true,
+        tied_head: !boolean(config, "untie_embeddings_and_output_weights", false),
+        padded_vocab: opt_uint(config, "padded_vocab_size").filter(|&p| p > vocab),
+        ln_placement: LnPlacement::Pre,
+        ln_eps: eps(config, "layernorm_epsilon"),
+        d_embed: None,
+    };
+    Ok((cfg, Family::Megatron(order)))
 }
 
 fn head_size(d: usize, n_head: usize) -> Result<usize> {

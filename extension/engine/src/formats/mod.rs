@@ -3,6 +3,7 @@
 
 pub mod export;
 pub mod hf_config;
+pub mod manifest;
 pub mod names;
 pub mod safetensors;
 

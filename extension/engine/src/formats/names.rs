@@ -14,6 +14,9 @@ pub(super) enum Rule {
     Transpose(&'static str),
     /// GPT-2's fused c_attn: weight [d, 3·d_attn] (Conv1D) or bias [3·d_attn], q | k | v.
     SplitQkv,
+    /// Megatron-LM's fused query_key_value: weight [3·d_attn, d] (Linear) or bias
+    /// [3·d_attn], rows in the checkpoint version's order (`QkvOrder`).
+    SplitFusedQkv,
     /// Buffers some checkpoints carry (causal masks): not parameters.
     Ignore,
 }
@@ -122,6 +125,55 @@ const OPT_GLOBAL: &[(&str, &str)] = &[
     ("lm_head.weight", "lm_head.weight"),
 ];
 
+/// Megatron-LM GPT, in the current spelling; `respell` maps older checkpoints'
+/// (`transformer.layers.N.attention.*`) onto it.
+const MEGATRON_LAYER: &[(&str, Rule)] = &[
+    ("input_layernorm.weight", Rule::Rename("ln_1.weight")),
+    ("input_layernorm.bias", Rule::Rename("ln_1.bias")),
+    ("self_attention.query_key_value.weight", Rule::SplitFusedQkv),
+    ("self_attention.query_key_value.bias", Rule::SplitFusedQkv),
+    (
+        "self_attention.dense.weight",
+        Rule::Rename("attn.out_proj.weight"),
+    ),
+    (
+        "self_attention.dense.bias",
+        Rule::Rename("attn.out_proj.bias"),
+    ),
+    (
+        "post_attention_layernorm.weight",
+        Rule::Rename("ln_2.weight"),
+    ),
+    ("post_attention_layernorm.bias", Rule::Rename("ln_2.bias")),
+    ("mlp.dense_h_to_4h.weight", Rule::Rename("mlp.fc_in.weight")),
+    ("mlp.dense_h_to_4h.bias", Rule::Rename("mlp.fc_in.bias")),
+    (
+        "mlp.dense_4h_to_h.weight",
+        Rule::Rename("mlp.fc_out.weight"),
+    ),
+    ("mlp.dense_4h_to_h.bias", Rule::Rename("mlp.fc_out.bias")),
+];
+const MEGATRON_GLOBAL: &[(&str, &str)] = &[
+    ("embedding.word_embeddings.weight", "wte.weight"),
+    ("embedding.position_embeddings.weight", "wpe.weight"),
+    ("encoder.final_layernorm.weight", "ln_f.weight"),
+    ("encoder.final_layernorm.bias", "ln_f.bias"),
+    ("output_layer.weight", "lm_head.weight"),
+];
+
+/// Older Megatron-LM checkpoints name the layer stack `transformer` and the attention block
+/// `attention`; current ones `encoder` and `self_attention`.
+fn respell(family: Family, name: &str) -> String {
+    if !matches!(family, Family::Megatron(_)) {
+        return name.to_string();
+    }
+    let name = match name.strip_prefix("transformer.") {
+        Some(rest) => format!("encoder.{rest}"),
+        None => name.to_string(),
+    };
+    name.replace(".attention.", ".self_attention.")
+}
+
 /// Where a family keeps its layers and the names of its global tensors.
 pub(super) struct Layout {
     pub prefixes: &'static [&'static str],
@@ -149,6 +201,17 @@ pub(super) fn layout(family: Family) -> Option<Layout> {
             layer: "layers.",
             layer_rules: OPT_LAYER,
             global: OPT_GLOBAL,
+        }),
+        Family::Megatron(_) => Some(Layout {
+            prefixes: &[
+                "model.language_model.",
+                "module.language_model.",
+                "language_model.",
+                "",
+            ],
+            layer: "encoder.layers.",
+            layer_rules: MEGATRON_LAYER,
+            global: MEGATRON_GLOBAL,
         }),
         Family::Gpt3 => None,
     }
@@ -178,11 +241,14 @@ pub fn to_canonical(family: Family, cfg: &ModelConfig, mut src: TensorMap) -> Re
     names.sort();
     for full in names {
         let (shape, data) = src.remove(&full).expect("present");
-        let name = lay
-            .prefixes
-            .iter()
-            .find_map(|p| full.strip_prefix(p))
-            .unwrap_or(&full);
+        let name = respell(
+            family,
+            lay.prefixes
+                .iter()
+                .find_map(|p| full.strip_prefix(p))
+                .unwrap_or(&full),
+        );
+        let name = name.as_str();
         // Global tensors.
         if let Some((_, target)) = lay.global.iter().find(|(s, _)| *s == name || full == *s) {
             if *target == "lm_head.weight" && cfg.tied_head {
@@ -238,6 +304,36 @@ pub fn to_canonical(family: Family, cfg: &ModelConfig, mut src: TensorMap) -> Re
                         target(&format!("attn.{q}.weight")),
                         (vec![da, d], t[k * da * d..(k + 1) * da * d].to_vec()),
                     );
+                }
+            }
+            Rule::SplitFusedQkv => {
+                let Family::Megatron(order) = family else {
+                    return Err(EngineError::Internal("fused QKV outside Megatron".into()));
+                };
+                let width = if shape.len() == 2 { shape[1] } else { 1 };
+                if shape.first() != Some(&(3 * da)) || shape.len() > 2 {
+                    return Err(EngineError::invalid(format!(
+                        "\"{full}\" has shape {}, expected [3·{da}{}]",
+                        crate::tensor::shape_str(&shape),
+                        if shape.len() == 2 { ", d" } else { "" }
+                    )));
+                }
+                let kind = if shape.len() == 2 { "weight" } else { "bias" };
+                let (heads, dh) = (cfg.n_head, cfg.d_head);
+                for (part, q) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                    let mut t = Vec::with_capacity(da * width);
+                    for head in 0..heads {
+                        for j in 0..dh {
+                            let row = order.fused_row(part, head, j, heads, dh);
+                            t.extend_from_slice(&data[row * width..(row + 1) * width]);
+                        }
+                    }
+                    let shape = if kind == "weight" {
+                        vec![da, width]
+                    } else {
+                        vec![da]
+                    };
+                    out.insert(target(&format!("attn.{q}.{kind}")), (shape, t));
                 }
             }
             Rule::SplitQkv => {

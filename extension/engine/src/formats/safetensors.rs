@@ -93,9 +93,18 @@ fn reject_repeated_names(bytes: &[u8]) -> std::result::Result<(), serde_json::Er
 }
 
 fn to_f32(view: &safetensors::tensor::TensorView<'_>, what: &str, name: &str) -> Result<Vec<f32>> {
-    let raw = view.data();
-    let values: Vec<f32> = match view.dtype() {
-        Dtype::F32 => crate::tensor::decode_any(raw, name)?,
+    decode_floats(
+        view.dtype(),
+        view.data(),
+        &format!("{what}: tensor \"{name}\""),
+    )
+}
+
+/// Little-endian float values of `dtype` widened or narrowed to float32; non-finite values
+/// and non-float dtypes are refused (`what` names the tensor in messages).
+pub fn decode_floats(dtype: Dtype, raw: &[u8], what: &str) -> Result<Vec<f32>> {
+    let values: Vec<f32> = match dtype {
+        Dtype::F32 => crate::tensor::decode_any(raw, what)?,
         Dtype::F16 => raw
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -110,15 +119,11 @@ fn to_f32(view: &safetensors::tensor::TensorView<'_>, what: &str, name: &str) ->
             .collect(),
         other => {
             return Err(EngineError::data(format!(
-                "{what}: tensor \"{name}\" has dtype {other:?}; only float tensors can be imported"
+                "{what} has dtype {other:?}; only float tensors can be imported"
             )))
         }
     };
-    crate::tensor::check_finite(
-        &values,
-        &format!("{what}: tensor \"{name}\""),
-        crate::tensor::Finite::Required,
-    )?;
+    crate::tensor::check_finite(&values, what, crate::tensor::Finite::Required)?;
     Ok(values)
 }
 
