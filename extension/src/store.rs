@@ -183,7 +183,7 @@ pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
         let (shape, data) = &tensors[name];
         let shape_i32: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
         for (chunk, values) in data.chunks(CHUNK_ELEMS).enumerate() {
-            let bytes = tensor::encode(values);
+            let bytes = tensor::le_bytes(values);
             Spi::run_with_args(
                 "INSERT INTO llm_param (model, name, chunk, shape, elem_offset, data) VALUES ($1, $2, $3, $4, $5, $6)",
                 &[
@@ -192,7 +192,7 @@ pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
                     (chunk as i32).into(),
                     shape_i32.clone().into(),
                     ((chunk * CHUNK_ELEMS) as i64).into(),
-                    bytes.as_slice().into(),
+                    bytes.as_ref().into(),
                 ],
             )
             .map_err(spi_error)?;
@@ -363,9 +363,9 @@ pub fn write_trained(
                             model.into(),
                             name.as_str().into(),
                             (chunk as i32).into(),
-                            tensor::encode(&weights[part.clone()]).as_slice().into(),
-                            tensor::encode(&moments.m[part.clone()]).as_slice().into(),
-                            tensor::encode(&moments.v[part.clone()]).as_slice().into(),
+                            tensor::le_bytes(&weights[part.clone()]).as_ref().into(),
+                            tensor::le_bytes(&moments.m[part.clone()]).as_ref().into(),
+                            tensor::le_bytes(&moments.v[part.clone()]).as_ref().into(),
                             step.into(),
                         ],
                     )

@@ -26,8 +26,8 @@ fn read_map(path: PathBuf) -> TensorMap {
 /// Writes a plan as one safetensors file in memory and reads it back.
 fn export_bytes(plan: &export::Plan, params: &dyn Canonical, cfg: &ModelConfig) -> Vec<u8> {
     let mut out = Vec::new();
-    let n =
-        export::write_safetensors(&mut out, &plan.tensors, params, cfg, None, &mut || Ok(())).unwrap();
+    let n = export::write_safetensors(&mut out, &plan.tensors, params, cfg, None, &mut || Ok(()))
+        .unwrap();
     assert_eq!(n.bytes as usize, out.len());
     out
 }

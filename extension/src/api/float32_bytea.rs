@@ -62,12 +62,7 @@ impl pgrx::IntoDatum for Float32Bytea {
     fn into_datum(self) -> Option<pg_sys::Datum> {
         match self.0 {
             Repr::Bytea(datum) => Some(datum),
-            Repr::Values(values) if cfg!(target_endian = "little") => {
-                // SAFETY: reading f32 values as bytes is always valid.
-                let (_, bytes, _) = unsafe { values.align_to::<u8>() };
-                bytes.into_datum()
-            }
-            Repr::Values(values) => tensor::encode(&values).into_datum(),
+            Repr::Values(values) => tensor::le_bytes(&values).as_ref().into_datum(),
         }
     }
 
