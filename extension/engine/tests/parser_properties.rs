@@ -1,5 +1,5 @@
 //! Property tests of the checkpoint parsers on hostile input: whatever the bytes, reading a
-//! safetensors file, a tensor manifest or a config.json, and mapping what it holds onto a
+//! safetensors file, a pg_gpt2 archive, a tensor manifest or a config.json, and mapping what it holds onto a
 //! model, ends in a value or an error — never a panic, and never a model whose tensors do
 //! not match its configuration. Mutations of a valid checkpoint (truncation, flipped bytes,
 //! a rewritten header length, edited header text) exercise the paths past the first check.
@@ -7,7 +7,7 @@
 mod common;
 
 use common::fixture_dir;
-use pg_llm_engine::formats::{hf_config, manifest, names, safetensors};
+use pg_llm_engine::formats::{hf_config, manifest, names, pg_gpt2, safetensors};
 use pg_llm_engine::model::check_tensors;
 use proptest::prelude::*;
 
@@ -34,6 +34,20 @@ fn import(bytes: &[u8]) {
             }
         }
     }
+}
+
+/// Reads `bytes` as a pg_gpt2 archive into the GPT-2 fixture's model; any outcome but a panic.
+fn import_archive(bytes: &[u8]) {
+    let (cfg, family) = hf_config::parse(&valid_config()).unwrap();
+    if let Ok(entries) = pg_gpt2::read(bytes) {
+        if let Ok(raw) = pg_gpt2::to_gpt2_checkpoint(entries, &cfg) {
+            let _ = names::to_canonical(family, &cfg, raw);
+        }
+    }
+}
+
+fn valid_archive() -> Vec<u8> {
+    std::fs::read(fixture_dir("../pg_gpt2").join("gpt2.npz")).unwrap()
 }
 
 proptest! {
@@ -81,6 +95,23 @@ proptest! {
     }
 
     #[test]
+    fn archives_from_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        import_archive(&bytes);
+        // Behind a valid gzip header too, so the entry parser sees the bytes.
+        import_archive(&flate2_stream(&bytes));
+    }
+
+    #[test]
+    fn archives_with_flipped_or_cut_bytes(at in any::<prop::sample::Index>(), x in 1u8..=255, cut in 0usize..200_000) {
+        let mut bytes = valid_archive();
+        let i = at.index(bytes.len());
+        bytes[i] ^= x;
+        import_archive(&bytes);
+        let valid = valid_archive();
+        import_archive(&valid[..cut.min(valid.len())]);
+    }
+
+    #[test]
     fn arbitrary_manifests(text in "(\\{[ -~]{0,80}\\}\n){0,4}") {
         let _ = manifest::parse(&text);
     }
@@ -115,4 +146,13 @@ proptest! {
             prop_assert!(cfg.validate().is_ok());
         }
     }
+}
+
+/// `bytes` as the content of a gzip stream (so the archive parser, not the decompressor,
+/// sees them).
+fn flate2_stream(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
 }

@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use pg_llm_engine::formats::export::{self, Packed, Plan};
 use pg_llm_engine::formats::hf_config::Family;
+use pg_llm_engine::formats::pg_gpt2;
 use pg_llm_engine::model::Model;
 use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
@@ -81,6 +82,79 @@ fn pg_llm_export_config(model: Option<&str>) -> JsonB {
     })
 }
 
+/// The model as one of pg_gpt2's checkpoint archives (its `.npz`), for GPT-2-layout models
+/// with a tied head (bytes; any role that may read the model).
+#[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn pg_llm_export_npz_bytes(model: Option<&str>) -> Vec<u8> {
+    run("pg_llm_export_npz_bytes", || {
+        let (loaded, plan) = planned(args::model_name(model, "model")?)?;
+        let entries = pg_gpt2::archive_entries(&plan)?;
+        let size: u64 = plan.tensors.iter().map(export::data_bytes).sum();
+        if size > MAX_BYTEA - (1 << 20) {
+            return Err(EngineError::too_large(format!(
+                "the archive would hold {size} bytes of tensors, beyond a bytea's 1 GB; \
+                 use pg_llm_export_npz(path, model)"
+            )));
+        }
+        let mut bytes = Vec::new();
+        write_npz(&mut bytes, &loaded, &entries)?;
+        Ok(bytes)
+    })
+}
+
+/// `pg_llm_export_npz_bytes` to a server file (absolute path), written under a temporary
+/// name and renamed into place when complete; restricted like COPY TO a file. Returns the
+/// bytes written.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn pg_llm_export_npz(path: Option<&str>, model: Option<&str>) -> i64 {
+    run("pg_llm_export_npz", || {
+        files::require_write_privilege("pg_llm_export_npz")?;
+        let path = absolute(required(path, "path")?)?;
+        let (loaded, plan) = planned(args::model_name(model, "model")?)?;
+        let entries = pg_gpt2::archive_entries(&plan)?;
+        let mut staged = StagedFiles::default();
+        let file = staged.create(&path)?;
+        let mut out = BufWriter::with_capacity(8 << 20, file);
+        write_npz(&mut out, &loaded, &entries)?;
+        out.flush()
+            .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
+        let written = out
+            .get_ref()
+            .metadata()
+            .map_err(|e| EngineError::Io(format!("could not stat \"{}\": {e}", path.display())))?
+            .len();
+        drop(out);
+        staged.commit()?;
+        Ok(written as i64)
+    })
+}
+
+fn write_npz(
+    out: &mut dyn Write,
+    model: &Model,
+    entries: &[(String, &export::Planned)],
+) -> Result<()> {
+    let packed = Packed::new(&model.config, model.weights.storage().as_slice());
+    pg_gpt2::write_archive(out, entries, &packed, &model.config, &mut || {
+        pgrx::check_for_interrupts!();
+        Ok(())
+    })
+}
+
+/// A server path for writing: absolute, so it never lands relative to the data directory.
+fn absolute(path: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(EngineError::invalid(format!(
+            "path must be absolute, got \"{}\"",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
 /// Hugging Face's default shard size (save_pretrained's "5GB").
 const DEFAULT_SHARD_BYTES: i64 = 5_000_000_000;
 
@@ -99,13 +173,7 @@ fn pg_llm_export_safetensors(
 ) -> i64 {
     run("pg_llm_export_safetensors", || {
         files::require_write_privilege("pg_llm_export_safetensors")?;
-        let path = PathBuf::from(required(path, "path")?);
-        if !path.is_absolute() {
-            return Err(EngineError::invalid(format!(
-                "path must be absolute, got \"{}\"",
-                path.display()
-            )));
-        }
+        let path = absolute(required(path, "path")?)?;
         let max_shard = required(max_shard_size, "max_shard_size")?;
         if max_shard <= 0 {
             return Err(EngineError::invalid(format!(

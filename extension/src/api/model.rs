@@ -1,8 +1,9 @@
 //! Models as SQL: initialisation, checkpoint import, logits.
 
-use pg_llm_engine::formats::{hf_config, manifest, names, safetensors, TensorMap};
+use pg_llm_engine::formats::{export, hf_config, manifest, names, pg_gpt2, safetensors, TensorMap};
 use pg_llm_engine::model::check_tensors;
 use pg_llm_engine::model::init::init_params;
+use pg_llm_engine::model::ModelConfig;
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -70,12 +71,58 @@ fn import_tensors(
         }
     };
     let canonical = names::to_canonical(family, &cfg, read()?)?;
-    // Check completeness and shapes before writing anything (without copying the weights).
-    check_tensors(&cfg, &canonical)?;
+    store_canonical(model, &cfg, canonical)
+}
+
+/// Checks completeness and shapes before writing anything (without copying the weights),
+/// then writes the parameters and publishes them; returns the parameter count.
+fn store_canonical(model: &str, cfg: &ModelConfig, canonical: TensorMap) -> Result<i64> {
+    check_tensors(cfg, &canonical)?;
     store::write_params(model, &canonical)?;
     let n = count(&canonical);
     model_cache::publish(model, canonical)?;
     Ok(n)
+}
+
+/// A pg_gpt2 archive into a registered model that GPT-2's checkpoint layout expresses.
+fn import_npz(model: &str, bytes: &[u8]) -> Result<i64> {
+    let stored = store::load_config(model)?;
+    let family = hf_config::Family::parse(&stored.family)?;
+    let cfg = stored.config;
+    if !matches!(
+        export::target_family(family, &cfg),
+        hf_config::Family::Gpt2 | hf_config::Family::Cerebras
+    ) {
+        return Err(EngineError::invalid(format!(
+            "pg_gpt2 archives hold GPT-2 models; model \"{model}\" has locally banded layers or \
+             another family's layout"
+        )));
+    }
+    let raw = pg_gpt2::to_gpt2_checkpoint(pg_gpt2::read(bytes)?, &cfg)?;
+    let canonical = names::to_canonical(hf_config::Family::Gpt2, &cfg, raw)?;
+    store_canonical(model, &cfg, canonical)
+}
+
+/// Imports one of pg_gpt2's checkpoint archives (its `.npz`: a gzip stream of GPT-2's arrays,
+/// shaped or flattened) given as bytes into a registered model. All or nothing; any role
+/// with table privileges. Returns the parameter count.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn pg_llm_import_npz_bytes(data: Option<&[u8]>, model: Option<&str>) -> i64 {
+    run("pg_llm_import_npz_bytes", || {
+        import_npz(args::model_name(model, "model")?, required(data, "data")?)
+    })
+}
+
+/// `pg_llm_import_npz_bytes` from a server file; restricted like COPY FROM.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn pg_llm_import_npz(path: Option<&str>, model: Option<&str>) -> i64 {
+    run("pg_llm_import_npz", || {
+        files::require_read_privilege("pg_llm_import_npz")?;
+        let bytes = files::read(required(path, "path")?)?;
+        import_npz(args::model_name(model, "model")?, &bytes)
+    })
 }
 
 /// Imports a Hugging Face safetensors checkpoint given as bytes (any role). With `config`

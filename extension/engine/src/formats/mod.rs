@@ -5,6 +5,7 @@ pub mod export;
 pub mod hf_config;
 pub mod manifest;
 pub mod names;
+pub mod pg_gpt2;
 pub mod safetensors;
 
 use std::collections::HashMap;
