@@ -114,6 +114,29 @@ SELECT pg_temp.same_logits('ex-megatron-v0', 'ex-megatron-v1') AS v0_v1, pg_temp
 SELECT pg_llm_import_safetensors_bytes(pg_llm_export_safetensors_bytes('ex-megatron-v2'), 'ex-megatron-hf', pg_llm_export_config('ex-megatron-v2')) AS params;
 SELECT pg_temp.same_logits('ex-megatron-v2', 'ex-megatron-hf') AS same_logits;
 
+-- pg_gpt2's checkpoint archives (its ".npz": a gzip stream of GPT-2's arrays): the shaped
+-- archive its converter wrote and the flattened one its export wrote import into a registered
+-- GPT-2 model; a GPT-2 model exports to one
+\set cfg `cat :fixtures/models/gpt2/config.json`
+\set st `base64 -w0 :fixtures/models/gpt2/model.safetensors`
+SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'ex-gpt2', :'cfg'::jsonb) AS gpt2_params;
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, family)
+SELECT m, 2, 4, 32, 8, 128, 64, 384, 'gpt2' FROM (VALUES ('ex-npz'), ('ex-npz-flat'), ('ex-npz-back'), ('ex-npz-file')) v(m);
+\set npz `base64 -w0 :fixtures/pg_gpt2/gpt2.npz`
+\set npz_flat `base64 -w0 :fixtures/pg_gpt2/gpt2_flat.npz`
+SELECT pg_llm_import_npz_bytes(decode(:'npz', 'base64'), 'ex-npz') AS shaped,
+       pg_llm_import_npz_bytes(decode(:'npz_flat', 'base64'), 'ex-npz-flat') AS flattened;
+SELECT pg_temp.same_logits('ex-gpt2', 'ex-npz') AS shaped_same, pg_temp.same_logits('ex-gpt2', 'ex-npz-flat') AS flattened_same;
+SELECT pg_llm_import_npz_bytes(pg_llm_export_npz_bytes('ex-gpt2'), 'ex-npz-back') AS params,
+       pg_temp.same_logits('ex-gpt2', 'ex-npz-back') AS same_logits;
+SELECT pg_llm_export_npz(:'dir' || '/gpt2.npz', 'ex-gpt2') > 0 AS exported_npz;
+SELECT pg_llm_import_npz(:'dir' || '/gpt2.npz', 'ex-npz-file') AS params,
+       pg_temp.same_logits('ex-gpt2', 'ex-npz-file') AS same_logits;
+-- GPT-Neo has no place in a GPT-2 archive; a banded GPT-3 model cannot take one; corrupt bytes
+SELECT pg_temp.err($$SELECT pg_llm_export_npz_bytes('ex-neo')$$) AS neo_to_npz,
+       pg_temp.err(format('SELECT pg_llm_import_npz_bytes(%L::bytea, %L)', decode(:'npz', 'base64'), 'ex-gpt3-banded')) AS npz_to_banded,
+       pg_temp.err($$SELECT pg_llm_import_npz_bytes('\x1f8b0800', 'ex-npz')$$) AS truncated;
+
 -- 4. Bad input: clear errors, no files left behind
 SELECT pg_temp.err($$SELECT pg_llm_export_safetensors_bytes('no-such-model')$$) AS unknown_model,
        pg_temp.err($$SELECT pg_llm_export_safetensors_bytes(NULL)$$) AS null_model,
@@ -134,6 +157,8 @@ CREATE ROLE llm_export_user;
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO llm_export_user;
 SET ROLE llm_export_user;
 SELECT pg_temp.err($$SELECT pg_llm_export_safetensors('/tmp/pg_llm_export_denied', 'ex-neo')$$) AS path_export;
+SELECT pg_temp.err($$SELECT pg_llm_export_npz('/tmp/pg_llm_export_denied.npz', 'ex-gpt2')$$) AS npz_path_export,
+       pg_temp.err($$SELECT pg_llm_import_npz('/tmp/pg_llm_export_denied.npz', 'ex-npz')$$) AS npz_path_import;
 SELECT length(pg_llm_export_safetensors_bytes('ex-neo')) > 0 AS bytes_export_as_plain_role,
        pg_llm_export_config('ex-neo')->>'model_type' AS config_as_plain_role;
 RESET ROLE;
