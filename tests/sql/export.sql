@@ -68,12 +68,12 @@ SELECT pg_temp.err($$SELECT pg_llm_export_config('ex-gpt3-banded')$$) AS query_b
 -- 3. Path form (a folder from_pretrained loads): single file, shards, re-import from the folder
 SELECT current_setting('data_directory') || '/pg_llm_regress_export' AS dir \gset
 SELECT pg_llm_export_safetensors(:'dir', 'ex-neo') > 0 AS exported;
-SELECT f FROM pg_ls_dir(:'dir') f ORDER BY f;
+SELECT f FROM pg_ls_dir(:'dir') f WHERE f = 'config.json' OR f LIKE 'model%' ORDER BY f;  -- the export's files (others may be left from earlier runs)
 SELECT pg_llm_import_safetensors(:'dir', 'ex-neo-dir', pg_read_file(:'dir' || '/config.json')::jsonb) AS params,
        pg_temp.same_logits('ex-neo', 'ex-neo-dir') AS same_logits;
 -- shards of at most 40 kB (a larger tensor gets one of its own); the single file is replaced
 SELECT pg_llm_export_safetensors(:'dir', 'ex-neo', 40000) > 0 AS exported_sharded;
-SELECT f FROM pg_ls_dir(:'dir') f ORDER BY f;
+SELECT f FROM pg_ls_dir(:'dir') f WHERE f = 'config.json' OR f LIKE 'model%' ORDER BY f;  -- the export's files (others may be left from earlier runs)
 SELECT count(*) AS indexed_tensors FROM jsonb_object_keys((pg_read_file(:'dir' || '/model.safetensors.index.json')::jsonb)->'weight_map');
 SELECT pg_llm_import_safetensors(:'dir', 'ex-neo-shards', pg_read_file(:'dir' || '/config.json')::jsonb) AS params,
        pg_temp.same_logits('ex-neo', 'ex-neo-shards') AS same_logits;
