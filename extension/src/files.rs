@@ -10,19 +10,36 @@ use pgrx::pg_sys;
 
 /// Checks the current role may read server files; `function` names the caller in the message.
 pub fn require_read_privilege(function: &str) -> Result<()> {
-    // SAFETY: plain catalog lookups on the backend thread; the same test COPY FROM makes.
-    let allowed = unsafe {
-        pg_sys::has_privs_of_role(
-            pg_sys::GetUserId(),
-            pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES),
-        )
-    };
+    require_role(
+        pg_sys::ROLE_PG_READ_SERVER_FILES,
+        "read",
+        function,
+        "bytea/text variants work",
+    )
+}
+
+/// Checks the current role may write server files (superuser or pg_write_server_files, as
+/// `COPY TO` a file requires).
+pub fn require_write_privilege(function: &str) -> Result<()> {
+    require_role(
+        pg_sys::ROLE_PG_WRITE_SERVER_FILES,
+        "write",
+        function,
+        "bytea variant works",
+    )
+}
+
+/// The test COPY makes: superuser or the privileges of `pg_{verb}_server_files`.
+fn require_role(role: u32, verb: &str, function: &str, instead: &str) -> Result<()> {
+    // SAFETY: plain catalog lookups on the backend thread.
+    let allowed =
+        unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), pg_sys::Oid::from(role)) };
     if allowed {
         Ok(())
     } else {
         Err(EngineError::InsufficientPrivilege(format!(
-            "permission denied to read server files; {function} requires superuser or the privileges \
-             of pg_read_server_files (the bytea/text variants work for any role)"
+            "permission denied to {verb} server files; {function} requires superuser or the \
+             privileges of pg_{verb}_server_files (the {instead} for any role)"
         )))
     }
 }
@@ -101,26 +118,6 @@ fn read_limited(file: File, path: &str, size: u64) -> Result<Vec<u8>> {
 pub fn read_text(path: &str) -> Result<String> {
     String::from_utf8(read(path)?)
         .map_err(|_| EngineError::data(format!("file \"{path}\" is not valid UTF-8")))
-}
-
-/// Checks the current role may write server files (superuser or pg_write_server_files, as
-/// `COPY TO` a file requires).
-pub fn require_write_privilege(function: &str) -> Result<()> {
-    // SAFETY: plain catalog lookups on the backend thread; the same test COPY TO makes.
-    let allowed = unsafe {
-        pg_sys::has_privs_of_role(
-            pg_sys::GetUserId(),
-            pg_sys::Oid::from(pg_sys::ROLE_PG_WRITE_SERVER_FILES),
-        )
-    };
-    if allowed {
-        Ok(())
-    } else {
-        Err(EngineError::InsufficientPrivilege(format!(
-            "permission denied to write server files; {function} requires superuser or the \
-             privileges of pg_write_server_files (the bytea variant works for any role)"
-        )))
-    }
 }
 
 /// Files written under temporary names and renamed into place together by `commit`, so an

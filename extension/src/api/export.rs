@@ -53,6 +53,18 @@ fn write(
 /// The largest bytea PostgreSQL stores.
 const MAX_BYTEA: u64 = (1 << 30) - 1;
 
+/// Refuses a bytes-form export whose tensors alone exceed a bytea (less 1 MB for headers);
+/// `path_form` is the call to use instead.
+fn check_fits_bytea(plan: &Plan, path_form: &str) -> Result<()> {
+    let size: u64 = plan.tensors.iter().map(export::data_bytes).sum();
+    if size > MAX_BYTEA - (1 << 20) {
+        return Err(EngineError::too_large(format!(
+            "the export holds {size} bytes of tensors, beyond a bytea's 1 GB; use {path_form}"
+        )));
+    }
+    Ok(())
+}
+
 /// The model as one safetensors file in its Hugging Face family's layout (bytes; any role
 /// that may read the model). Larger than 1 GB: use the path form, which shards.
 #[pg_extern(volatile, parallel_safe)]
@@ -60,13 +72,7 @@ const MAX_BYTEA: u64 = (1 << 30) - 1;
 fn pg_llm_export_safetensors_bytes(model: Option<&str>) -> Vec<u8> {
     run("pg_llm_export_safetensors_bytes", || {
         let (loaded, plan) = planned(args::model_name(model, "model")?)?;
-        let size: u64 = plan.tensors.iter().map(export::data_bytes).sum();
-        if size > MAX_BYTEA - (1 << 20) {
-            return Err(EngineError::too_large(format!(
-                "the checkpoint holds {size} bytes of tensors, beyond a bytea's 1 GB; \
-                 export it to a directory with pg_llm_export_safetensors(path, model)"
-            )));
-        }
+        check_fits_bytea(&plan, "pg_llm_export_safetensors(path, model)")?;
         let mut bytes = Vec::new();
         write(&mut bytes, &loaded, &plan.tensors, None)?;
         Ok(bytes)
@@ -90,13 +96,7 @@ fn pg_llm_export_npz_bytes(model: Option<&str>) -> Vec<u8> {
     run("pg_llm_export_npz_bytes", || {
         let (loaded, plan) = planned(args::model_name(model, "model")?)?;
         let entries = pg_gpt2::archive_entries(&plan)?;
-        let size: u64 = plan.tensors.iter().map(export::data_bytes).sum();
-        if size > MAX_BYTEA - (1 << 20) {
-            return Err(EngineError::too_large(format!(
-                "the archive would hold {size} bytes of tensors, beyond a bytea's 1 GB; \
-                 use pg_llm_export_npz(path, model)"
-            )));
-        }
+        check_fits_bytea(&plan, "pg_llm_export_npz(path, model)")?;
         let mut bytes = Vec::new();
         write_npz(&mut bytes, &loaded, &entries)?;
         Ok(bytes)

@@ -87,13 +87,11 @@ pub fn plan(stored: Family, cfg: &ModelConfig, params: &dyn Canonical) -> Result
     let prefix = lay.prefixes[0];
     let vocab = cfg.vocab;
     let (d, da) = (cfg.d_model, cfg.d_attn());
-    let shape_of = |canonical: &str| -> Vec<usize> {
-        crate::model::weights::packing(cfg)
-            .into_iter()
-            .find(|s| s.name.as_deref() == Some(canonical))
-            .map(|s| s.shape)
-            .unwrap_or_default()
-    };
+    let shapes: std::collections::HashMap<String, Vec<usize>> = crate::model::weights::packing(cfg)
+        .into_iter()
+        .filter_map(|s| Some((s.name?, s.shape)))
+        .collect();
+    let shape_of = |canonical: &str| shapes.get(canonical).cloned().unwrap_or_default();
     let mut tensors = Vec::new();
     for (source, canonical) in lay.global {
         if *canonical == "lm_head.weight" && cfg.tied_head {
@@ -281,20 +279,11 @@ impl Planned {
     }
 }
 
-/// Hugging Face's name for an activation.
-fn activation_name(a: Activation) -> &'static str {
-    match a {
-        Activation::GeluNew => "gelu_new",
-        Activation::Gelu => "gelu",
-        Activation::Relu => "relu",
-    }
-}
-
 /// The `config.json` that makes `transformers` build this model in `family`'s architecture.
 /// Dropout is off (an exported model is for inference or fine-tuning with the caller's own
 /// settings).
 pub fn config_json(family: Family, cfg: &ModelConfig) -> Value {
-    let act = activation_name(cfg.activation);
+    let act = cfg.activation.name();
     let mut config = match family {
         Family::Opt => json!({
             "model_type": "opt",
