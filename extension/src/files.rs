@@ -53,16 +53,6 @@ pub fn read(path: &str) -> Result<Vec<u8>> {
     read_limited(file, path, size)
 }
 
-/// Bytes `offset..offset + length` of a regular server file (a manifest's tensor), with the
-/// checks of `read`; fewer bytes come back when the file ends early.
-pub fn read_range(path: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
-    use std::io::{Seek, SeekFrom};
-    let (mut file, size) = open_regular(path)?;
-    file.seek(SeekFrom::Start(offset.min(size)))
-        .map_err(|e| EngineError::Io(format!("could not seek in file \"{path}\": {e}")))?;
-    read_limited(file, path, length.min(size.saturating_sub(offset)))
-}
-
 /// Opens a regular file for reading and returns its size. Anything else (a FIFO, a device, a
 /// directory) is refused before a read could block: the file is opened non-blocking and
 /// checked on the open handle, so it cannot be swapped between the check and the read.
@@ -112,6 +102,47 @@ fn read_limited(file: File, path: &str, size: u64) -> Result<Vec<u8>> {
         if n == 0 || bytes.len() == start {
             return Ok(bytes);
         }
+    }
+}
+
+/// Server files opened on first use and read by range (`checkpoint::Files`), with the checks
+/// of `open_regular` and cancel honoured between blocks.
+#[derive(Default)]
+pub struct ServerFiles {
+    open: std::collections::HashMap<String, (File, u64)>,
+}
+
+impl ServerFiles {
+    fn get(&mut self, path: &str) -> Result<&(File, u64)> {
+        if !self.open.contains_key(path) {
+            let opened = open_regular(path)?;
+            self.open.insert(path.to_string(), opened);
+        }
+        Ok(&self.open[path])
+    }
+}
+
+impl pg_llm_engine::formats::checkpoint::Files for ServerFiles {
+    fn size(&mut self, file: &str) -> Result<u64> {
+        Ok(self.get(file)?.1)
+    }
+
+    fn read_at(&mut self, file: &str, offset: u64, out: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (handle, size) = self.get(file)?;
+        if offset.saturating_add(out.len() as u64) > *size {
+            return Err(EngineError::data(format!(
+                "file \"{file}\" ends before byte {} ({size} bytes)",
+                offset.saturating_add(out.len() as u64)
+            )));
+        }
+        for (k, block) in out.chunks_mut(READ_BLOCK).enumerate() {
+            pgrx::check_for_interrupts!();
+            handle
+                .read_exact_at(block, offset + (k * READ_BLOCK) as u64)
+                .map_err(|e| EngineError::Io(format!("could not read file \"{file}\": {e}")))?;
+        }
+        Ok(())
     }
 }
 

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use pg_llm_engine::formats::TensorMap;
-use pg_llm_engine::model::{MapSource, Model, ModelWeights, Storage};
+use pg_llm_engine::model::weights::packed_tensors;
+use pg_llm_engine::model::{Model, ModelConfig, ModelWeights, Storage};
 use pg_llm_engine::Result;
 
 use crate::spi;
@@ -51,12 +51,12 @@ fn load(model: &str) -> Result<(i64, Rc<Model>)> {
     }
     // Drop a stale copy first so two versions never sit in memory together.
     MODELS.with(|m| m.borrow_mut().remove(model));
-    let from_tables = || ModelWeights::load(&stored.config, &mut TableSource::new(model));
+    let mut tables = TableSource::new(model);
     let weights = if crate::guc::WEIGHT_FILES.get() {
         let place = FilePlace::new(model, stored.version)?;
-        weight_cache::open_or_write(&place, &stored.config, from_tables)?
+        weight_cache::open_or_write(&place, &stored.config, &mut tables)?
     } else {
-        from_tables()?
+        ModelWeights::load(&stored.config, &mut tables)?
     };
     remember(model, stored, weights).map(|m| (version, m))
 }
@@ -81,17 +81,74 @@ pub fn loaded() -> Vec<(String, i64, bool, i64)> {
     out
 }
 
-/// Called right after all of `model`'s parameters were written (init, import) with the
-/// tensors still in memory: caches the new version in this backend and writes its weight file,
-/// so the next call, here or in any other connection, reads nothing from `llm_param`.
-pub fn publish(model: &str, tensors: TensorMap) -> Result<()> {
-    let stored = store::load_config(model)?;
-    // MapSource frees each tensor once packed: the weights are never held twice.
-    let private = ModelWeights::load(&stored.config, &mut MapSource::new(tensors))?;
-    publish_weights(model, stored, private)
+/// Replaces every parameter of a model, one tensor at a time (initialisation, import): each
+/// tensor goes into `llm_param` and, at its packed place, into the weight file of the new
+/// version, then is freed, so memory holds one tensor whatever the size of the model. All in
+/// the caller's transaction; an error or cancel leaves the old rows and no new file.
+pub struct Replacement {
+    model: String,
+    cfg: ModelConfig,
+    ranges: HashMap<String, std::ops::Range<usize>>,
+    file: Option<weight_cache::PendingFile>,
+    started: bool,
 }
 
-/// `publish` for weights already in the packed layout (a training call's result).
+impl Replacement {
+    /// Nothing is touched until the first tensor arrives: checks that run before it (names,
+    /// shapes, checksums) fail with the old parameters untouched even inside the transaction.
+    pub fn new(model: &str, cfg: &ModelConfig) -> Self {
+        Self {
+            model: model.to_string(),
+            cfg: cfg.clone(),
+            ranges: packed_tensors(cfg).into_iter().collect(),
+            file: None,
+            started: false,
+        }
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        forget(&self.model);
+        store::delete_params(&self.model)?;
+        self.file = weight_cache::start_file(&self.model, &self.cfg)?;
+        self.started = true;
+        Ok(())
+    }
+
+    /// Writes one canonical tensor (names and shapes were checked by the caller).
+    pub fn put(&mut self, name: &str, shape: &[usize], values: Vec<f32>) -> Result<()> {
+        if !self.started {
+            self.begin()?;
+        }
+        store::insert_tensor(&self.model, name, shape, &values)?;
+        if let (Some(file), Some(range)) = (&mut self.file, self.ranges.get(name)) {
+            if let Err(e) = file.write_at(range.start, &values) {
+                pgrx::warning!(
+                    "pg_llm: the new weights of \"{}\" will not be shared: {e}",
+                    self.model
+                );
+                self.file = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the weight file under the version the writes gave the model.
+    pub fn finish(self) -> Result<()> {
+        if let Some(file) = self.file {
+            let version = store::load_config(&self.model)?.version;
+            match file.finish(version) {
+                Err(pg_llm_engine::EngineError::Io(why)) => {
+                    pgrx::warning!("pg_llm: the new weights will not be shared: {why}")
+                }
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Caches weights just written in the packed layout (a training call's result) and shares
+/// them through the version's weight file.
 pub fn publish_packed(model: &str, weights: Vec<f32>) -> Result<()> {
     let stored = store::load_config(model)?;
     let private = ModelWeights::from_storage(&stored.config, Arc::new(Storage::Owned(weights)))?;

@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 
-use pg_llm_engine::formats::TensorMap;
 use pg_llm_engine::model::weights::packed_tensors;
 use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig, TensorSource};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
+use pgrx::PgMemoryContexts;
 
 use crate::errors::spi_error;
 use crate::spi;
@@ -172,33 +172,68 @@ fn describe(c: &ModelConfig) -> String {
     )
 }
 
-/// Replaces every parameter of `model` with `tensors` (canonical names), chunked.
-pub fn write_params(model: &str, tensors: &TensorMap) -> Result<()> {
-    Spi::run_with_args("DELETE FROM llm_param WHERE model = $1", &[model.into()])
-        .map_err(spi_error)?;
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    for name in names {
-        pgrx::check_for_interrupts!();
-        let (shape, data) = &tensors[name];
-        let shape_i32: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-        for (chunk, values) in data.chunks(CHUNK_ELEMS).enumerate() {
-            let bytes = tensor::le_bytes(values);
-            Spi::run_with_args(
-                "INSERT INTO llm_param (model, name, chunk, shape, elem_offset, data) VALUES ($1, $2, $3, $4, $5, $6)",
-                &[
-                    model.into(),
-                    name.as_str().into(),
-                    (chunk as i32).into(),
-                    shape_i32.clone().into(),
-                    ((chunk * CHUNK_ELEMS) as i64).into(),
-                    bytes.as_ref().into(),
-                ],
-            )
-            .map_err(spi_error)?;
+/// Removes every parameter row of `model` (the start of a replacement).
+pub fn delete_params(model: &str) -> Result<()> {
+    Spi::run_with_args("DELETE FROM llm_param WHERE model = $1", &[model.into()]).map_err(spi_error)
+}
+
+/// Inserts one tensor's rows, chunked. Each chunk's copy into a SQL value lives in a memory
+/// context freed right after its INSERT, so writing a model holds one chunk at a time rather
+/// than every chunk until the statement ends.
+pub fn insert_tensor(model: &str, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
+    pgrx::check_for_interrupts!();
+    let shape_i32: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+    for (chunk, values) in data.chunks(CHUNK_ELEMS).enumerate() {
+        let mut context = PgMemoryContexts::new("pg_llm tensor chunk");
+        // SAFETY: the closure only allocates through PostgreSQL; nothing allocated inside
+        // escapes it, and the context is deleted when `context` drops.
+        unsafe {
+            context.switch_to(|_| {
+                Spi::run_with_args(
+                    "INSERT INTO llm_param (model, name, chunk, shape, elem_offset, data) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        model.into(),
+                        name.into(),
+                        (chunk as i32).into(),
+                        shape_i32.clone().into(),
+                        ((chunk * CHUNK_ELEMS) as i64).into(),
+                        tensor::le_bytes(values).as_ref().into(),
+                    ],
+                )
+            })
         }
+        .map_err(spi_error)?;
     }
     Ok(())
+}
+
+/// A model's parameters read one tensor at a time by canonical name (`formats::export`), all
+/// under the caller's snapshot (`spi::consistent`).
+pub struct TableTensors {
+    source: TableSource,
+    shapes: HashMap<String, Vec<usize>>,
+}
+
+impl TableTensors {
+    /// Checks the stored tensors against `cfg` (present, shaped right) before any is read.
+    pub fn new(model: &str, cfg: &ModelConfig) -> Result<Self> {
+        let source = TableSource::new(model);
+        let shapes = source.shapes()?;
+        pg_llm_engine::model::check_shapes(cfg, &shapes)?;
+        Ok(Self { source, shapes })
+    }
+}
+
+impl pg_llm_engine::formats::export::Canonical for TableTensors {
+    fn fetch(&mut self, name: &str) -> Result<Vec<f32>> {
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| EngineError::data(format!("the model has no parameter \"{name}\"")))?;
+        let mut values = tensor::alloc_zeroed(tensor::numel(shape, name)?)?;
+        self.source.read_into(name, &mut values)?;
+        Ok(values)
+    }
 }
 
 /// The parameters of `model` in `llm_param`, read one tensor at a time straight into the
@@ -353,8 +388,13 @@ pub fn write_trained(
         pgrx::check_for_interrupts!();
         for (chunk, start) in (range.start..range.end).step_by(CHUNK_ELEMS).enumerate() {
             let part = start..(start + CHUNK_ELEMS).min(range.end);
-            let updated = Spi::connect_mut(|client| {
-                client
+            // The chunk's SQL values live in a context freed after the UPDATE (see insert_tensor).
+            let mut context = PgMemoryContexts::new("pg_llm trained chunk");
+            // SAFETY: only PostgreSQL allocations happen inside, and none escape the closure.
+            let updated = unsafe {
+                context.switch_to(|_| {
+                    Spi::connect_mut(|client| {
+                        client
                     .update(
                         "UPDATE llm_param SET data = $4, m = $5, v = $6, step = $7, grad = NULL \
                          WHERE model = $1 AND name = $2 AND chunk = $3",
@@ -370,7 +410,9 @@ pub fn write_trained(
                         ],
                     )
                     .map(|t| t.len())
-            })
+                    })
+                })
+            }
             .map_err(spi_error)?;
             if updated != 1 {
                 return Err(EngineError::data(format!(

@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use pg_llm_engine::model::weight_file::{self, FileId, Rejected};
-use pg_llm_engine::model::{ModelConfig, ModelWeights};
+use pg_llm_engine::model::weights::{packed_len, packed_tensors};
+use pg_llm_engine::model::{check_shapes, ModelConfig, ModelWeights, TensorSource};
+use pg_llm_engine::tensor;
 use pg_llm_engine::{EngineError, Result};
 use pgrx::pg_sys;
 
@@ -58,12 +60,12 @@ impl FilePlace {
     }
 }
 
-/// The weights mapped from `place`'s file when it holds exactly this version; otherwise the
-/// weights `build` reads (from the tables), written to the file for the next user.
+/// The weights mapped from `place`'s file when it holds exactly this version; otherwise read
+/// from `src` (the tables) into a new file for the next user, tensor by tensor.
 pub fn open_or_write(
     place: &FilePlace,
     cfg: &ModelConfig,
-    build: impl FnOnce() -> Result<ModelWeights>,
+    src: &mut dyn TensorSource,
 ) -> Result<ModelWeights> {
     match weight_file::open(&place.path, &place.id, cfg)? {
         Ok(mapped) => Ok(mapped),
@@ -74,16 +76,63 @@ pub fn open_or_write(
                     place.path.display()
                 );
             }
-            share(place, cfg, build()?)
+            write_from(place, cfg, src)
         }
     }
+}
+
+/// Reads `src` one tensor at a time into `place`'s weight file and maps it, so loading never
+/// holds a private copy of the model. A model larger than the cache bound, or a file-system
+/// problem (with a WARNING), gets a private copy instead.
+fn write_from(
+    place: &FilePlace,
+    cfg: &ModelConfig,
+    src: &mut dyn TensorSource,
+) -> Result<ModelWeights> {
+    let bytes = file_size(cfg)?;
+    if !make_room(bytes, &place.path) {
+        pgrx::log!(
+            "pg_llm: the weights of \"{}\" ({bytes} bytes) exceed pg_llm.weight_cache_size; they stay private to this connection",
+            place.id.owner
+        );
+        return ModelWeights::load(cfg, src);
+    }
+    let mut attempt = || -> Result<ModelWeights> {
+        check_shapes(cfg, &src.shapes()?)?;
+        create_dir(&place.dir)?;
+        let mut file = weight_file::Writer::create(&place.path, &place.id.owner, cfg)?;
+        for (name, range) in packed_tensors(cfg) {
+            let mut values = tensor::alloc_zeroed(range.len())?;
+            src.read_into(&name, &mut values)?;
+            file.write_at(range.start, &values)?;
+        }
+        let mapped = file.finish_mapped(place.id.version)?;
+        prune(&place.dir, place.param_table, Some(&place.id));
+        Ok(mapped)
+    };
+    match attempt() {
+        Ok(mapped) => Ok(mapped),
+        Err(EngineError::Io(why)) => {
+            pgrx::warning!("pg_llm: model weights stay private to this connection: {why}");
+            ModelWeights::load(cfg, src)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| EngineError::Io(format!("could not create \"{}\": {e}", dir.display())))
 }
 
 /// Writes `private` to its weight file and returns the weights mapped from it (the private
 /// copy is then freed). A file-system problem (full disk, permissions) costs sharing, not the
 /// query: the private copy is kept, with a WARNING; so does a model too large for the cache.
 pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Result<ModelWeights> {
-    let bytes = file_size_estimate(&private);
+    let bytes = file_size(cfg)?;
     if !make_room(bytes, &place.path) {
         pgrx::log!(
             "pg_llm: the weights of \"{}\" ({bytes} bytes) exceed pg_llm.weight_cache_size; they stay private to this connection",
@@ -92,13 +141,7 @@ pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Res
         return Ok(private);
     }
     let attempt = || -> Result<ModelWeights> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&place.dir)
-            .map_err(|e| {
-                EngineError::Io(format!("could not create \"{}\": {e}", place.dir.display()))
-            })?;
+        create_dir(&place.dir)?;
         let mapped = weight_file::write(&place.path, &place.id, cfg, private.storage().as_slice())?;
         prune(&place.dir, place.param_table, Some(&place.id));
         Ok(mapped)
@@ -113,9 +156,66 @@ pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Res
     }
 }
 
+/// A weight file being written piece by piece for a model's next version (an import or an
+/// initialisation writes each tensor as it makes it): see `weight_file::Writer`.
+pub struct PendingFile {
+    writer: weight_file::Writer,
+    dir: PathBuf,
+    owner: String,
+    param_table: u32,
+}
+
+/// Starts the weight file of `model`'s next version, or None when weight files are off, the
+/// model does not fit `pg_llm.weight_cache_size`, or the file cannot be created (a WARNING:
+/// sharing is lost, not the query).
+pub fn start_file(model: &str, cfg: &ModelConfig) -> Result<Option<PendingFile>> {
+    if !crate::guc::WEIGHT_FILES.get() {
+        return Ok(None);
+    }
+    // Version 0 is never assigned (the sequence starts at 1): the name is a placeholder
+    // until `finish` knows the version.
+    let place = FilePlace::new(model, 0)?;
+    if !make_room(file_size(cfg)?, &place.path) {
+        return Ok(None);
+    }
+    let created = create_dir(&place.dir)
+        .and_then(|_| weight_file::Writer::create(&place.path, &place.id.owner, cfg));
+    match created {
+        Ok(writer) => Ok(Some(PendingFile {
+            writer,
+            dir: place.dir,
+            owner: place.id.owner,
+            param_table: place.param_table,
+        })),
+        Err(EngineError::Io(why)) => {
+            pgrx::warning!("pg_llm: the new weights will not be shared: {why}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl PendingFile {
+    pub fn write_at(&mut self, start: usize, values: &[f32]) -> Result<()> {
+        self.writer.write_at(start, values)
+    }
+
+    /// Puts the complete file in place as `version`'s and removes what it supersedes.
+    pub fn finish(self, version: i64) -> Result<()> {
+        let id = FileId {
+            owner: self.owner,
+            version,
+        };
+        self.writer
+            .finish(&self.dir.join(format!("{version}.weights")), version)?;
+        prune(&self.dir, self.param_table, Some(&id));
+        Ok(())
+    }
+}
+
 /// A file's size is its values plus a header page or two.
-fn file_size_estimate(weights: &ModelWeights) -> u64 {
-    (weights.storage().as_slice().len() * 4 + 8192) as u64
+fn file_size(cfg: &ModelConfig) -> Result<u64> {
+    Ok((packed_len(cfg)? * 4 + 8192) as u64)
 }
 
 /// `$PGDATA/pg_llm_cache`.

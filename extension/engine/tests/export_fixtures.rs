@@ -9,13 +9,13 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use common::fixture_dir;
 use pg_llm_engine::formats::export::{self, Canonical, Packed};
 use pg_llm_engine::formats::hf_config::{self, Family};
-use pg_llm_engine::formats::{names, safetensors, TensorMap};
+use pg_llm_engine::formats::{checkpoint, names, safetensors, TensorMap};
 use pg_llm_engine::model::{AttnKind, MapSource, Model, ModelConfig, ModelWeights};
 use pg_llm_engine::Cancel;
 
@@ -24,7 +24,7 @@ fn read_map(path: PathBuf) -> TensorMap {
 }
 
 /// Writes a plan as one safetensors file in memory and reads it back.
-fn export_bytes(plan: &export::Plan, params: &dyn Canonical, cfg: &ModelConfig) -> Vec<u8> {
+fn export_bytes(plan: &export::Plan, params: &mut dyn Canonical, cfg: &ModelConfig) -> Vec<u8> {
     let mut out = Vec::new();
     let n = export::write_safetensors(&mut out, &plan.tensors, params, cfg, None, &mut || Ok(()))
         .unwrap();
@@ -40,7 +40,7 @@ fn round_trip(name: &str, family_name: &str) {
     let original = read_map(dir.join("model.safetensors"));
     let canonical = names::to_canonical(family, &cfg, original.clone()).unwrap();
 
-    let plan = export::plan(family, &cfg, &canonical).unwrap();
+    let plan = export::plan(family, &cfg, &mut canonical.clone()).unwrap();
     assert_eq!(plan.family, family);
     assert_eq!(plan.config["model_type"], family_name);
     // The exported config.json describes the same model.
@@ -49,7 +49,8 @@ fn round_trip(name: &str, family_name: &str) {
         (cfg.clone(), family)
     );
 
-    let exported = safetensors::read(&export_bytes(&plan, &canonical, &cfg), "export").unwrap();
+    let exported =
+        safetensors::read(&export_bytes(&plan, &mut canonical.clone(), &cfg), "export").unwrap();
     for (n, (shape, values)) in &exported {
         let (want_shape, want) = original
             .get(n)
@@ -122,13 +123,14 @@ fn gpt3_exports_like_transformers(case: &str, banded: bool, family: Family, mode
     let cfg = gpt3_config(banded);
     let dir = export_dir(case);
     let canonical = read_map(dir.join("canonical.safetensors"));
-    let plan = export::plan(Family::Gpt3, &cfg, &canonical).unwrap();
+    let plan = export::plan(Family::Gpt3, &cfg, &mut canonical.clone()).unwrap();
     assert_eq!(plan.family, family);
     assert_eq!(plan.config["model_type"], model_type);
 
     // The tensors transformers was given (folding rounds, hence a tolerance).
     let want = read_map(dir.join("hf.safetensors"));
-    let got = safetensors::read(&export_bytes(&plan, &canonical, &cfg), "export").unwrap();
+    let got =
+        safetensors::read(&export_bytes(&plan, &mut canonical.clone(), &cfg), "export").unwrap();
     let names = |m: &TensorMap| m.keys().cloned().collect::<HashSet<_>>();
     assert_eq!(names(&got), names(&want), "{case}: exported tensor names");
     for (n, (shape, values)) in &got {
@@ -188,7 +190,7 @@ fn a_query_bias_has_no_gpt_neo_equivalent() {
     let cfg = gpt3_config(true);
     let mut canonical = read_map(export_dir("local").join("canonical.safetensors"));
     canonical.get_mut("layers.1.attn.q_proj.bias").unwrap().1[3] = 0.25;
-    let err = export::plan(Family::Gpt3, &cfg, &canonical).unwrap_err();
+    let err = export::plan(Family::Gpt3, &cfg, &mut canonical.clone()).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("layer 1") && msg.contains("query bias"),
@@ -203,7 +205,7 @@ fn post_layernorm_without_opt_positions_is_refused() {
         ..gpt3_config(false)
     };
     let params = TensorMap::new();
-    assert!(export::plan(Family::Gpt3, &cfg, &params).is_err());
+    assert!(export::plan(Family::Gpt3, &cfg, &mut params.clone()).is_err());
 }
 
 #[test]
@@ -211,11 +213,11 @@ fn packed_weights_export_like_the_tensor_map() {
     let cfg = gpt3_config(true);
     let canonical = read_map(export_dir("local").join("canonical.safetensors"));
     let weights = ModelWeights::load(&cfg, &mut MapSource::new(canonical.clone())).unwrap();
-    let packed = Packed::new(&cfg, weights.storage().as_slice());
-    let plan = export::plan(Family::Gpt3, &cfg, &packed).unwrap();
+    let mut packed = Packed::new(&cfg, weights.storage().as_slice());
+    let plan = export::plan(Family::Gpt3, &cfg, &mut packed).unwrap();
     assert_eq!(
-        export_bytes(&plan, &packed, &cfg),
-        export_bytes(&plan, &canonical, &cfg)
+        export_bytes(&plan, &mut packed, &cfg),
+        export_bytes(&plan, &mut canonical.clone(), &cfg)
     );
 }
 
@@ -223,7 +225,7 @@ fn packed_weights_export_like_the_tensor_map() {
 fn shards_split_in_order_and_index_every_tensor() {
     let cfg = gpt3_config(true);
     let canonical = read_map(export_dir("local").join("canonical.safetensors"));
-    let plan = export::plan(Family::Gpt3, &cfg, &canonical).unwrap();
+    let plan = export::plan(Family::Gpt3, &cfg, &mut canonical.clone()).unwrap();
     let total: u64 = plan.tensors.iter().map(export::data_bytes).sum();
     let shards = export::shards(&plan.tensors, total / 3);
     assert!(shards.len() >= 3, "{} shards", shards.len());
@@ -254,12 +256,12 @@ fn manifest_entries_describe_the_written_file() {
     use pg_llm_engine::formats::manifest;
     let cfg = gpt3_config(true);
     let canonical = read_map(export_dir("local").join("canonical.safetensors"));
-    let plan = export::plan(Family::Gpt3, &cfg, &canonical).unwrap();
+    let plan = export::plan(Family::Gpt3, &cfg, &mut canonical.clone()).unwrap();
     let mut bytes = Vec::new();
     let written = export::write_safetensors(
         &mut bytes,
         &plan.tensors,
-        &canonical,
+        &mut canonical.clone(),
         &cfg,
         Some("model.safetensors"),
         &mut || Ok(()),
@@ -267,9 +269,14 @@ fn manifest_entries_describe_the_written_file() {
     .unwrap();
     assert_eq!(written.entries.len(), plan.tensors.len());
     let entries = manifest::parse(&manifest::to_jsonl(&written.entries)).unwrap();
-    let from_manifest = manifest::read_tensors(&entries, &mut |e| {
-        Ok(bytes[e.offset as usize..(e.offset + e.length) as usize].to_vec())
-    })
-    .unwrap();
+    let mut files = checkpoint::Blobs(HashMap::from([(
+        "model.safetensors".to_string(),
+        bytes.as_slice(),
+    )]));
+    let mut from_manifest = TensorMap::new();
+    for s in checkpoint::manifest_tensors(entries, str::to_string) {
+        let values = checkpoint::read(&mut files, &s).unwrap();
+        from_manifest.insert(s.name, (s.shape, values));
+    }
     assert_eq!(from_manifest, safetensors::read(&bytes, "export").unwrap());
 }

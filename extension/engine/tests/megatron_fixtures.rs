@@ -81,13 +81,13 @@ fn check(case: &str, order: QkvOrder) {
     );
 
     // Exported, it is GPT-2 checkpoint transformers computed those logits from.
-    let plan = export::plan(family, &cfg, &canonical).unwrap();
+    let plan = export::plan(family, &cfg, &mut canonical.clone()).unwrap();
     assert_eq!(plan.family, Family::Gpt2);
     let mut bytes = Vec::new();
     export::write_safetensors(
         &mut bytes,
         &plan.tensors,
-        &canonical,
+        &mut canonical.clone(),
         &cfg,
         None,
         &mut || Ok(()),

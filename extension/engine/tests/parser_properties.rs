@@ -7,7 +7,10 @@
 mod common;
 
 use common::fixture_dir;
-use pg_llm_engine::formats::{hf_config, manifest, names, pg_gpt2, safetensors};
+use std::collections::HashMap;
+
+use pg_llm_engine::formats::checkpoint::{self, Blobs};
+use pg_llm_engine::formats::{hf_config, manifest, names, pg_gpt2, safetensors, TensorMap};
 use pg_llm_engine::model::check_tensors;
 use proptest::prelude::*;
 
@@ -24,13 +27,25 @@ fn valid_config() -> serde_json::Value {
 /// success must be a complete, well-shaped model.
 fn import(bytes: &[u8]) {
     let (cfg, family) = hf_config::parse(&valid_config()).unwrap();
+    // In memory, as the bytea form reads it…
     if let Ok(raw) = safetensors::read(bytes, "fuzzed") {
         if let Ok(canonical) = names::to_canonical(family, &cfg, raw) {
-            if check_tensors(&cfg, &canonical).is_ok() {
-                for (shape, values) in canonical.values() {
-                    assert_eq!(shape.iter().product::<usize>(), values.len());
-                    assert!(values.iter().all(|v| v.is_finite()));
-                }
+            check_tensors(&cfg, &canonical).unwrap();
+        }
+    }
+    // …and streamed from its header, as the server-file forms read it.
+    let mut files = Blobs(HashMap::from([("fuzzed".to_string(), bytes)]));
+    if let Ok(stored) = checkpoint::safetensors_tensors(&mut files, "fuzzed") {
+        let mut canonical = TensorMap::new();
+        let imported = checkpoint::import(family, &cfg, &stored, &mut files, &mut |n, s, v| {
+            canonical.insert(n.to_string(), (s.to_vec(), v));
+            Ok(())
+        });
+        if imported.is_ok() {
+            check_tensors(&cfg, &canonical).unwrap();
+            for (shape, values) in canonical.values() {
+                assert_eq!(shape.iter().product::<usize>(), values.len());
+                assert!(values.iter().all(|v| v.is_finite()));
             }
         }
     }
@@ -125,9 +140,11 @@ proptest! {
         });
         line[keys[field]] = serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value));
         if let Ok(entries) = manifest::parse(&line.to_string()) {
-            // Whatever parsed is self-consistent; decoding checks the bytes it is given.
-            let e = &entries[0];
-            let _ = manifest::decode(e, &vec![0u8; e.length.min(4096) as usize]);
+            // Whatever parsed is self-consistent; reading checks the bytes it finds.
+            let zeros = vec![0u8; entries[0].length.min(4096) as usize];
+            let mut files = Blobs(HashMap::from([("x.safetensors".to_string(), zeros.as_slice())]));
+            let stored = checkpoint::manifest_tensors(entries, str::to_string);
+            let _ = checkpoint::read(&mut files, &stored[0]);
         }
     }
 

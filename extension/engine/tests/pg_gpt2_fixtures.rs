@@ -45,10 +45,17 @@ fn shaped_and_flattened_archives_import_to_the_checkpoint() {
 #[test]
 fn export_writes_what_pg_gpt2_wrote() {
     let (cfg, canonical) = gpt2();
-    let plan = export::plan(Family::Gpt2, &cfg, &canonical).unwrap();
+    let plan = export::plan(Family::Gpt2, &cfg, &mut canonical.clone()).unwrap();
     let entries = pg_gpt2::archive_entries(&plan).unwrap();
     let mut bytes = Vec::new();
-    pg_gpt2::write_archive(&mut bytes, &entries, &canonical, &cfg, &mut || Ok(())).unwrap();
+    pg_gpt2::write_archive(
+        &mut bytes,
+        &entries,
+        &mut canonical.clone(),
+        &cfg,
+        &mut || Ok(()),
+    )
+    .unwrap();
     let mut ours = pg_gpt2::read(&bytes).unwrap();
     let mut theirs = pg_gpt2::read(&archive("gpt2.npz")).unwrap();
     ours.sort_by(|a, b| a.0.cmp(&b.0));
@@ -70,7 +77,7 @@ fn other_layouts_and_bad_archives_are_refused() {
     )
     .unwrap();
     let neo = names::to_canonical(family, &neo_cfg, raw).unwrap();
-    let plan = export::plan(family, &neo_cfg, &neo).unwrap();
+    let plan = export::plan(family, &neo_cfg, &mut neo.clone()).unwrap();
     assert!(pg_gpt2::archive_entries(&plan).is_err());
 
     let (cfg, _) = gpt2();
@@ -87,6 +94,10 @@ fn other_layouts_and_bad_archives_are_refused() {
     let mut entries = pg_gpt2::read(&good).unwrap();
     entries.retain(|(n, _, _)| n != "h.1.mlp.c_fc.bias");
     let raw = pg_gpt2::to_gpt2_checkpoint(entries, &cfg).unwrap();
-    let canonical = names::to_canonical(Family::Gpt2, &cfg, raw).unwrap();
-    assert!(pg_llm_engine::model::check_tensors(&cfg, &canonical).is_err());
+    let err = names::to_canonical(Family::Gpt2, &cfg, raw).unwrap_err();
+    assert!(
+        err.to_string().contains("h.1.mlp.fc_in.bias")
+            || err.to_string().contains("layers.1.mlp.fc_in.bias"),
+        "{err}"
+    );
 }

@@ -3,12 +3,11 @@
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
-use pg_llm_engine::formats::export::{self, Packed, Plan};
+use pg_llm_engine::formats::export::{self, Plan};
 use pg_llm_engine::formats::hf_config::Family;
 use pg_llm_engine::formats::pg_gpt2;
-use pg_llm_engine::model::Model;
+use pg_llm_engine::model::ModelConfig;
 use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -16,38 +15,36 @@ use pgrx::JsonB;
 use super::args::{self, required};
 use crate::errors::run;
 use crate::files::{self, StagedFiles};
-use crate::{model_cache, spi, store};
+use crate::spi;
+use crate::store::{self, TableTensors};
 
-/// The model's weights (one committed version) and its export plan.
-fn planned(model: &str) -> Result<(Rc<Model>, Plan)> {
-    let (family, loaded) = spi::consistent(|| -> Result<_> {
+/// Runs `f` with the model's configuration, its export plan and its tensors, all read from
+/// the tables under one snapshot: the export is one committed state of the model, read one
+/// tensor at a time (no copy of the whole model in memory, whatever its size).
+fn with_plan<R>(
+    model: &str,
+    f: impl FnOnce(&ModelConfig, &Plan, &mut TableTensors) -> Result<R>,
+) -> Result<R> {
+    spi::consistent(|| {
         let stored = store::load_config(model)?;
-        Ok((Family::parse(&stored.family)?, model_cache::get(model)?))
-    })?;
-    let cfg = &loaded.config;
-    let packed = Packed::new(cfg, loaded.weights.storage().as_slice());
-    let plan = export::plan(family, cfg, &packed)?;
-    Ok((loaded, plan))
+        let family = Family::parse(&stored.family)?;
+        let mut tensors = TableTensors::new(model, &stored.config)?;
+        let plan = export::plan(family, &stored.config, &mut tensors)?;
+        f(&stored.config, &plan, &mut tensors)
+    })
 }
 
 fn write(
     out: &mut dyn Write,
-    model: &Model,
+    cfg: &ModelConfig,
     tensors: &[export::Planned],
+    params: &mut TableTensors,
     manifest_file: Option<&str>,
 ) -> Result<export::Written> {
-    let packed = Packed::new(&model.config, model.weights.storage().as_slice());
-    export::write_safetensors(
-        out,
-        tensors,
-        &packed,
-        &model.config,
-        manifest_file,
-        &mut || {
-            pgrx::check_for_interrupts!();
-            Ok(())
-        },
-    )
+    export::write_safetensors(out, tensors, params, cfg, manifest_file, &mut || {
+        pgrx::check_for_interrupts!();
+        Ok(())
+    })
 }
 
 /// The largest bytea PostgreSQL stores.
@@ -71,11 +68,12 @@ fn check_fits_bytea(plan: &Plan, path_form: &str) -> Result<()> {
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_export_safetensors_bytes(model: Option<&str>) -> Vec<u8> {
     run("pg_llm_export_safetensors_bytes", || {
-        let (loaded, plan) = planned(args::model_name(model, "model")?)?;
-        check_fits_bytea(&plan, "pg_llm_export_safetensors(path, model)")?;
-        let mut bytes = Vec::new();
-        write(&mut bytes, &loaded, &plan.tensors, None)?;
-        Ok(bytes)
+        with_plan(args::model_name(model, "model")?, |cfg, plan, params| {
+            check_fits_bytea(plan, "pg_llm_export_safetensors(path, model)")?;
+            let mut bytes = Vec::new();
+            write(&mut bytes, cfg, &plan.tensors, params, None)?;
+            Ok(bytes)
+        })
     })
 }
 
@@ -84,7 +82,9 @@ fn pg_llm_export_safetensors_bytes(model: Option<&str>) -> Vec<u8> {
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_export_config(model: Option<&str>) -> JsonB {
     run("pg_llm_export_config", || {
-        Ok(JsonB(planned(args::model_name(model, "model")?)?.1.config))
+        with_plan(args::model_name(model, "model")?, |_, plan, _| {
+            Ok(JsonB(plan.config.clone()))
+        })
     })
 }
 
@@ -94,12 +94,13 @@ fn pg_llm_export_config(model: Option<&str>) -> JsonB {
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_export_npz_bytes(model: Option<&str>) -> Vec<u8> {
     run("pg_llm_export_npz_bytes", || {
-        let (loaded, plan) = planned(args::model_name(model, "model")?)?;
-        let entries = pg_gpt2::archive_entries(&plan)?;
-        check_fits_bytea(&plan, "pg_llm_export_npz(path, model)")?;
-        let mut bytes = Vec::new();
-        write_npz(&mut bytes, &loaded, &entries)?;
-        Ok(bytes)
+        with_plan(args::model_name(model, "model")?, |cfg, plan, params| {
+            let entries = pg_gpt2::archive_entries(plan)?;
+            check_fits_bytea(plan, "pg_llm_export_npz(path, model)")?;
+            let mut bytes = Vec::new();
+            write_npz(&mut bytes, cfg, params, &entries)?;
+            Ok(bytes)
+        })
     })
 }
 
@@ -112,32 +113,36 @@ fn pg_llm_export_npz(path: Option<&str>, model: Option<&str>) -> i64 {
     run("pg_llm_export_npz", || {
         files::require_write_privilege("pg_llm_export_npz")?;
         let path = absolute(required(path, "path")?)?;
-        let (loaded, plan) = planned(args::model_name(model, "model")?)?;
-        let entries = pg_gpt2::archive_entries(&plan)?;
-        let mut staged = StagedFiles::default();
-        let file = staged.create(&path)?;
-        let mut out = BufWriter::with_capacity(8 << 20, file);
-        write_npz(&mut out, &loaded, &entries)?;
-        out.flush()
-            .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
-        let written = out
-            .get_ref()
-            .metadata()
-            .map_err(|e| EngineError::Io(format!("could not stat \"{}\": {e}", path.display())))?
-            .len();
-        drop(out);
-        staged.commit()?;
-        Ok(written as i64)
+        with_plan(args::model_name(model, "model")?, |cfg, plan, params| {
+            let entries = pg_gpt2::archive_entries(plan)?;
+            let mut staged = StagedFiles::default();
+            let file = staged.create(&path)?;
+            let mut out = BufWriter::with_capacity(8 << 20, file);
+            write_npz(&mut out, cfg, params, &entries)?;
+            out.flush().map_err(|e| {
+                EngineError::Io(format!("could not write \"{}\": {e}", path.display()))
+            })?;
+            let written = out
+                .get_ref()
+                .metadata()
+                .map_err(|e| {
+                    EngineError::Io(format!("could not stat \"{}\": {e}", path.display()))
+                })?
+                .len();
+            drop(out);
+            staged.commit()?;
+            Ok(written as i64)
+        })
     })
 }
 
 fn write_npz(
     out: &mut dyn Write,
-    model: &Model,
+    cfg: &ModelConfig,
+    params: &mut TableTensors,
     entries: &[(String, &export::Planned)],
 ) -> Result<()> {
-    let packed = Packed::new(&model.config, model.weights.storage().as_slice());
-    pg_gpt2::write_archive(out, entries, &packed, &model.config, &mut || {
+    pg_gpt2::write_archive(out, entries, params, cfg, &mut || {
         pgrx::check_for_interrupts!();
         Ok(())
     })
@@ -180,104 +185,102 @@ fn pg_llm_export_safetensors(
                 "max_shard_size must be positive, got {max_shard} (default {DEFAULT_SHARD_BYTES})"
             )));
         }
-        let (loaded, plan) = planned(args::model_name(model, "model")?)?;
-        let mut staged = StagedFiles::default();
-        if path.extension().is_some_and(|e| e == "safetensors") {
-            let written = write_file(&mut staged, &path, &loaded, &plan.tensors, false)?;
+        with_plan(args::model_name(model, "model")?, |cfg, plan, params| {
+            let mut staged = StagedFiles::default();
+            let mut out = Output {
+                staged: &mut staged,
+                cfg,
+                params,
+            };
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                let written = out.safetensors(&path, &plan.tensors, false)?;
+                staged.commit()?;
+                return Ok(written.bytes as i64);
+            }
+            let (written, names) = out.directory(&path, plan, max_shard as u64)?;
             staged.commit()?;
-            return Ok(written.bytes as i64);
-        }
-        let (written, names) =
-            write_directory(&mut staged, &path, &loaded, &plan, max_shard as u64)?;
-        staged.commit()?;
-        remove_stale_weights(&path, &names)?;
-        Ok(written as i64)
+            remove_stale_weights(&path, &names)?;
+            Ok(written as i64)
+        })
     })
 }
 
-/// One safetensors file; with `manifest`, its tensors' manifest entries too.
-fn write_file(
-    staged: &mut StagedFiles,
-    path: &Path,
-    model: &Model,
-    tensors: &[export::Planned],
-    manifest: bool,
-) -> Result<export::Written> {
-    let file = staged.create(path)?;
-    let mut out = BufWriter::with_capacity(8 << 20, file);
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string());
-    let written = write(
-        &mut out,
-        model,
-        tensors,
-        name.as_deref().filter(|_| manifest),
-    )?;
-    out.flush()
-        .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
-    Ok(written)
-}
-
-fn write_json(staged: &mut StagedFiles, path: &Path, json: &serde_json::Value) -> Result<u64> {
-    let text = serde_json::to_vec_pretty(json)
-        .map_err(|e| EngineError::Internal(format!("{}: {e}", path.display())))?;
-    write_bytes(staged, path, &text)
-}
-
-fn write_bytes(staged: &mut StagedFiles, path: &Path, bytes: &[u8]) -> Result<u64> {
-    staged
-        .create(path)?
-        .write_all(bytes)
-        .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
-    Ok(bytes.len() as u64)
+/// Where a path-form export writes: staged files, filled from the model's tables.
+struct Output<'a> {
+    staged: &'a mut StagedFiles,
+    cfg: &'a ModelConfig,
+    params: &'a mut TableTensors,
 }
 
 /// The tensor manifest of a folder export.
 const MANIFEST: &str = "model.manifest.jsonl";
 
-fn write_directory(
-    staged: &mut StagedFiles,
-    dir: &Path,
-    model: &Model,
-    plan: &Plan,
-    max_shard: u64,
-) -> Result<(u64, Vec<String>)> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        EngineError::Io(format!(
-            "could not create directory \"{}\": {e}",
-            dir.display()
-        ))
-    })?;
-    let mut written = write_json(staged, &dir.join("config.json"), &plan.config)?;
-    let shards = export::shards(&plan.tensors, max_shard);
-    let mut names = Vec::new();
-    let mut entries = Vec::new();
-    let mut add = |w: export::Written| {
-        written += w.bytes;
-        entries.extend(w.entries);
-    };
-    if shards.len() == 1 {
-        names.push("model.safetensors".to_string());
-        add(write_file(
-            staged,
-            &dir.join(&names[0]),
-            model,
-            shards[0],
-            true,
-        )?);
-    } else {
+impl Output<'_> {
+    /// One safetensors file; with `manifest`, its tensors' manifest entries too.
+    fn safetensors(
+        &mut self,
+        path: &Path,
+        tensors: &[export::Planned],
+        manifest: bool,
+    ) -> Result<export::Written> {
+        let file = self.staged.create(path)?;
+        let mut out = BufWriter::with_capacity(8 << 20, file);
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+        let manifest_file = name.as_deref().filter(|_| manifest);
+        let written = write(&mut out, self.cfg, tensors, self.params, manifest_file)?;
+        out.flush()
+            .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
+        Ok(written)
+    }
+
+    fn json(&mut self, path: &Path, json: &serde_json::Value) -> Result<u64> {
+        let text = serde_json::to_vec_pretty(json)
+            .map_err(|e| EngineError::Internal(format!("{}: {e}", path.display())))?;
+        self.bytes(path, &text)
+    }
+
+    fn bytes(&mut self, path: &Path, bytes: &[u8]) -> Result<u64> {
+        self.staged
+            .create(path)?
+            .write_all(bytes)
+            .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
+        Ok(bytes.len() as u64)
+    }
+
+    /// config.json, the weights (one file or shards with their index) and the manifest;
+    /// returns the bytes written and the weight files' names.
+    fn directory(&mut self, dir: &Path, plan: &Plan, max_shard: u64) -> Result<(u64, Vec<String>)> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            EngineError::Io(format!(
+                "could not create directory \"{}\": {e}",
+                dir.display()
+            ))
+        })?;
+        let mut written = self.json(&dir.join("config.json"), &plan.config)?;
+        let shards = export::shards(&plan.tensors, max_shard);
+        let mut names = Vec::new();
+        let mut entries = Vec::new();
         for (k, shard) in shards.iter().enumerate() {
-            let name = export::shard_file_name(k + 1, shards.len());
-            add(write_file(staged, &dir.join(&name), model, shard, true)?);
+            let name = if shards.len() == 1 {
+                "model.safetensors".to_string()
+            } else {
+                export::shard_file_name(k + 1, shards.len())
+            };
+            let w = self.safetensors(&dir.join(&name), shard, true)?;
+            written += w.bytes;
+            entries.extend(w.entries);
             names.push(name);
         }
-        let index = export::shard_index(&shards);
-        names.push("model.safetensors.index.json".to_string());
-        written += write_json(staged, &dir.join("model.safetensors.index.json"), &index)?;
+        if shards.len() > 1 {
+            let index = export::shard_index(&shards);
+            names.push("model.safetensors.index.json".to_string());
+            written += self.json(&dir.join("model.safetensors.index.json"), &index)?;
+        }
+        // The manifest: every tensor's byte range and checksum (formats::manifest).
+        let manifest = pg_llm_engine::formats::manifest::to_jsonl(&entries);
+        written += self.bytes(&dir.join(MANIFEST), manifest.as_bytes())?;
+        Ok((written, names))
     }
-    // The manifest: every tensor's byte range and checksum (formats::manifest).
-    let manifest = pg_llm_engine::formats::manifest::to_jsonl(&entries);
-    written += write_bytes(staged, &dir.join(MANIFEST), manifest.as_bytes())?;
-    Ok((written, names))
 }
 
 /// A previous export's weight files that the new one did not replace would shadow or mix

@@ -53,9 +53,10 @@ pub struct Plan {
     pub tensors: Vec<Planned>,
 }
 
-/// Read access to a model's canonical tensors by name.
+/// A model's canonical tensors, fetched by name as the export needs them (a recipe uses at
+/// most three), so a source can read them from storage one at a time.
 pub trait Canonical {
-    fn tensor(&self, name: &str) -> Result<&[f32]>;
+    fn fetch(&mut self, name: &str) -> Result<Vec<f32>>;
 }
 
 /// The family a model exports to: its own, or for pg_gpt3's GPT-3 models GPT-2 (all layers
@@ -79,7 +80,7 @@ pub fn target_family(stored: Family, cfg: &ModelConfig) -> Family {
 
 /// Plans the export of a model of family `stored` with configuration `cfg`. Value checks (a
 /// GPT-3 model's query biases for GPT-Neo) read `params`; nothing else is read.
-pub fn plan(stored: Family, cfg: &ModelConfig, params: &dyn Canonical) -> Result<Plan> {
+pub fn plan(stored: Family, cfg: &ModelConfig, params: &mut dyn Canonical) -> Result<Plan> {
     cfg.validate()?;
     let family = target_family(stored, cfg);
     check_expressible(family, cfg)?;
@@ -165,7 +166,7 @@ pub fn plan(stored: Family, cfg: &ModelConfig, params: &dyn Canonical) -> Result
             tensors.push(planned);
         }
         if neo_from_gpt3 && cfg.qkv_bias {
-            let b_q = params.tensor(&canonical("attn.q_proj.bias"))?;
+            let b_q = params.fetch(&canonical("attn.q_proj.bias"))?;
             if let Some(at) = b_q.iter().position(|&v| v != 0.0) {
                 return Err(EngineError::invalid(format!(
                     "layer {i} has a non-zero query bias (element {at} is {}); its locally banded \
@@ -217,26 +218,34 @@ fn check_expressible(family: Family, cfg: &ModelConfig) -> Result<()> {
 
 impl Planned {
     /// Makes this tensor's values from the model's canonical tensors.
-    pub fn values(&self, params: &dyn Canonical, cfg: &ModelConfig) -> Result<Vec<f32>> {
+    pub fn values(&self, params: &mut dyn Canonical, cfg: &ModelConfig) -> Result<Vec<f32>> {
         let numel: usize = self.shape.iter().product();
         let (d, da) = (cfg.d_model, cfg.d_attn());
         let values = match &self.recipe {
-            Recipe::Copy(name) => params.tensor(name)?[..numel].to_vec(),
+            Recipe::Copy(name) => {
+                let mut values = params.fetch(name)?;
+                values.truncate(numel);
+                values
+            }
             Recipe::Transpose(name) => {
                 let (rows, cols) = (self.shape[1], self.shape[0]);
-                crate::kernels::elementwise::transpose(params.tensor(name)?, rows, cols)?
+                crate::kernels::elementwise::transpose(&params.fetch(name)?, rows, cols)?
             }
-            Recipe::Scaled(name, k) => params.tensor(name)?.iter().map(|v| v * k).collect(),
+            Recipe::Scaled(name, k) => {
+                let mut values = params.fetch(name)?;
+                values.iter_mut().for_each(|v| *v *= k);
+                values
+            }
             Recipe::FoldedOutBias(i) => {
-                let b_o = params.tensor(&format!("layers.{i}.attn.out_proj.bias"))?;
-                let w_o = params.tensor(&format!("layers.{i}.attn.out_proj.weight"))?;
-                let b_v = params.tensor(&format!("layers.{i}.attn.v_proj.bias"))?;
+                let b_o = params.fetch(&format!("layers.{i}.attn.out_proj.bias"))?;
+                let w_o = params.fetch(&format!("layers.{i}.attn.out_proj.weight"))?;
+                let b_v = params.fetch(&format!("layers.{i}.attn.v_proj.bias"))?;
                 b_o.iter()
                     .zip(w_o.chunks_exact(da))
                     .map(|(&b, row)| {
                         let dot: f64 = row
                             .iter()
-                            .zip(b_v)
+                            .zip(&b_v)
                             .map(|(&w, &v)| w as f64 * v as f64)
                             .sum();
                         (b as f64 + dot) as f32
@@ -244,12 +253,12 @@ impl Planned {
                     .collect()
             }
             Recipe::FusedQkv { layer, bias } => {
-                let part = |q: &str, kind: &str| -> Result<Vec<f32>> {
+                let mut part = |q: &str, kind: &str| -> Result<Vec<f32>> {
                     let name = format!("layers.{layer}.attn.{q}.{kind}");
                     if kind == "bias" && !cfg.qkv_bias {
                         return Ok(vec![0.0; da]);
                     }
-                    params.tensor(&name).map(<[f32]>::to_vec)
+                    params.fetch(&name)
                 };
                 if *bias {
                     let mut out = Vec::with_capacity(3 * da);
@@ -367,9 +376,9 @@ pub fn config_json(family: Family, cfg: &ModelConfig) -> Value {
 }
 
 impl Canonical for super::TensorMap {
-    fn tensor(&self, name: &str) -> Result<&[f32]> {
+    fn fetch(&mut self, name: &str) -> Result<Vec<f32>> {
         self.get(name)
-            .map(|(_, values)| values.as_slice())
+            .map(|(_, values)| values.clone())
             .ok_or_else(|| EngineError::data(format!("the model has no parameter \"{name}\"")))
     }
 }
@@ -392,10 +401,11 @@ impl<'a> Packed<'a> {
 }
 
 impl Canonical for Packed<'_> {
-    fn tensor(&self, name: &str) -> Result<&[f32]> {
+    fn fetch(&mut self, name: &str) -> Result<Vec<f32>> {
         self.ranges
             .get(name)
             .and_then(|r| self.data.get(r.clone()))
+            .map(<[f32]>::to_vec)
             .ok_or_else(|| EngineError::data(format!("the model has no parameter \"{name}\"")))
     }
 }
@@ -419,7 +429,7 @@ pub struct Written {
 pub fn write_safetensors(
     out: &mut dyn std::io::Write,
     tensors: &[Planned],
-    params: &dyn Canonical,
+    params: &mut dyn Canonical,
     cfg: &ModelConfig,
     manifest_file: Option<&str>,
     between: &mut dyn FnMut() -> Result<()>,
@@ -438,10 +448,7 @@ pub fn write_safetensors(
     for t in tensors {
         between()?;
         let values = t.values(params, cfg)?;
-        let mut bytes = Vec::with_capacity(values.len() * 4);
-        for v in &values {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
+        let bytes = crate::tensor::le_bytes(&values);
         out.write_all(&bytes).map_err(io)?;
         if let Some(file) = manifest_file {
             written.entries.push(super::manifest::Entry {

@@ -10,14 +10,15 @@
 //! of `file` (a path relative to the manifest's directory), little-endian values of `dtype`
 //! (F32, F16, BF16 or F64) in row-major order, and `sha256` is the digest of exactly those
 //! bytes. Export writes one beside a folder's safetensors files (the ranges then point into
-//! them); import accepts one in place of a checkpoint, verifies every digest while reading and
-//! writes nothing unless every tensor checks out. Names are those of the checkpoint's family.
+//! them); import accepts one in place of a checkpoint and verifies every digest before it
+//! writes anything (`checkpoint::verify`), and again as it reads each tensor. Names are those
+//! of the checkpoint's family.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::TensorMap;
 use crate::error::{EngineError, Result};
+use safetensors::Dtype;
 
 /// One line of a manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,14 +33,20 @@ pub struct Entry {
     pub sha256: String,
 }
 
-/// Bytes per value of a manifest dtype.
-fn dtype_size(dtype: &str) -> Option<u64> {
-    match dtype {
-        "F32" => Some(4),
-        "F16" | "BF16" => Some(2),
-        "F64" => Some(8),
+/// The float dtype a manifest names, with safetensors' spelling.
+fn parse_dtype(name: &str) -> Option<Dtype> {
+    match name {
+        "F32" => Some(Dtype::F32),
+        "F16" => Some(Dtype::F16),
+        "BF16" => Some(Dtype::BF16),
+        "F64" => Some(Dtype::F64),
         _ => None,
     }
+}
+
+/// The dtype of an entry that `parse` accepted.
+pub fn dtype(name: &str) -> Dtype {
+    parse_dtype(name).unwrap_or(Dtype::F64)
 }
 
 /// Lower-case hex SHA-256 of `bytes`.
@@ -64,12 +71,14 @@ pub fn parse(text: &str) -> Result<Vec<Entry>> {
     {
         let n = i + 1;
         let e: Entry = serde_json::from_str(line).map_err(|err| bad(n, err.to_string()))?;
-        let size = dtype_size(&e.dtype).ok_or_else(|| {
-            bad(
-                n,
-                format!("unknown dtype \"{}\" (F32, F16, BF16, F64)", e.dtype),
-            )
-        })?;
+        let size = parse_dtype(&e.dtype)
+            .map(|d| d.bitsize() as u64 / 8)
+            .ok_or_else(|| {
+                bad(
+                    n,
+                    format!("unknown dtype \"{}\" (F32, F16, BF16, F64)", e.dtype),
+                )
+            })?;
         let numel = e
             .shape
             .iter()
@@ -145,48 +154,6 @@ pub fn to_jsonl(entries: &[Entry]) -> String {
         .collect()
 }
 
-/// Decodes one entry's bytes (as read from its file) after checking their length and digest.
-pub fn decode(e: &Entry, bytes: &[u8]) -> Result<Vec<f32>> {
-    if bytes.len() as u64 != e.length {
-        return Err(EngineError::data(format!(
-            "\"{}\": {} bytes at offset {} of \"{}\" could not be read ({} available)",
-            e.name,
-            e.length,
-            e.offset,
-            e.file,
-            bytes.len()
-        )));
-    }
-    let digest = sha256_hex(bytes);
-    if digest != e.sha256.to_ascii_lowercase() {
-        return Err(EngineError::data(format!(
-            "\"{}\" in \"{}\" does not match its manifest checksum (sha256 {digest}, manifest {})",
-            e.name, e.file, e.sha256
-        )));
-    }
-    let dtype = match e.dtype.as_str() {
-        "F32" => safetensors::Dtype::F32,
-        "F16" => safetensors::Dtype::F16,
-        "BF16" => safetensors::Dtype::BF16,
-        _ => safetensors::Dtype::F64,
-    };
-    super::safetensors::decode_floats(dtype, bytes, &format!("tensor \"{}\"", e.name))
-}
-
-/// Reads every entry through `read` (the bytes of an entry's range) into named tensors.
-/// Stops at the first problem; nothing is returned unless every tensor checked out.
-pub fn read_tensors(
-    entries: &[Entry],
-    read: &mut dyn FnMut(&Entry) -> Result<Vec<u8>>,
-) -> Result<TensorMap> {
-    let mut out = TensorMap::new();
-    for e in entries {
-        let values = decode(e, &read(e)?)?;
-        out.insert(e.name.clone(), (e.shape.clone(), values));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,28 +174,30 @@ mod tests {
 
     #[test]
     fn round_trip_and_checksums() {
+        use super::super::checkpoint::{self, Blobs};
         let (a, a_bytes) = entry("a", "x.bin", 0, &[1.0, 2.0]);
         let (b, b_bytes) = entry("b", "sub/y.bin", 16, &[3.5]);
         let text = to_jsonl(&[a.clone(), b.clone()]);
         assert_eq!(text.lines().count(), 2);
         let parsed = parse(&text).unwrap();
         assert_eq!(parsed, vec![a.clone(), b.clone()]);
-        let map = read_tensors(&parsed, &mut |e| {
-            Ok(if e.name == "a" {
-                a_bytes.clone()
-            } else {
-                b_bytes.clone()
-            })
-        })
-        .unwrap();
-        assert_eq!(map["a"], (vec![2], vec![1.0, 2.0]));
-        assert_eq!(map["b"], (vec![1], vec![3.5]));
+        let y = [vec![0u8; 16], b_bytes].concat();
+        let read = |bytes: &[u8], y: &[u8], e: &Entry| {
+            let mut files = Blobs(std::collections::HashMap::from([
+                ("dir/x.bin".to_string(), bytes),
+                ("dir/sub/y.bin".to_string(), y),
+            ]));
+            let stored = checkpoint::manifest_tensors(vec![e.clone()], |f| format!("dir/{f}"));
+            checkpoint::read(&mut files, &stored[0])
+        };
+        assert_eq!(read(&a_bytes, &y, &a).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(read(&a_bytes, &y, &b).unwrap(), vec![3.5]);
         // One flipped byte: refused, naming the tensor.
         let mut corrupt = a_bytes.clone();
         corrupt[3] ^= 1;
-        let err = decode(&a, &corrupt).unwrap_err().to_string();
+        let err = read(&corrupt, &y, &a).unwrap_err().to_string();
         assert!(err.contains("\"a\"") && err.contains("checksum"), "{err}");
-        assert!(decode(&a, &a_bytes[..4]).is_err(), "a short read");
+        assert!(read(&a_bytes[..4], &y, &a).is_err(), "a short read");
         // Half precision widens to float32.
         let half_bytes: Vec<u8> = [1.5f32, -2.0]
             .iter()
@@ -241,7 +210,7 @@ mod tests {
             sha256: sha256_hex(&half_bytes),
             ..a
         };
-        assert_eq!(decode(&h, &half_bytes).unwrap(), vec![1.5, -2.0]);
+        assert_eq!(read(&half_bytes, &y, &h).unwrap(), vec![1.5, -2.0]);
     }
 
     #[test]

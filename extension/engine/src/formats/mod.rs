@@ -1,6 +1,7 @@
 //! Checkpoint formats and the mapping of each model family's tensor names and layouts onto
 //! pg_gpt3's canonical parameters.
 
+pub mod checkpoint;
 pub mod export;
 pub mod hf_config;
 pub mod manifest;

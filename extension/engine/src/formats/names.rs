@@ -217,140 +217,245 @@ pub(super) fn layout(family: Family) -> Option<Layout> {
     }
 }
 
-fn transpose(shape: &[usize], data: &[f32]) -> Result<(Vec<usize>, Vec<f32>)> {
-    if shape.len() != 2 {
-        return Err(EngineError::invalid(format!(
-            "expected a matrix, got shape {}",
-            crate::tensor::shape_str(shape)
-        )));
-    }
-    let t = crate::kernels::elementwise::transpose(data, shape[0], shape[1])?;
-    Ok((vec![shape[1], shape[0]], t))
+/// What one checkpoint tensor becomes: the canonical tensors it holds, with their shapes,
+/// known before any value is read.
+pub struct Mapped {
+    pub source: String,
+    pub targets: Vec<(String, Vec<usize>)>,
+    how: How,
 }
 
-/// Maps a checkpoint's tensors onto canonical names, checking nothing is left unexplained.
-/// Tied output layers (`lm_head.weight` equal to the embedding) are dropped when `cfg` ties.
-pub fn to_canonical(family: Family, cfg: &ModelConfig, mut src: TensorMap) -> Result<TensorMap> {
-    let Some(lay) = layout(family) else {
-        return Ok(src);
+enum How {
+    Same,
+    /// [in, out] → [out, in].
+    Transpose,
+    /// GPT-2's c_attn weight [d, 3·da] (Conv1D): transposed, then q | k | v row blocks.
+    SplitConv1dQkv,
+    /// Consecutive blocks of `da` rows (or values) each.
+    SplitRows,
+    /// Megatron-LM's fused rows, `width` values each, in the checkpoint version's order.
+    SplitFused(super::hf_config::QkvOrder, usize),
+}
+
+/// Maps checkpoint tensor `full` of `shape` onto canonical names: None for what a model does
+/// not store (buffers, a tied output layer). Shapes the rule needs are checked here; the
+/// canonical shapes are checked against the model by the caller (`stream`).
+pub fn map_tensor(
+    family: Family,
+    cfg: &ModelConfig,
+    full: &str,
+    shape: &[usize],
+) -> Result<Option<Mapped>> {
+    let mapped = |targets: Vec<(String, Vec<usize>)>, how| {
+        Ok(Some(Mapped {
+            source: full.to_string(),
+            targets,
+            how,
+        }))
     };
-    let mut out = TensorMap::new();
+    let Some(lay) = layout(family) else {
+        return mapped(vec![(full.to_string(), shape.to_vec())], How::Same);
+    };
     let da = cfg.d_attn();
-    // Sorted, so the first offending tensor named in an error is always the same one.
-    let mut names: Vec<String> = src.keys().cloned().collect();
-    names.sort();
-    for full in names {
-        let (shape, data) = src.remove(&full).expect("present");
-        let name = respell(
-            family,
-            lay.prefixes
-                .iter()
-                .find_map(|p| full.strip_prefix(p))
-                .unwrap_or(&full),
-        );
-        let name = name.as_str();
-        // Global tensors.
-        if let Some((_, target)) = lay.global.iter().find(|(s, _)| *s == name || full == *s) {
-            if *target == "lm_head.weight" && cfg.tied_head {
-                continue;
-            }
-            out.insert(target.to_string(), (shape, data));
-            continue;
+    let name = respell(
+        family,
+        lay.prefixes
+            .iter()
+            .find_map(|p| full.strip_prefix(p))
+            .unwrap_or(full),
+    );
+    let name = name.as_str();
+    // Global tensors.
+    if let Some((_, target)) = lay.global.iter().find(|(s, _)| *s == name || full == *s) {
+        if *target == "lm_head.weight" && cfg.tied_head {
+            return Ok(None);
         }
-        // Per-layer tensors: "<layer>{i}.<suffix>".
-        let layer_part = name.strip_prefix(lay.layer).and_then(|rest| {
+        return mapped(vec![(target.to_string(), shape.to_vec())], How::Same);
+    }
+    // Per-layer tensors: "<layer>{i}.<suffix>".
+    let not_part = || {
+        EngineError::invalid(format!(
+            "checkpoint tensor \"{full}\" is not part of a {} model",
+            family.name()
+        ))
+    };
+    let (i, suffix) = name
+        .strip_prefix(lay.layer)
+        .and_then(|rest| {
             let (idx, suffix) = rest.split_once('.')?;
             Some((idx.parse::<usize>().ok()?, suffix))
-        });
-        let Some((i, suffix)) = layer_part else {
-            return Err(EngineError::invalid(format!(
-                "checkpoint tensor \"{full}\" is not part of a {} model",
-                family.name()
-            )));
-        };
-        if i >= cfg.n_layer {
-            return Err(EngineError::invalid(format!(
-                "checkpoint tensor \"{full}\" belongs to layer {i}, but the model has {} layers",
-                cfg.n_layer
-            )));
-        }
-        let Some((_, rule)) = lay.layer_rules.iter().find(|(s, _)| *s == suffix) else {
-            return Err(EngineError::invalid(format!(
-                "checkpoint tensor \"{full}\" is not part of a {} model",
-                family.name()
-            )));
-        };
-        let target = |s: &str| format!("layers.{i}.{s}");
-        match rule {
-            Rule::Rename(t) => {
-                out.insert(target(t), (shape, data));
+        })
+        .ok_or_else(not_part)?;
+    if i >= cfg.n_layer {
+        return Err(EngineError::invalid(format!(
+            "checkpoint tensor \"{full}\" belongs to layer {i}, but the model has {} layers",
+            cfg.n_layer
+        )));
+    }
+    let (_, rule) = lay
+        .layer_rules
+        .iter()
+        .find(|(s, _)| *s == suffix)
+        .ok_or_else(not_part)?;
+    let target = |s: &str| format!("layers.{i}.{s}");
+    let qkv = |kind: &str, shape: Vec<usize>| -> Vec<(String, Vec<usize>)> {
+        ["q_proj", "k_proj", "v_proj"]
+            .iter()
+            .map(|q| (target(&format!("attn.{q}.{kind}")), shape.clone()))
+            .collect()
+    };
+    match rule {
+        Rule::Rename(t) => mapped(vec![(target(t), shape.to_vec())], How::Same),
+        Rule::Transpose(t) => match shape {
+            [rows, cols] => mapped(vec![(target(t), vec![*cols, *rows])], How::Transpose),
+            _ => Err(EngineError::invalid(format!(
+                "\"{full}\" has shape {}, expected a matrix",
+                crate::tensor::shape_str(shape)
+            ))),
+        },
+        Rule::Ignore => Ok(None),
+        Rule::SplitQkv => match shape {
+            // Conv1D [d, 3·da]: transposed to [3·da, d], q, k, v are consecutive row blocks.
+            [d, cols] if *cols == 3 * da => {
+                mapped(qkv("weight", vec![da, *d]), How::SplitConv1dQkv)
             }
-            Rule::Transpose(t) => {
-                out.insert(target(t), transpose(&shape, &data)?);
-            }
-            Rule::Ignore => {}
-            Rule::SplitQkv if shape.len() == 2 => {
-                // Conv1D [d, 3·da]: transpose to [3·da, d], then q, k, v are consecutive row blocks.
-                if shape[1] != 3 * da {
-                    return Err(EngineError::invalid(format!(
-                        "\"{full}\" has {} columns, expected 3·{da}",
-                        shape[1]
-                    )));
+            [n] if *n == 3 * da => mapped(qkv("bias", vec![da]), How::SplitRows),
+            _ => Err(EngineError::invalid(format!(
+                "\"{full}\" has shape {}, expected [d, 3·{da}] or [3·{da}]",
+                crate::tensor::shape_str(shape)
+            ))),
+        },
+        Rule::SplitFusedQkv => {
+            let Family::Megatron(order) = family else {
+                return Err(EngineError::Internal("fused QKV outside Megatron".into()));
+            };
+            match shape {
+                [rows, width] if *rows == 3 * da => mapped(
+                    qkv("weight", vec![da, *width]),
+                    How::SplitFused(order, *width),
+                ),
+                [rows] if *rows == 3 * da => {
+                    mapped(qkv("bias", vec![da]), How::SplitFused(order, 1))
                 }
-                let (tshape, t) = transpose(&shape, &data)?;
-                let d = tshape[1];
-                for (k, q) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                    out.insert(
-                        target(&format!("attn.{q}.weight")),
-                        (vec![da, d], t[k * da * d..(k + 1) * da * d].to_vec()),
-                    );
-                }
-            }
-            Rule::SplitFusedQkv => {
-                let Family::Megatron(order) = family else {
-                    return Err(EngineError::Internal("fused QKV outside Megatron".into()));
-                };
-                let width = if shape.len() == 2 { shape[1] } else { 1 };
-                if shape.first() != Some(&(3 * da)) || shape.len() > 2 {
-                    return Err(EngineError::invalid(format!(
-                        "\"{full}\" has shape {}, expected [3·{da}{}]",
-                        crate::tensor::shape_str(&shape),
-                        if shape.len() == 2 { ", d" } else { "" }
-                    )));
-                }
-                let kind = if shape.len() == 2 { "weight" } else { "bias" };
-                let (heads, dh) = (cfg.n_head, cfg.d_head);
-                for (part, q) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                    let mut t = Vec::with_capacity(da * width);
-                    for head in 0..heads {
-                        for j in 0..dh {
-                            let row = order.fused_row(part, head, j, heads, dh);
-                            t.extend_from_slice(&data[row * width..(row + 1) * width]);
-                        }
-                    }
-                    let shape = if kind == "weight" {
-                        vec![da, width]
-                    } else {
-                        vec![da]
-                    };
-                    out.insert(target(&format!("attn.{q}.{kind}")), (shape, t));
-                }
-            }
-            Rule::SplitQkv => {
-                if shape != [3 * da] {
-                    return Err(EngineError::invalid(format!(
-                        "\"{full}\" has {} values, expected 3·{da}",
-                        data.len()
-                    )));
-                }
-                for (k, q) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                    out.insert(
-                        target(&format!("attn.{q}.bias")),
-                        (vec![da], data[k * da..(k + 1) * da].to_vec()),
-                    );
-                }
+                _ => Err(EngineError::invalid(format!(
+                    "\"{full}\" has shape {}, expected [3·{da}, d] or [3·{da}]",
+                    crate::tensor::shape_str(shape)
+                ))),
             }
         }
     }
+}
+
+impl Mapped {
+    /// The canonical tensors made from the source tensor's values (of the shape it was mapped
+    /// with), in `targets` order.
+    pub fn apply(&self, cfg: &ModelConfig, data: Vec<f32>) -> Result<Vec<Vec<f32>>> {
+        let da = cfg.d_attn();
+        let split = |rows: &[f32], n: usize| -> Vec<Vec<f32>> {
+            rows.chunks_exact(n).map(<[f32]>::to_vec).collect()
+        };
+        Ok(match &self.how {
+            How::Same => vec![data],
+            How::Transpose => {
+                let [rows, cols] = self.targets[0].1[..] else {
+                    return Err(EngineError::Internal("transpose of a non-matrix".into()));
+                };
+                vec![crate::kernels::elementwise::transpose(&data, cols, rows)?]
+            }
+            How::SplitConv1dQkv => {
+                let d = self.targets[0].1[1];
+                let t = crate::kernels::elementwise::transpose(&data, d, 3 * da)?;
+                split(&t, da * d)
+            }
+            How::SplitRows => split(&data, da),
+            How::SplitFused(order, width) => {
+                let (heads, dh) = (cfg.n_head, cfg.d_head);
+                (0..3)
+                    .map(|part| {
+                        let mut t = Vec::with_capacity(da * width);
+                        for head in 0..heads {
+                            for j in 0..dh {
+                                let row = order.fused_row(part, head, j, heads, dh);
+                                t.extend_from_slice(&data[row * width..(row + 1) * width]);
+                            }
+                        }
+                        t
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
+/// Maps every tensor of a checkpoint (names and shapes, `shapes`) onto canonical names and
+/// checks the result against `cfg` — every parameter present once with its shape, nothing
+/// left over — before any value is read; then reads each source tensor through `read`,
+/// converts it and hands each canonical tensor to `sink`, one source tensor in memory at a
+/// time. Returns the number of values handed over.
+pub fn stream(
+    family: Family,
+    cfg: &ModelConfig,
+    shapes: &[(String, Vec<usize>)],
+    read: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
+    sink: &mut dyn FnMut(&str, &[usize], Vec<f32>) -> Result<()>,
+) -> Result<u64> {
+    // Sorted, so the first offending tensor named in an error is always the same one.
+    let mut sorted: Vec<&(String, Vec<usize>)> = shapes.iter().collect();
+    sorted.sort();
+    let mut plan = Vec::new();
+    let mut canonical = std::collections::HashMap::new();
+    for (name, shape) in sorted {
+        let Some(m) = map_tensor(family, cfg, name, shape)? else {
+            continue;
+        };
+        for (target, shape) in &m.targets {
+            if canonical.insert(target.clone(), shape.clone()).is_some() {
+                return Err(EngineError::invalid(format!(
+                    "the checkpoint holds parameter \"{target}\" twice (again as \"{name}\")"
+                )));
+            }
+        }
+        plan.push(m);
+    }
+    crate::model::check_shapes(cfg, &canonical)?;
+    let mut values = 0u64;
+    for m in plan {
+        let data = read(&m.source)?;
+        let numel: usize = shapes
+            .iter()
+            .find(|(n, _)| *n == m.source)
+            .map_or(0, |(_, s)| s.iter().product());
+        if data.len() != numel {
+            return Err(EngineError::data(format!(
+                "checkpoint tensor \"{}\" holds {} values, its shape {numel}",
+                m.source,
+                data.len()
+            )));
+        }
+        for ((target, shape), part) in m.targets.iter().zip(m.apply(cfg, data)?) {
+            values += part.len() as u64;
+            sink(target, shape, part)?;
+        }
+    }
+    Ok(values)
+}
+
+/// `stream` over tensors in memory: a checkpoint's tensors → canonical tensors.
+pub fn to_canonical(family: Family, cfg: &ModelConfig, mut src: TensorMap) -> Result<TensorMap> {
+    let shapes: Vec<(String, Vec<usize>)> = src
+        .iter()
+        .map(|(n, (s, _))| (n.clone(), s.clone()))
+        .collect();
+    let mut out = TensorMap::new();
+    stream(
+        family,
+        cfg,
+        &shapes,
+        &mut |name| Ok(src.remove(name).map(|(_, d)| d).unwrap_or_default()),
+        &mut |name, shape, data| {
+            out.insert(name.to_string(), (shape.to_vec(), data));
+            Ok(())
+        },
+    )?;
     Ok(out)
 }

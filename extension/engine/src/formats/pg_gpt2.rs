@@ -285,7 +285,7 @@ pub fn archive_entries(
 pub fn write_archive(
     out: &mut dyn Write,
     entries: &[(String, &super::export::Planned)],
-    params: &dyn super::export::Canonical,
+    params: &mut dyn super::export::Canonical,
     cfg: &ModelConfig,
     between: &mut dyn FnMut() -> Result<()>,
 ) -> Result<()> {

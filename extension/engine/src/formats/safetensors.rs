@@ -64,7 +64,7 @@ pub fn read_one(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
 /// The header is a JSON object keyed by tensor name. JSON parsers (the safetensors crate's
 /// included) keep the last of repeated keys, so a header naming a tensor twice would import
 /// silently whichever comes last: refuse it. Called on a blob that already parsed.
-fn reject_repeated_names(bytes: &[u8]) -> std::result::Result<(), serde_json::Error> {
+pub(super) fn reject_repeated_names(bytes: &[u8]) -> std::result::Result<(), serde_json::Error> {
     use serde::de::{Deserializer, Error, IgnoredAny, MapAccess, Visitor};
 
     struct UniqueKeys;

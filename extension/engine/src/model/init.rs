@@ -6,12 +6,10 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use rayon::prelude::*;
 
 use super::config::ModelConfig;
 use crate::error::Result;
 use crate::formats::TensorMap;
-use crate::parallel;
 use crate::tensor;
 
 const STD: f32 = 0.02;
@@ -37,37 +35,41 @@ enum Init {
 
 /// Fresh parameters for `cfg`, in canonical names. Reproducible for a given seed.
 pub fn init_params(cfg: &ModelConfig, seed: u64) -> Result<TensorMap> {
-    cfg.validate()?;
-    let specs = cfg.param_specs();
-    let mut sizes = Vec::with_capacity(specs.len());
-    for (name, shape) in &specs {
-        sizes.push(tensor::numel(shape, name)?);
-    }
-    let tensors: Vec<Result<Vec<f32>>> = parallel::install(|| {
-        specs
-            .par_iter()
-            .zip(sizes.par_iter())
-            .enumerate()
-            .map(|(i, ((name, _), &n))| {
-                let mut data = tensor::alloc_zeroed(n)?;
-                match init_of(name, cfg.n_layer) {
-                    Init::Const(c) => data.fill(c),
-                    Init::Normal(std) => {
-                        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                        rng.set_stream(i as u64);
-                        let normal = Normal::new(0.0f32, std).expect("positive std");
-                        data.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
-                    }
-                }
-                Ok(data)
-            })
-            .collect()
-    });
     let mut out = TensorMap::new();
-    for ((name, shape), data) in specs.into_iter().zip(tensors) {
-        out.insert(name, (shape, data?));
-    }
+    init_each(cfg, seed, &mut |name, shape, data| {
+        out.insert(name.to_string(), (shape.to_vec(), data));
+        Ok(())
+    })?;
     Ok(out)
+}
+
+/// `init_params` one tensor at a time: each is made and handed to `sink` in turn, so memory
+/// holds one tensor, whatever the size of the model. Returns the number of values.
+pub fn init_each(
+    cfg: &ModelConfig,
+    seed: u64,
+    sink: &mut dyn FnMut(&str, &[usize], Vec<f32>) -> Result<()>,
+) -> Result<u64> {
+    cfg.validate()?;
+    let mut values = 0;
+    for (i, (name, shape)) in cfg.param_specs().into_iter().enumerate() {
+        let mut data = tensor::alloc_zeroed(tensor::numel(&shape, &name)?)?;
+        match init_of(&name, cfg.n_layer) {
+            Init::Const(c) => data.fill(c),
+            Init::Normal(std) => fill_normal(&mut data, std, seed, i as u64),
+        }
+        values += data.len() as u64;
+        sink(&name, &shape, data)?;
+    }
+    Ok(values)
+}
+
+/// N(0, std) from ChaCha8 stream `stream` of `seed`, drawn in order.
+fn fill_normal(data: &mut [f32], std: f32, seed: u64, stream: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    let normal = Normal::new(0.0f32, std).expect("positive std");
+    data.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
 }
 
 #[cfg(test)]

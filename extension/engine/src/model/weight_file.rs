@@ -8,7 +8,7 @@
 //! 0   8 bytes  magic "PGLLMW\0" + format version (1)
 //! 8   u64      length of the JSON header that follows
 //! 16  JSON     {"owner", "version", "config", "values", "checksum"}
-//! …   zeros up to the next multiple of 4096
+//!          (padded with spaces so that it ends at a multiple of 4096)
 //!     float32 × values, in packing order
 //! ```
 //!
@@ -23,7 +23,7 @@
 //! use, for clean-ups that keep the least recently used files last.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,8 +120,7 @@ pub fn read_id(path: &Path) -> Option<FileId> {
 
 /// Writes `values` (packed for `cfg`) as a weight file at `path`, under a temporary name and
 /// then renamed into place, and returns the weights mapped from it (the caller can free its
-/// copy). Plain writes, not a writable mapping, so a full disk is an error here rather than a
-/// fault later, and no page of the file is zero-filled before being written.
+/// copy).
 pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Result<ModelWeights> {
     if values.len() != packed_len(cfg)? {
         return Err(EngineError::Internal(format!(
@@ -129,43 +128,143 @@ pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Res
             values.len()
         )));
     }
-    let header = Header {
-        id: id.clone(),
-        config: cfg.clone(),
-        values: values.len(),
-        checksum: checksum(values),
-    };
-    let json = serde_json::to_vec(&header).map_err(json)?;
-    let offset = (16 + json.len()).div_ceil(ALIGN) * ALIGN;
-    let mut head = Vec::with_capacity(offset);
-    head.extend_from_slice(MAGIC);
-    head.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    head.extend_from_slice(&json);
-    head.resize(offset, 0);
+    let mut writer = Writer::create(path, &id.owner, cfg)?;
+    writer.write_at(0, values)?;
+    writer.finish_mapped(id.version)
+}
 
-    let tmp = TempFile::new(temp_path(path));
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp.0)
-        .map_err(|e| io(&tmp.0, "create", e))?;
-    lock(&file, false).map_err(|e| io(&tmp.0, "lock", e))?;
-    let body = if cfg!(target_endian = "little") {
-        // SAFETY: reading f32 values as bytes is always valid.
-        std::borrow::Cow::Borrowed(unsafe { values.align_to::<u8>() }.1)
-    } else {
-        std::borrow::Cow::Owned(crate::tensor::encode(values))
+/// A weight file written piece by piece at packed offsets (an import writes each tensor as it
+/// arrives, in whatever order), so no buffer of the whole model is ever needed. Plain writes,
+/// not a writable mapping, so a full disk is an error here rather than a fault later. The
+/// temporary file is removed unless `finish` renamed it into place.
+pub struct Writer {
+    tmp: TempFile,
+    file: File,
+    path: PathBuf,
+    owner: String,
+    cfg: ModelConfig,
+    values: usize,
+    /// Where the values start; the header, written last, is padded to fill the space before.
+    offset: usize,
+}
+
+impl Writer {
+    /// A temporary file sized for `cfg`'s packed values, locked (see `is_abandoned`).
+    pub fn create(path: &Path, owner: &str, cfg: &ModelConfig) -> Result<Self> {
+        let values = packed_len(cfg)?;
+        // The longest header this file can get: the version and checksum have fixed maxima.
+        let longest = header_json(owner, i64::MIN, cfg, values, &"f".repeat(16))?;
+        let offset = (16 + longest.len()).div_ceil(ALIGN) * ALIGN;
+        let tmp = TempFile::new(temp_path(path));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp.0)
+            .map_err(|e| io(&tmp.0, "create", e))?;
+        lock(&file, false).map_err(|e| io(&tmp.0, "lock", e))?;
+        file.set_len((offset + values * 4) as u64)
+            .map_err(|e| io(&tmp.0, "size", e))?;
+        Ok(Self {
+            tmp,
+            file,
+            path: path.to_path_buf(),
+            owner: owner.to_string(),
+            cfg: cfg.clone(),
+            values,
+            offset,
+        })
+    }
+
+    /// Writes `values` at packed position `start`.
+    pub fn write_at(&mut self, start: usize, values: &[f32]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if start + values.len() > self.values {
+            return Err(EngineError::Internal(format!(
+                "values {start}..{} lie outside a packed buffer of {}",
+                start + values.len(),
+                self.values
+            )));
+        }
+        self.file
+            .write_all_at(
+                &crate::tensor::le_bytes(values),
+                (self.offset + start * 4) as u64,
+            )
+            .map_err(|e| io(&self.tmp.0, "write", e))
+    }
+
+    /// Checksums what was written (read back block by block), writes the header naming
+    /// `version` and renames the file to `path` (the one it was created for, or another in
+    /// the same directory once the version is known). Nothing is mapped: this process's
+    /// memory never holds the model.
+    pub fn finish(mut self, path: &Path, version: i64) -> Result<()> {
+        self.write_header(version)?;
+        self.path = path.to_path_buf();
+        self.rename()
+    }
+
+    /// `finish`, returning the weights mapped from the file.
+    pub fn finish_mapped(self, version: i64) -> Result<ModelWeights> {
+        self.write_header(version)?;
+        let storage = map_values(&self.file, &self.tmp.0, self.offset, self.values)?;
+        let cfg = self.cfg.clone();
+        self.rename()?;
+        ModelWeights::from_storage(&cfg, Arc::new(storage))
+    }
+
+    fn write_header(&self, version: i64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut hashes = Vec::new();
+        let mut block = vec![0u8; CHECKSUM_BLOCK];
+        let total = self.values * 4;
+        for at in (0..total).step_by(CHECKSUM_BLOCK) {
+            let n = CHECKSUM_BLOCK.min(total - at);
+            self.file
+                .read_exact_at(&mut block[..n], (self.offset + at) as u64)
+                .map_err(|e| io(&self.tmp.0, "read back", e))?;
+            hashes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&block[..n]).to_le_bytes());
+        }
+        let checksum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&hashes));
+        let mut json = header_json(&self.owner, version, &self.cfg, self.values, &checksum)?;
+        // JSON allows trailing spaces: padded to fill its reserved space, the header ends
+        // where the values start, as `read_header` computes.
+        json.resize(self.offset - 16, b' ');
+        let mut head = Vec::with_capacity(self.offset);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        head.extend_from_slice(&json);
+        self.file
+            .write_all_at(&head, 0)
+            .map_err(|e| io(&self.tmp.0, "write", e))
+    }
+
+    fn rename(self) -> Result<()> {
+        fs::rename(&self.tmp.0, &self.path).map_err(|e| io(&self.path, "rename into", e))?;
+        self.tmp.keep();
+        Ok(())
+    }
+}
+
+fn header_json(
+    owner: &str,
+    version: i64,
+    cfg: &ModelConfig,
+    values: usize,
+    checksum: &str,
+) -> Result<Vec<u8>> {
+    let header = Header {
+        id: FileId {
+            owner: owner.to_string(),
+            version,
+        },
+        config: cfg.clone(),
+        values,
+        checksum: checksum.to_string(),
     };
-    file.write_all(&head)
-        .and_then(|_| file.write_all(&body))
-        .map_err(|e| io(&tmp.0, "write", e))?;
-    let storage = map_values(&file, &tmp.0, offset, values.len())?;
-    fs::rename(&tmp.0, path).map_err(|e| io(path, "rename into", e))?;
-    tmp.keep();
-    ModelWeights::from_storage(cfg, Arc::new(storage))
+    serde_json::to_vec(&header).map_err(json)
 }
 
 fn read_header(file: &mut File) -> std::result::Result<(Header, usize), String> {
@@ -374,6 +473,41 @@ mod tests {
         assert!(is_abandoned(&tmp));
         assert!(!is_abandoned(&final_path));
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn pieces_written_in_any_order_make_the_same_file() {
+        let cfg = tiny_gpt3();
+        let params = init_params(&cfg, 5).unwrap();
+        let whole = ModelWeights::load(&cfg, &mut MapSource::new(params.clone())).unwrap();
+        let d = dir();
+        let (a, b) = (d.join("a.weights"), d.join("b.weights"));
+        let id = FileId {
+            owner: "m".into(),
+            version: 9,
+        };
+        write(&a, &id, &cfg, whole.storage().as_slice()).unwrap();
+        // Tensor by tensor, last first, as an import hands them over.
+        let mut writer = Writer::create(&b, &id.owner, &cfg).unwrap();
+        for (name, range) in crate::model::weights::packed_tensors(&cfg)
+            .into_iter()
+            .rev()
+        {
+            writer.write_at(range.start, &params[&name].1).unwrap();
+        }
+        assert!(writer.write_at(packed_len(&cfg).unwrap(), &[1.0]).is_err());
+        assert!(!b.exists(), "nothing at the final name before finish");
+        writer.finish(&b, id.version).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        let mapped = open(&b, &id, &cfg).unwrap().unwrap();
+        assert_eq!(mapped.storage().as_slice(), whole.storage().as_slice());
+        // Dropped unfinished: no file, no temporary.
+        let c = d.join("c.weights");
+        drop(Writer::create(&c, "m", &cfg).unwrap());
+        assert!(fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .all(|e| e.path() != c && !is_temporary(&e.path())));
     }
 
     #[test]
