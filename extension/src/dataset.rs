@@ -10,7 +10,6 @@
 
 use pg_llm_engine::train::epoch_order;
 use pg_llm_engine::{EngineError, Result};
-use pgrx::spi::SpiHeapTupleData;
 
 use crate::errors::spi_error;
 use crate::spi;
@@ -120,7 +119,7 @@ impl Samples {
 /// Column `col` of `row`, an `int[]` of token ids. The table's constraints keep NULL and
 /// negative ids out; should one appear anyway it becomes an id beyond any vocabulary, which
 /// training refuses with 22023.
-pub fn token_ids(row: &SpiHeapTupleData, col: usize) -> Result<Vec<u32>> {
+pub fn token_ids(row: &crate::spi::Row, col: usize) -> Result<Vec<u32>> {
     let ids: Vec<Option<i32>> = row.get(col).map_err(spi_error)?.unwrap_or_default();
     Ok(ids
         .into_iter()

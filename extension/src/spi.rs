@@ -17,7 +17,7 @@ use pg_llm_engine::{EngineError, Result};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::spi::SpiHeapTupleData;
+use pgrx::spi::{SpiError, SpiErrorCodes, SpiResult};
 
 use crate::errors::spi_error;
 
@@ -63,7 +63,7 @@ impl Drop for PopOnDrop {
 pub fn read(
     sql: &str,
     args: &[DatumWithOid],
-    mut row: impl FnMut(&SpiHeapTupleData) -> Result<()>,
+    mut row: impl FnMut(&Row) -> Result<()>,
 ) -> Result<()> {
     let cmd = CString::new(sql).map_err(|_| EngineError::Internal("query holds a NUL".into()))?;
     let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.oid()).collect();
@@ -100,14 +100,41 @@ pub fn read(
             let Some(table) = table else { return Ok(()) };
             for i in 0..table.numvals as usize {
                 // SAFETY: `vals` holds `numvals` tuples described by `tupdesc`.
-                let tuple = unsafe { SpiHeapTupleData::new(table.tupdesc, *table.vals.add(i)) }
-                    .map_err(spi_error)?
-                    .ok_or_else(|| EngineError::Internal("SPI returned no tuple".into()))?;
-                row(&tuple)?;
+                row(&Row {
+                    tupdesc: table.tupdesc,
+                    tuple: unsafe { *table.vals.add(i) },
+                })?;
             }
             Ok(())
         })
     })
+}
+
+/// One row of a `read`. pgrx's own row type converts values in the memory context above
+/// SPI's, which is the transaction's: a detoasted 256 MB weight chunk would stay there until
+/// the transaction ends, so reading a model tensor by tensor would still hold all of it.
+/// Values here are converted in SPI's context, freed when `read` returns.
+pub struct Row {
+    tupdesc: pg_sys::TupleDesc,
+    tuple: pg_sys::HeapTuple,
+}
+
+impl Row {
+    /// Column `ordinal` (from 1), None when NULL.
+    pub fn get<T: IntoDatum + FromDatum>(&self, ordinal: usize) -> SpiResult<Option<T>> {
+        // SAFETY: `tuple` and `tupdesc` come from the tuple table of the query being read and
+        // live until SPI_finish, after every use of this row; the ordinal is checked first.
+        unsafe {
+            if ordinal < 1 || ordinal > (*self.tupdesc).natts as usize {
+                return Err(SpiError::SpiError(SpiErrorCodes::NoAttribute));
+            }
+            let mut is_null = false;
+            let datum =
+                pg_sys::SPI_getbinval(self.tuple, self.tupdesc, ordinal as i32, &mut is_null);
+            let oid = pg_sys::SPI_gettypeid(self.tupdesc, ordinal as i32);
+            T::try_from_datum(datum, is_null, oid).map_err(SpiError::DatumError)
+        }
+    }
 }
 
 /// The first column of the first row, if any row and the value is not NULL.

@@ -9,7 +9,6 @@ use pg_llm_engine::model::weights::packed_tensors;
 use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig, TensorSource};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
-use pgrx::spi::SpiHeapTupleData;
 use pgrx::PgMemoryContexts;
 
 use crate::errors::spi_error;
@@ -44,7 +43,7 @@ pub fn load_config(model: &str) -> Result<StoredConfig> {
     })
 }
 
-fn config_from_row(row: &SpiHeapTupleData) -> Result<StoredConfig> {
+fn config_from_row(row: &crate::spi::Row) -> Result<StoredConfig> {
     let int = |i: usize| -> Result<usize> {
         Ok(row.get::<i32>(i).map_err(spi_error)?.unwrap_or(0).max(0) as usize)
     };
