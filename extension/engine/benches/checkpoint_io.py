@@ -4,17 +4,18 @@
 1. llm_init_params(model)                          -- make the weights
 2. pg_llm_export_safetensors(folder, model)        -- float32, sharded at 5 GB, with manifest
 3. pg_llm_import_safetensors(folder, copy, config) -- the float32 export back into a new model
-4. the same folder converted here to bfloat16 (round to nearest even, tensor by tensor),
-   imported into another new model                 -- the half-size form GPT-3-era weights ship in
-5. pg_llm_import_safetensors(manifest, copy)       -- the manifest path (every sha256 checked)
+4. pg_llm_import_safetensors(manifest, copy)       -- the manifest path (every sha256 checked)
+5. the folder converted here to bfloat16 (round to nearest even, tensor by tensor) and
+   imported                                        -- the half-size form GPT-3-era weights ship in
 
 For each step: wall time, and the backend's peak resident memory (VmHWM, from /proc) plus
 its peak private (RssAnon) and file-backed (RssFile: weight-file pages mapped) parts sampled
-every 20 ms. The float32 copy's and the bfloat16 copy's deviations from the original's logits are reported.
-A GPT-3 model with banded layers exports as GPT-Neo with GPT-3's score scale folded into the
-query weights, so the float32 copy's logits differ from the original's by float32 rounding;
-the manifest import must equal the folder import exactly. Needs the server on this machine (for /proc) and superuser; disk for
-about four copies of the model (tables, weight files, the export, WAL).
+every 20 ms. Each copy's logits are compared with the original's: a GPT-3 model with banded
+layers exports as GPT-Neo with GPT-3's score scale folded into the query weights, so the
+float32 copy differs by float32 rounding; the manifest import must equal the folder import
+exactly; the bfloat16 copy's deviation is reported. Needs the server on this machine (for
+/proc), superuser, and disk for about six copies of the model (the model's tables and weight
+file, one imported copy's at a time, the export, WAL).
 
     python extension/engine/benches/checkpoint_io.py [--model gpt3-1.3b] [--dir /tmp/ckio] [--json F]
 """
@@ -140,31 +141,35 @@ def main():
 
     n = step("llm_init_params", "SELECT llm_init_params(%s, 1)", (model,))
     print(f"  {n} parameters, {4 * n / 1e9:.2f} GB float32")
+    ids = [464, 3290, 286, 4881, 318, 6342, 13]
+    want = logits(dsn, model, ids)
     step("export (float32 folder)", "SELECT pg_llm_export_safetensors(%s, %s)", (f32_dir, model))
-    config = json.load(open(os.path.join(f32_dir, "config.json")))
-    step("import (float32 folder)", "SELECT pg_llm_import_safetensors(%s, %s, %s)",
-         (f32_dir, copies[0], json.dumps(config)))
+    config = json.dumps(json.load(open(os.path.join(f32_dir, "config.json"))))
+    got = {}
+
+    def import_step(label, path, copy):
+        # Each copy is checked and dropped before the next: disk for one copy at a time.
+        step(label, "SELECT pg_llm_import_safetensors(%s, %s, %s)", (path, copy, config))
+        got[copy] = logits(dsn, copy, ids)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM llm_model_config WHERE model = %s", (copy,))
+            conn.execute("VACUUM llm_param")
+
+    import_step("import (float32 folder)", f32_dir, copies[0])
+    import_step("import (manifest, sha256 checked)", os.path.join(f32_dir, "model.manifest.jsonl"), copies[2])
     t0 = time.perf_counter()
     to_bf16(f32_dir, bf16_dir)
     print(f"  (bfloat16 copy written in {time.perf_counter() - t0:.1f} s)")
-    step("import (bfloat16 folder)", "SELECT pg_llm_import_safetensors(%s, %s, %s)",
-         (bf16_dir, copies[1], json.dumps(config)))
-    step("import (manifest, sha256 checked)", "SELECT pg_llm_import_safetensors(%s, %s, %s)",
-         (os.path.join(f32_dir, "model.manifest.jsonl"), copies[2], json.dumps(config)))
+    import_step("import (bfloat16 folder)", bf16_dir, copies[1])
 
-    ids = [464, 3290, 286, 4881, 318, 6342, 13]
-    want = logits(dsn, model, ids)
-    f32_copy = logits(dsn, copies[0], ids)
-    manifest_same = bool(np.array_equal(f32_copy, logits(dsn, copies[2], ids)))
-    f32_dev = float(np.max(np.abs(f32_copy - want)))
-    bf16_dev = float(np.max(np.abs(logits(dsn, copies[1], ids) - want)))
+    manifest_same = bool(np.array_equal(got[copies[0]], got[copies[2]]))
+    f32_dev = float(np.max(np.abs(got[copies[0]] - want)))
+    bf16_dev = float(np.max(np.abs(got[copies[1]] - want)))
     scale = float(np.max(np.abs(want)))
     print(f"max |logit| {scale:.3g}; max |Δlogit| float32 copy {f32_dev:.3g}, bfloat16 copy {bf16_dev:.3g}; "
           f"manifest import equal to folder import: {manifest_same}")
     sizes = {d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) for d in (f32_dir, bf16_dir)}
     print(f"export folder {sizes[f32_dir] / 1e9:.2f} GB, bfloat16 folder {sizes[bf16_dir] / 1e9:.2f} GB")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("DELETE FROM llm_model_config WHERE model = ANY(%s)", (copies,))
     shutil.rmtree(args.dir, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
