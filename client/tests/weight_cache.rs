@@ -226,6 +226,11 @@ async fn the_cache_keeps_to_its_size_bound() {
         1,
     )
     .await;
+    // Loaded by its first use (an init writes the tables and the file, not this backend's cache).
+    client
+        .execute("SELECT llm_logits('{1}', 'client-bound-d')")
+        .await
+        .unwrap();
     let (mapped, files): (bool, i64) = {
         let row = client
             .raw()
