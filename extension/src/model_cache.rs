@@ -114,14 +114,21 @@ impl Replacement {
         Ok(())
     }
 
-    /// Writes one canonical tensor (names and shapes were checked by the caller).
-    pub fn put(&mut self, name: &str, shape: &[usize], values: Vec<f32>) -> Result<()> {
+    /// Writes values `offset..` of one canonical tensor (the whole tensor, or a streamed
+    /// piece; names and shapes were checked by the caller).
+    pub fn put(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        offset: usize,
+        values: Vec<f32>,
+    ) -> Result<()> {
         if !self.started {
             self.begin()?;
         }
-        store::insert_tensor(&self.model, name, shape, &values)?;
+        store::insert_tensor(&self.model, name, shape, offset, &values)?;
         if let (Some(file), Some(range)) = (&mut self.file, self.ranges.get(name)) {
-            if let Err(e) = file.write_at(range.start, &values) {
+            if let Err(e) = file.write_at(range.start + offset, &values) {
                 pgrx::warning!(
                     "pg_llm: the new weights of \"{}\" will not be shared: {e}",
                     self.model

@@ -14,8 +14,9 @@ use pgrx::PgMemoryContexts;
 use crate::errors::spi_error;
 use crate::spi;
 
-/// Values per stored chunk: 256 MB, well inside PostgreSQL's 1 GB limit for one value.
-pub const CHUNK_ELEMS: usize = 64 * 1024 * 1024;
+/// Values per stored chunk: 256 MB, well inside PostgreSQL's 1 GB limit for one value; the
+/// size the engine streams large tensors in, so a streamed piece is exactly one chunk.
+pub const CHUNK_ELEMS: usize = pg_llm_engine::formats::PIECE;
 
 /// A registered model's configuration, family and current version; 42704 when unknown.
 pub struct StoredConfig {
@@ -176,13 +177,26 @@ pub fn delete_params(model: &str) -> Result<()> {
     Spi::run_with_args("DELETE FROM llm_param WHERE model = $1", &[model.into()]).map_err(spi_error)
 }
 
-/// Inserts one tensor's rows, chunked. Each chunk's copy into a SQL value lives in a memory
+/// Inserts the rows of values `offset..` of a tensor (all of it, or a streamed piece starting
+/// on a chunk boundary), chunked. Each chunk's copy into a SQL value lives in a memory
 /// context freed right after its INSERT, so writing a model holds one chunk at a time rather
 /// than every chunk until the statement ends.
-pub fn insert_tensor(model: &str, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
+pub fn insert_tensor(
+    model: &str,
+    name: &str,
+    shape: &[usize],
+    offset: usize,
+    data: &[f32],
+) -> Result<()> {
     pgrx::check_for_interrupts!();
+    if offset % CHUNK_ELEMS != 0 {
+        return Err(EngineError::Internal(format!(
+            "a piece of \"{name}\" starts at {offset}, not on a chunk boundary"
+        )));
+    }
     let shape_i32: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-    for (chunk, values) in data.chunks(CHUNK_ELEMS).enumerate() {
+    for (k, values) in data.chunks(CHUNK_ELEMS).enumerate() {
+        let chunk = offset / CHUNK_ELEMS + k;
         let mut context = PgMemoryContexts::new("pg_llm tensor chunk");
         // SAFETY: the closure only allocates through PostgreSQL; nothing allocated inside
         // escapes it, and the context is deleted when `context` drops.
@@ -204,6 +218,48 @@ pub fn insert_tensor(model: &str, name: &str, shape: &[usize], data: &[f32]) -> 
         .map_err(spi_error)?;
     }
     Ok(())
+}
+
+/// Values `range` of a stored tensor, read from the chunks that hold them.
+pub fn read_range(model: &str, name: &str, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    pgrx::check_for_interrupts!();
+    let mut values = tensor::alloc_zeroed(range.len())?;
+    let mut filled = 0;
+    spi::read(
+        "SELECT elem_offset, data FROM llm_param WHERE model = $1 AND name = $2 \
+         AND elem_offset < $4 AND elem_offset + length(data) / 4 > $3 ORDER BY chunk",
+        &[
+            model.into(),
+            name.into(),
+            (range.start as i64).into(),
+            (range.end as i64).into(),
+        ],
+        |row| {
+            let at = row.get::<i64>(1).map_err(spi_error)?.unwrap_or(0).max(0) as usize;
+            let bytes: &[u8] = row.get(2).map_err(spi_error)?.unwrap_or_default();
+            let from = range.start.max(at);
+            let to = range.end.min(at + bytes.len() / 4);
+            if from != range.start + filled || to < from {
+                return Err(EngineError::data(format!(
+                    "the chunks of parameter \"{name}\" of model \"{model}\" do not cover its values"
+                )));
+            }
+            tensor::copy_decoded(
+                &mut values[filled..filled + (to - from)],
+                &bytes[(from - at) * 4..(to - at) * 4],
+                name,
+            )?;
+            filled += to - from;
+            Ok(())
+        },
+    )?;
+    if filled != range.len() {
+        return Err(EngineError::data(format!(
+            "parameter \"{name}\" of model \"{model}\" does not hold values {}..{}",
+            range.start, range.end
+        )));
+    }
+    Ok(values)
 }
 
 /// A model's parameters read one tensor at a time by canonical name (`formats::export`), all
@@ -233,6 +289,10 @@ impl pg_llm_engine::formats::export::Canonical for TableTensors {
         self.source.read_into(name, &mut values)?;
         Ok(values)
     }
+
+    fn fetch_range(&mut self, name: &str, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        self.source.read_range(name, range)
+    }
 }
 
 /// The parameters of `model` in `llm_param`, read one tensor at a time straight into the
@@ -246,6 +306,11 @@ impl TableSource {
         Self {
             model: model.to_string(),
         }
+    }
+
+    /// Values `range` of one tensor (`read_range`).
+    pub fn read_range(&self, name: &str, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        read_range(&self.model, name, range)
     }
 }
 

@@ -24,12 +24,12 @@ use std::time::SystemTime;
 use pg_llm_engine::model::weight_file::{self, FileId, Rejected};
 use pg_llm_engine::model::weights::{packed_len, packed_tensors};
 use pg_llm_engine::model::{check_shapes, ModelConfig, ModelWeights, TensorSource};
-use pg_llm_engine::tensor;
 use pg_llm_engine::{EngineError, Result};
 use pgrx::pg_sys;
 
 use crate::errors::spi_error;
 use crate::spi;
+use crate::store::{TableSource, CHUNK_ELEMS};
 
 thread_local! {
     static SWEPT: Cell<bool> = const { Cell::new(false) };
@@ -65,7 +65,7 @@ impl FilePlace {
 pub fn open_or_write(
     place: &FilePlace,
     cfg: &ModelConfig,
-    src: &mut dyn TensorSource,
+    src: &mut TableSource,
 ) -> Result<ModelWeights> {
     match weight_file::open(&place.path, &place.id, cfg)? {
         Ok(mapped) => Ok(mapped),
@@ -81,14 +81,10 @@ pub fn open_or_write(
     }
 }
 
-/// Reads `src` one tensor at a time into `place`'s weight file and maps it, so loading never
+/// Reads `src` one chunk at a time into `place`'s weight file and maps it, so loading never
 /// holds a private copy of the model. A model larger than the cache bound, or a file-system
 /// problem (with a WARNING), gets a private copy instead.
-fn write_from(
-    place: &FilePlace,
-    cfg: &ModelConfig,
-    src: &mut dyn TensorSource,
-) -> Result<ModelWeights> {
+fn write_from(place: &FilePlace, cfg: &ModelConfig, src: &mut TableSource) -> Result<ModelWeights> {
     let bytes = file_size(cfg)?;
     if !make_room(bytes, &place.path) {
         pgrx::log!(
@@ -97,14 +93,15 @@ fn write_from(
         );
         return ModelWeights::load(cfg, src);
     }
-    let mut attempt = || -> Result<ModelWeights> {
+    let attempt = || -> Result<ModelWeights> {
         check_shapes(cfg, &src.shapes()?)?;
         create_dir(&place.dir)?;
         let mut file = weight_file::Writer::create(&place.path, &place.id.owner, cfg)?;
         for (name, range) in packed_tensors(cfg) {
-            let mut values = tensor::alloc_zeroed(range.len())?;
-            src.read_into(&name, &mut values)?;
-            file.write_at(range.start, &values)?;
+            for start in (0..range.len()).step_by(CHUNK_ELEMS) {
+                let piece = src.read_range(&name, start..(start + CHUNK_ELEMS).min(range.len()))?;
+                file.write_at(range.start + start, &piece)?;
+            }
         }
         let mapped = file.finish_mapped(place.id.version)?;
         prune(&place.dir, place.param_table, Some(&place.id));

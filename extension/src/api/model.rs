@@ -29,8 +29,8 @@ fn llm_init_params(model: Option<&str>, seed: default!(Option<i64>, 0)) -> i64 {
         let seed = required(seed, "seed")? as u64;
         let cfg = store::load_config(model)?.config;
         let mut replacement = Replacement::new(model, &cfg);
-        let n = init_each(&cfg, seed, &mut |name, shape, values| {
-            replacement.put(name, shape, values)
+        let n = init_each(&cfg, seed, &mut |name, shape, at, values| {
+            replacement.put(name, shape, at, values)
         })?;
         replacement.finish()?;
         Ok(n as i64)
@@ -65,9 +65,13 @@ fn import(
     let (cfg, family) = resolve(model, config)?;
     let tensors = tensors(files)?;
     let mut replacement = Replacement::new(model, &cfg);
-    let n = checkpoint::import(family, &cfg, &tensors, files, &mut |name, shape, values| {
-        replacement.put(name, shape, values)
-    })?;
+    let n = checkpoint::import(
+        family,
+        &cfg,
+        &tensors,
+        files,
+        &mut |name, shape, at, values| replacement.put(name, shape, at, values),
+    )?;
     replacement.finish()?;
     Ok(n as i64)
 }
@@ -96,7 +100,7 @@ fn import_npz(model: &str, bytes: &[u8]) -> Result<i64> {
     for name in names {
         let (shape, values) = &canonical[name];
         n += values.len() as i64;
-        replacement.put(name, shape, values.clone())?;
+        replacement.put(name, shape, 0, values.clone())?;
     }
     replacement.finish()?;
     Ok(n)

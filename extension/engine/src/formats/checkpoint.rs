@@ -4,9 +4,11 @@
 //! whatever the size of the model.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use safetensors::tensor::Metadata;
 use safetensors::Dtype;
+use sha2::{Digest, Sha256};
 
 use super::hf_config::Family;
 use super::{manifest, names};
@@ -154,15 +156,16 @@ pub fn merge(parts: Vec<Vec<Stored>>) -> Result<Vec<Stored>> {
 }
 
 /// Imports `tensors` of a `family` checkpoint into canonical tensors handed to `sink`, one
-/// source tensor in memory at a time (`names::stream`): names and shapes are checked against
-/// `cfg` first, then every digest a manifest promises, and only then is anything handed over.
-/// Returns the number of values.
+/// source tensor (or piece of one) in memory at a time (`names::stream`): names and shapes are
+/// checked against `cfg` first, then every digest a manifest promises, and only then is
+/// anything handed over. Digests are checked again as the tensors are read (a file changed in
+/// between is an error, and the caller's transaction rolls back). Returns the number of values.
 pub fn import(
     family: Family,
     cfg: &ModelConfig,
     tensors: &[Stored],
     files: &mut dyn Files,
-    sink: &mut dyn FnMut(&str, &[usize], Vec<f32>) -> Result<()>,
+    sink: &mut super::Sink<'_>,
 ) -> Result<u64> {
     let shapes: Vec<(String, Vec<usize>)> = tensors
         .iter()
@@ -170,11 +173,12 @@ pub fn import(
         .collect();
     let by_name: HashMap<&str, &Stored> = tensors.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut verified = false;
+    let mut digest = None;
     names::stream(
         family,
         cfg,
         &shapes,
-        &mut |name| {
+        &mut |name, range| {
             // The first read comes after names and shapes checked out.
             if !verified {
                 verify(files, tensors)?;
@@ -183,54 +187,92 @@ pub fn import(
             let s = by_name
                 .get(name)
                 .ok_or_else(|| EngineError::Internal(format!("no tensor \"{name}\"")))?;
-            read(files, s)
+            if range.start == 0 {
+                digest = s.sha256.as_ref().map(|_| Sha256::new());
+            }
+            let values = read_range(files, s, range.clone(), digest.as_mut())?;
+            if range.end == numel(s) {
+                if let Some(hasher) = digest.take() {
+                    check_digest(s, hasher)?;
+                }
+            }
+            Ok(values)
         },
         sink,
     )
 }
 
-/// Checks every promised digest, reading one tensor at a time; nothing else is kept.
+/// Checks every promised digest, reading in blocks; nothing is kept.
 pub fn verify(files: &mut dyn Files, tensors: &[Stored]) -> Result<()> {
+    const BLOCK: u64 = 16 << 20;
+    let mut block = Vec::new();
     for s in tensors.iter().filter(|s| s.sha256.is_some()) {
-        read_bytes(files, s)?;
+        let mut hasher = Sha256::new();
+        for at in (0..s.length).step_by(BLOCK as usize) {
+            block.resize(BLOCK.min(s.length - at) as usize, 0);
+            files.read_at(&s.file, s.offset + at, &mut block)?;
+            hasher.update(&block);
+        }
+        check_digest(s, hasher)?;
     }
     Ok(())
 }
 
-/// One tensor's values as float32 (see `safetensors::decode_floats`), its digest checked
-/// when one is promised. float32 data is read straight into the result.
+/// One whole tensor's values as float32, its digest checked when one is promised.
 pub fn read(files: &mut dyn Files, s: &Stored) -> Result<Vec<f32>> {
-    let what = format!("tensor \"{}\" of {}", s.name, s.file);
-    if s.dtype != Dtype::F32 || cfg!(target_endian = "big") {
-        return super::safetensors::decode_floats(s.dtype, &read_bytes(files, s)?, &what);
+    let mut hasher = s.sha256.as_ref().map(|_| Sha256::new());
+    let values = read_range(files, s, 0..numel(s), hasher.as_mut())?;
+    match hasher {
+        Some(h) => check_digest(s, h).map(|_| values),
+        None => Ok(values),
     }
-    let mut values = crate::tensor::alloc_zeroed((s.length / 4) as usize)?;
-    // SAFETY: any bytes are a valid f32 bit pattern, and the slice covers exactly `values`.
-    let bytes = unsafe { values.align_to_mut::<u8>() }.1;
-    files.read_at(&s.file, s.offset, bytes)?;
-    check_digest(s, bytes)?;
-    crate::tensor::check_finite(&values, &what, crate::tensor::Finite::Required)?;
-    Ok(values)
 }
 
-fn read_bytes(files: &mut dyn Files, s: &Stored) -> Result<Vec<u8>> {
-    let len = usize::try_from(s.length)
-        .map_err(|_| EngineError::too_large(format!("tensor \"{}\" is too large", s.name)))?;
+fn numel(s: &Stored) -> usize {
+    s.shape.iter().product()
+}
+
+/// Values `range` of a tensor as float32 (see `safetensors::decode_floats`: half precision
+/// widened, non-finite values refused), their stored bytes fed to `digest`. float32 data is
+/// read straight into the result.
+fn read_range(
+    files: &mut dyn Files,
+    s: &Stored,
+    range: Range<usize>,
+    digest: Option<&mut Sha256>,
+) -> Result<Vec<f32>> {
+    let what = format!("tensor \"{}\" of {}", s.name, s.file);
+    let size = s.dtype.bitsize() / 8;
+    let offset = s.offset + (range.start * size) as u64;
+    if s.dtype == Dtype::F32 && cfg!(target_endian = "little") {
+        let mut values = crate::tensor::alloc_zeroed(range.len())?;
+        // SAFETY: any bytes are a valid f32 bit pattern, and the slice covers exactly `values`.
+        let bytes = unsafe { values.align_to_mut::<u8>() }.1;
+        files.read_at(&s.file, offset, bytes)?;
+        if let Some(d) = digest {
+            d.update(&*bytes);
+        }
+        crate::tensor::check_finite(&values, &what, crate::tensor::Finite::Required)?;
+        return Ok(values);
+    }
+    let len = range.len() * size;
     let mut bytes = Vec::new();
     bytes.try_reserve_exact(len).map_err(|_| {
         EngineError::too_large(format!("tensor \"{}\" does not fit in memory", s.name))
     })?;
     bytes.resize(len, 0);
-    files.read_at(&s.file, s.offset, &mut bytes)?;
-    check_digest(s, &bytes)?;
-    Ok(bytes)
+    files.read_at(&s.file, offset, &mut bytes)?;
+    if let Some(d) = digest {
+        d.update(&bytes);
+    }
+    super::safetensors::decode_floats(s.dtype, &bytes, &what)
 }
 
-fn check_digest(s: &Stored, bytes: &[u8]) -> Result<()> {
+fn check_digest(s: &Stored, hasher: Sha256) -> Result<()> {
     let Some(want) = &s.sha256 else {
         return Ok(());
     };
-    let digest = manifest::sha256_hex(bytes);
+    let digest = manifest::hex(&hasher.finalize());
     if digest == want.to_ascii_lowercase() {
         return Ok(());
     }

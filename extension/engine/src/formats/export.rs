@@ -17,9 +17,11 @@
 //! weights reproduce it, so a model whose query biases are not all zero is refused.
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::hf_config::Family;
 use super::names::{layout, Rule};
+use super::PIECE;
 use crate::error::{EngineError, Result};
 use crate::model::{Activation, AttnKind, LnPlacement, ModelConfig};
 
@@ -57,6 +59,19 @@ pub struct Plan {
 /// most three), so a source can read them from storage one at a time.
 pub trait Canonical {
     fn fetch(&mut self, name: &str) -> Result<Vec<f32>>;
+
+    /// Values `range` of a tensor (an export streams a large copied tensor in pieces); by
+    /// default cut from the whole tensor.
+    fn fetch_range(&mut self, name: &str, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let all = self.fetch(name)?;
+        all.get(range.clone()).map(<[f32]>::to_vec).ok_or_else(|| {
+            EngineError::data(format!(
+                "parameter \"{name}\" has {} values, not {}",
+                all.len(),
+                range.end
+            ))
+        })
+    }
 }
 
 /// The family a model exports to: its own, or for pg_gpt3's GPT-3 models GPT-2 (all layers
@@ -217,6 +232,23 @@ fn check_expressible(family: Family, cfg: &ModelConfig) -> Result<()> {
 }
 
 impl Planned {
+    /// Values `range` of a tensor made element by element (copied or scaled), else None: such
+    /// a tensor is written in pieces of `PIECE` values.
+    pub fn piece(
+        &self,
+        params: &mut dyn Canonical,
+        range: std::ops::Range<usize>,
+    ) -> Option<Result<Vec<f32>>> {
+        match &self.recipe {
+            Recipe::Copy(name) => Some(params.fetch_range(name, range)),
+            Recipe::Scaled(name, k) => Some(params.fetch_range(name, range).map(|mut v| {
+                v.iter_mut().for_each(|x| *x *= k);
+                v
+            })),
+            _ => None,
+        }
+    }
+
     /// Makes this tensor's values from the model's canonical tensors.
     pub fn values(&self, params: &mut dyn Canonical, cfg: &ModelConfig) -> Result<Vec<f32>> {
         let numel: usize = self.shape.iter().product();
@@ -402,9 +434,15 @@ impl<'a> Packed<'a> {
 
 impl Canonical for Packed<'_> {
     fn fetch(&mut self, name: &str) -> Result<Vec<f32>> {
+        let whole = self.ranges.get(name).map_or(0..0, |r| 0..r.len());
+        self.fetch_range(name, whole)
+    }
+
+    fn fetch_range(&mut self, name: &str, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
         self.ranges
             .get(name)
-            .and_then(|r| self.data.get(r.clone()))
+            .filter(|r| range.end <= r.len())
+            .and_then(|r| self.data.get(r.start + range.start..r.start + range.end))
             .map(<[f32]>::to_vec)
             .ok_or_else(|| EngineError::data(format!("the model has no parameter \"{name}\"")))
     }
@@ -434,6 +472,18 @@ pub fn write_safetensors(
     manifest_file: Option<&str>,
     between: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Written> {
+    write_in_pieces(out, tensors, params, cfg, manifest_file, between, PIECE)
+}
+
+fn write_in_pieces(
+    out: &mut dyn std::io::Write,
+    tensors: &[Planned],
+    params: &mut dyn Canonical,
+    cfg: &ModelConfig,
+    manifest_file: Option<&str>,
+    between: &mut dyn FnMut() -> Result<()>,
+    piece: usize,
+) -> Result<Written> {
     let io = |e: std::io::Error| EngineError::Io(format!("could not write the checkpoint: {e}"));
     let entries: Vec<(&str, &[usize])> = tensors
         .iter()
@@ -446,10 +496,29 @@ pub fn write_safetensors(
         entries: Vec::new(),
     };
     for t in tensors {
-        between()?;
-        let values = t.values(params, cfg)?;
-        let bytes = crate::tensor::le_bytes(&values);
-        out.write_all(&bytes).map_err(io)?;
+        let mut digest = Sha256::new();
+        let mut length = 0u64;
+        let mut emit = |values: &[f32]| -> Result<()> {
+            let bytes = crate::tensor::le_bytes(values);
+            out.write_all(&bytes).map_err(io)?;
+            if manifest_file.is_some() {
+                digest.update(&*bytes);
+            }
+            length += bytes.len() as u64;
+            Ok(())
+        };
+        let numel: usize = t.shape.iter().product();
+        for start in (0..numel).step_by(piece) {
+            between()?;
+            let range = start..(start + piece).min(numel);
+            match t.piece(params, range) {
+                Some(piece) => emit(&piece?)?,
+                None => {
+                    emit(&t.values(params, cfg)?)?;
+                    break;
+                }
+            }
+        }
         if let Some(file) = manifest_file {
             written.entries.push(super::manifest::Entry {
                 name: t.name.clone(),
@@ -457,11 +526,11 @@ pub fn write_safetensors(
                 shape: t.shape.clone(),
                 file: file.to_string(),
                 offset: written.bytes,
-                length: bytes.len() as u64,
-                sha256: super::manifest::sha256_hex(&bytes),
+                length,
+                sha256: super::manifest::hex(&digest.finalize()),
             });
         }
-        written.bytes += bytes.len() as u64;
+        written.bytes += length;
     }
     Ok(written)
 }
@@ -501,4 +570,36 @@ pub fn shard_index(shards: &[&[Planned]]) -> Value {
         }
     }
     json!({ "metadata": { "total_size": total }, "weight_map": weight_map })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::tiny_gpt3;
+    use crate::model::init::init_params;
+
+    #[test]
+    fn pieces_write_the_same_file_and_manifest() {
+        let cfg = tiny_gpt3();
+        let mut params = init_params(&cfg, 2).unwrap();
+        let plan = plan(Family::Gpt3, &cfg, &mut params).unwrap();
+        let write = |piece: usize, params: &mut crate::formats::TensorMap| {
+            let mut bytes = Vec::new();
+            let w = write_in_pieces(
+                &mut bytes,
+                &plan.tensors,
+                params,
+                &cfg,
+                Some("m"),
+                &mut || Ok(()),
+                piece,
+            )
+            .unwrap();
+            (bytes, w.entries)
+        };
+        let (whole, whole_entries) = write(usize::MAX, &mut params);
+        let (pieces, piece_entries) = write(1000, &mut params);
+        assert!(whole == pieces);
+        assert_eq!(whole_entries, piece_entries);
+    }
 }

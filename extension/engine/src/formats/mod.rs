@@ -13,3 +13,13 @@ use std::collections::HashMap;
 
 /// Named float32 tensors: name → (shape, row-major values).
 pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Values per piece when a large tensor is streamed (64 Mi values, 256 MB of float32): import,
+/// initialisation and export hand a larger tensor over in pieces of this size, so no buffer
+/// of a streamed tensor exceeds it. `llm_param` chunks tensors at the same size.
+pub const PIECE: usize = 64 * 1024 * 1024;
+
+/// Where streamed canonical tensors go: (name, the tensor's shape, offset of the first value
+/// within the tensor, values). A tensor arrives whole (offset 0) or in consecutive pieces of
+/// `PIECE` values, the last one shorter.
+pub type Sink<'a> = dyn FnMut(&str, &[usize], usize, Vec<f32>) -> crate::error::Result<()> + 'a;

@@ -2,7 +2,9 @@
 //! (`layers.{i}.attn.q_proj.weight`, …; Linear weights [out, in]). One table per family.
 
 use super::hf_config::Family;
-use super::TensorMap;
+use std::ops::Range;
+
+use super::{Sink, TensorMap, PIECE};
 use crate::error::{EngineError, Result};
 use crate::model::ModelConfig;
 
@@ -389,15 +391,28 @@ impl Mapped {
 
 /// Maps every tensor of a checkpoint (names and shapes, `shapes`) onto canonical names and
 /// checks the result against `cfg` — every parameter present once with its shape, nothing
-/// left over — before any value is read; then reads each source tensor through `read`,
-/// converts it and hands each canonical tensor to `sink`, one source tensor in memory at a
-/// time. Returns the number of values handed over.
+/// left over — before any value is read; then reads each source tensor through `read` (a
+/// range of its values), converts it and hands the canonical tensors to `sink`. A tensor that
+/// only changes its name and holds more than `PIECE` values is read and handed over in
+/// pieces; memory holds one source tensor (or piece) at a time. Returns the number of values
+/// handed over.
 pub fn stream(
     family: Family,
     cfg: &ModelConfig,
     shapes: &[(String, Vec<usize>)],
-    read: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
-    sink: &mut dyn FnMut(&str, &[usize], Vec<f32>) -> Result<()>,
+    read: &mut dyn FnMut(&str, Range<usize>) -> Result<Vec<f32>>,
+    sink: &mut Sink<'_>,
+) -> Result<u64> {
+    stream_in_pieces(family, cfg, shapes, read, sink, PIECE)
+}
+
+fn stream_in_pieces(
+    family: Family,
+    cfg: &ModelConfig,
+    shapes: &[(String, Vec<usize>)],
+    read: &mut dyn FnMut(&str, Range<usize>) -> Result<Vec<f32>>,
+    sink: &mut Sink<'_>,
+    piece: usize,
 ) -> Result<u64> {
     // Sorted, so the first offending tensor named in an error is always the same one.
     let mut sorted: Vec<&(String, Vec<usize>)> = shapes.iter().collect();
@@ -415,33 +430,42 @@ pub fn stream(
                 )));
             }
         }
-        plan.push(m);
+        plan.push((m, shape.iter().product::<usize>()));
     }
     crate::model::check_shapes(cfg, &canonical)?;
-    let mut values = 0u64;
-    for m in plan {
-        let data = read(&m.source)?;
-        let numel: usize = shapes
-            .iter()
-            .find(|(n, _)| *n == m.source)
-            .map_or(0, |(_, s)| s.iter().product());
-        if data.len() != numel {
+    let mut read_checked = |name: &str, range: Range<usize>| -> Result<Vec<f32>> {
+        let data = read(name, range.clone())?;
+        if data.len() != range.len() {
             return Err(EngineError::data(format!(
-                "checkpoint tensor \"{}\" holds {} values, its shape {numel}",
-                m.source,
-                data.len()
+                "checkpoint tensor \"{name}\" gave {} values where {} were expected",
+                data.len(),
+                range.len()
             )));
         }
+        Ok(data)
+    };
+    for (m, numel) in &plan {
+        if matches!(m.how, How::Same) {
+            let (target, shape) = &m.targets[0];
+            for start in (0..*numel).step_by(piece) {
+                let values = read_checked(&m.source, start..(start + piece).min(*numel))?;
+                sink(target, shape, start, values)?;
+            }
+            continue;
+        }
+        let data = read_checked(&m.source, 0..*numel)?;
         for ((target, shape), part) in m.targets.iter().zip(m.apply(cfg, data)?) {
-            values += part.len() as u64;
-            sink(target, shape, part)?;
+            sink(target, shape, 0, part)?;
         }
     }
-    Ok(values)
+    Ok(canonical
+        .values()
+        .map(|s| s.iter().product::<usize>() as u64)
+        .sum())
 }
 
 /// `stream` over tensors in memory: a checkpoint's tensors → canonical tensors.
-pub fn to_canonical(family: Family, cfg: &ModelConfig, mut src: TensorMap) -> Result<TensorMap> {
+pub fn to_canonical(family: Family, cfg: &ModelConfig, src: TensorMap) -> Result<TensorMap> {
     let shapes: Vec<(String, Vec<usize>)> = src
         .iter()
         .map(|(n, (s, _))| (n.clone(), s.clone()))
@@ -451,11 +475,65 @@ pub fn to_canonical(family: Family, cfg: &ModelConfig, mut src: TensorMap) -> Re
         family,
         cfg,
         &shapes,
-        &mut |name| Ok(src.remove(name).map(|(_, d)| d).unwrap_or_default()),
-        &mut |name, shape, data| {
-            out.insert(name.to_string(), (shape.to_vec(), data));
+        &mut |name, range| {
+            Ok(src
+                .get(name)
+                .map(|(_, d)| d[range].to_vec())
+                .unwrap_or_default())
+        },
+        &mut |name, shape, offset, data| {
+            let (_, whole) = out
+                .entry(name.to_string())
+                .or_insert_with(|| (shape.to_vec(), Vec::new()));
+            if whole.len() != offset {
+                return Err(EngineError::Internal(format!(
+                    "\"{name}\" arrived out of order"
+                )));
+            }
+            whole.extend(data);
             Ok(())
         },
     )?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::tiny_gpt3;
+    use crate::model::init::init_params;
+
+    #[test]
+    fn large_tensors_arrive_in_consecutive_pieces() {
+        let cfg = tiny_gpt3();
+        let params = init_params(&cfg, 3).unwrap();
+        let shapes: Vec<(String, Vec<usize>)> = params
+            .iter()
+            .map(|(n, (s, _))| (n.clone(), s.clone()))
+            .collect();
+        let mut got = TensorMap::new();
+        let mut reads = 0;
+        stream_in_pieces(
+            Family::Gpt3,
+            &cfg,
+            &shapes,
+            &mut |name, range| {
+                reads += 1;
+                assert!(range.len() <= 100);
+                Ok(params[name].1[range].to_vec())
+            },
+            &mut |name, shape, at, values| {
+                let (_, whole) = got
+                    .entry(name.to_string())
+                    .or_insert_with(|| (shape.to_vec(), Vec::new()));
+                assert_eq!(whole.len(), at, "{name}: pieces in order");
+                whole.extend(values);
+                Ok(())
+            },
+            100,
+        )
+        .unwrap();
+        assert_eq!(got, params);
+        assert!(reads > params.len(), "the embedding came in pieces");
+    }
 }

@@ -9,7 +9,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::config::ModelConfig;
 use crate::error::Result;
-use crate::formats::TensorMap;
+use crate::formats::{Sink, TensorMap, PIECE};
 use crate::tensor;
 
 const STD: f32 = 0.02;
@@ -36,40 +36,51 @@ enum Init {
 /// Fresh parameters for `cfg`, in canonical names. Reproducible for a given seed.
 pub fn init_params(cfg: &ModelConfig, seed: u64) -> Result<TensorMap> {
     let mut out = TensorMap::new();
-    init_each(cfg, seed, &mut |name, shape, data| {
-        out.insert(name.to_string(), (shape.to_vec(), data));
-        Ok(())
-    })?;
+    // Whole tensors, drawn from the same streams as the pieces of `init_each`.
+    init_in_pieces(
+        cfg,
+        seed,
+        &mut |name, shape, _, data| {
+            let (_, whole) = out
+                .entry(name.to_string())
+                .or_insert_with(|| (shape.to_vec(), Vec::new()));
+            whole.extend(data);
+            Ok(())
+        },
+        usize::MAX,
+    )?;
     Ok(out)
 }
 
-/// `init_params` one tensor at a time: each is made and handed to `sink` in turn, so memory
-/// holds one tensor, whatever the size of the model. Returns the number of values.
-pub fn init_each(
-    cfg: &ModelConfig,
-    seed: u64,
-    sink: &mut dyn FnMut(&str, &[usize], Vec<f32>) -> Result<()>,
-) -> Result<u64> {
+/// `init_params` one tensor at a time, a tensor larger than `PIECE` values in pieces (drawn
+/// from the same stream, so the values are those of `init_params`): memory holds one piece,
+/// whatever the size of the model. Returns the number of values.
+pub fn init_each(cfg: &ModelConfig, seed: u64, sink: &mut Sink<'_>) -> Result<u64> {
+    init_in_pieces(cfg, seed, sink, PIECE)
+}
+
+fn init_in_pieces(cfg: &ModelConfig, seed: u64, sink: &mut Sink<'_>, piece: usize) -> Result<u64> {
     cfg.validate()?;
     let mut values = 0;
     for (i, (name, shape)) in cfg.param_specs().into_iter().enumerate() {
-        let mut data = tensor::alloc_zeroed(tensor::numel(&shape, &name)?)?;
-        match init_of(&name, cfg.n_layer) {
-            Init::Const(c) => data.fill(c),
-            Init::Normal(std) => fill_normal(&mut data, std, seed, i as u64),
+        let numel = tensor::numel(&shape, &name)?;
+        let init = init_of(&name, cfg.n_layer);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(i as u64);
+        for start in (0..numel).step_by(piece) {
+            let mut data = tensor::alloc_zeroed(piece.min(numel - start))?;
+            match init {
+                Init::Const(c) => data.fill(c),
+                Init::Normal(std) => {
+                    let normal = Normal::new(0.0f32, std).expect("positive std");
+                    data.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
+                }
+            }
+            values += data.len() as u64;
+            sink(&name, &shape, start, data)?;
         }
-        values += data.len() as u64;
-        sink(&name, &shape, data)?;
     }
     Ok(values)
-}
-
-/// N(0, std) from ChaCha8 stream `stream` of `seed`, drawn in order.
-fn fill_normal(data: &mut [f32], std: f32, seed: u64, stream: u64) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(stream);
-    let normal = Normal::new(0.0f32, std).expect("positive std");
-    data.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
 }
 
 #[cfg(test)]
@@ -78,6 +89,29 @@ mod tests {
     use crate::model::config::tiny_gpt3;
     use crate::model::{MapSource, Model, ModelWeights};
     use crate::Cancel;
+
+    #[test]
+    fn pieces_hold_the_values_of_whole_tensors() {
+        let cfg = tiny_gpt3();
+        let whole = init_params(&cfg, 11).unwrap();
+        let mut pieces = TensorMap::new();
+        init_in_pieces(
+            &cfg,
+            11,
+            &mut |name, shape, at, values| {
+                assert!(values.len() <= 1000);
+                let (_, t) = pieces
+                    .entry(name.to_string())
+                    .or_insert_with(|| (shape.to_vec(), Vec::new()));
+                assert_eq!(t.len(), at);
+                t.extend(values);
+                Ok(())
+            },
+            1000,
+        )
+        .unwrap();
+        assert_eq!(pieces, whole);
+    }
 
     #[test]
     fn statistics_and_reproducibility() {
