@@ -1,8 +1,8 @@
 //! pg_gpt3_client: a typed async client for the `pg_llm` PostgreSQL extension.
 //!
-//! This is the foundation of the client (connection, errors with SQLSTATE, the model
-//! registry, tensor helpers); generation, streaming and training follow with the server
-//! features they wrap.
+//! The client so far: connection, errors with SQLSTATE and their kind (`Error::kind`), the
+//! model registry, generation and its token stream, logits as an `ndarray::Array2`, tensor
+//! helpers. Training, tokenizer, dataset and checkpoint calls follow (see docs/roadmap.md).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), pg_gpt3_client::Error> {
@@ -29,12 +29,55 @@ pub enum Error {
     Protocol(String),
 }
 
+/// What went wrong, by the SQLSTATE the server reported (or the failure on the client's
+/// side), for callers that react by kind rather than by code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Arguments the server refused: wrong sizes, NaN, negative counts, corrupt files,
+    /// oversized requests (SQLSTATE classes 22 and 54, 42601/42804/42P02).
+    BadInput,
+    /// No such model, tokenizer, dataset or checkpoint (42704).
+    UnknownModel,
+    /// The role lacks a privilege (42501).
+    Permission,
+    /// The query was cancelled (57014 by request).
+    Cancelled,
+    /// The query ran past `statement_timeout` (57014 by timeout).
+    Timeout,
+    /// Memory, disk or another server resource ran out (class 53).
+    Resources,
+    /// The connection could not be made or was lost (class 08, server shutdown, I/O).
+    Connection,
+    /// Anything else (an internal server error, a reply the client did not expect).
+    Other,
+}
+
 impl Error {
     /// The five-character SQLSTATE of a server error (for example "42704" for an unknown model).
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             Error::Server { sqlstate, .. } => Some(sqlstate),
             _ => None,
+        }
+    }
+
+    /// The kind of failure (see `ErrorKind`).
+    pub fn kind(&self) -> ErrorKind {
+        let (code, message) = match self {
+            Error::Server { sqlstate, message } => (sqlstate.as_str(), message.as_str()),
+            Error::Connection(_) => return ErrorKind::Connection,
+            Error::Protocol(_) => return ErrorKind::Other,
+        };
+        match code {
+            "42704" => ErrorKind::UnknownModel,
+            "42501" => ErrorKind::Permission,
+            "57014" if message.contains("statement timeout") => ErrorKind::Timeout,
+            "57014" => ErrorKind::Cancelled,
+            "42601" | "42804" | "42P02" => ErrorKind::BadInput,
+            _ if code.starts_with("22") || code.starts_with("54") => ErrorKind::BadInput,
+            _ if code.starts_with("53") => ErrorKind::Resources,
+            _ if code.starts_with("08") || code.starts_with("57P") => ErrorKind::Connection,
+            _ => ErrorKind::Other,
         }
     }
 }
@@ -108,6 +151,26 @@ impl Client {
             local_window: row.get(10),
             family: row.get(11),
         })
+    }
+
+    /// float32 logits [T, vocab] of every position of `ids` under `model`, fetched as the
+    /// binary `bytea` the server computes them into (no text round trip).
+    pub async fn logits(&self, ids: &[i32], model: &str) -> Result<ndarray::Array2<f32>, Error> {
+        let row = self
+            .inner
+            .query_one("SELECT llm_logits($1, $2)", &[&ids, &model])
+            .await?;
+        let bytes: &[u8] = row.get(0);
+        let values = decode(bytes)?;
+        let rows = ids.len().max(1);
+        if values.len() % rows != 0 {
+            return Err(Error::Protocol(format!(
+                "{} logits do not divide into {rows} positions",
+                values.len()
+            )));
+        }
+        ndarray::Array2::from_shape_vec((ids.len(), values.len() / rows), values)
+            .map_err(|e| Error::Protocol(e.to_string()))
     }
 
     /// Registered model names.
@@ -295,6 +358,40 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<f32>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_kinds_follow_sqlstates() {
+        let server = |code: &str, message: &str| Error::Server {
+            sqlstate: code.into(),
+            message: message.into(),
+        };
+        let cases = [
+            (server("22023", "x"), ErrorKind::BadInput),
+            (server("22P02", "x"), ErrorKind::BadInput),
+            (server("54000", "too large"), ErrorKind::BadInput),
+            (server("42704", "no model"), ErrorKind::UnknownModel),
+            (server("42501", "denied"), ErrorKind::Permission),
+            (
+                server("57014", "canceling statement due to user request"),
+                ErrorKind::Cancelled,
+            ),
+            (
+                server("57014", "canceling statement due to statement timeout"),
+                ErrorKind::Timeout,
+            ),
+            (server("53200", "out of memory"), ErrorKind::Resources),
+            (
+                server("57P01", "terminating connection"),
+                ErrorKind::Connection,
+            ),
+            (server("XX000", "internal"), ErrorKind::Other),
+            (Error::Connection("refused".into()), ErrorKind::Connection),
+            (Error::Protocol("odd reply".into()), ErrorKind::Other),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(err.kind(), kind, "{err}");
+        }
+    }
 
     #[test]
     fn tensor_format_round_trips() {

@@ -160,3 +160,87 @@ async fn weight_changes_reach_every_connection() {
         .get(0);
     assert_eq!(private, mapped);
 }
+
+#[tokio::test]
+async fn logits_arrive_as_an_array_in_binary() {
+    let client = Client::connect(&dsn()).await.unwrap();
+    random_model(&client, "client-logits", "2, 2, 32, 16, 64, 32, 64", 5).await;
+    let ids = [1, 2, 3];
+    let logits = client.logits(&ids, "client-logits").await.unwrap();
+    assert_eq!(logits.dim(), (3, 64));
+    // The same values as the bytea the SQL call returns.
+    let raw: Vec<u8> = client
+        .raw()
+        .query_one("SELECT llm_logits('{1,2,3}', 'client-logits')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let flat = pg_gpt3_client::decode(&raw).unwrap();
+    assert_eq!(logits.iter().copied().collect::<Vec<f32>>(), flat);
+    assert!(logits.iter().all(|v| v.is_finite()));
+    assert_ne!(
+        logits.row(0),
+        logits.row(2),
+        "each position has its own row"
+    );
+}
+
+#[tokio::test]
+async fn errors_say_what_kind_of_failure_they_are() {
+    use pg_gpt3_client::ErrorKind;
+    let client = Client::connect(&dsn()).await.unwrap();
+    random_model(&client, "client-kinds", "1, 2, 32, 16, 64, 32, 64", 1).await;
+    let kind = |r: Result<ndarray::Array2<f32>, pg_gpt3_client::Error>| r.unwrap_err().kind();
+    assert_eq!(
+        kind(client.logits(&[1], "no-such-model").await),
+        ErrorKind::UnknownModel
+    );
+    let err = client.logits(&[1000], "client-kinds").await.unwrap_err();
+    assert_eq!(
+        (err.kind(), err.sqlstate()),
+        (ErrorKind::BadInput, Some("22023"))
+    );
+
+    // A server file read by a role without pg_read_server_files.
+    client
+        .execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'client_plain') \
+             THEN CREATE ROLE client_plain; END IF; END $$",
+        )
+        .await
+        .unwrap();
+    let plain = Client::connect(&dsn()).await.unwrap();
+    plain.execute("SET ROLE client_plain").await.unwrap();
+    let err = plain
+        .execute("SELECT pg_llm_import_safetensors('/nonexistent.safetensors', 'client-kinds')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.kind(), err.sqlstate()),
+        (ErrorKind::Permission, Some("42501"))
+    );
+
+    // statement_timeout and a cancel both end in 57014, told apart.
+    let slow = Client::connect(&dsn()).await.unwrap();
+    slow.execute("SET statement_timeout = '50ms'")
+        .await
+        .unwrap();
+    let err = slow.execute("SELECT pg_sleep(5)").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    slow.execute("SET statement_timeout = 0").await.unwrap();
+    let token = slow.cancel_token();
+    let cancel = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let err = slow.execute("SELECT pg_sleep(5)").await.unwrap_err();
+    cancel.await.unwrap();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+
+    // Nothing listening.
+    let err = Client::connect("host=127.0.0.1 port=1 user=nobody connect_timeout=2")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+}
