@@ -238,6 +238,16 @@ impl GenerateOptions {
         self.temperature = t;
         self
     }
+    /// Sample among the `k` most likely tokens (0: all).
+    pub fn top_k(mut self, k: i32) -> Self {
+        self.top_k = k;
+        self
+    }
+    /// Sample among the most likely tokens whose probabilities sum to `p`.
+    pub fn top_p(mut self, p: f32) -> Self {
+        self.top_p = p;
+        self
+    }
     pub fn model(mut self, m: impl Into<String>) -> Self {
         self.model = m.into();
         self
@@ -250,6 +260,54 @@ impl GenerateOptions {
         self.seed = Some(seed);
         self
     }
+}
+
+/// Options of a beam search (`llm_beam_search`), with the server's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BeamOptions {
+    pub beam_width: i32,
+    pub max_tokens: i32,
+    pub model: String,
+    pub length_penalty: f32,
+}
+
+impl Default for BeamOptions {
+    fn default() -> Self {
+        Self {
+            beam_width: 4,
+            max_tokens: 32,
+            model: DEFAULT_MODEL.to_string(),
+            length_penalty: 1.0,
+        }
+    }
+}
+
+impl BeamOptions {
+    pub fn beam_width(mut self, n: i32) -> Self {
+        self.beam_width = n;
+        self
+    }
+    pub fn max_tokens(mut self, n: i32) -> Self {
+        self.max_tokens = n;
+        self
+    }
+    pub fn model(mut self, m: impl Into<String>) -> Self {
+        self.model = m.into();
+        self
+    }
+    pub fn length_penalty(mut self, p: f32) -> Self {
+        self.length_penalty = p;
+        self
+    }
+}
+
+/// One finished beam, best first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Beam {
+    pub rank: i32,
+    pub score: f64,
+    pub token_ids: Vec<i32>,
+    pub text: String,
 }
 
 /// One row of `llm_generate_stream`.
@@ -271,6 +329,76 @@ impl Client {
                 "SELECT llm_generate($1, $2, $3, $4, $5, $6, $7, $8)",
                 &generate_params(&prompt, opts),
             )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// The token ids that continue `ids` (`llm_generate_ids`; the prompt is not repeated).
+    pub async fn generate_ids(
+        &self,
+        ids: &[i32],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<i32>, Error> {
+        let row = self
+            .inner
+            .query_one(
+                "SELECT llm_generate_ids($1, $2, $3, $4, $5, $6, $7, $8)",
+                &generate_params(&ids, opts),
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// The best continuations of `prompt` by beam search (`llm_beam_search`), best first.
+    pub async fn beam_search(&self, prompt: &str, opts: &BeamOptions) -> Result<Vec<Beam>, Error> {
+        let rows = self
+            .inner
+            .query(
+                "SELECT rank, score, token_ids, text FROM llm_beam_search($1, $2, $3, $4, $5)",
+                &[
+                    &prompt,
+                    &opts.beam_width,
+                    &opts.max_tokens,
+                    &opts.model,
+                    &opts.length_penalty,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Beam {
+                rank: r.get(0),
+                score: r.get(1),
+                token_ids: r.get(2),
+                text: r.get(3),
+            })
+            .collect())
+    }
+
+    /// `text` as token ids with `model`'s tokenizer (`llm_encode`).
+    pub async fn encode(&self, text: &str, model: &str) -> Result<Vec<i32>, Error> {
+        let row = self
+            .inner
+            .query_one("SELECT llm_encode($1, $2)", &[&text, &model])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Token ids back to text with `model`'s tokenizer (`llm_decode`).
+    pub async fn decode(&self, ids: &[i32], model: &str) -> Result<String, Error> {
+        let row = self
+            .inner
+            .query_one("SELECT llm_decode($1, $2)", &[&ids, &model])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Mean cross-entropy of `model` predicting `targets` from `tokens` (`llm_loss`; equal
+    /// lengths, no gradient).
+    pub async fn loss(&self, tokens: &[i32], targets: &[i32], model: &str) -> Result<f32, Error> {
+        let row = self
+            .inner
+            .query_one("SELECT llm_loss($1, $2, $3)", &[&model, &tokens, &targets])
             .await?;
         Ok(row.get(0))
     }
@@ -321,11 +449,11 @@ impl Client {
 
 /// The eight arguments shared by llm_generate, llm_generate_ids and llm_generate_stream.
 fn generate_params<'a>(
-    prompt: &'a &'a str,
+    prompt: &'a (dyn tokio_postgres::types::ToSql + Sync),
     opts: &'a GenerateOptions,
 ) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 8] {
     [
-        &*prompt,
+        prompt,
         &opts.max_tokens,
         &opts.temperature,
         &opts.top_k,

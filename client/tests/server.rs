@@ -244,3 +244,59 @@ async fn errors_say_what_kind_of_failure_they_are() {
         .unwrap();
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
 }
+
+/// Every typed call against the same small model with the real tokenizer.
+#[tokio::test]
+async fn typed_calls_match_their_sql() {
+    use pg_gpt3_client::{BeamOptions, ErrorKind, GenerateOptions};
+    let client = Client::connect(&dsn()).await.unwrap();
+    streaming_model(&client).await;
+    let model = "client-stream-test";
+
+    let ids = client.encode("Hello, world!", model).await.unwrap();
+    assert_eq!(ids, [15496, 11, 995, 0], "GPT-2's ids for the text");
+    assert_eq!(client.decode(&ids, model).await.unwrap(), "Hello, world!");
+
+    let greedy = GenerateOptions::default()
+        .model(model)
+        .temperature(0.0)
+        .max_tokens(6)
+        .eos_token(None);
+    let continued = client.generate_ids(&ids, &greedy).await.unwrap();
+    assert_eq!(continued.len(), 6);
+    let sql: Vec<i32> = client
+        .raw()
+        .query_one(
+            "SELECT llm_generate_ids($1, 6, 0, 50, 0.95, $2, NULL)",
+            &[&ids, &model],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(continued, sql);
+    // top-k 1 sampling is greedy whatever the temperature and seed.
+    let top1 = greedy.clone().temperature(1.5).top_k(1).top_p(1.0).seed(7);
+    assert_eq!(client.generate_ids(&ids, &top1).await.unwrap(), continued);
+
+    let beams = client
+        .beam_search(
+            "Hello, world!",
+            &BeamOptions::default()
+                .model(model)
+                .beam_width(3)
+                .max_tokens(4),
+        )
+        .await
+        .unwrap();
+    assert_eq!(beams.len(), 3);
+    assert_eq!(beams.iter().map(|b| b.rank).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(beams.windows(2).all(|w| w[0].score >= w[1].score));
+    for b in &beams {
+        assert_eq!(client.decode(&b.token_ids, model).await.unwrap(), b.text);
+    }
+
+    let loss = client.loss(&ids[..3], &ids[1..], model).await.unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    let err = client.loss(&ids, &ids[1..], model).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
+}
