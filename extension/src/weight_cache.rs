@@ -82,36 +82,68 @@ pub fn open_or_write(
 }
 
 /// Reads `src` one chunk at a time into `place`'s weight file and maps it, so loading never
-/// holds a private copy of the model. A model larger than the cache bound, or a file-system
-/// problem (with a WARNING), gets a private copy instead.
+/// holds a private copy of the model (see `write_or_keep_private` for when it does).
 fn write_from(place: &FilePlace, cfg: &ModelConfig, src: &mut TableSource) -> Result<ModelWeights> {
+    write_or_keep_private(
+        place,
+        cfg,
+        src,
+        |src| {
+            check_shapes(cfg, &src.shapes()?)?;
+            let mut file = weight_file::Writer::create(&place.path, &place.id.owner, cfg)?;
+            for (name, range) in packed_tensors(cfg) {
+                for start in (0..range.len()).step_by(CHUNK_ELEMS) {
+                    let piece =
+                        src.read_range(&name, start..(start + CHUNK_ELEMS).min(range.len()))?;
+                    file.write_at(range.start + start, &piece)?;
+                }
+            }
+            file.finish_mapped(place.id.version)
+        },
+        |src| ModelWeights::load(cfg, src),
+    )
+}
+
+/// Writes `private` to its weight file and returns the weights mapped from it (the private
+/// copy is then freed), or keeps the private copy (see `write_or_keep_private`).
+pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Result<ModelWeights> {
+    write_or_keep_private(
+        place,
+        cfg,
+        private,
+        |private| weight_file::write(&place.path, &place.id, cfg, private.storage().as_slice()),
+        Ok,
+    )
+}
+
+/// The weights mapped from `place`'s file, written by `write` from `state` (then the files it
+/// supersedes are pruned). A model too large for `pg_llm.weight_cache_size` (a LOG) or a
+/// file-system problem such as a full disk (a WARNING) costs sharing, not the query: `private`
+/// makes this connection's own copy from `state` instead.
+fn write_or_keep_private<S>(
+    place: &FilePlace,
+    cfg: &ModelConfig,
+    mut state: S,
+    write: impl FnOnce(&mut S) -> Result<ModelWeights>,
+    private: impl FnOnce(S) -> Result<ModelWeights>,
+) -> Result<ModelWeights> {
     let bytes = file_size(cfg)?;
     if !make_room(bytes, &place.path) {
         pgrx::log!(
             "pg_llm: the weights of \"{}\" ({bytes} bytes) exceed pg_llm.weight_cache_size; they stay private to this connection",
             place.id.owner
         );
-        return ModelWeights::load(cfg, src);
+        return private(state);
     }
-    let attempt = || -> Result<ModelWeights> {
-        check_shapes(cfg, &src.shapes()?)?;
-        create_dir(&place.dir)?;
-        let mut file = weight_file::Writer::create(&place.path, &place.id.owner, cfg)?;
-        for (name, range) in packed_tensors(cfg) {
-            for start in (0..range.len()).step_by(CHUNK_ELEMS) {
-                let piece = src.read_range(&name, start..(start + CHUNK_ELEMS).min(range.len()))?;
-                file.write_at(range.start + start, &piece)?;
-            }
+    let written = create_dir(&place.dir).and_then(|_| write(&mut state));
+    match written {
+        Ok(mapped) => {
+            prune(&place.dir, place.param_table, Some(&place.id));
+            Ok(mapped)
         }
-        let mapped = file.finish_mapped(place.id.version)?;
-        prune(&place.dir, place.param_table, Some(&place.id));
-        Ok(mapped)
-    };
-    match attempt() {
-        Ok(mapped) => Ok(mapped),
         Err(EngineError::Io(why)) => {
             pgrx::warning!("pg_llm: model weights stay private to this connection: {why}");
-            ModelWeights::load(cfg, src)
+            private(state)
         }
         Err(e) => Err(e),
     }
@@ -123,34 +155,6 @@ fn create_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| EngineError::Io(format!("could not create \"{}\": {e}", dir.display())))
-}
-
-/// Writes `private` to its weight file and returns the weights mapped from it (the private
-/// copy is then freed). A file-system problem (full disk, permissions) costs sharing, not the
-/// query: the private copy is kept, with a WARNING; so does a model too large for the cache.
-pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Result<ModelWeights> {
-    let bytes = file_size(cfg)?;
-    if !make_room(bytes, &place.path) {
-        pgrx::log!(
-            "pg_llm: the weights of \"{}\" ({bytes} bytes) exceed pg_llm.weight_cache_size; they stay private to this connection",
-            place.id.owner
-        );
-        return Ok(private);
-    }
-    let attempt = || -> Result<ModelWeights> {
-        create_dir(&place.dir)?;
-        let mapped = weight_file::write(&place.path, &place.id, cfg, private.storage().as_slice())?;
-        prune(&place.dir, place.param_table, Some(&place.id));
-        Ok(mapped)
-    };
-    match attempt() {
-        Ok(mapped) => Ok(mapped),
-        Err(EngineError::Io(why)) => {
-            pgrx::warning!("pg_llm: model weights stay private to this connection: {why}");
-            Ok(private)
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// A weight file being written piece by piece for a model's next version (an import or an
