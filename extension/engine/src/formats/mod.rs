@@ -23,3 +23,23 @@ pub const PIECE: usize = 64 * 1024 * 1024;
 /// within the tensor, values). A tensor arrives whole (offset 0) or in consecutive pieces of
 /// `PIECE` values, the last one shorter.
 pub type Sink<'a> = dyn FnMut(&str, &[usize], usize, Vec<f32>) -> crate::error::Result<()> + 'a;
+
+/// Adds a piece handed to a `Sink` to `map`, after the tensor's earlier pieces.
+pub fn collect_piece(
+    map: &mut TensorMap,
+    name: &str,
+    shape: &[usize],
+    offset: usize,
+    values: Vec<f32>,
+) -> crate::error::Result<()> {
+    let (_, whole) = map
+        .entry(name.to_string())
+        .or_insert_with(|| (shape.to_vec(), Vec::new()));
+    if whole.len() != offset {
+        return Err(crate::error::EngineError::Internal(format!(
+            "a piece of \"{name}\" arrived out of order"
+        )));
+    }
+    whole.extend(values);
+    Ok(())
+}

@@ -4,7 +4,7 @@
 use super::hf_config::Family;
 use std::ops::Range;
 
-use super::{Sink, TensorMap, PIECE};
+use super::{collect_piece, Sink, TensorMap, PIECE};
 use crate::error::{EngineError, Result};
 use crate::model::ModelConfig;
 
@@ -476,23 +476,14 @@ pub fn to_canonical(family: Family, cfg: &ModelConfig, src: TensorMap) -> Result
         cfg,
         &shapes,
         &mut |name, range| {
+            // A tensor shorter than its shape reads short and is refused by `stream`.
             Ok(src
                 .get(name)
-                .map(|(_, d)| d[range].to_vec())
+                .and_then(|(_, d)| d.get(range))
+                .map(<[f32]>::to_vec)
                 .unwrap_or_default())
         },
-        &mut |name, shape, offset, data| {
-            let (_, whole) = out
-                .entry(name.to_string())
-                .or_insert_with(|| (shape.to_vec(), Vec::new()));
-            if whole.len() != offset {
-                return Err(EngineError::Internal(format!(
-                    "\"{name}\" arrived out of order"
-                )));
-            }
-            whole.extend(data);
-            Ok(())
-        },
+        &mut |name, shape, offset, data| collect_piece(&mut out, name, shape, offset, data),
     )?;
     Ok(out)
 }

@@ -9,7 +9,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::config::ModelConfig;
 use crate::error::Result;
-use crate::formats::{Sink, TensorMap, PIECE};
+use crate::formats::{collect_piece, Sink, TensorMap, PIECE};
 use crate::tensor;
 
 const STD: f32 = 0.02;
@@ -40,13 +40,7 @@ pub fn init_params(cfg: &ModelConfig, seed: u64) -> Result<TensorMap> {
     init_in_pieces(
         cfg,
         seed,
-        &mut |name, shape, _, data| {
-            let (_, whole) = out
-                .entry(name.to_string())
-                .or_insert_with(|| (shape.to_vec(), Vec::new()));
-            whole.extend(data);
-            Ok(())
-        },
+        &mut |name, shape, at, data| collect_piece(&mut out, name, shape, at, data),
         usize::MAX,
     )?;
     Ok(out)
