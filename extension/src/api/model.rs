@@ -92,18 +92,12 @@ fn import_npz(model: &str, bytes: &[u8]) -> Result<i64> {
         )));
     }
     let raw = pg_gpt2::to_gpt2_checkpoint(pg_gpt2::read(bytes)?, &cfg)?;
-    let canonical = names::to_canonical(Family::Gpt2, &cfg, raw)?;
-    let mut names: Vec<&String> = canonical.keys().collect();
-    names.sort();
     let mut replacement = Replacement::new(model, &cfg);
-    let mut n = 0;
-    for name in names {
-        let (shape, values) = &canonical[name];
-        n += values.len() as i64;
-        replacement.put(name, shape, 0, values.clone())?;
-    }
+    let n = names::stream_map(Family::Gpt2, &cfg, &raw, &mut |name, shape, at, values| {
+        replacement.put(name, shape, at, values)
+    })?;
     replacement.finish()?;
-    Ok(n)
+    Ok(n as i64)
 }
 
 /// Imports one of pg_gpt2's checkpoint archives (its `.npz`: a gzip stream of GPT-2's arrays,

@@ -464,13 +464,17 @@ fn stream_in_pieces(
         .sum())
 }
 
-/// `stream` over tensors in memory: a checkpoint's tensors → canonical tensors.
-pub fn to_canonical(family: Family, cfg: &ModelConfig, src: TensorMap) -> Result<TensorMap> {
+/// `stream` over a checkpoint's tensors in memory.
+pub fn stream_map(
+    family: Family,
+    cfg: &ModelConfig,
+    src: &TensorMap,
+    sink: &mut Sink<'_>,
+) -> Result<u64> {
     let shapes: Vec<(String, Vec<usize>)> = src
         .iter()
         .map(|(n, (s, _))| (n.clone(), s.clone()))
         .collect();
-    let mut out = TensorMap::new();
     stream(
         family,
         cfg,
@@ -483,8 +487,16 @@ pub fn to_canonical(family: Family, cfg: &ModelConfig, src: TensorMap) -> Result
                 .map(<[f32]>::to_vec)
                 .unwrap_or_default())
         },
-        &mut |name, shape, offset, data| collect_piece(&mut out, name, shape, offset, data),
-    )?;
+        sink,
+    )
+}
+
+/// A checkpoint's tensors in memory → canonical tensors (`stream_map`).
+pub fn to_canonical(family: Family, cfg: &ModelConfig, src: TensorMap) -> Result<TensorMap> {
+    let mut out = TensorMap::new();
+    stream_map(family, cfg, &src, &mut |name, shape, offset, data| {
+        collect_piece(&mut out, name, shape, offset, data)
+    })?;
     Ok(out)
 }
 
