@@ -287,14 +287,8 @@ fn check_digest(s: &Stored, hasher: Sha256) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::safetensors::blob;
     use super::*;
-
-    fn blob(header: &str, data: &[u8]) -> Vec<u8> {
-        let mut out = (header.len() as u64).to_le_bytes().to_vec();
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(data);
-        out
-    }
 
     #[test]
     fn headers_are_checked_before_values_are_read() {

@@ -151,16 +151,18 @@ pub fn read_ints(bytes: &[u8], name: &str) -> Result<Vec<i64>> {
     }
 }
 
+/// A safetensors file from its header text and data (tests of the parsers).
+#[cfg(test)]
+pub(super) fn blob(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn blob(header: &str, data: &[u8]) -> Vec<u8> {
-        let mut out = (header.len() as u64).to_le_bytes().to_vec();
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(data);
-        out
-    }
 
     #[test]
     fn a_tensor_named_twice_is_refused() {

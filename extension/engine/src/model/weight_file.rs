@@ -225,9 +225,9 @@ impl Writer {
             self.file
                 .read_exact_at(&mut block[..n], (self.offset + at) as u64)
                 .map_err(|e| io(&self.tmp.0, "read back", e))?;
-            hashes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&block[..n]).to_le_bytes());
+            hashes.push(xxhash_rust::xxh3::xxh3_64(&block[..n]));
         }
-        let checksum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&hashes));
+        let checksum = combine(&hashes);
         let mut json = header_json(&self.owner, version, &self.cfg, self.values, &checksum)?;
         // JSON allows trailing spaces: padded to fill its reserved space, the header ends
         // where the values start, as `read_header` computes.
@@ -294,6 +294,11 @@ fn checksum(values: &[f32]) -> String {
             .map(xxhash_rust::xxh3::xxh3_64)
             .collect()
     });
+    combine(&blocks)
+}
+
+/// The file checksum from its blocks' hashes (see `checksum`).
+fn combine(blocks: &[u64]) -> String {
     let joined: Vec<u8> = blocks.iter().flat_map(|h| h.to_le_bytes()).collect();
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&joined))
 }
