@@ -159,11 +159,6 @@ impl Replacement {
 pub fn publish_packed(model: &str, weights: Vec<f32>) -> Result<()> {
     let stored = store::load_config(model)?;
     let private = ModelWeights::from_storage(&stored.config, Arc::new(Storage::Owned(weights)))?;
-    publish_weights(model, stored, private)
-}
-
-/// Shares `private` through the version's weight file (when weight files are on) and caches it.
-fn publish_weights(model: &str, stored: StoredConfig, private: ModelWeights) -> Result<()> {
     let weights = if crate::guc::WEIGHT_FILES.get() {
         weight_cache::share(
             &FilePlace::new(model, stored.version)?,
