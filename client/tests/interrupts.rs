@@ -188,7 +188,7 @@ async fn cancel_and_statement_timeout_end_calls_within_100ms() {
             "{kind}: {cancel_latency:?}"
         );
     }
-    assert_eq!(client.execute("SELECT 1").await.unwrap(), 1);
+    client.execute("SELECT 1").await.unwrap();
 }
 
 /// Every read-only call works in a READ ONLY transaction of a new connection (a cold model
