@@ -485,54 +485,138 @@ fn write_in_pieces(
     piece: usize,
 ) -> Result<Written> {
     let io = |e: std::io::Error| EngineError::Io(format!("could not write the checkpoint: {e}"));
-    let entries: Vec<(&str, &[usize])> = tensors
-        .iter()
-        .map(|t| (t.name.as_str(), t.shape.as_slice()))
-        .collect();
-    let header = super::safetensors::f32_header(&entries)?;
-    out.write_all(&header).map_err(io)?;
-    let mut written = Written {
-        bytes: header.len() as u64,
-        entries: Vec::new(),
-    };
-    for t in tensors {
-        let mut digest = Sha256::new();
-        let mut length = 0u64;
-        let mut emit = |values: &[f32]| -> Result<()> {
-            let bytes = crate::tensor::le_bytes(values);
-            out.write_all(&bytes).map_err(io)?;
-            if manifest_file.is_some() {
-                digest.update(&*bytes);
-            }
-            length += bytes.len() as u64;
-            Ok(())
-        };
-        let numel: usize = t.shape.iter().product();
-        for start in (0..numel).step_by(piece) {
-            between()?;
-            let range = start..(start + piece).min(numel);
-            match t.piece(params, range) {
-                Some(piece) => emit(&piece?)?,
-                None => {
-                    emit(&t.values(params, cfg)?)?;
-                    break;
-                }
-            }
+    let mut stream = FileStream::new(0..tensors.len(), manifest_file.map(str::to_string));
+    loop {
+        between()?;
+        match stream.next_chunk(tensors, params, cfg, piece)? {
+            Some(chunk) => out.write_all(&chunk.bytes()).map_err(io)?,
+            None => break,
         }
-        if let Some(file) = manifest_file {
-            written.entries.push(super::manifest::Entry {
-                name: t.name.clone(),
-                dtype: "F32".into(),
-                shape: t.shape.clone(),
-                file: file.to_string(),
-                offset: written.bytes,
-                length,
-                sha256: super::manifest::hex(&digest.finalize()),
-            });
-        }
-        written.bytes += length;
     }
-    Ok(written)
+    Ok(Written {
+        bytes: stream.bytes,
+        entries: stream.entries,
+    })
+}
+
+/// Bytes of an export as they are made: values still in float32 (a piece of a tensor, written
+/// out without another copy) or already bytes (a header, a JSON file).
+pub enum Chunk {
+    Values(Vec<f32>),
+    Bytes(Vec<u8>),
+}
+
+impl Chunk {
+    pub fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Chunk::Values(v) => crate::tensor::le_bytes(v),
+            Chunk::Bytes(b) => std::borrow::Cow::Borrowed(b),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Chunk::Values(v) => 4 * v.len(),
+            Chunk::Bytes(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One safetensors file of an export (tensors `tensors` of a plan) made a chunk at a time:
+/// its header, then each tensor's values — a copied or scaled tensor in ranges of at most the
+/// values asked for, any other whole (its layout changes, so it is made at once). With a
+/// manifest file name, each tensor's manifest entry is recorded as it ends.
+struct FileStream {
+    tensors: std::ops::Range<usize>,
+    manifest_file: Option<String>,
+    header_done: bool,
+    /// The tensor being made and how many of its values are made.
+    tensor: usize,
+    at: usize,
+    digest: Sha256,
+    length: u64,
+    /// Bytes of the file made so far.
+    bytes: u64,
+    entries: Vec<super::manifest::Entry>,
+}
+
+impl FileStream {
+    fn new(tensors: std::ops::Range<usize>, manifest_file: Option<String>) -> Self {
+        Self {
+            tensor: tensors.start,
+            tensors,
+            manifest_file,
+            header_done: false,
+            at: 0,
+            digest: Sha256::new(),
+            length: 0,
+            bytes: 0,
+            entries: Vec::new(),
+        }
+    }
+
+    /// The file's next chunk (at most `max_values` values of a tensor made in pieces), or
+    /// None once the file is complete. `all` is the plan's tensor list.
+    fn next_chunk(
+        &mut self,
+        all: &[Planned],
+        params: &mut dyn Canonical,
+        cfg: &ModelConfig,
+        max_values: usize,
+    ) -> Result<Option<Chunk>> {
+        if !self.header_done {
+            let entries: Vec<(&str, &[usize])> = all[self.tensors.clone()]
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice()))
+                .collect();
+            let header = super::safetensors::f32_header(&entries)?;
+            self.header_done = true;
+            self.bytes = header.len() as u64;
+            return Ok(Some(Chunk::Bytes(header)));
+        }
+        while self.tensor < self.tensors.end {
+            let t = &all[self.tensor];
+            let numel: usize = t.shape.iter().product();
+            if self.at < numel {
+                let range = self.at..self.at.saturating_add(max_values.max(1)).min(numel);
+                let values = match t.piece(params, range.clone()) {
+                    Some(piece) => {
+                        self.at = range.end;
+                        piece?
+                    }
+                    None => {
+                        self.at = numel;
+                        t.values(params, cfg)?
+                    }
+                };
+                let chunk = Chunk::Values(values);
+                if self.manifest_file.is_some() {
+                    self.digest.update(&*chunk.bytes());
+                }
+                self.length += chunk.len() as u64;
+                return Ok(Some(chunk));
+            }
+            if let Some(file) = &self.manifest_file {
+                let digest = std::mem::take(&mut self.digest);
+                self.entries.push(super::manifest::Entry {
+                    name: t.name.clone(),
+                    dtype: "F32".into(),
+                    shape: t.shape.clone(),
+                    file: file.clone(),
+                    offset: self.bytes,
+                    length: self.length,
+                    sha256: super::manifest::hex(&digest.finalize()),
+                });
+            }
+            self.bytes += self.length;
+            (self.tensor, self.at, self.length) = (self.tensor + 1, 0, 0);
+        }
+        Ok(None)
+    }
 }
 
 /// Splits the plan, in order, into shards of at most `max_bytes` of tensor data (a larger
@@ -572,11 +656,240 @@ pub fn shard_index(shards: &[&[Planned]]) -> Value {
     json!({ "metadata": { "total_size": total }, "weight_map": weight_map })
 }
 
+/// The index file of a sharded folder export.
+pub const INDEX: &str = "model.safetensors.index.json";
+/// The tensor manifest of a folder export.
+pub const MANIFEST: &str = "model.manifest.jsonl";
+
+/// What one file of a folder export holds.
+#[derive(Clone, Debug)]
+enum Content {
+    /// Bytes known when the export is planned (config.json, the shard index).
+    Fixed(Vec<u8>),
+    /// A safetensors file of plan tensors `range`.
+    Weights(std::ops::Range<usize>),
+    /// The manifest of every tensor written before it.
+    Manifest,
+}
+
+/// A folder export — config.json, model.safetensors or shards of at most `max_shard` bytes
+/// with model.safetensors.index.json, and model.manifest.jsonl, a folder `from_pretrained`
+/// loads — made a file at a time and a chunk at a time within a file, so a writer holds one
+/// chunk (at most one tensor) and never the whole model. The path form writes its chunks to
+/// files; `Pieces` cuts them into pieces of a bounded size for a client.
+pub struct Folder {
+    plan: Plan,
+    cfg: ModelConfig,
+    files: Vec<(String, Content)>,
+    /// The file being made (None before the first); the next file to make.
+    current: Option<usize>,
+    next: usize,
+    stream: Option<FileStream>,
+    fixed_done: bool,
+    entries: Vec<super::manifest::Entry>,
+}
+
+fn pretty(json: &Value) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(json).map_err(|e| EngineError::Internal(format!("JSON: {e}")))
+}
+
+impl Folder {
+    pub fn new(plan: Plan, cfg: &ModelConfig, max_shard: u64) -> Result<Self> {
+        let mut files = vec![(
+            "config.json".to_string(),
+            Content::Fixed(pretty(&plan.config)?),
+        )];
+        let shards = shards(&plan.tensors, max_shard);
+        let mut start = 0;
+        for (k, shard) in shards.iter().enumerate() {
+            let name = if shards.len() == 1 {
+                "model.safetensors".to_string()
+            } else {
+                shard_file_name(k + 1, shards.len())
+            };
+            files.push((name, Content::Weights(start..start + shard.len())));
+            start += shard.len();
+        }
+        if shards.len() > 1 {
+            files.push((
+                INDEX.to_string(),
+                Content::Fixed(pretty(&shard_index(&shards))?),
+            ));
+        }
+        files.push((MANIFEST.to_string(), Content::Manifest));
+        Ok(Self {
+            plan,
+            cfg: cfg.clone(),
+            files,
+            current: None,
+            next: 0,
+            stream: None,
+            fixed_done: false,
+            entries: Vec::new(),
+        })
+    }
+
+    /// The names of the folder's files, in the order they are made.
+    pub fn file_names(&self) -> impl Iterator<Item = &str> {
+        self.files.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// The weight files: safetensors files and the shard index.
+    pub fn weight_files(&self) -> Vec<String> {
+        self.files
+            .iter()
+            .filter(|(name, c)| matches!(c, Content::Weights(_)) || name == INDEX)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Moves on to the next file and returns its name, or None after the last. The previous
+    /// file must be complete (`next_chunk` returned None).
+    pub fn next_file(&mut self) -> Option<&str> {
+        self.current = Some(self.next).filter(|&k| k < self.files.len());
+        self.next = (self.next + 1).min(self.files.len());
+        let (name, content) = &self.files[self.current?];
+        self.fixed_done = false;
+        self.stream = match content {
+            Content::Weights(range) => Some(FileStream::new(range.clone(), Some(name.clone()))),
+            _ => None,
+        };
+        Some(name)
+    }
+
+    /// The current file's next chunk (a tensor made in pieces in at most `max_values`
+    /// values), or None once the file is complete. Every file has a first chunk, an empty
+    /// one for an empty file.
+    pub fn next_chunk(
+        &mut self,
+        params: &mut dyn Canonical,
+        max_values: usize,
+    ) -> Result<Option<Chunk>> {
+        let Some((_, content)) = self.current.map(|k| &self.files[k]) else {
+            return Ok(None);
+        };
+        if let Some(stream) = &mut self.stream {
+            let chunk = stream.next_chunk(&self.plan.tensors, params, &self.cfg, max_values)?;
+            if chunk.is_none() {
+                self.entries.append(&mut stream.entries);
+            }
+            return Ok(chunk);
+        }
+        if std::mem::replace(&mut self.fixed_done, true) {
+            return Ok(None);
+        }
+        Ok(Some(Chunk::Bytes(match content {
+            Content::Fixed(bytes) => bytes.clone(),
+            Content::Manifest => super::manifest::to_jsonl(&self.entries).into_bytes(),
+            Content::Weights(_) => unreachable!("weight files have a stream"),
+        })))
+    }
+}
+
+/// One piece of a folder export: `data` are the bytes of `file` from byte `offset`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Piece {
+    pub file: String,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// A folder export as pieces of at most `max_bytes` bytes, made when asked for: file by file,
+/// each file's pieces in order from offset 0 and contiguous, every piece but a file's last
+/// exactly `max_bytes` long (an empty file is one empty piece). Memory held between pieces:
+/// less than a piece, or the rest of a tensor that is made whole (transposed, fused).
+pub struct Pieces {
+    folder: Folder,
+    max_bytes: usize,
+    pending: Vec<u8>,
+    /// Bytes of `pending` already handed out.
+    taken: usize,
+    /// The current file's offset of the next piece; whether its chunks are all in `pending`;
+    /// whether it has had a piece.
+    offset: u64,
+    file_done: bool,
+    file_emitted: bool,
+    file: Option<String>,
+}
+
+impl Pieces {
+    pub fn new(folder: Folder, max_bytes: usize) -> Result<Self> {
+        if max_bytes == 0 {
+            return Err(EngineError::invalid("pieces must hold at least one byte"));
+        }
+        Ok(Self {
+            folder,
+            max_bytes,
+            pending: Vec::new(),
+            taken: 0,
+            offset: 0,
+            file_done: true,
+            file_emitted: true,
+            file: None,
+        })
+    }
+
+    /// The next piece, or None after the last; `between` runs before each chunk is made (a
+    /// cancel check).
+    pub fn next_piece(
+        &mut self,
+        params: &mut dyn Canonical,
+        between: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Piece>> {
+        loop {
+            while !self.file_done && self.pending.len() - self.taken < self.max_bytes {
+                let missing = self.max_bytes - (self.pending.len() - self.taken);
+                between()?;
+                match self
+                    .folder
+                    .next_chunk(params, missing.div_ceil(4).min(PIECE))?
+                {
+                    Some(chunk) => {
+                        self.pending.drain(..self.taken);
+                        self.taken = 0;
+                        let bytes = chunk.bytes();
+                        self.pending.try_reserve(bytes.len()).map_err(|_| {
+                            EngineError::too_large("an export piece does not fit in memory")
+                        })?;
+                        self.pending.extend_from_slice(&bytes);
+                    }
+                    None => self.file_done = true,
+                }
+            }
+            let available = self.pending.len() - self.taken;
+            if available > 0 || !self.file_emitted {
+                let n = available.min(self.max_bytes);
+                let data = self.pending[self.taken..self.taken + n].to_vec();
+                let piece = Piece {
+                    file: self.file.clone().unwrap_or_default(),
+                    offset: self.offset,
+                    data,
+                };
+                self.taken += n;
+                if self.taken == self.pending.len() {
+                    // A whole tensor's buffer goes once it is handed out.
+                    self.pending = Vec::new();
+                    self.taken = 0;
+                }
+                self.offset += n as u64;
+                self.file_emitted = true;
+                return Ok(Some(piece));
+            }
+            let Some(name) = self.folder.next_file() else {
+                return Ok(None);
+            };
+            self.file = Some(name.to_string());
+            (self.offset, self.file_done, self.file_emitted) = (0, false, false);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::config::tiny_gpt3;
     use crate::model::init::init_params;
+    use std::collections::BTreeMap;
 
     #[test]
     fn pieces_write_the_same_file_and_manifest() {
@@ -595,11 +908,154 @@ mod tests {
                 piece,
             )
             .unwrap();
+            assert_eq!(w.bytes, bytes.len() as u64);
             (bytes, w.entries)
         };
         let (whole, whole_entries) = write(usize::MAX, &mut params);
         let (pieces, piece_entries) = write(1000, &mut params);
         assert!(whole == pieces);
         assert_eq!(whole_entries, piece_entries);
+    }
+
+    /// The folder the path form writes, made file by file with `write_safetensors` (the
+    /// reference the pieces are checked against).
+    fn folder_files(
+        plan: &Plan,
+        cfg: &ModelConfig,
+        params: &mut dyn Canonical,
+        max_shard: u64,
+    ) -> Vec<(String, Vec<u8>)> {
+        let mut files = vec![(
+            "config.json".to_string(),
+            serde_json::to_vec_pretty(&plan.config).unwrap(),
+        )];
+        let shards = shards(&plan.tensors, max_shard);
+        let mut entries = Vec::new();
+        for (k, shard) in shards.iter().enumerate() {
+            let name = if shards.len() == 1 {
+                "model.safetensors".to_string()
+            } else {
+                shard_file_name(k + 1, shards.len())
+            };
+            let mut bytes = Vec::new();
+            let w = write_safetensors(&mut bytes, shard, params, cfg, Some(&name), &mut || Ok(()))
+                .unwrap();
+            entries.extend(w.entries);
+            files.push((name, bytes));
+        }
+        if shards.len() > 1 {
+            let index = serde_json::to_vec_pretty(&shard_index(&shards)).unwrap();
+            files.push((INDEX.to_string(), index));
+        }
+        let manifest = super::super::manifest::to_jsonl(&entries);
+        files.push((MANIFEST.to_string(), manifest.into_bytes()));
+        files
+    }
+
+    #[test]
+    fn a_folder_in_pieces_is_the_folder_the_path_form_writes() {
+        // A banded model: its export has copied, scaled, transposed and fused tensors.
+        let mut cfg = tiny_gpt3();
+        cfg.attention_pattern = vec![AttnKind::Dense, AttnKind::Local];
+        cfg.local_window = Some(4);
+        let mut params = init_params(&cfg, 5).unwrap();
+        let plan = plan(Family::Gpt3, &cfg, &mut params).unwrap();
+        let largest = plan.tensors.iter().map(data_bytes).max().unwrap();
+        let total: u64 = plan.tensors.iter().map(data_bytes).sum();
+        for max_shard in [u64::MAX, total / 3, 1] {
+            let want = folder_files(&plan, &cfg, &mut params, max_shard);
+            if max_shard < total {
+                assert!(want.iter().any(|(f, _)| f == INDEX), "sharded");
+            }
+            // Pieces that split floats, the header and tensors, a tensor's exact size, one
+            // piece per file.
+            for max_bytes in [1, 3, 7, 64, 1000, 4097, largest as usize, usize::MAX / 2] {
+                let folder = Folder::new(plan.clone(), &cfg, max_shard).unwrap();
+                assert_eq!(
+                    folder.file_names().collect::<Vec<_>>(),
+                    want.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>()
+                );
+                let mut pieces = Pieces::new(folder, max_bytes).unwrap();
+                let mut got: Vec<(String, Vec<u8>)> = Vec::new();
+                let mut calls = 0;
+                while let Some(p) = pieces
+                    .next_piece(&mut params, &mut || {
+                        calls += 1;
+                        Ok(())
+                    })
+                    .unwrap()
+                {
+                    assert!(p.data.len() <= max_bytes && !p.data.is_empty());
+                    match got.last_mut() {
+                        Some((file, bytes)) if *file == p.file => {
+                            assert_eq!(p.offset, bytes.len() as u64, "contiguous");
+                            // Only a file's last piece is short.
+                            assert!(bytes.len() % max_bytes == 0);
+                            bytes.extend(p.data);
+                        }
+                        _ => {
+                            assert_eq!(p.offset, 0);
+                            got.push((p.file, p.data));
+                        }
+                    }
+                }
+                assert!(calls > 0);
+                assert_eq!(got.len(), want.len());
+                for ((gf, gb), (wf, wb)) in got.iter().zip(&want) {
+                    assert_eq!(gf, wf);
+                    assert!(gb == wb, "{gf} differs with pieces of {max_bytes} bytes");
+                }
+                assert!(pieces
+                    .next_piece(&mut params, &mut || Ok(()))
+                    .unwrap()
+                    .is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn folder_chunks_name_every_file_once_and_pieces_stop_on_errors() {
+        let cfg = tiny_gpt3();
+        let mut params = init_params(&cfg, 1).unwrap();
+        let plan = plan(Family::Gpt3, &cfg, &mut params).unwrap();
+        let mut folder = Folder::new(plan.clone(), &cfg, 1).unwrap();
+        let mut files = BTreeMap::new();
+        while let Some(name) = folder.next_file().map(str::to_string) {
+            let mut bytes = Vec::new();
+            while let Some(chunk) = folder.next_chunk(&mut params, 10).unwrap() {
+                bytes.extend_from_slice(&chunk.bytes());
+            }
+            assert!(files.insert(name, bytes).is_none());
+        }
+        assert!(folder.next_file().is_none() && folder.next_file().is_none());
+        let want: BTreeMap<_, _> = folder_files(&plan, &cfg, &mut params, 1)
+            .into_iter()
+            .collect();
+        assert!(files == want);
+        assert!(folder
+            .weight_files()
+            .iter()
+            .all(|f| f == INDEX || f.ends_with(".safetensors")));
+
+        assert!(Pieces::new(Folder::new(plan.clone(), &cfg, 1).unwrap(), 0).is_err());
+        let mut pieces = Pieces::new(Folder::new(plan, &cfg, 1).unwrap(), 100).unwrap();
+        let err = pieces
+            .next_piece(&mut params, &mut || Err(EngineError::Cancelled))
+            .unwrap_err();
+        assert_eq!(err, EngineError::Cancelled);
+        // A missing tensor is an error of the piece that needs it.
+        let mut empty = crate::formats::TensorMap::new();
+        let mut failed = false;
+        for _ in 0..100 {
+            match pieces.next_piece(&mut empty, &mut || Ok(())) {
+                Err(e) => {
+                    assert!(e.to_string().contains("no parameter"), "{e}");
+                    failed = true;
+                    break;
+                }
+                Ok(p) => assert!(p.is_some()),
+            }
+        }
+        assert!(failed);
     }
 }
