@@ -17,6 +17,7 @@ fn sqlstate(err: &EngineError) -> PgSqlErrorCode {
         EngineError::NotReady(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         EngineError::InsufficientPrivilege(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
         EngineError::Io(_) => ERRCODE_IO_ERROR,
+        EngineError::Conflict(_) => ERRCODE_T_R_SERIALIZATION_FAILURE,
         EngineError::Cancelled => ERRCODE_QUERY_CANCELED,
         EngineError::Internal(_) => ERRCODE_INTERNAL_ERROR,
     }

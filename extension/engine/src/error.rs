@@ -36,6 +36,10 @@ pub enum EngineError {
     /// A file could not be read or written (58P01 undefined_file / 58030 io_error).
     #[error("{0}")]
     Io(String),
+    /// What a call read changed under it between two of its reads, e.g. a model written
+    /// while an export streams it (40001 serialization_failure: retry).
+    #[error("{0}")]
+    Conflict(String),
     /// The caller asked the work to stop (query cancel, statement_timeout).
     #[error("computation cancelled")]
     Cancelled,
@@ -67,6 +71,7 @@ impl EngineError {
             Self::NotReady(_) => "55000",
             Self::InsufficientPrivilege(_) => "42501",
             Self::Io(_) => "58030",
+            Self::Conflict(_) => "40001",
             Self::Cancelled => "57014",
             Self::Internal(_) => "XX000",
         }
