@@ -26,3 +26,7 @@ as_postgres() {
 
 # The DSN of the throwaway cluster.
 local_dsn() { echo "host=$PG_GPT3_SOCK port=$PG_GPT3_PORT user=postgres dbname=${1:-postgres}"; }
+# The same cluster over TCP on localhost with TLS required (the client's TLS tests), and the
+# CA certificate that signed its server certificate.
+PG_GPT3_TLS="$PG_GPT3_RUN/tls"
+tls_dsn() { echo "host=localhost port=$PG_GPT3_PORT user=postgres dbname=${1:-postgres} sslmode=require"; }

@@ -32,6 +32,8 @@ if [ -z "${PG_GPT3_DSN:-}" ]; then
     trap '"$REPO_ROOT/scripts/cluster.sh" stop' EXIT
     "$(pg_bindir)/psql" "$(local_dsn)" -X -q -c "DROP DATABASE IF EXISTS pg_gpt3_test" -c "CREATE DATABASE pg_gpt3_test"
     export PG_GPT3_DSN="$(local_dsn pg_gpt3_test)"
+    # The client's TLS test: the same database over TCP with TLS, and the CA to trust.
+    export PG_GPT3_TLS_DSN="$(tls_dsn pg_gpt3_test)" PG_GPT3_TLS_ROOT="$PG_GPT3_TLS/root.crt"
 fi
 "$(pg_bindir)/psql" "$PG_GPT3_DSN" -X -q -c "CREATE EXTENSION IF NOT EXISTS pg_llm"
 
@@ -39,7 +41,7 @@ log "3/5 pg_regress"
 "$REPO_ROOT/scripts/regress.sh" || failed+=("pg_regress")
 
 log "4/5 Rust client"
-cargo test -p pg_gpt3_client --release 2>&1 || failed+=("client")
+cargo test -p pg_gpt3_client --release --all-features 2>&1 || failed+=("client")
 
 log "5/5 Python package"
 "$REPO_ROOT/scripts/python_tests.sh" || failed+=("python")

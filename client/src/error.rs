@@ -33,8 +33,8 @@ pub enum Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {
     /// Arguments the server refused: wrong sizes, NaN, negative counts, corrupt files,
-    /// oversized requests (SQLSTATE classes 22 and 54, 42601/42804/42P02), or that the client
-    /// refused before sending them.
+    /// oversized requests, rows a table's constraints refuse (SQLSTATE classes 22, 23 and
+    /// 54, 42601/42804/42P02), or that the client refused before sending them.
     BadInput,
     /// No such model, tokenizer, dataset or checkpoint (42704).
     UnknownModel,
@@ -77,7 +77,7 @@ impl Error {
             "57014" if message.contains("statement timeout") => ErrorKind::Timeout,
             "57014" => ErrorKind::Cancelled,
             "42601" | "42804" | "42P02" => ErrorKind::BadInput,
-            _ if code.starts_with("22") || code.starts_with("54") => ErrorKind::BadInput,
+            _ if ["22", "23", "54"].iter().any(|c| code.starts_with(c)) => ErrorKind::BadInput,
             _ if code.starts_with("53") => ErrorKind::Resources,
             _ if code.starts_with("08") || code.starts_with("57P") => ErrorKind::Connection,
             _ => ErrorKind::Other,
@@ -118,6 +118,7 @@ mod tests {
             (server("22023", "x"), ErrorKind::BadInput),
             (server("22P02", "x"), ErrorKind::BadInput),
             (server("54000", "too large"), ErrorKind::BadInput),
+            (server("23514", "check violated"), ErrorKind::BadInput),
             (server("42704", "no model"), ErrorKind::UnknownModel),
             (server("42501", "denied"), ErrorKind::Permission),
             (
