@@ -16,7 +16,9 @@ const WINDOW_CHARS: usize = 2000;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), pg_gpt3_client::Error> {
     let dsn = std::env::var("PG_GPT3_DSN").expect("set PG_GPT3_DSN to a database with pg_llm");
-    let model = std::env::args().nth(1).unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let model = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let client = Client::connect(&dsn).await?;
     let opts = GenerateOptions::default()
         .model(model)
@@ -28,7 +30,9 @@ async fn main() -> Result<(), pg_gpt3_client::Error> {
     loop {
         print!("you> ");
         std::io::stdout().flush().ok();
-        let Ok(Some(line)) = lines.next_line().await else { break };
+        let Ok(Some(line)) = lines.next_line().await else {
+            break;
+        };
         if line.trim().is_empty() {
             break;
         }

@@ -13,7 +13,10 @@ async fn main() -> Result<(), pg_gpt3_client::Error> {
     let model = args.next().unwrap_or_else(|| DEFAULT_MODEL.to_string());
 
     let client = Client::connect(&dsn).await?;
-    let opts = GenerateOptions::default().model(model).max_tokens(40).seed(42);
+    let opts = GenerateOptions::default()
+        .model(model)
+        .max_tokens(40)
+        .seed(42);
     let text = client.generate(&prompt, &opts).await?;
     println!("{prompt}{text}");
     Ok(())

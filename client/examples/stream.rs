@@ -11,7 +11,9 @@ use pg_gpt3_client::{Client, GenerateOptions, DEFAULT_MODEL};
 async fn main() -> Result<(), pg_gpt3_client::Error> {
     let dsn = std::env::var("PG_GPT3_DSN").expect("set PG_GPT3_DSN to a database with pg_llm");
     let mut args = std::env::args().skip(1);
-    let prompt = args.next().unwrap_or_else(|| "Once upon a time".to_string());
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "Once upon a time".to_string());
     let model = args.next().unwrap_or_else(|| DEFAULT_MODEL.to_string());
 
     let client = Client::connect(&dsn).await?;

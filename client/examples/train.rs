@@ -14,7 +14,9 @@ async fn main() -> Result<(), pg_gpt3_client::Error> {
     let dsn = std::env::var("PG_GPT3_DSN").expect("set PG_GPT3_DSN to a database with pg_llm");
     let mut args = std::env::args().skip(1);
     let model = args.next().unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let steps: i32 = args.next().map_or(20, |s| s.parse().expect("steps: a number"));
+    let steps: i32 = args
+        .next()
+        .map_or(20, |s| s.parse().expect("steps: a number"));
     let client = Client::connect(&dsn).await?;
 
     if let Some(file) = args.next() {
