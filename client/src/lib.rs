@@ -98,3 +98,43 @@ pub use train::{Evaluation, StepOptions, TrainOptions, TrainStep};
 
 /// The model every call uses unless told otherwise.
 pub const DEFAULT_MODEL: &str = "gpt3-125m";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Options and results travel as JSON (a service's config, a job queue, a log).
+    #[test]
+    fn options_and_results_round_trip_through_serde() {
+        fn round_trip<T>(value: &T)
+        where
+            T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+        {
+            let json = serde_json::to_string(value).unwrap();
+            assert_eq!(&serde_json::from_str::<T>(&json).unwrap(), value, "{json}");
+        }
+        round_trip(&GenerateOptions::default().top_k(5).seed(3));
+        round_trip(&BeamOptions::default().beam_width(2));
+        round_trip(&TrainOptions::default().n_steps(10).seq_len(64));
+        round_trip(&StepOptions::default().lr(1e-3));
+        round_trip(&DatasetOptions::default().stride(16));
+        round_trip(&TrainStep {
+            step: 1,
+            loss: 2.5,
+            lr: 1e-4,
+            grad_norm: 0.5,
+            tokens_per_s: 100.0,
+        });
+        round_trip(&StreamEvent {
+            step: 1,
+            token_id: 11,
+            token: ",".into(),
+            text: "a,".into(),
+            is_complete: false,
+        });
+        round_trip(&ErrorKind::UnknownModel);
+        let json = serde_json::to_value(TrainOptions::default()).unwrap();
+        assert_eq!(json["model"], DEFAULT_MODEL);
+        assert_eq!(json["lr_max"].as_f64().unwrap() as f32, 6e-4);
+    }
+}
