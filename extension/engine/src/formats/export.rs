@@ -859,18 +859,23 @@ impl Pieces {
             let available = self.pending.len() - self.taken;
             if available > 0 || !self.file_emitted {
                 let n = available.min(self.max_bytes);
-                let data = self.pending[self.taken..self.taken + n].to_vec();
+                let data = if self.taken == 0 && n == self.pending.len() {
+                    std::mem::take(&mut self.pending)
+                } else {
+                    let data = self.pending[self.taken..self.taken + n].to_vec();
+                    self.taken += n;
+                    if self.taken == self.pending.len() {
+                        // A whole tensor's buffer goes once it is handed out.
+                        self.pending = Vec::new();
+                        self.taken = 0;
+                    }
+                    data
+                };
                 let piece = Piece {
                     file: self.file.clone().unwrap_or_default(),
                     offset: self.offset,
                     data,
                 };
-                self.taken += n;
-                if self.taken == self.pending.len() {
-                    // A whole tensor's buffer goes once it is handed out.
-                    self.pending = Vec::new();
-                    self.taken = 0;
-                }
                 self.offset += n as u64;
                 self.file_emitted = true;
                 return Ok(Some(piece));
