@@ -220,14 +220,20 @@ pub fn insert_tensor(
     Ok(())
 }
 
-/// Values `range` of a stored tensor, read from the chunks that hold them.
+/// Values `range` of a stored tensor, read from the chunks that hold them. Only the bytes of
+/// the range are fetched (`data` is stored uncompressed, so `substring` reads just the TOAST
+/// pages it needs): a piece of a 256 MB chunk costs the piece, not the chunk.
 pub fn read_range(model: &str, name: &str, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
     pgrx::check_for_interrupts!();
     let mut values = tensor::alloc_zeroed(range.len())?;
     let mut filled = 0;
     spi::read(
-        "SELECT elem_offset, data FROM llm_param WHERE model = $1 AND name = $2 \
-         AND elem_offset < $4 AND elem_offset + length(data) / 4 > $3 ORDER BY chunk",
+        "SELECT elem_offset + lo, substring(data FROM (lo * 4 + 1)::int FOR ((hi - lo) * 4)::int) \
+         FROM (SELECT chunk, elem_offset, data, greatest($3 - elem_offset, 0) AS lo, \
+                      least($4 - elem_offset, length(data) / 4) AS hi \
+                 FROM llm_param WHERE model = $1 AND name = $2 \
+                  AND elem_offset < $4 AND elem_offset + length(data) / 4 > $3) s \
+         ORDER BY chunk",
         &[
             model.into(),
             name.into(),
