@@ -6,17 +6,39 @@ use std::path::{Path, PathBuf};
 
 use pg_llm_engine::formats::export::{self, Plan};
 use pg_llm_engine::formats::hf_config::Family;
-use pg_llm_engine::formats::pg_gpt2;
+use pg_llm_engine::formats::{pg_gpt2, PIECE};
 use pg_llm_engine::model::ModelConfig;
 use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
 use super::args::{self, required};
-use crate::errors::run;
+use crate::errors::{report, run};
 use crate::files::{self, StagedFiles};
 use crate::spi;
 use crate::store::{self, TableTensors};
+
+/// A model's export, planned: its configuration, the plan, its tensors (read from the tables
+/// when made) and the model version it was planned from. Run inside `spi::consistent`.
+struct PlannedExport {
+    cfg: ModelConfig,
+    plan: Plan,
+    tensors: TableTensors,
+    version: i64,
+}
+
+fn plan_export(model: &str) -> Result<PlannedExport> {
+    let stored = store::load_config(model)?;
+    let family = Family::parse(&stored.family)?;
+    let mut tensors = TableTensors::new(model, &stored.config)?;
+    let plan = export::plan(family, &stored.config, &mut tensors)?;
+    Ok(PlannedExport {
+        cfg: stored.config,
+        plan,
+        tensors,
+        version: stored.version,
+    })
+}
 
 /// Runs `f` with the model's configuration, its export plan and its tensors, all read from
 /// the tables under one snapshot: the export is one committed state of the model, read one
@@ -26,11 +48,8 @@ fn with_plan<R>(
     f: impl FnOnce(&ModelConfig, &Plan, &mut TableTensors) -> Result<R>,
 ) -> Result<R> {
     spi::consistent(|| {
-        let stored = store::load_config(model)?;
-        let family = Family::parse(&stored.family)?;
-        let mut tensors = TableTensors::new(model, &stored.config)?;
-        let plan = export::plan(family, &stored.config, &mut tensors)?;
-        f(&stored.config, &plan, &mut tensors)
+        let mut p = plan_export(model)?;
+        f(&p.cfg, &p.plan, &mut p.tensors)
     })
 }
 
@@ -39,9 +58,8 @@ fn write(
     cfg: &ModelConfig,
     tensors: &[export::Planned],
     params: &mut TableTensors,
-    manifest_file: Option<&str>,
 ) -> Result<export::Written> {
-    export::write_safetensors(out, tensors, params, cfg, manifest_file, &mut || {
+    export::write_safetensors(out, tensors, params, cfg, None, &mut || {
         pgrx::check_for_interrupts!();
         Ok(())
     })
@@ -71,7 +89,7 @@ fn pg_llm_export_safetensors_bytes(model: Option<&str>) -> Vec<u8> {
         with_plan(args::model_name(model, "model")?, |cfg, plan, params| {
             check_fits_bytea(plan, "pg_llm_export_safetensors(path, model)")?;
             let mut bytes = Vec::new();
-            write(&mut bytes, cfg, &plan.tensors, params, None)?;
+            write(&mut bytes, cfg, &plan.tensors, params)?;
             Ok(bytes)
         })
     })
@@ -193,9 +211,9 @@ fn pg_llm_export_safetensors(
                 params,
             };
             if path.extension().is_some_and(|e| e == "safetensors") {
-                let written = out.safetensors(&path, &plan.tensors, false)?;
+                let written = out.safetensors(&path, &plan.tensors)?;
                 staged.commit()?;
-                return Ok(written.bytes as i64);
+                return Ok(written as i64);
             }
             let (written, names) = out.directory(&path, plan, max_shard as u64)?;
             staged.commit()?;
@@ -205,6 +223,115 @@ fn pg_llm_export_safetensors(
     })
 }
 
+/// The largest piece a pieces export hands out: one bytea of at most 1 GB − 1.
+const MAX_PIECE_BYTES: i32 = (1 << 30) - 1;
+
+/// A pieces export in progress: one piece per call, made when PostgreSQL asks for the row.
+/// Each call reads under a snapshot of its own, in which the model must still have the
+/// version the export was planned from.
+struct PieceRun {
+    model: String,
+    version: i64,
+    params: TableTensors,
+    pieces: export::Pieces,
+    emitted: bool,
+}
+
+type PieceRow = (String, i64, Vec<u8>);
+
+impl PieceRun {
+    fn next_piece(&mut self) -> Result<Option<PieceRow>> {
+        spi::consistent(|| {
+            let now: Option<i64> = spi::read_one(
+                "SELECT version FROM llm_model_config WHERE model = $1",
+                &[self.model.as_str().into()],
+            )?;
+            if now != Some(self.version) {
+                return Err(EngineError::Conflict(format!(
+                    "model \"{}\" changed during the export (it was {}); retry, or run the \
+                     export in a REPEATABLE READ transaction, where every piece reads the same \
+                     snapshot",
+                    self.model,
+                    match now {
+                        Some(v) => format!("at version {}, now {v}", self.version),
+                        None => format!("at version {}, now dropped", self.version),
+                    }
+                )));
+            }
+            let piece = self.pieces.next_piece(&mut self.params, &mut || {
+                pgrx::check_for_interrupts!();
+                Ok(())
+            })?;
+            Ok(piece.map(|p| (p.file, p.offset as i64, p.data)))
+        })
+    }
+}
+
+impl Iterator for PieceRun {
+    type Item = PieceRow;
+
+    fn next(&mut self) -> Option<PieceRow> {
+        // The previous piece is in PostgreSQL's output buffer: send it before making the next.
+        if self.emitted {
+            crate::flush::flush_to_client();
+        }
+        self.emitted = true;
+        match self.next_piece() {
+            Ok(row) => row,
+            Err(e) => report("pg_llm_export_safetensors_pieces", e),
+        }
+    }
+}
+
+/// The folder `pg_llm_export_safetensors(path, model, max_shard_size)` writes (config.json,
+/// model.safetensors or shards with model.safetensors.index.json, model.manifest.jsonl, the
+/// same bytes), as rows of at most `piece_bytes` bytes: each file's pieces in order of
+/// `offset`, files in the order written. Called in the select list, each row is made when
+/// PostgreSQL asks for it and sent to the client before the next is made, so the server holds
+/// about one piece (or one tensor whose layout changes). Every piece checks that the model
+/// has not changed since the first (40001 otherwise: run it in a REPEATABLE READ
+/// transaction). Any role that may read the model.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn pg_llm_export_safetensors_pieces(
+    model: Option<&str>,
+    max_shard_size: default!(Option<i64>, 5000000000),
+    piece_bytes: default!(Option<i32>, 67108864),
+) -> TableIterator<
+    'static,
+    (
+        name!(file, String),
+        name!(offset, i64),
+        name!(data, Vec<u8>),
+    ),
+> {
+    let run_ = run("pg_llm_export_safetensors_pieces", || {
+        let model = args::model_name(model, "model")?;
+        let max_shard = required(max_shard_size, "max_shard_size")?;
+        if max_shard <= 0 {
+            return Err(EngineError::invalid(format!(
+                "max_shard_size must be positive, got {max_shard} (default {DEFAULT_SHARD_BYTES})"
+            )));
+        }
+        let piece = required(piece_bytes, "piece_bytes")?;
+        if !(1..=MAX_PIECE_BYTES).contains(&piece) {
+            return Err(EngineError::invalid(format!(
+                "piece_bytes must be between 1 and {MAX_PIECE_BYTES} (a bytea's limit), got {piece}"
+            )));
+        }
+        let planned = spi::consistent(|| plan_export(model))?;
+        let folder = export::Folder::new(planned.plan, &planned.cfg, max_shard as u64)?;
+        Ok(PieceRun {
+            model: model.to_string(),
+            version: planned.version,
+            params: planned.tensors,
+            pieces: export::Pieces::new(folder, piece as usize)?,
+            emitted: false,
+        })
+    });
+    TableIterator::new(run_)
+}
+
 /// Where a path-form export writes: staged files, filled from the model's tables.
 struct Output<'a> {
     staged: &'a mut StagedFiles,
@@ -212,43 +339,19 @@ struct Output<'a> {
     params: &'a mut TableTensors,
 }
 
-/// The tensor manifest of a folder export.
-const MANIFEST: &str = "model.manifest.jsonl";
-
 impl Output<'_> {
-    /// One safetensors file; with `manifest`, its tensors' manifest entries too.
-    fn safetensors(
-        &mut self,
-        path: &Path,
-        tensors: &[export::Planned],
-        manifest: bool,
-    ) -> Result<export::Written> {
+    /// One safetensors file.
+    fn safetensors(&mut self, path: &Path, tensors: &[export::Planned]) -> Result<u64> {
         let file = self.staged.create(path)?;
         let mut out = BufWriter::with_capacity(8 << 20, file);
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string());
-        let manifest_file = name.as_deref().filter(|_| manifest);
-        let written = write(&mut out, self.cfg, tensors, self.params, manifest_file)?;
+        let written = write(&mut out, self.cfg, tensors, self.params)?;
         out.flush()
             .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
-        Ok(written)
+        Ok(written.bytes)
     }
 
-    fn json(&mut self, path: &Path, json: &serde_json::Value) -> Result<u64> {
-        let text = serde_json::to_vec_pretty(json)
-            .map_err(|e| EngineError::Internal(format!("{}: {e}", path.display())))?;
-        self.bytes(path, &text)
-    }
-
-    fn bytes(&mut self, path: &Path, bytes: &[u8]) -> Result<u64> {
-        self.staged
-            .create(path)?
-            .write_all(bytes)
-            .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
-        Ok(bytes.len() as u64)
-    }
-
-    /// config.json, the weights (one file or shards with their index) and the manifest;
-    /// returns the bytes written and the weight files' names.
+    /// The folder `export::Folder` describes (config.json, the weights, their index and the
+    /// manifest) in `dir`; returns the bytes written and the weight files' names.
     fn directory(&mut self, dir: &Path, plan: &Plan, max_shard: u64) -> Result<(u64, Vec<String>)> {
         std::fs::create_dir_all(dir).map_err(|e| {
             EngineError::Io(format!(
@@ -256,30 +359,25 @@ impl Output<'_> {
                 dir.display()
             ))
         })?;
-        let mut written = self.json(&dir.join("config.json"), &plan.config)?;
-        let shards = export::shards(&plan.tensors, max_shard);
-        let mut names = Vec::new();
-        let mut entries = Vec::new();
-        for (k, shard) in shards.iter().enumerate() {
-            let name = if shards.len() == 1 {
-                "model.safetensors".to_string()
-            } else {
-                export::shard_file_name(k + 1, shards.len())
+        let mut folder = export::Folder::new(plan.clone(), self.cfg, max_shard)?;
+        let mut written = 0;
+        while let Some(name) = folder.next_file() {
+            let path = dir.join(name);
+            let io = |e: std::io::Error| {
+                EngineError::Io(format!("could not write \"{}\": {e}", path.display()))
             };
-            let w = self.safetensors(&dir.join(&name), shard, true)?;
-            written += w.bytes;
-            entries.extend(w.entries);
-            names.push(name);
+            let mut out = BufWriter::with_capacity(8 << 20, self.staged.create(&path)?);
+            loop {
+                pgrx::check_for_interrupts!();
+                let Some(chunk) = folder.next_chunk(self.params, PIECE)? else {
+                    break;
+                };
+                out.write_all(&chunk.bytes()).map_err(io)?;
+                written += chunk.len() as u64;
+            }
+            out.flush().map_err(io)?;
         }
-        if shards.len() > 1 {
-            let index = export::shard_index(&shards);
-            names.push("model.safetensors.index.json".to_string());
-            written += self.json(&dir.join("model.safetensors.index.json"), &index)?;
-        }
-        // The manifest: every tensor's byte range and checksum (formats::manifest).
-        let manifest = pg_llm_engine::formats::manifest::to_jsonl(&entries);
-        written += self.bytes(&dir.join(MANIFEST), manifest.as_bytes())?;
-        Ok((written, names))
+        Ok((written, folder.weight_files()))
     }
 }
 
