@@ -12,6 +12,7 @@ mod errors;
 mod files;
 mod flush;
 mod guc;
+mod large_objects;
 mod model_cache;
 mod spi;
 mod store;

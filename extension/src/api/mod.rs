@@ -1,6 +1,6 @@
 //! SQL functions, one module per concern.
 
-mod args;
+pub(crate) mod args;
 mod cache;
 mod dataset;
 mod export;

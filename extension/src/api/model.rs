@@ -16,6 +16,7 @@ use super::args::{self, required};
 use super::float32_bytea::Float32Bytea;
 use crate::errors::{cancel, run};
 use crate::files::{self, ServerFiles};
+use crate::large_objects::LargeObjects;
 use crate::model_cache::{self, Replacement};
 use crate::store;
 
@@ -197,17 +198,129 @@ fn shard_files(path: &Path) -> Result<Vec<PathBuf>> {
             path.to_path_buf()
         }]);
     };
-    let json: serde_json::Value = serde_json::from_slice(&files::read(&idx.to_string_lossy())?)
-        .map_err(|e| EngineError::data(format!("{} is not JSON: {e}", idx.display())))?;
+    let dir = idx.parent().unwrap_or(Path::new("."));
+    let names = index_shards(
+        &files::read(&idx.to_string_lossy())?,
+        &idx.to_string_lossy(),
+    )?;
+    Ok(names.iter().map(|f| dir.join(f)).collect())
+}
+
+/// The shard files a sharded checkpoint's index (`model.safetensors.index.json`) names in its
+/// weight_map, each once, sorted.
+fn index_shards(index: &[u8], what: &str) -> Result<Vec<String>> {
+    let json: serde_json::Value = serde_json::from_slice(index)
+        .map_err(|e| EngineError::data(format!("{what} is not JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| EngineError::data(format!("{} has no weight_map", idx.display())))?;
-    let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        .ok_or_else(|| EngineError::data(format!("{what} has no weight_map")))?;
+    let mut names: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
     names.sort();
     names.dedup();
-    let dir = idx.parent().unwrap_or(Path::new("."));
-    Ok(names.iter().map(|f| dir.join(f)).collect())
+    Ok(names)
+}
+
+/// `file` named relative to the directory of `beside` (a manifest or an index among the
+/// uploaded files), as the uploaded files name it.
+fn sibling(beside: &str, file: &str) -> String {
+    match beside.rfind('/') {
+        Some(slash) => format!("{}/{file}", &beside[..slash]),
+        None => file.to_string(),
+    }
+}
+
+/// Imports a checkpoint uploaded into large objects (`lo_from_bytea`, `lo_put`): `objects`
+/// holds its files and `files` their names. As for a directory given to the path form, a
+/// tensor manifest (`*.jsonl`, every checksum verified first) decides what is read if one is
+/// among the files; else a shard index (`*.index.json`) names the shards; else every
+/// `.safetensors` file is a shard. Files are read in blocks, never whole, through lo_get:
+/// PostgreSQL's large object privileges apply, and nothing on the server's disk is read, so
+/// any role may import. All or nothing. Returns the parameter count.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn pg_llm_import_safetensors_lo(
+    objects: Option<Vec<Option<pgrx::pg_sys::Oid>>>,
+    files: Option<Vec<Option<String>>>,
+    model: Option<&str>,
+    config: default!(Option<JsonB>, "NULL"),
+) -> i64 {
+    run("pg_llm_import_safetensors_lo", || {
+        let mut objects = LargeObjects::new(objects, files)?;
+        let model = args::model_name(model, "model")?;
+        let names: Vec<String> = objects.names().into_iter().map(str::to_string).collect();
+        let one_of = |kind: &str, suffix: &str| -> Result<Option<String>> {
+            let found: Vec<&String> = names.iter().filter(|n| n.ends_with(suffix)).collect();
+            match found.as_slice() {
+                [] => Ok(None),
+                [one] => Ok(Some(one.to_string())),
+                more => Err(EngineError::invalid(format!(
+                    "more than one {kind} among the files: {}",
+                    more.iter()
+                        .map(|n| format!("\"{n}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        };
+        let missing = |what: &str, file: &str| {
+            EngineError::invalid(format!(
+                "{what} names \"{file}\", which is not among the files given"
+            ))
+        };
+        if let Some(manifest_file) = one_of("manifest", ".jsonl")? {
+            let text = String::from_utf8(objects.read_all(&manifest_file)?).map_err(|_| {
+                EngineError::data(format!("manifest \"{manifest_file}\" is not UTF-8 text"))
+            })?;
+            let entries = manifest::parse(&text)?;
+            if let Some(e) = entries
+                .iter()
+                .find(|e| !objects.contains(&sibling(&manifest_file, &e.file)))
+            {
+                return Err(missing(&format!("manifest \"{manifest_file}\""), &e.file));
+            }
+            return import(model, config, &mut objects, |_| {
+                Ok(checkpoint::manifest_tensors(entries, |f| {
+                    sibling(&manifest_file, f)
+                }))
+            });
+        }
+        let shards: Vec<String> = match one_of("shard index", ".index.json")? {
+            Some(index) => {
+                let what = format!("index \"{index}\"");
+                let shards: Vec<String> = index_shards(&objects.read_all(&index)?, &what)?
+                    .iter()
+                    .map(|f| sibling(&index, f))
+                    .collect();
+                if let Some(absent) = shards.iter().find(|f| !objects.contains(f)) {
+                    return Err(missing(&what, absent));
+                }
+                shards
+            }
+            None => names
+                .iter()
+                .filter(|n| n.ends_with(".safetensors"))
+                .cloned()
+                .collect(),
+        };
+        if shards.is_empty() {
+            return Err(EngineError::invalid(format!(
+                "no checkpoint among the files ({}): give .safetensors files, with \
+                 model.safetensors.index.json when sharded, or a *.jsonl manifest",
+                names.join(", ")
+            )));
+        }
+        import(model, config, &mut objects, |f| {
+            let mut parts = Vec::new();
+            for shard in &shards {
+                parts.push(checkpoint::safetensors_tensors(f, shard)?);
+            }
+            checkpoint::merge(parts)
+        })
+    })
 }
 
 /// float32 logits [T, vocab] for every position of `token_ids`.
