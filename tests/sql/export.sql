@@ -165,5 +165,109 @@ RESET ROLE;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM llm_export_user;
 DROP ROLE llm_export_user;
 
+-- 6. Over the wire: a folder export as rows of bounded pieces, and a checkpoint uploaded into
+-- large objects: neither function touches a server file (the path form here is only the reference)
+SELECT pg_llm_export_safetensors(:'dir', 'ex-neo', 40000) > 0 AS exported_sharded;
+-- pieces of at most 3000 bytes (they split the header and tensors), taken in the select list
+-- as a client streams them: per file, contiguous from 0, and the path form's bytes exactly
+CREATE TEMP TABLE pieces AS
+SELECT (p).file, (p).offset, (p).data
+  FROM (SELECT pg_llm_export_safetensors_pieces('ex-neo', 40000, 3000) AS p) q;
+SELECT file, count(*) AS pieces, max(length(data)) <= 3000 AS bounded,
+       min("offset") = 0 AND sum(length(data)) = max("offset" + length(data)) AS contiguous,
+       string_agg(data, '' ORDER BY "offset") = pg_read_binary_file(:'dir' || '/' || file) AS same_as_path_form
+  FROM pieces GROUP BY file ORDER BY file;
+-- one shard by default: model.safetensors is the bytes form's file, config.json its config
+SELECT file, count(*) AS pieces,
+       CASE file WHEN 'model.safetensors' THEN string_agg(data, '' ORDER BY "offset") = pg_llm_export_safetensors_bytes('ex-opt')
+                 WHEN 'config.json' THEN convert_from(string_agg(data, '' ORDER BY "offset"), 'UTF8')::jsonb = pg_llm_export_config('ex-opt')
+       END AS same_as_other_forms
+  FROM pg_llm_export_safetensors_pieces('ex-opt', piece_bytes => 10007) WHERE file <> 'model.manifest.jsonl'
+ GROUP BY file ORDER BY file;
+-- upload: one large object per file, written piece by piece (lo_put), then imported with the
+-- exported config.json; the manifest among the files is used (checksums verified)
+CREATE TEMP TABLE uploaded AS SELECT file, lo_create(0) AS object FROM pieces GROUP BY file;
+SELECT count(*) AS pieces_uploaded
+  FROM (SELECT lo_put(u.object, p."offset", p.data) FROM pieces p JOIN uploaded u USING (file)) x;
+SELECT convert_from(lo_get(object), 'UTF8') AS config FROM uploaded WHERE file = 'config.json' \gset
+SELECT pg_llm_import_safetensors_lo(array_agg(object ORDER BY file), array_agg(file ORDER BY file), 'ex-neo-lo', :'config'::jsonb) AS params
+  FROM uploaded;
+SELECT pg_temp.same_logits('ex-neo', 'ex-neo-lo') AS same_logits;
+-- without the manifest the index names the shards; without the index every shard is read
+SELECT pg_llm_import_safetensors_lo(array_agg(object), array_agg(file), 'ex-neo-lo-index', :'config'::jsonb) AS params
+  FROM uploaded WHERE file <> 'model.manifest.jsonl';
+SELECT pg_llm_import_safetensors_lo(array_agg(object), array_agg(file), 'ex-neo-lo-shards', :'config'::jsonb) AS params
+  FROM uploaded WHERE file LIKE '%.safetensors';
+SELECT pg_temp.same_logits('ex-neo', 'ex-neo-lo-index') AS index_same, pg_temp.same_logits('ex-neo', 'ex-neo-lo-shards') AS shards_same;
+-- into a registered model (no config)
+SELECT pg_llm_import_safetensors_lo(array_agg(object), array_agg(file), 'ex-neo-lo') AS params FROM uploaded;
+
+-- bad input: clear errors, nothing created
+SELECT lo_from_bytea(0, '\x0102') AS junk \gset
+SELECT object AS shard1 FROM uploaded WHERE file = 'model-00001-of-00004.safetensors' \gset
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', ARRAY[:shard1, :junk]::oid[], ARRAY['model.safetensors'], 'ex-neo-lo')) AS mismatched,
+       pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', ARRAY[:shard1, NULL]::oid[], ARRAY['a.safetensors', 'b.safetensors'], 'ex-neo-lo')) AS null_object,
+       pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', ARRAY[:shard1, :junk]::oid[], ARRAY['a.safetensors', 'a.safetensors'], 'ex-neo-lo')) AS same_name_twice;
+SELECT pg_temp.err($$SELECT pg_llm_import_safetensors_lo('{}', '{}', 'ex-neo-lo')$$) AS no_files,
+       pg_temp.err($$SELECT pg_llm_import_safetensors_lo(NULL, '{a}', 'ex-neo-lo')$$) AS null_objects,
+       pg_temp.err($$SELECT pg_llm_import_safetensors_lo('{4294967295}', '{model.safetensors}', 'ex-neo-lo')$$) AS no_such_object;
+-- a corrupt file gets the bytes form's error
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', ARRAY[:junk]::oid[], ARRAY['model.safetensors'], 'ex-neo-lo')) AS corrupt,
+       pg_temp.err($$SELECT pg_llm_import_safetensors_bytes('\x0102', 'ex-neo-lo')$$) AS corrupt_bytes;
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', ARRAY[:junk]::oid[], ARRAY['config.json'], 'ex-neo-lo')) AS no_checkpoint,
+       pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', ARRAY[:shard1]::oid[], ARRAY['model.safetensors'], 'ex-no-such-model')) AS unknown_model;
+-- an index or a manifest naming a file that was not uploaded
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', array_agg(object), array_agg(file), 'ex-neo-lo')) AS missing_shard
+  FROM uploaded WHERE file NOT IN ('model.manifest.jsonl', 'model-00002-of-00004.safetensors');
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', array_agg(object), array_agg(file), 'ex-neo-lo')) AS manifest_missing_file
+  FROM uploaded WHERE file <> 'model-00003-of-00004.safetensors';
+-- a manifest whose checksums do not match: refused, the model is not created
+SELECT lo_from_bytea(0, convert_to(regexp_replace(convert_from(lo_get(object), 'UTF8'), '"sha256":"[0-9a-f]{64}"',
+                                                  '"sha256":"' || repeat('0', 64) || '"', 'g'), 'UTF8')) AS bad_manifest
+  FROM uploaded WHERE file = 'model.manifest.jsonl' \gset
+SELECT pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L, %L)',
+                          array_agg(CASE file WHEN 'model.manifest.jsonl' THEN :bad_manifest ELSE object END), array_agg(file),
+                          'ex-neo-lo-bad', :'config')) AS bad_checksum,
+       (SELECT count(*) FROM llm_model_config WHERE model = 'ex-neo-lo-bad') AS created
+  FROM uploaded;
+SELECT pg_temp.err($$SELECT * FROM pg_llm_export_safetensors_pieces('ex-neo', piece_bytes => 0)$$) AS zero_piece,
+       pg_temp.err($$SELECT * FROM pg_llm_export_safetensors_pieces('ex-neo', piece_bytes => 1073741824)$$) AS piece_over_1gb;
+SELECT pg_temp.err($$SELECT * FROM pg_llm_export_safetensors_pieces('ex-neo', 0)$$) AS zero_shard_size,
+       pg_temp.err($$SELECT * FROM pg_llm_export_safetensors_pieces('no-such-model')$$) AS unknown_model,
+       pg_temp.err($$SELECT * FROM pg_llm_export_safetensors_pieces(NULL)$$) AS null_model;
+-- the model changes between two pieces (here in the same transaction): the export stops with
+-- a serialization failure rather than mix two versions
+CREATE FUNCTION pg_temp.touch(m text) RETURNS int LANGUAGE sql AS $$
+    UPDATE llm_model_config SET note = coalesce(note, '') || '.' WHERE model = m RETURNING 1
+$$;
+SELECT regexp_replace(pg_temp.err($$SELECT (p).file, pg_temp.touch('ex-neo-lo') FROM (SELECT pg_llm_export_safetensors_pieces('ex-neo-lo') AS p) q$$),
+                      'version \d+, now \d+', 'version V, now W') AS changed_during_export;
+
+-- privileges: large objects are PostgreSQL's own (a role imports only objects it may read);
+-- the pieces export works for any role that may read the model
+CREATE ROLE llm_wire_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO llm_wire_user;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO llm_wire_user;
+SET ROLE llm_wire_user;
+SELECT regexp_replace(pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', ARRAY[:shard1]::oid[], ARRAY['model.safetensors'], 'ex-neo-lo')),
+                      'large object \d+', 'large object N') AS not_granted;
+SELECT count(*) AS pieces_as_plain_role FROM pg_llm_export_safetensors_pieces('ex-neo', 40000);
+RESET ROLE;
+DO $$ DECLARE o oid; BEGIN
+    FOR o IN SELECT object FROM uploaded LOOP EXECUTE format('GRANT SELECT ON LARGE OBJECT %s TO llm_wire_user', o); END LOOP;
+END $$;
+SELECT array_agg(object) AS objects, array_agg(file) AS files FROM uploaded \gset
+SET ROLE llm_wire_user;
+SELECT pg_llm_import_safetensors_lo(:'objects', :'files', 'ex-neo-lo') AS params_granted;
+RESET ROLE;
+DO $$ DECLARE o oid; BEGIN
+    FOR o IN SELECT object FROM uploaded LOOP EXECUTE format('REVOKE ALL ON LARGE OBJECT %s FROM llm_wire_user', o); END LOOP;
+END $$;
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM llm_wire_user;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM llm_wire_user;
+DROP ROLE llm_wire_user;
+SELECT count(lo_unlink(object)) AS unlinked FROM uploaded;
+SELECT lo_unlink(:junk) + lo_unlink(:bad_manifest) AS unlinked;
+
 -- Later tests list the registry: remove this test's models.
 DELETE FROM llm_model_config WHERE model LIKE 'ex-%';
