@@ -247,6 +247,45 @@ fn values(ty: &str, name: &str, pools: &Pools) -> (Vec<String>, Vec<String>) {
                 "jsonb",
             ),
         ),
+        ("oid[]", _) => {
+            let (good, damaged) = pools.objects.split_first().expect("uploaded objects");
+            let arrays = |v: &[String]| v.iter().map(|a| format!("{a}::oid[]")).collect();
+            (
+                arrays(&[format!("ARRAY[{good}]")]),
+                arrays(
+                    &damaged
+                        .iter()
+                        .map(|o| format!("ARRAY[{o}]"))
+                        .chain(
+                            [
+                                "'{}'",
+                                "'{0}'",
+                                "'{4294967295}'",
+                                "'{NULL}'",
+                                &format!("ARRAY[{good}, {good}]"),
+                            ]
+                            .map(String::from),
+                        )
+                        .collect::<Vec<_>>(),
+                ),
+            )
+        }
+        ("text[]", _) => (
+            typed(&["{model.safetensors}"], "text[]"),
+            typed(
+                &[
+                    "{}",
+                    "{\"\"}",
+                    "{NULL}",
+                    "{a.safetensors,a.safetensors}",
+                    "{model.manifest.jsonl}",
+                    "{model.safetensors.index.json}",
+                    "{config.json}",
+                    "{../../etc/passwd}",
+                ],
+                "text[]",
+            ),
+        ),
         ("text", "path") => (
             texts(&[
                 &fixture_path("models/gpt2/model.safetensors"),
@@ -298,6 +337,8 @@ struct Pools {
     tensors: Vec<String>,
     hostile_tensors: Vec<String>,
     checkpoints: Vec<String>,
+    /// Large objects holding the real checkpoint (first) and damaged copies of it.
+    objects: Vec<u32>,
 }
 
 #[tokio::test]
@@ -335,10 +376,22 @@ async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
 
     let mut rng = Rng(0x5eed_cafe_f00d_0001);
     let (sane_tensors, hostile_tensors) = tensors(&mut rng);
+    let checkpoints = checkpoints(&mut rng);
+    // The uploads pg_llm_import_safetensors_lo reads: the real checkpoint and four damaged.
+    let mut objects = Vec::new();
+    for blob in checkpoints.iter().take(5) {
+        let row = setup
+            .raw()
+            .query_one(&format!("SELECT lo_from_bytea(0, {blob})"), &[])
+            .await
+            .unwrap();
+        objects.push(row.get::<_, u32>(0));
+    }
     let pools = Pools {
         tensors: sane_tensors,
         hostile_tensors,
-        checkpoints: checkpoints(&mut rng),
+        checkpoints,
+        objects: objects.clone(),
     };
     let mut client = fuzz_connection().await;
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
@@ -414,6 +467,11 @@ async fn no_call_is_an_internal_error_a_crash_or_a_hang() {
             "DELETE FROM llm_model_config WHERE model <> ALL ($1)",
             &[&before],
         )
+        .await
+        .unwrap();
+    setup
+        .raw()
+        .execute("SELECT lo_unlink(o) FROM unnest($1::oid[]) o", &[&objects])
         .await
         .unwrap();
     println!(
