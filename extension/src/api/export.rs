@@ -296,7 +296,7 @@ impl Iterator for PieceRun {
 fn pg_llm_export_safetensors_pieces(
     model: Option<&str>,
     max_shard_size: default!(Option<i64>, 5000000000),
-    piece_bytes: default!(Option<i32>, 67108864),
+    piece_bytes: default!(Option<i32>, 16777216),
 ) -> TableIterator<
     'static,
     (
