@@ -44,7 +44,10 @@ pub enum ErrorKind {
     Cancelled,
     /// The query ran past `statement_timeout` (57014 by timeout) or the client's timeout.
     Timeout,
-    /// Memory, disk or another server resource ran out (class 53).
+    /// What the call read changed under it, or it lost a deadlock: run it again (class 40,
+    /// e.g. a model written while an export in READ COMMITTED streamed it).
+    Conflict,
+    /// Memory, disk, connections or another server resource ran out (class 53).
     Resources,
     /// The connection could not be made or was lost (class 08, server shutdown, I/O).
     Connection,
@@ -78,6 +81,7 @@ impl Error {
             "57014" => ErrorKind::Cancelled,
             "42601" | "42804" | "42P02" => ErrorKind::BadInput,
             _ if ["22", "23", "54"].iter().any(|c| code.starts_with(c)) => ErrorKind::BadInput,
+            _ if code.starts_with("40") => ErrorKind::Conflict,
             _ if code.starts_with("53") => ErrorKind::Resources,
             _ if code.starts_with("08") || code.starts_with("57P") => ErrorKind::Connection,
             _ => ErrorKind::Other,
@@ -130,6 +134,8 @@ mod tests {
                 ErrorKind::Timeout,
             ),
             (server("53200", "out of memory"), ErrorKind::Resources),
+            (server("40001", "changed"), ErrorKind::Conflict),
+            (server("40P01", "deadlock"), ErrorKind::Conflict),
             (
                 server("57P01", "terminating connection"),
                 ErrorKind::Connection,

@@ -237,6 +237,42 @@ async fn errors_say_what_kind_of_failure_they_are() {
     cancel.await.unwrap();
     assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
 
+    // A model written while an export streams it in READ COMMITTED: run it again.
+    let conflict = Client::connect(&dsn()).await.unwrap();
+    conflict
+        .execute(
+            "BEGIN; DECLARE pieces CURSOR FOR SELECT (p).file FROM \
+             (SELECT pg_llm_export_safetensors_pieces('client-kinds', 5000000000, 64) AS p) q; \
+             FETCH 1 FROM pieces; SELECT llm_init_params('client-kinds', 2)",
+        )
+        .await
+        .unwrap();
+    let err = conflict.execute("FETCH ALL FROM pieces").await.unwrap_err();
+    assert_eq!(
+        (err.kind(), err.sqlstate()),
+        (ErrorKind::Conflict, Some("40001")),
+        "{err}"
+    );
+    conflict.execute("ROLLBACK").await.unwrap();
+
+    // A server resource exhausted: the role's connection limit.
+    client
+        .execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'client_no_slots') \
+             THEN CREATE ROLE client_no_slots LOGIN CONNECTION LIMIT 0; END IF; END $$",
+        )
+        .await
+        .unwrap();
+    let err = Client::connect(&format!("{} user=client_no_slots", dsn()))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (err.kind(), err.sqlstate()),
+        (ErrorKind::Resources, Some("53300")),
+        "{err}"
+    );
+
     // Nothing listening.
     let err = Client::connect("host=127.0.0.1 port=1 user=nobody connect_timeout=2")
         .await
