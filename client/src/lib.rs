@@ -47,7 +47,7 @@
 //!   [`Client::beam_search`], [`Client::logits`] (an `ndarray::Array2<f32>`, fetched in
 //!   binary), [`Client::loss`], [`Client::encode`], [`Client::decode`].
 //! - Training: [`Client::train`] (a stream of [`TrainStep`]s), [`Client::train_step`],
-//!   [`Client::eval`]; data from texts, files or token ids ([`Client::dataset_from_text`],
+//!   [`Client::train_run`] (durable, resumable), [`Client::train_log`], [`Client::eval`]; data from texts, files or token ids ([`Client::dataset_from_text`],
 //!   [`Client::dataset_from_files`], [`Client::dataset_upload_tokens`]);
 //!   [`Client::load_tokenizer`].
 //! - Models and checkpoints: [`Client::model_config`], [`Client::models`],

@@ -226,6 +226,57 @@ impl Client {
         Ok(row.try_get(0)?)
     }
 
+    /// Trains until the model has taken `total_steps` optimizer steps in all, committing every
+    /// `commit_every` steps (`CALL llm_train_run`): a durable run that loses at most one
+    /// segment to a crash and, called again, resumes where the model is (a no-op once it has
+    /// `total_steps`). `opts.n_steps` is not used; the schedule spans `total_steps`. Progress
+    /// is in `train_log` as segments commit. Call it outside a transaction.
+    pub async fn train_run(
+        &self,
+        total_steps: i32,
+        commit_every: i32,
+        opts: &TrainOptions,
+    ) -> Result<(), Error> {
+        self.bounded(async {
+            self.pg()
+                .execute(
+                    "CALL llm_train_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    &[
+                        &opts.model,
+                        &total_steps,
+                        &commit_every,
+                        &opts.batch_size,
+                        &opts.seq_len,
+                        &opts.lr_max,
+                        &opts.warmup,
+                        &opts.beta1,
+                        &opts.beta2,
+                        &opts.eps,
+                        &opts.wd,
+                        &opts.grad_clip,
+                        &opts.dropout_p,
+                        &opts.seed,
+                    ],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The model's logged steps after step `after` (0: all), oldest first (llm_train_log: one
+    /// row per committed step of `train`, `train_step` and `train_run`).
+    pub async fn train_log(&self, model: &str, after: i32) -> Result<Vec<TrainStep>, Error> {
+        let rows = self
+            .query(
+                "SELECT step, loss, lr, grad_norm, tokens_per_s FROM llm_train_log \
+                 WHERE model = $1 AND step > $2 ORDER BY step, id",
+                &[&model, &after],
+            )
+            .await?;
+        rows.iter().map(TrainStep::from_row).collect()
+    }
+
     /// The model's mean loss and perplexity over a split of its dataset (`llm_eval`).
     pub async fn eval(&self, model: &str, split: &str) -> Result<Evaluation, Error> {
         let row = self

@@ -94,6 +94,17 @@ async fn train_streams_typed_steps_and_dropping_it_cancels_the_run() {
         .collect();
     assert_eq!(logged, all.iter().map(|s| s.loss).collect::<Vec<_>>());
 
+    // A durable run to 7 steps in all, committed every 2: resumes from step 3.
+    client.train_run(7, 2, &opts).await.unwrap();
+    let log = client.train_log("api-train", 3).await.unwrap();
+    assert_eq!(log.iter().map(|s| s.step).collect::<Vec<_>>(), [4, 5, 6, 7]);
+    assert_eq!(
+        client.train_log("api-train", 0).await.unwrap()[..3],
+        all[..]
+    );
+    client.train_run(7, 2, &opts).await.unwrap();
+    assert_eq!(client.train_log("api-train", 0).await.unwrap().len(), 7);
+
     // Dropped after its first step, a long run stops and leaves the model as it was.
     let before = client.eval("api-train", "train").await.unwrap();
     let mut steps = client.train(&opts.clone().n_steps(500)).await.unwrap();
