@@ -1,6 +1,7 @@
 //! Training: `llm_train` as a stream of per-step records, single steps, evaluation.
 
 use serde::{Deserialize, Serialize};
+use tokio_postgres::types::ToSql;
 
 use crate::client::RowsOf;
 use crate::{Client, Error, Tokens, DEFAULT_MODEL};
@@ -65,6 +66,24 @@ macro_rules! setters {
 }
 
 impl TrainOptions {
+    /// The arguments after the step count(s), shared by `llm_train` and `llm_train_run`:
+    /// batch_size … seed.
+    fn run_params(&self) -> [&(dyn ToSql + Sync); 11] {
+        [
+            &self.batch_size,
+            &self.seq_len,
+            &self.lr_max,
+            &self.warmup,
+            &self.beta1,
+            &self.beta2,
+            &self.eps,
+            &self.wd,
+            &self.grad_clip,
+            &self.dropout_p,
+            &self.seed,
+        ]
+    }
+
     setters! {
         model: &str,
         n_steps: i32,
@@ -177,21 +196,10 @@ impl Client {
         self.stream(
             "SELECT (s).step, (s).loss, (s).lr, (s).grad_norm, (s).tokens_per_s FROM \
              (SELECT llm_train($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) AS s) q",
-            &[
-                &opts.model,
-                &opts.n_steps,
-                &opts.batch_size,
-                &opts.seq_len,
-                &opts.lr_max,
-                &opts.warmup,
-                &opts.beta1,
-                &opts.beta2,
-                &opts.eps,
-                &opts.wd,
-                &opts.grad_clip,
-                &opts.dropout_p,
-                &opts.seed,
-            ],
+            &[&opts.model as &(dyn ToSql + Sync), &opts.n_steps]
+                .into_iter()
+                .chain(opts.run_params())
+                .collect::<Vec<_>>(),
             TrainStep::from_row,
             move |_, seen| seen == n_steps,
         )
@@ -242,21 +250,13 @@ impl Client {
                 .execute(
                     "CALL llm_train_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                     &[
-                        &opts.model,
+                        &opts.model as &(dyn ToSql + Sync),
                         &total_steps,
                         &commit_every,
-                        &opts.batch_size,
-                        &opts.seq_len,
-                        &opts.lr_max,
-                        &opts.warmup,
-                        &opts.beta1,
-                        &opts.beta2,
-                        &opts.eps,
-                        &opts.wd,
-                        &opts.grad_clip,
-                        &opts.dropout_p,
-                        &opts.seed,
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(opts.run_params())
+                    .collect::<Vec<_>>(),
                 )
                 .await?;
             Ok(())

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{backend_pid, connect, dsn, is_active, random_model, real_tokenizer};
+use common::{backend_pid, connect, dsn, fresh_model, is_active, random_model, real_tokenizer};
 use futures_util::StreamExt;
 use pg_gpt3_client::{
     Client, DatasetOptions, Error, ErrorKind, GenerateOptions, StepOptions, TrainOptions,
@@ -28,12 +28,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A small model with a real vocabulary and `rows` training rows of 33 tokens.
 async fn model_with_data(client: &Client, model: &str, rows: i32) {
-    client
-        .raw()
-        .execute("DELETE FROM llm_model_config WHERE model = $1", &[&model])
-        .await
-        .unwrap();
-    random_model(client, model, "2, 4, 64, 16, 256, 128, 50257", 3).await;
+    fresh_model(client, model, "2, 4, 64, 16, 256, 128, 50257", 3).await;
     let blocks: Vec<Vec<i32>> = (0..rows)
         .map(|i| (0..33).map(|j| (i * 7919 + j * 104729) % 50257).collect())
         .collect();
@@ -156,12 +151,7 @@ async fn single_steps_losses_and_evaluation() {
 async fn tokenizers_and_datasets_come_from_the_clients_disk() {
     let client = connect().await;
     let model = "api-data";
-    client
-        .raw()
-        .execute("DELETE FROM llm_model_config WHERE model = $1", &[&model])
-        .await
-        .unwrap();
-    random_model(&client, model, "1, 2, 32, 16, 64, 64, 50257", 1).await;
+    fresh_model(&client, model, "1, 2, 32, 16, 64, 64, 50257", 1).await;
     let tok = fixtures().join("tokenizer");
     let vocab = client
         .load_tokenizer(model, tok.join("encoder.json"), tok.join("vocab.bpe"))
@@ -235,12 +225,7 @@ async fn tokenizers_and_datasets_come_from_the_clients_disk() {
 async fn in_database_checkpoints_save_list_load_and_prune() {
     let client = connect().await;
     let model = "api-ckpt";
-    client
-        .raw()
-        .execute("DELETE FROM llm_model_config WHERE model = $1", &[&model])
-        .await
-        .unwrap();
-    random_model(&client, model, "1, 2, 32, 16, 64, 32, 64", 1).await;
+    fresh_model(&client, model, "1, 2, 32, 16, 64, 32, 64", 1).await;
     let original = client.logits(&[1, 2, 3], model).await.unwrap();
     let id = client.checkpoint_save(model, Some("seed 1")).await.unwrap();
     let n_params = client.init_params(model, 2).await.unwrap();
@@ -264,14 +249,12 @@ async fn in_database_checkpoints_save_list_load_and_prune() {
 async fn hugging_face_checkpoints_travel_between_disk_and_server() {
     let mut client = connect().await;
     let (source, copy) = ("api-export", "api-import");
-    for m in [source, copy] {
-        client
-            .raw()
-            .execute("DELETE FROM llm_model_config WHERE model = $1", &[&m])
-            .await
-            .unwrap();
-    }
-    random_model(&client, source, "2, 2, 32, 16, 64, 32, 96", 4).await;
+    client
+        .raw()
+        .execute("DELETE FROM llm_model_config WHERE model = $1", &[&copy])
+        .await
+        .unwrap();
+    fresh_model(&client, source, "2, 2, 32, 16, 64, 32, 96", 4).await;
     let dir = scratch("export");
     let files = client.export_checkpoint(&dir, source).await.unwrap();
     let mut names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();

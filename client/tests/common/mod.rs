@@ -32,6 +32,17 @@ pub async fn random_model(client: &Client, model: &str, dims: &str, seed: i64) {
         .unwrap();
 }
 
+/// `random_model` for a model registered anew: any earlier row of that name, with its
+/// weights, data, logs and checkpoints, is removed first.
+pub async fn fresh_model(client: &Client, model: &str, dims: &str, seed: i64) {
+    client
+        .raw()
+        .execute("DELETE FROM llm_model_config WHERE model = $1", &[&model])
+        .await
+        .unwrap();
+    random_model(client, model, dims, seed).await;
+}
+
 /// Attaches the real GPT-2/3 tokenizer (tests/fixtures/tokenizer) to `model`.
 pub async fn real_tokenizer(client: &Client, model: &str) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
