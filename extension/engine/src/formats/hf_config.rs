@@ -107,6 +107,17 @@ fn eps(v: &Value, key: &str) -> f32 {
     v.get(key).and_then(Value::as_f64).unwrap_or(1e-5) as f32
 }
 
+/// The config.json of a canonical checkpoint (`convert`): model type "pg_gpt3" with every
+/// field of the configuration, and the family the checkpoint came from (informative).
+pub fn canonical_config(cfg: &ModelConfig, source: Family) -> Value {
+    let mut json = serde_json::to_value(cfg).expect("a configuration serialises");
+    if let Value::Object(map) = &mut json {
+        map.insert("model_type".into(), Value::from("pg_gpt3"));
+        map.insert("converted_from".into(), Value::from(source.name()));
+    }
+    json
+}
+
 /// Parses a Hugging Face config.json; returns the configuration and the detected family.
 pub fn parse(config: &Value) -> Result<(ModelConfig, Family)> {
     let model_type = string(config, "model_type", "");
@@ -225,10 +236,17 @@ pub fn parse(config: &Value) -> Result<(ModelConfig, Family)> {
             (cfg, Family::GptNeo)
         }
         "megatron-lm" | "megatron_gpt" => megatron(config)?,
+        "pg_gpt3" => {
+            // pg_gpt3's own canonical checkpoints (`convert`): the whole configuration.
+            let cfg: ModelConfig = serde_json::from_value(config.clone()).map_err(|e| {
+                EngineError::invalid(format!("a pg_gpt3 config.json that does not parse: {e}"))
+            })?;
+            (cfg, Family::Gpt3)
+        }
         "" => return Err(EngineError::invalid("config.json has no \"model_type\"")),
         other => {
             return Err(EngineError::invalid(format!(
-            "model_type \"{other}\" is not supported (gpt2, opt, gpt_neo, megatron-lm; Cerebras-GPT uses gpt2)"
+            "model_type \"{other}\" is not supported (gpt2, opt, gpt_neo, megatron-lm, pg_gpt3; Cerebras-GPT uses gpt2)"
         )))
         }
     };

@@ -2,6 +2,7 @@
 //! pg_gpt3's canonical parameters.
 
 pub mod checkpoint;
+pub mod convert;
 pub mod export;
 pub mod hf_config;
 pub mod manifest;
