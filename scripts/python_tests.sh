@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Builds the Python package with maturin into a virtual environment and runs pytest.
+# Installs the Python package the way a user does (`pip install ./python`: maturin builds the
+# native module in release mode, pip installs numpy and tqdm) into a virtual environment with
+# pytest and pandas, checks that an sdist builds, and runs the Python tests.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 VENV="$REPO_ROOT/target/python-venv"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check "maturin>=1.5,<2" pytest
+pip=("$VENV/bin/pip" --quiet --disable-pip-version-check)
+"${pip[@]}" install "maturin>=1.5,<2" pytest pandas
 build_log="$(mktemp)"
-if ! (cd python && VIRTUAL_ENV="$VENV" "$VENV/bin/maturin" develop --release >"$build_log" 2>&1); then
+if ! "${pip[@]}" install --force-reinstall --no-deps ./python >"$build_log" 2>&1 \
+    || ! "${pip[@]}" install ./python >>"$build_log" 2>&1 \
+    || ! "$VENV/bin/maturin" sdist --manifest-path python/Cargo.toml --out target/sdist >>"$build_log" 2>&1; then
     tail -n 40 "$build_log" >&2
     exit 1
 fi
 rm -f "$build_log"
+ls target/sdist/pg_gpt3_client-*.tar.gz >/dev/null
 "$VENV/bin/python" -m pytest -q tests/python

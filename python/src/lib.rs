@@ -1,4 +1,11 @@
-//! Native part of the Python package `pg_gpt3_client`: a thin pyo3 skin over Rust code.
+//! Native part of the Python package `pg_gpt3_client`: a thin pyo3 skin over the Rust client
+//! (client.rs), run on one tokio runtime with the GIL released and Ctrl-C cancelling
+//! (runtime.rs), its errors as Python exceptions (errors.rs).
+
+mod client;
+mod convert;
+mod errors;
+mod runtime;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -19,7 +26,14 @@ fn decode_tensor(data: &[u8]) -> PyResult<Vec<f32>> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DEFAULT_MODEL", pg_gpt3_client::DEFAULT_MODEL)?;
     m.add_function(wrap_pyfunction!(encode_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(decode_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::convert_checkpoint, m)?)?;
+    m.add_class::<client::Client>()?;
+    m.add_class::<client::StreamEvent>()?;
+    m.add_class::<client::TrainStep>()?;
+    m.add_class::<client::TokenStream>()?;
+    m.add_class::<client::TrainSteps>()?;
     Ok(())
 }
