@@ -13,6 +13,7 @@ The calls are the pg_llm SQL functions (keyword arguments carry their argument n
 """
 from ._native import DEFAULT_MODEL, __version__, decode_tensor, encode_tensor
 from ._client import Client, PGLLMClient, StreamEvent, TrainStep
+from ._async import AsyncClient
 from .errors import (
     BadInputError,
     CancelledError,
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "DEFAULT_MODEL",
     "Client",
+    "AsyncClient",
     "PGLLMClient",
     "StreamEvent",
     "TrainStep",

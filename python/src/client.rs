@@ -102,6 +102,13 @@ impl Client {
         py.detach(|| runtime().block_on(async move { inner.lock().await.is_none() }))
     }
 
+    /// Asks the server to cancel the call running on this connection, from any thread (the
+    /// call then raises CancelledError); a no-op when none runs.
+    fn cancel(&self, py: Python<'_>) -> PyResult<()> {
+        let cancel = self.cancel.clone();
+        wait(py, None, async move { cancel.cancel().await })
+    }
+
     /// Runs SQL statements (setup in scripts and tests).
     fn execute(&self, py: Python<'_>, sql: String) -> PyResult<()> {
         self.call(py, move |c| Box::pin(async move { c.execute(&sql).await }))
@@ -586,7 +593,10 @@ impl StreamEvent {
     fn __repr__(&self) -> String {
         format!(
             "StreamEvent(step={}, token_id={}, token={:?}, is_complete={})",
-            self.step, self.token_id, self.token, self.is_complete
+            self.step,
+            self.token_id,
+            self.token,
+            if self.is_complete { "True" } else { "False" }
         )
     }
 }

@@ -249,3 +249,43 @@ def test_client_lifecycle(dsn, monkeypatch):
     monkeypatch.delenv("PG_GPT3_DSN")
     with pytest.raises(ValueError):
         Client()
+
+
+def test_async_client_awaits_streams_and_cancels(dsn, model):
+    import asyncio
+
+    from pg_gpt3_client import AsyncClient
+
+    async def main():
+        async with await AsyncClient.connect(dsn) as db:
+            ids = await db.encode("Hello, world", model=model)
+            assert ids == [15496, 11, 995]
+            text = await db.generate("Hello", max_tokens=4, temperature=0.0, model=model,
+                                     eos_token=None)
+            steps = [e async for e in db.stream("Hello", max_tokens=4, temperature=0.0,
+                                                model=model, eos_token=None)]
+            assert steps[-1].is_complete and steps[-1].text == text
+            # The event loop runs while a call waits on the server.
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            tick = asyncio.create_task(ticker())
+            await db.execute("SELECT pg_sleep(0.3)")
+            tick.cancel()
+            assert ticks >= 5
+            # Cancelling the awaiting task cancels the query on the server.
+            slow = asyncio.create_task(db.execute("SELECT pg_sleep(20)"))
+            await asyncio.sleep(0.3)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            await db.execute("SELECT 1")
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    assert time.perf_counter() - t0 < 15
