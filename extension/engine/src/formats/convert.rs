@@ -225,7 +225,10 @@ mod tests {
             ));
             let converted = convert(&dir, &config, &out).unwrap();
             let (cfg, family) = hf_config::parse(&config).unwrap();
-            assert_eq!((converted.config.clone(), converted.family), (cfg.clone(), family));
+            assert_eq!(
+                (converted.config.clone(), converted.family),
+                (cfg.clone(), family)
+            );
             assert_eq!(converted.parameters, cfg.param_count());
 
             let (mut files, tensors) = source_tensors(&dir).unwrap();
@@ -244,7 +247,10 @@ mod tests {
             assert_eq!(hf_config::parse(&written).unwrap(), (cfg, Family::Gpt3));
             let again = out.join("again");
             convert(&out, &written, &again).unwrap();
-            assert_eq!(std::fs::read(again.join("model.safetensors")).unwrap(), bytes);
+            assert_eq!(
+                std::fs::read(again.join("model.safetensors")).unwrap(),
+                bytes
+            );
             std::fs::remove_dir_all(&out).unwrap();
         }
     }
