@@ -109,6 +109,17 @@ impl Client {
         wait(py, None, async move { cancel.cancel().await })
     }
 
+    /// The rows of one SQL query as dicts of column name → value (numbers, text, bytes,
+    /// json, arrays, datetimes; cast other types in the query). For looking at what pg_gpt3
+    /// keeps in tables (llm_param, llm_train_log, ...), e.g. into pandas:
+    /// `pandas.DataFrame(db.query("SELECT * FROM llm_train_log"))`.
+    fn query<'py>(&self, py: Python<'py>, sql: String) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let rows = self.call(py, move |c| {
+            Box::pin(async move { Ok(c.raw().query(sql.as_str(), &[]).await?) })
+        })?;
+        rows.iter().map(|r| crate::rows::to_dict(py, r)).collect()
+    }
+
     /// Runs SQL statements (setup in scripts and tests).
     fn execute(&self, py: Python<'_>, sql: String) -> PyResult<()> {
         self.call(py, move |c| Box::pin(async move { c.execute(&sql).await }))

@@ -5,6 +5,7 @@
 mod client;
 mod convert;
 mod errors;
+mod rows;
 mod runtime;
 
 use pyo3::exceptions::PyValueError;

@@ -289,3 +289,33 @@ def test_async_client_awaits_streams_and_cancels(dsn, model):
     t0 = time.perf_counter()
     asyncio.run(main())
     assert time.perf_counter() - t0 < 15
+
+
+def test_query_returns_rows_as_typed_dicts(db, model):
+    import datetime
+
+    (row,) = db.query(
+        "SELECT 1::int2 AS a, 2::int8 AS b, 1.5::float4 AS c, 'x'::text AS d, "
+        "'\\x0102'::bytea AS e, '{\"k\": [1]}'::jsonb AS f, ARRAY[1, NULL] AS g, "
+        "ARRAY[0.5]::float8[] AS h, NULL::int AS i, true AS j, now() AS k"
+    )
+    assert list(row) == list("abcdefghijk")
+    assert row["a"] == 1 and row["b"] == 2 and row["c"] == 1.5 and row["d"] == "x"
+    assert row["e"] == b"\x01\x02" and row["f"] == {"k": [1]} and row["g"] == [1, None]
+    assert row["h"] == [0.5] and row["i"] is None and row["j"] is True
+    assert isinstance(row["k"], datetime.datetime) and row["k"].tzinfo is not None
+    params = db.query(f"SELECT name, shape FROM llm_param WHERE model = '{model}' "
+                      "AND chunk = 0 ORDER BY name")
+    assert {"name": "wte.weight", "shape": [50257, 64]} in params
+    from decimal import Decimal
+
+    (n,) = db.query("SELECT 12345678901234567890::numeric AS a, -0.00123::numeric AS b, "
+                    "10000.5::numeric AS c, 0::numeric AS d, sum(x) AS e, 'NaN'::numeric AS f "
+                    "FROM (VALUES (1::int8), (2::int8)) v(x)")
+    assert n["a"] == 12345678901234567890 and isinstance(n["a"], int)
+    assert n["b"] == Decimal("-0.00123") and n["c"] == Decimal("10000.5")
+    assert n["d"] == 0 and n["e"] == 3 and n["f"].is_nan()
+    with pytest.raises(TypeError, match="cast it"):
+        db.query("SELECT '1 day'::interval AS i")
+    with pytest.raises(BadInputError):
+        db.query("SELECT 1/0")
