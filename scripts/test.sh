@@ -4,8 +4,9 @@
 #   2. #[pg_test]s of the extension (cargo pgrx test, in pgrx's own throwaway cluster)
 #   3. pg_regress: tests/sql/*.sql against expected/*.out
 #   4. Rust client: unit tests and integration tests against the server
-#   5. Python package: built with maturin, tested with pytest
-# Steps 3-4 use the server in $PG_GPT3_DSN when set; otherwise a throwaway cluster that this
+#   5. Python package: installed with pip (maturin), tested with pytest
+#   6. notebooks: run headless (nbclient) at test size
+# Steps 3-6 use the server in $PG_GPT3_DSN when set; otherwise a throwaway cluster that this
 # script starts and stops.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
@@ -13,10 +14,10 @@ cd "$REPO_ROOT"
 "$REPO_ROOT/scripts/setup.sh"
 failed=()
 
-log "1/5 engine unit tests"
+log "1/6 engine unit tests"
 cargo test -p pg_llm_engine --release 2>&1 || failed+=("engine")
 
-log "2/5 extension #[pg_test]s"
+log "2/6 extension #[pg_test]s"
 PGRX_TEST_DATA="/tmp/pg_gpt3_pgrx_test"
 runas=()
 if [ "$(id -u)" = 0 ]; then
@@ -37,14 +38,17 @@ if [ -z "${PG_GPT3_DSN:-}" ]; then
 fi
 "$(pg_bindir)/psql" "$PG_GPT3_DSN" -X -q -c "CREATE EXTENSION IF NOT EXISTS pg_llm"
 
-log "3/5 pg_regress"
+log "3/6 pg_regress"
 "$REPO_ROOT/scripts/regress.sh" || failed+=("pg_regress")
 
-log "4/5 Rust client"
+log "4/6 Rust client"
 cargo test -p pg_gpt3_client --release --all-features 2>&1 || failed+=("client")
 
-log "5/5 Python package"
+log "5/6 Python package"
 "$REPO_ROOT/scripts/python_tests.sh" || failed+=("python")
+
+log "6/6 notebooks"
+"$REPO_ROOT/scripts/notebook_tests.sh" || failed+=("notebooks")
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
