@@ -214,10 +214,7 @@ impl Client {
         let rows = self.call(py, move |c| {
             Box::pin(async move { c.generate_stream(&prompt, &opts).await })
         })?;
-        Ok(TokenStream {
-            rows: Arc::new(Mutex::new(Some(rows))),
-            cancel: self.cancel.clone(),
-        })
+        Ok(TokenStream(Rows::new(rows, self.cancel.clone())))
     }
 
     /// The best continuations by beam search (llm_beam_search): a list of dicts with rank,
@@ -372,10 +369,7 @@ impl Client {
             seed,
         };
         let rows = self.call(py, move |c| Box::pin(async move { c.train(&opts).await }))?;
-        Ok(TrainSteps {
-            rows: Arc::new(Mutex::new(Some(rows))),
-            cancel: self.cancel.clone(),
-        })
+        Ok(TrainSteps(Rows::new(rows, self.cancel.clone())))
     }
 
     /// Mean loss, perplexity, sequences and tokens over a dataset split (llm_eval), as a dict.
@@ -645,10 +639,14 @@ impl TrainStep {
 }
 
 /// Rows of a server stream, for a Python iterator: the next row with the GIL released and
-/// Ctrl-C cancelling; `close()` (or the iterator's end of life) cancels a query still running.
+/// Ctrl-C cancelling; `close()`, or the iterator's end of life, cancels a query still running.
 struct Rows<T>(Arc<Mutex<Option<RowsOf<T>>>>, CancelHandle);
 
 impl<T: Send + 'static> Rows<T> {
+    fn new(rows: RowsOf<T>, cancel: CancelHandle) -> Self {
+        Self(Arc::new(Mutex::new(Some(rows))), cancel)
+    }
+
     fn next(&self, py: Python<'_>) -> PyResult<Option<T>> {
         let rows = self.0.clone();
         wait(py, Some(&self.1), async move {
@@ -678,99 +676,81 @@ impl<T: Send + 'static> Rows<T> {
     }
 }
 
-/// Drops a stream inside the runtime's context, so that a stream dropped unfinished (an
-/// iterator garbage-collected mid-generation) can still send its cancel request.
-fn drop_in_runtime<T>(rows: &Arc<Mutex<Option<RowsOf<T>>>>) {
-    let _context = runtime().enter();
-    if let Ok(mut guard) = rows.try_lock() {
-        guard.take();
-    }
-}
-
-/// The iterator `Client.stream` returns.
-#[pyclass(frozen, module = "pg_gpt3_client._native")]
-pub struct TokenStream {
-    rows: Arc<Mutex<Option<RowsOf<rust::StreamEvent>>>>,
-    cancel: CancelHandle,
-}
-
-impl Drop for TokenStream {
+impl<T> Drop for Rows<T> {
+    /// An iterator garbage-collected mid-stream: its stream is dropped inside the runtime's
+    /// context too, so that it can still send its cancel request.
     fn drop(&mut self) {
-        drop_in_runtime(&self.rows);
-    }
-}
-
-impl TokenStream {
-    fn rows(&self) -> Rows<rust::StreamEvent> {
-        Rows(self.rows.clone(), self.cancel.clone())
-    }
-}
-
-#[pymethods]
-impl TokenStream {
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __next__(&self, py: Python<'_>) -> PyResult<StreamEvent> {
-        match self.rows().next(py)? {
-            Some(e) => Ok(StreamEvent {
-                step: e.step,
-                token_id: e.token_id,
-                token: e.token,
-                text: e.text,
-                is_complete: e.is_complete,
-            }),
-            None => Err(PyStopIteration::new_err(())),
+        let _context = runtime().enter();
+        if let Ok(mut guard) = self.0.try_lock() {
+            guard.take();
         }
     }
-
-    /// Stops reading; a generation still running is cancelled.
-    fn close(&self, py: Python<'_>) {
-        self.rows().close(py)
-    }
 }
 
-/// The iterator `Client.train_stream` returns.
-#[pyclass(frozen, module = "pg_gpt3_client._native")]
-pub struct TrainSteps {
-    rows: Arc<Mutex<Option<RowsOf<rust::TrainStep>>>>,
-    cancel: CancelHandle,
-}
-
-impl Drop for TrainSteps {
-    fn drop(&mut self) {
-        drop_in_runtime(&self.rows);
-    }
-}
-
-impl TrainSteps {
-    fn rows(&self) -> Rows<rust::TrainStep> {
-        Rows(self.rows.clone(), self.cancel.clone())
-    }
-}
-
-#[pymethods]
-impl TrainSteps {
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __next__(&self, py: Python<'_>) -> PyResult<TrainStep> {
-        match self.rows().next(py)? {
-            Some(s) => Ok(TrainStep {
-                step: s.step,
-                loss: s.loss,
-                lr: s.lr,
-                grad_norm: s.grad_norm,
-                tokens_per_s: s.tokens_per_s,
-            }),
-            None => Err(PyStopIteration::new_err(())),
+impl From<rust::StreamEvent> for StreamEvent {
+    fn from(e: rust::StreamEvent) -> Self {
+        Self {
+            step: e.step,
+            token_id: e.token_id,
+            token: e.token,
+            text: e.text,
+            is_complete: e.is_complete,
         }
     }
+}
 
-    /// Stops reading; a run still going is cancelled and changes nothing.
-    fn close(&self, py: Python<'_>) {
-        self.rows().close(py)
+impl From<rust::TrainStep> for TrainStep {
+    fn from(s: rust::TrainStep) -> Self {
+        Self {
+            step: s.step,
+            loss: s.loss,
+            lr: s.lr,
+            grad_norm: s.grad_norm,
+            tokens_per_s: s.tokens_per_s,
+        }
     }
 }
+
+/// A Python iterator class over a server stream of `$rust` rows, yielding `$item`s.
+macro_rules! row_iterator {
+    ($(#[$doc:meta])* $name:ident, $rust:ty, $item:ident, $close:literal) => {
+        $(#[$doc])*
+        #[pyclass(frozen, module = "pg_gpt3_client._native")]
+        pub struct $name(Rows<$rust>);
+
+        #[pymethods]
+        impl $name {
+            fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+                slf
+            }
+
+            fn __next__(&self, py: Python<'_>) -> PyResult<$item> {
+                match self.0.next(py)? {
+                    Some(row) => Ok(row.into()),
+                    None => Err(PyStopIteration::new_err(())),
+                }
+            }
+
+            #[doc = $close]
+            fn close(&self, py: Python<'_>) {
+                self.0.close(py)
+            }
+        }
+    };
+}
+
+row_iterator!(
+    /// The iterator `Client.stream` returns.
+    TokenStream,
+    rust::StreamEvent,
+    StreamEvent,
+    "Stops reading; a generation still running is cancelled."
+);
+
+row_iterator!(
+    /// The iterator `Client.train_stream` returns.
+    TrainSteps,
+    rust::TrainStep,
+    TrainStep,
+    "Stops reading; a run still going is cancelled and changes nothing."
+);
