@@ -26,9 +26,9 @@ fn read_map(path: PathBuf) -> TensorMap {
 /// Writes a plan as one safetensors file in memory and reads it back.
 fn export_bytes(plan: &export::Plan, params: &mut dyn Canonical, cfg: &ModelConfig) -> Vec<u8> {
     let mut out = Vec::new();
-    let n = export::write_safetensors(&mut out, &plan.tensors, params, cfg, None, &mut || Ok(()))
-        .unwrap();
-    assert_eq!(n.bytes as usize, out.len());
+    let n =
+        export::write_safetensors(&mut out, &plan.tensors, params, cfg, &mut || Ok(())).unwrap();
+    assert_eq!(n as usize, out.len());
     out
 }
 
@@ -257,18 +257,22 @@ fn manifest_entries_describe_the_written_file() {
     let cfg = gpt3_config(true);
     let canonical = read_map(export_dir("local").join("canonical.safetensors"));
     let plan = export::plan(Family::Gpt3, &cfg, &mut canonical.clone()).unwrap();
-    let mut bytes = Vec::new();
-    let written = export::write_safetensors(
-        &mut bytes,
-        &plan.tensors,
-        &mut canonical.clone(),
-        &cfg,
-        Some("model.safetensors"),
-        &mut || Ok(()),
-    )
-    .unwrap();
-    assert_eq!(written.entries.len(), plan.tensors.len());
-    let entries = manifest::parse(&manifest::to_jsonl(&written.entries)).unwrap();
+    let n_tensors = plan.tensors.len();
+    // The folder export: model.safetensors and the manifest describing it.
+    let mut folder = export::Folder::new(plan, &cfg, u64::MAX).unwrap();
+    let mut made: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut params = canonical.clone();
+    while let Some(name) = folder.next_file().map(str::to_string) {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = folder.next_chunk(&mut params, 1000).unwrap() {
+            bytes.extend_from_slice(&chunk.bytes());
+        }
+        made.insert(name, bytes);
+    }
+    let bytes = made.remove("model.safetensors").unwrap();
+    let manifest = String::from_utf8(made.remove(export::MANIFEST).unwrap()).unwrap();
+    let entries = manifest::parse(&manifest).unwrap();
+    assert_eq!(entries.len(), n_tensors);
     let mut files = checkpoint::Blobs(HashMap::from([(
         "model.safetensors".to_string(),
         bytes.as_slice(),

@@ -89,7 +89,6 @@ fn check(case: &str, order: QkvOrder) {
         &plan.tensors,
         &mut canonical.clone(),
         &cfg,
-        None,
         &mut || Ok(()),
     )
     .unwrap();

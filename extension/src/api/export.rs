@@ -58,8 +58,8 @@ fn write(
     cfg: &ModelConfig,
     tensors: &[export::Planned],
     params: &mut TableTensors,
-) -> Result<export::Written> {
-    export::write_safetensors(out, tensors, params, cfg, None, &mut || {
+) -> Result<u64> {
+    export::write_safetensors(out, tensors, params, cfg, &mut || {
         pgrx::check_for_interrupts!();
         Ok(())
     })
@@ -347,7 +347,7 @@ impl Output<'_> {
         let written = write(&mut out, self.cfg, tensors, self.params)?;
         out.flush()
             .map_err(|e| EngineError::Io(format!("could not write \"{}\": {e}", path.display())))?;
-        Ok(written.bytes)
+        Ok(written)
     }
 
     /// The folder `export::Folder` describes (config.json, the weights, their index and the

@@ -453,26 +453,17 @@ pub fn data_bytes(t: &Planned) -> u64 {
     4 * t.shape.iter().product::<usize>() as u64
 }
 
-/// What `write_safetensors` wrote.
-#[derive(Debug, Default)]
-pub struct Written {
-    pub bytes: u64,
-    /// Manifest entries of the file's tensors, when asked for (see `manifest`).
-    pub entries: Vec<super::manifest::Entry>,
-}
-
 /// Writes `tensors` as one float32 safetensors file, making each tensor's values only when
-/// it is written; `between` runs before each tensor (a cancel check). With `manifest_file`,
-/// also returns a manifest entry (byte range and sha256) per tensor, naming that file.
+/// it is written; `between` runs before each chunk (a cancel check). Returns the bytes
+/// written. (A folder export, whose manifest needs each tensor's checksum, is `Folder`.)
 pub fn write_safetensors(
     out: &mut dyn std::io::Write,
     tensors: &[Planned],
     params: &mut dyn Canonical,
     cfg: &ModelConfig,
-    manifest_file: Option<&str>,
     between: &mut dyn FnMut() -> Result<()>,
-) -> Result<Written> {
-    write_in_pieces(out, tensors, params, cfg, manifest_file, between, PIECE)
+) -> Result<u64> {
+    write_in_pieces(out, tensors, params, cfg, between, PIECE)
 }
 
 fn write_in_pieces(
@@ -480,12 +471,11 @@ fn write_in_pieces(
     tensors: &[Planned],
     params: &mut dyn Canonical,
     cfg: &ModelConfig,
-    manifest_file: Option<&str>,
     between: &mut dyn FnMut() -> Result<()>,
     piece: usize,
-) -> Result<Written> {
+) -> Result<u64> {
     let io = |e: std::io::Error| EngineError::Io(format!("could not write the checkpoint: {e}"));
-    let mut stream = FileStream::new(0..tensors.len(), manifest_file.map(str::to_string));
+    let mut stream = FileStream::new(0..tensors.len(), None);
     loop {
         between()?;
         match stream.next_chunk(tensors, params, cfg, piece)? {
@@ -493,10 +483,7 @@ fn write_in_pieces(
             None => break,
         }
     }
-    Ok(Written {
-        bytes: stream.bytes,
-        entries: stream.entries,
-    })
+    Ok(stream.bytes)
 }
 
 /// Bytes of an export as they are made: values still in float32 (a piece of a tensor, written
@@ -897,29 +884,48 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
-    fn pieces_write_the_same_file_and_manifest() {
+    fn pieces_write_the_same_file() {
         let cfg = tiny_gpt3();
         let mut params = init_params(&cfg, 2).unwrap();
         let plan = plan(Family::Gpt3, &cfg, &mut params).unwrap();
         let write = |piece: usize, params: &mut crate::formats::TensorMap| {
             let mut bytes = Vec::new();
-            let w = write_in_pieces(
+            let n = write_in_pieces(
                 &mut bytes,
                 &plan.tensors,
                 params,
                 &cfg,
-                Some("m"),
                 &mut || Ok(()),
                 piece,
             )
             .unwrap();
-            assert_eq!(w.bytes, bytes.len() as u64);
-            (bytes, w.entries)
+            assert_eq!(n, bytes.len() as u64);
+            bytes
         };
-        let (whole, whole_entries) = write(usize::MAX, &mut params);
-        let (pieces, piece_entries) = write(1000, &mut params);
-        assert!(whole == pieces);
-        assert_eq!(whole_entries, piece_entries);
+        assert!(write(usize::MAX, &mut params) == write(1000, &mut params));
+    }
+
+    /// Manifest entries of the safetensors file `name` computed from its bytes alone: each
+    /// tensor's byte range from the header, and the sha256 of those bytes.
+    fn manifest_of(name: &str, bytes: &[u8]) -> Vec<super::super::manifest::Entry> {
+        let mut files =
+            super::super::checkpoint::Blobs([(name.to_string(), bytes)].into_iter().collect());
+        super::super::checkpoint::safetensors_tensors(&mut files, name)
+            .unwrap()
+            .into_iter()
+            .map(|s| {
+                let range = s.offset as usize..(s.offset + s.length) as usize;
+                super::super::manifest::Entry {
+                    sha256: super::super::manifest::sha256_hex(&bytes[range]),
+                    name: s.name,
+                    dtype: "F32".into(),
+                    shape: s.shape,
+                    file: name.to_string(),
+                    offset: s.offset,
+                    length: s.length,
+                }
+            })
+            .collect()
     }
 
     /// The folder the path form writes, made file by file with `write_safetensors` (the
@@ -943,9 +949,8 @@ mod tests {
                 shard_file_name(k + 1, shards.len())
             };
             let mut bytes = Vec::new();
-            let w = write_safetensors(&mut bytes, shard, params, cfg, Some(&name), &mut || Ok(()))
-                .unwrap();
-            entries.extend(w.entries);
+            write_safetensors(&mut bytes, shard, params, cfg, &mut || Ok(())).unwrap();
+            entries.extend(manifest_of(&name, &bytes));
             files.push((name, bytes));
         }
         if shards.len() > 1 {
