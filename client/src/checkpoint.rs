@@ -16,9 +16,6 @@ use crate::{Client, Error};
 /// Bytes per piece sent or received: what the client holds of a checkpoint at a time.
 const PIECE_BYTES: usize = 16 << 20;
 
-/// Hugging Face's default shard size (save_pretrained's "5GB").
-const SHARD_BYTES: i64 = 5_000_000_000;
-
 /// A checkpoint's files as uploaded: (the name the server sees, the local path).
 type Uploads = Vec<(String, PathBuf)>;
 
@@ -223,11 +220,11 @@ impl Client {
                 let piece_bytes = PIECE_BYTES as i32;
                 let rows = tx
                     .query_raw(
+                        // The server's default shard size (Hugging Face's 5 GB).
                         "SELECT (p).file, (p).offset, (p).data FROM \
-                         (SELECT pg_llm_export_safetensors_pieces($1, $2, $3) AS p) q",
+                         (SELECT pg_llm_export_safetensors_pieces($1, piece_bytes => $2) AS p) q",
                         [
                             &model as &(dyn tokio_postgres::types::ToSql + Sync),
-                            &SHARD_BYTES,
                             &piece_bytes,
                         ],
                     )
