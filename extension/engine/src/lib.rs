@@ -11,6 +11,7 @@ pub mod error;
 pub mod formats;
 pub mod generate;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod parallel;
