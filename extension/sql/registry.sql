@@ -32,6 +32,8 @@ CREATE TABLE llm_model_config (
     family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo', 'megatron', 'megatron-v1', 'megatron-v0')),
     version           bigint NOT NULL DEFAULT nextval('@extschema@.llm_model_version_seq'::regclass),  -- changes with every write; keys cached weights
     note              text,
+    -- the role that may write the model (and every role with its privileges); see privileges.sql
+    owner             name NOT NULL DEFAULT current_user,
     CONSTRAINT local_layers_need_a_window CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL)
 );
 

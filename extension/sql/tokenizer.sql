@@ -6,7 +6,10 @@ CREATE TABLE llm_tokenizer (
     vocab      text NOT NULL,                -- encoder.json / vocab.json
     merges     text NOT NULL,                -- vocab.bpe / merges.txt
     n_tokens   int  NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- A row is found by its digest and shared by every model loading the same files: a digest
+    -- that did not match the content would let one role's row stand in for another's files.
+    CONSTRAINT digest_matches_content CHECK (digest = md5(vocab || E'\x1f' || merges))
 );
 ALTER TABLE llm_tokenizer ALTER COLUMN vocab SET STORAGE EXTENDED;
 

@@ -87,7 +87,7 @@ ALTER TABLE llm_checkpoint_param ALTER COLUMN v SET STORAGE EXTERNAL;
 -- The architecture columns of a model's registry row (what must match for a checkpoint to load).
 CREATE FUNCTION llm_model_architecture(model text) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = pg_catalog, @extschema@, pg_temp AS $$
-    SELECT to_jsonb(c) - ARRAY['model', 'version', 'note']
+    SELECT to_jsonb(c) - ARRAY['model', 'version', 'note', 'owner']
       FROM llm_model_config c WHERE c.model = llm_model_architecture.model
 $$;
 
@@ -99,6 +99,7 @@ DECLARE
     cfg llm_model_config := llm_get_model_config(llm_checkpoint_save.model);
     saved int;
 BEGIN
+    PERFORM llm_require_writer(cfg.model);
     INSERT INTO llm_checkpoint (model, note, step, n_params, architecture)
     VALUES (cfg.model, llm_checkpoint_save.note, 0, 0, llm_model_architecture(cfg.model))
     RETURNING id INTO saved;
@@ -127,6 +128,7 @@ DECLARE
     cfg llm_model_config := llm_get_model_config(llm_checkpoint_load.model);
     ck llm_checkpoint;
 BEGIN
+    PERFORM llm_require_writer(cfg.model);
     IF llm_checkpoint_load.checkpoint_id IS NULL THEN
         RAISE EXCEPTION 'checkpoint_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
@@ -158,6 +160,7 @@ DECLARE
     cfg llm_model_config := llm_get_model_config(llm_checkpoint_prune.model);
     deleted int;
 BEGIN
+    PERFORM llm_require_writer(cfg.model);
     IF keep_last IS NULL OR keep_last < 0 THEN
         RAISE EXCEPTION 'keep_last must be a non-negative number, got %', coalesce(keep_last::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value';

@@ -14,6 +14,7 @@ mod flush;
 mod guc;
 mod large_objects;
 mod model_cache;
+mod privileges;
 mod spi;
 mod store;
 mod tokenizer_cache;
@@ -38,6 +39,11 @@ pgrx::extension_sql_file!(
     "../sql/tokenizer.sql",
     name = "tokenizer",
     requires = ["registry"]
+);
+pgrx::extension_sql_file!(
+    "../sql/privileges.sql",
+    name = "privileges",
+    requires = ["training", "tokenizer"]
 );
 
 #[pg_guard]

@@ -243,11 +243,12 @@ $$;
 SELECT regexp_replace(pg_temp.err($$SELECT (p).file, pg_temp.touch('ex-neo-lo') FROM (SELECT pg_llm_export_safetensors_pieces('ex-neo-lo') AS p) q$$),
                       'version \d+, now \d+', 'version V, now W') AS changed_during_export;
 
--- privileges: large objects are PostgreSQL's own (a role imports only objects it may read);
--- the pieces export works for any role that may read the model
+-- privileges: large objects are PostgreSQL's own (a role imports only objects it may read,
+-- into a model it owns); the pieces export works for any role that may read the model
 CREATE ROLE llm_wire_user;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO llm_wire_user;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO llm_wire_user;
+UPDATE llm_model_config SET owner = 'llm_wire_user' WHERE model = 'ex-neo-lo';
 SET ROLE llm_wire_user;
 SELECT regexp_replace(pg_temp.err(format('SELECT pg_llm_import_safetensors_lo(%L, %L, %L)', ARRAY[:shard1]::oid[], ARRAY['model.safetensors'], 'ex-neo-lo')),
                       'large object \d+', 'large object N') AS not_granted;

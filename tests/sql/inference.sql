@@ -100,12 +100,14 @@ CREATE ROLE llm_regress_user;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO llm_regress_user;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO llm_regress_user;
 GRANT SELECT ON fixture TO llm_regress_user;
+UPDATE llm_model_config SET owner = 'llm_regress_user' WHERE model = 'fx-gpt-neo';
 SET ROLE llm_regress_user;
 SELECT pg_temp.err($$SELECT pg_llm_import_safetensors('/tmp/model.safetensors', 'fx-gpt2')$$) AS path_import;
 SELECT pg_temp.err($$SELECT pg_llm_load_bpe_vocab('/tmp/encoder.json', 'gpt3-125m')$$) AS path_vocab;
--- the bytes form works for any role with table privileges
+-- the bytes form works for any role with table privileges that owns the model
 SELECT pg_llm_import_safetensors_bytes(st, model) AS bytes_import_as_plain_role FROM fixture WHERE family = 'gpt_neo';
 RESET ROLE;
+UPDATE llm_model_config SET owner = current_user WHERE model = 'fx-gpt-neo';
 REVOKE ALL ON fixture FROM llm_regress_user;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM llm_regress_user;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM llm_regress_user;

@@ -55,6 +55,7 @@ SELECT format('GRANT CREATE ON DATABASE %I TO llm_shadow_user', current_database
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO llm_shadow_user;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO llm_shadow_user;
 GRANT SELECT ON reference TO llm_shadow_user;
+UPDATE llm_model_config SET owner = 'llm_shadow_user' WHERE model = 'sp-tiny';
 SET ROLE llm_shadow_user;
 
 -- 3. Temporary tables named like the extension's (pg_temp is searched first for relations

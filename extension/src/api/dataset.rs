@@ -50,6 +50,7 @@ fn llm_dataset_from_text(
     split: default!(Option<&str>, "'train'"),
 ) -> i64 {
     run("llm_dataset_from_text", || {
+        crate::privileges::require_writer(model)?;
         let model = args::model_name(model, "model")?;
         let split = args::model_name(split, "split")?;
         let block = required(block_size, "block_size")?;
@@ -89,6 +90,7 @@ fn llm_dataset_retokenize(
     split: default!(Option<&str>, "NULL"),
 ) -> i64 {
     run("llm_dataset_retokenize", || {
+        crate::privileges::require_writer(target_model)?;
         let source = args::model_name(source_model, "source_model")?;
         let target = args::model_name(target_model, "target_model")?;
         let from = tokenizer_cache::for_model(source)?;

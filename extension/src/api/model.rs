@@ -26,6 +26,7 @@ use crate::store;
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn llm_init_params(model: Option<&str>, seed: default!(Option<i64>, 0)) -> i64 {
     run("llm_init_params", || {
+        crate::privileges::require_writer(model)?;
         let model = args::model_name(model, "model")?;
         let seed = required(seed, "seed")? as u64;
         let cfg = store::load_config(model)?.config;
@@ -108,6 +109,7 @@ fn import_npz(model: &str, bytes: &[u8]) -> Result<i64> {
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_import_npz_bytes(data: Option<&[u8]>, model: Option<&str>) -> i64 {
     run("pg_llm_import_npz_bytes", || {
+        crate::privileges::require_writer(model)?;
         import_npz(args::model_name(model, "model")?, required(data, "data")?)
     })
 }
@@ -118,6 +120,7 @@ fn pg_llm_import_npz_bytes(data: Option<&[u8]>, model: Option<&str>) -> i64 {
 fn pg_llm_import_npz(path: Option<&str>, model: Option<&str>) -> i64 {
     run("pg_llm_import_npz", || {
         files::require_read_privilege("pg_llm_import_npz")?;
+        crate::privileges::require_writer(model)?;
         let bytes = files::read(required(path, "path")?)?;
         import_npz(args::model_name(model, "model")?, &bytes)
     })
@@ -134,6 +137,7 @@ fn pg_llm_import_safetensors_bytes(
     config: default!(Option<JsonB>, "NULL"),
 ) -> i64 {
     run("pg_llm_import_safetensors_bytes", || {
+        crate::privileges::require_writer(model)?;
         let data = required(data, "data")?;
         let mut blobs = Blobs(HashMap::from([("data".to_string(), data)]));
         import(args::model_name(model, "model")?, config, &mut blobs, |f| {
@@ -155,6 +159,7 @@ fn pg_llm_import_safetensors(
 ) -> i64 {
     run("pg_llm_import_safetensors", || {
         files::require_read_privilege("pg_llm_import_safetensors")?;
+        crate::privileges::require_writer(model)?;
         let path = PathBuf::from(required(path, "path")?);
         let model = args::model_name(model, "model")?;
         let mut server = ServerFiles::default();
@@ -249,6 +254,7 @@ fn pg_llm_import_safetensors_lo(
     config: default!(Option<JsonB>, "NULL"),
 ) -> i64 {
     run("pg_llm_import_safetensors_lo", || {
+        crate::privileges::require_writer(model)?;
         let mut objects = LargeObjects::new(objects, files)?;
         let model = args::model_name(model, "model")?;
         let names: Vec<String> = objects.names().into_iter().map(str::to_string).collect();

@@ -37,6 +37,7 @@ fn attach(model: &str, vocab: &str, merges: &str) -> Result<i32> {
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn llm_load_tokenizer(model: Option<&str>, vocab: Option<&str>, merges: Option<&str>) -> i32 {
     run("llm_load_tokenizer", || {
+        crate::privileges::require_writer(model)?;
         attach(
             args::model_name(model, "model")?,
             required(vocab, "vocab")?,
@@ -49,6 +50,7 @@ fn llm_load_tokenizer(model: Option<&str>, vocab: Option<&str>, merges: Option<&
 /// is attached once both halves are loaded. Returns the number of entries read.
 fn load_half(function: &str, path: Option<&str>, model: Option<&str>, column: &str) -> Result<i32> {
     files::require_read_privilege(function)?;
+    crate::privileges::require_writer(model)?;
     let model = args::model_name(model, "model")?;
     store::load_config(model)?;
     let content = files::read_text(required(path, "path")?)?;

@@ -125,6 +125,7 @@ fn llm_train_step(
     grad_clip: default!(Option<f32>, 1.0),
 ) -> f32 {
     run("llm_train_step", || {
+        crate::privileges::require_writer(model)?;
         let model = args::model_name(model, "model")?;
         let opt = adamw(lr, beta1, beta2, eps, wd)?;
         let clip = self::grad_clip(grad_clip)?;
@@ -330,6 +331,7 @@ fn llm_train(
     ),
 > {
     let run_ = run("llm_train", || {
+        crate::privileges::require_writer(model)?;
         let model = args::model_name(model, "model")?;
         let n = required(n_steps, "n_steps")?;
         if n < 0 {
@@ -377,6 +379,7 @@ fn llm_train_segment(
     seed: Option<i64>,
 ) -> i32 {
     run("llm_train_run", || {
+        crate::privileges::require_writer(model)?;
         let model = args::model_name(model, "model")?;
         let total = required(total_steps, "total_steps")?;
         let max = required(max_steps, "commit_every")?;
