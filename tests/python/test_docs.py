@@ -1,6 +1,6 @@
 """The documents are true to the code: every pg_llm SQL name they mention exists on the server
-(a function, procedure, table or view of the extension), and every Python method and CLI
-command docs/python.md names exists in the package."""
+(a function, procedure, table or view of the extension, one of its roles or policies), and
+every Python method and CLI command docs/python.md names exists in the package."""
 import re
 from pathlib import Path
 
@@ -24,6 +24,11 @@ def test_every_sql_name_in_the_docs_exists(db):
         "JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm' "
         "UNION SELECT c.relname::text FROM pg_class c "
         "JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e' "
+        "JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm' "
+        # the group roles CREATE EXTENSION makes and the tables' row-level security policies
+        "UNION SELECT rolname::text FROM pg_roles WHERE rolname IN ('llm_reader', 'llm_writer') "
+        "UNION SELECT p.polname::text FROM pg_policy p "
+        "JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = p.polrelid AND d.deptype = 'e' "
         "JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm'")}
     assert len(objects) > 50
     missing = {}
