@@ -12,6 +12,7 @@ fn sqlstate(err: &EngineError) -> PgSqlErrorCode {
         EngineError::Data(_) => ERRCODE_DATA_EXCEPTION,
         EngineError::NullValue(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
         EngineError::TooLarge(_) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        EngineError::OutOfMemory(_) => ERRCODE_OUT_OF_MEMORY,
         EngineError::OutOfRange(_) => ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
         EngineError::UndefinedObject(_) => ERRCODE_UNDEFINED_OBJECT,
         EngineError::NotReady(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

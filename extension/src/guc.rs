@@ -2,8 +2,17 @@
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-/// `pg_llm.threads`: compute threads per backend for kernels and models (0 = all cores).
+/// `pg_llm.threads`: compute threads per backend for kernels and models (0 = all cores),
+/// at most `pg_llm.max_threads`.
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `pg_llm.max_threads`: the most compute threads any backend may use (0 = one per core);
+/// superuser-only, so an ordinary role cannot take more than the operator allows.
+pub static MAX_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `pg_llm.max_memory`: the most memory one call may need, in MB (-1 = half of the memory
+/// the server may use); superuser-only. See admission.rs.
+pub static MAX_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(-1);
 
 /// `pg_llm.weight_files`: share loaded weights between backends through files in
 /// `$PGDATA/pg_llm_cache` (see model_cache.rs).
@@ -26,6 +35,30 @@ pub fn weight_cache_bytes() -> u64 {
 }
 
 pub fn register() {
+    GucRegistry::define_int_guc(
+        c"pg_llm.max_memory",
+        c"Most memory one pg_llm call may need (-1 = half of the server's memory).",
+        c"Calls that allocate in proportion to a model, a batch or an input estimate their need \
+          first (the model's weights plus working memory) and are refused with SQLSTATE 53200 \
+          when it exceeds this. Applies to each call on its own, not to all connections \
+          together. Only superusers (or roles granted SET on it) may change it.",
+        &MAX_MEMORY_MB,
+        -1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_llm.max_threads",
+        c"Most compute threads a backend may use for pg_llm, whatever pg_llm.threads asks (0 = one per CPU core).",
+        c"Caps pg_llm.threads, which any role may set. Only superusers (or roles granted SET on \
+          it) may change it.",
+        &MAX_THREADS,
+        0,
+        pg_llm_engine::parallel::MAX_THREADS as i32,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"pg_llm.train_recompute",
         c"Recompute activations in the backward pass of training instead of keeping them.",
@@ -71,7 +104,8 @@ pub fn register() {
     GucRegistry::define_int_guc(
         c"pg_llm.threads",
         c"Compute threads each backend may use for pg_llm kernels (0 = one per CPU core).",
-        c"Threads run pure computation only; they never call into PostgreSQL.",
+        c"Threads run pure computation only; they never call into PostgreSQL. Capped by \
+          pg_llm.max_threads.",
         &THREADS,
         0,
         pg_llm_engine::parallel::MAX_THREADS as i32,
@@ -82,5 +116,13 @@ pub fn register() {
 
 /// Pushes the current settings to the engine; called on entry to every compute function.
 pub fn apply() {
-    pg_llm_engine::parallel::set_threads(THREADS.get().max(0) as usize);
+    pg_llm_engine::parallel::set_threads(threads());
+}
+
+/// The compute threads a call gets: `pg_llm.threads` (0 = one per core) within
+/// `pg_llm.max_threads` (0 = one per core).
+pub fn threads() -> usize {
+    let cores = pg_llm_engine::parallel::available_threads();
+    let or_cores = |v: i32| if v <= 0 { cores } else { v as usize };
+    or_cores(THREADS.get()).min(or_cores(MAX_THREADS.get()))
 }

@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod admission;
 mod api;
 mod dataset;
 mod errors;

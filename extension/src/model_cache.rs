@@ -14,12 +14,14 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use pg_llm_engine::memory::{self, Need};
 use pg_llm_engine::model::weights::packed_tensors;
 use pg_llm_engine::model::{Model, ModelConfig, ModelWeights, Storage};
 use pg_llm_engine::Result;
 
+use crate::admission;
 use crate::spi;
-use crate::store::{self, StoredConfig, TableSource};
+use crate::store::{self, StoredConfig, TableSource, CHUNK_ELEMS};
 use crate::weight_cache::{self, FilePlace};
 
 thread_local! {
@@ -31,6 +33,29 @@ thread_local! {
 /// one committed state of the tables, and the weight file written for that version holds it.
 pub fn get(model: &str) -> Result<Rc<Model>> {
     spi::consistent(|| load(model)).map(|(_, m)| m)
+}
+
+/// `get` for a call whose memory need `need` computes from the model's configuration (after
+/// refusing input the model cannot take): the need is checked against `pg_llm.max_memory`
+/// before any weight is loaded.
+pub fn get_within(
+    model: &str,
+    what: &str,
+    need: impl FnOnce(&ModelConfig) -> Result<Need>,
+) -> Result<Rc<Model>> {
+    admit(model, what, need)?;
+    get(model)
+}
+
+/// Checks the need of `what` on `model` against `pg_llm.max_memory`; 42704 for an unknown
+/// model.
+pub fn admit(
+    model: &str,
+    what: &str,
+    need: impl FnOnce(&ModelConfig) -> Result<Need>,
+) -> Result<()> {
+    let stored = store::load_config(model)?;
+    admission::admit(what, need(&stored.config)?)
 }
 
 /// `get` with the version the weights are.
@@ -96,14 +121,29 @@ pub struct Replacement {
 impl Replacement {
     /// Nothing is touched until the first tensor arrives: checks that run before it (names,
     /// shapes, checksums) fail with the old parameters untouched even inside the transaction.
-    pub fn new(model: &str, cfg: &ModelConfig) -> Self {
-        Self {
+    /// A model whose weights cannot be held within `pg_llm.max_memory` is refused here: it
+    /// could never be used (see admission.rs).
+    pub fn new(model: &str, cfg: &ModelConfig) -> Result<Self> {
+        let ranges: HashMap<_, _> = packed_tensors(cfg).into_iter().collect();
+        // Writing holds one piece of a tensor and its copy in a SQL value.
+        let piece = ranges
+            .values()
+            .map(|r| r.len())
+            .max()
+            .unwrap_or(0)
+            .min(CHUNK_ELEMS);
+        let need = Need {
+            weights: memory::weights(cfg)?,
+            working: 2 * 4 * piece as u64,
+        };
+        admission::admit(&format!("the model \"{model}\""), need)?;
+        Ok(Self {
             model: model.to_string(),
             cfg: cfg.clone(),
-            ranges: packed_tensors(cfg).into_iter().collect(),
+            ranges,
             file: None,
             started: false,
-        }
+        })
     }
 
     fn begin(&mut self) -> Result<()> {

@@ -11,7 +11,8 @@
 use std::cell::RefCell;
 use std::time::Instant;
 
-use pg_llm_engine::model::{Batch, ModelConfig};
+use pg_llm_engine::memory;
+use pg_llm_engine::model::Batch;
 use pg_llm_engine::train::{StepSettings, StepStats, TrainState, Trainer};
 use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
@@ -85,10 +86,6 @@ impl Session {
             trainer,
             log: Vec::new(),
         })
-    }
-
-    pub fn config(&self) -> &ModelConfig {
-        self.trainer.config()
     }
 
     /// Optimizer steps the weights have taken.
@@ -199,36 +196,19 @@ fn write_log(model: &str, log: &[StepLog]) -> Result<()> {
     .map_err(spi_error)
 }
 
-/// Refuses a pass whose activations would not fit in the memory the system has available
-/// (rather than letting the kernel's OOM killer end the server), with the ways out.
-pub fn check_memory(cfg: &ModelConfig, rows: usize, recompute: bool) -> Result<()> {
-    let (d, da, ff) = (cfg.d_model as u64, cfg.d_attn() as u64, cfg.d_ff as u64);
-    let rows = rows as u64;
-    let per_layer = rows * (5 * d + 4 * da + 2 * ff) * 4;
-    let layers = if recompute {
-        cfg.n_layer as u64 * rows * d * 4 + per_layer
-    } else {
-        cfg.n_layer as u64 * per_layer
-    };
-    // Logits and their gradient, plus the backward's temporaries of one layer.
-    let need = layers + 2 * rows * cfg.vocab as u64 * 4 + per_layer;
-    let Some(available) = mem_available() else {
-        return Ok(());
-    };
-    if need > available {
-        return Err(EngineError::too_large(format!(
-            "a pass over {rows} tokens needs about {:.1} GiB of activations and {:.1} GiB are \
-             available; use a smaller batch, pg_llm.train_micro_batch or pg_llm.train_recompute",
-            need as f64 / (1u64 << 30) as f64,
-            available as f64 / (1u64 << 30) as f64
-        )));
-    }
-    Ok(())
-}
-
-fn mem_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+/// Refuses a training call on `model` whose passes run `pass_rows` tokens when its memory
+/// (the model's weights, their private copy, gradient and AdamW moments, one pass's
+/// activations) exceeds `pg_llm.max_memory`; before anything is loaded.
+pub fn admit(model: &str, pass_rows: usize) -> Result<()> {
+    let recompute = crate::guc::TRAIN_RECOMPUTE.get();
+    let what = format!("training \"{model}\" in passes of {pass_rows} tokens");
+    model_cache::admit(model, &what, |cfg| {
+        memory::training(cfg, pass_rows, recompute, crate::guc::threads())
+    })
+    .map_err(|e| match e {
+        EngineError::OutOfMemory(msg) => EngineError::OutOfMemory(format!(
+            "{msg}; a smaller batch, pg_llm.train_micro_batch or pg_llm.train_recompute need less"
+        )),
+        e => e,
+    })
 }

@@ -19,7 +19,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use pg_llm_engine::model::weight_file::{self, FileId, Rejected};
 use pg_llm_engine::model::weights::{packed_len, packed_tensors};
@@ -62,23 +62,92 @@ impl FilePlace {
 
 /// The weights mapped from `place`'s file when it holds exactly this version; otherwise read
 /// from `src` (the tables) into a new file for the next user, tensor by tensor.
+///
+/// One backend writes a version's file; the others wait for it and map it, so connections
+/// that all need a new version at once (after a write to `llm_param`) read the tables and
+/// write the file once between them, and hold one copy of the weights. The writer claims the
+/// version with a transaction-level advisory lock (released however its transaction ends,
+/// also by a cancel or a crash), which others poll for while they watch for the file.
 pub fn open_or_write(
     place: &FilePlace,
     cfg: &ModelConfig,
     src: &mut TableSource,
 ) -> Result<ModelWeights> {
-    match weight_file::open(&place.path, &place.id, cfg)? {
-        Ok(mapped) => Ok(mapped),
-        Err(rejected) => {
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let rejected = match weight_file::open(&place.path, &place.id, cfg)? {
+            Ok(mapped) => return Ok(mapped),
+            Err(rejected) => rejected,
+        };
+        if !make_room(file_size(cfg)?, &place.path) {
+            // Too large to share: every connection keeps its own copy anyway.
+            return write_from(place, cfg, src);
+        }
+        if claim(place.id.version)? {
             if let Rejected::Corrupt(why) = rejected {
                 pgrx::log!(
                     "pg_llm: rebuilding weight file \"{}\": {why}",
                     place.path.display()
                 );
             }
-            write_from(place, cfg, src)
+            return write_from(place, cfg, src);
         }
+        // Another connection holds the claim. While it writes, wait for its file; a claim
+        // held without a file being written (its writer could not write one and kept a
+        // private copy) is not worth waiting for.
+        if writer_at_work(place) {
+            idle_since = None;
+        } else if idle_since.get_or_insert_with(Instant::now).elapsed() > CLAIM_PATIENCE {
+            return ModelWeights::load(cfg, src);
+        }
+        nap(Duration::from_millis(10));
     }
+}
+
+/// How long a claim held with no file being written is waited for.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Takes this transaction's claim on writing `version`'s file; false when another
+/// transaction holds it. Versions are unique within a database, as advisory locks are.
+fn claim(version: i64) -> Result<bool> {
+    // "pllm": pg_llm's class of two-key advisory locks; the version's low 32 bits (versions
+    // 2^32 apart only ever wait for each other).
+    const CLASS: i32 = 0x706c_6c6d;
+    Ok(spi::read_one::<bool>(
+        "SELECT pg_try_advisory_xact_lock($1, $2)",
+        &[CLASS.into(), (version as i32).into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// Whether a living writer is writing `place`'s file (a locked temporary file of it exists).
+fn writer_at_work(place: &FilePlace) -> bool {
+    let prefix = format!(
+        "{}.tmp",
+        place.path.file_name().unwrap_or_default().to_string_lossy()
+    );
+    files_in(&place.dir).iter().any(|path| {
+        path.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            && weight_file::is_temporary(path)
+            && !weight_file::is_abandoned(path)
+    })
+}
+
+/// Sleeps `pause` on the backend's latch, serving interrupts (a cancel raises its ERROR).
+fn nap(pause: Duration) {
+    // SAFETY: the backend's own latch on the backend's thread; WL_EXIT_ON_PM_DEATH ends the
+    // backend should the postmaster die.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            pause.as_millis() as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
 }
 
 /// Reads `src` one chunk at a time into `place`'s weight file and maps it, so loading never

@@ -20,6 +20,10 @@ pub enum EngineError {
     /// The request is larger than the engine or PostgreSQL can hold (54000 program_limit_exceeded).
     #[error("{0}")]
     TooLarge(String),
+    /// The work needs more memory than it may use (53200 out_of_memory): refused before it
+    /// starts when an estimate exceeds `pg_llm.max_memory`, or an allocation failed.
+    #[error("{0}")]
+    OutOfMemory(String),
     /// A result overflowed float32 (22003 numeric_value_out_of_range).
     #[error("{0}")]
     OutOfRange(String),
@@ -66,6 +70,7 @@ impl EngineError {
             Self::Data(_) => "22000",
             Self::NullValue(_) => "22004",
             Self::TooLarge(_) => "54000",
+            Self::OutOfMemory(_) => "53200",
             Self::OutOfRange(_) => "22003",
             Self::UndefinedObject(_) => "42704",
             Self::NotReady(_) => "55000",

@@ -4,7 +4,7 @@
 use std::ops::Deref;
 
 use crate::error::{EngineError, Result};
-use crate::model::{KvCache, Logits, Model};
+use crate::model::{KvCache, Logits, Model, ModelConfig};
 use crate::parallel::Cancel;
 use crate::sample::{rng_from_seed, sample, EngineRng, SamplingParams};
 
@@ -19,8 +19,8 @@ pub struct GenerateOptions {
 }
 
 /// Checks that `prompt_len + max_new` positions fit the model's context.
-pub fn check_fits(model: &Model, prompt_len: usize, max_new: usize) -> Result<usize> {
-    let ctx = model.config.n_positions;
+pub fn check_fits(cfg: &ModelConfig, prompt_len: usize, max_new: usize) -> Result<usize> {
+    let ctx = cfg.n_positions;
     if prompt_len == 0 {
         return Err(EngineError::invalid("the prompt is empty"));
     }
@@ -51,7 +51,7 @@ pub struct Generator<M: Deref<Target = Model>> {
 impl<M: Deref<Target = Model>> Generator<M> {
     /// Processes the prompt; no token is produced yet.
     pub fn new(model: M, prompt: &[u32], opts: GenerateOptions, cancel: Cancel) -> Result<Self> {
-        let capacity = check_fits(&model, prompt.len(), opts.max_tokens)?;
+        let capacity = check_fits(&model.config, prompt.len(), opts.max_tokens)?;
         let mut cache = model.new_cache(capacity)?;
         let logits = model.forward(prompt, &mut cache, Logits::Last, cancel)?;
         let finished = opts.max_tokens == 0;
@@ -148,7 +148,7 @@ pub fn beam_search(
     if !length_penalty.is_finite() {
         return Err(EngineError::invalid("length_penalty must be finite"));
     }
-    let capacity = check_fits(model, prompt.len(), max_tokens)?;
+    let capacity = check_fits(&model.config, prompt.len(), max_tokens)?;
     let mut cache = model.new_cache(capacity)?;
     let logits = model.forward(prompt, &mut cache, Logits::Last, cancel)?;
     let mut beams = vec![Beam {

@@ -180,17 +180,19 @@ pub fn shape_str(dims: &[usize]) -> String {
 /// Through `calloc`: a large buffer comes as fresh zero pages, so the values are not written
 /// twice (zeroes, then the caller's) as a resized Vec would.
 pub fn alloc_zeroed(n: usize) -> Result<Vec<f32>> {
-    let too_large = || EngineError::too_large(format!("cannot allocate {n} float32 values"));
     if n == 0 {
         return Ok(Vec::new());
     }
-    let layout = std::alloc::Layout::array::<f32>(n).map_err(|_| too_large())?;
+    let layout = std::alloc::Layout::array::<f32>(n)
+        .map_err(|_| EngineError::too_large(format!("cannot allocate {n} float32 values")))?;
     // SAFETY: the layout has a non-zero size; all-zero bits are the float32 value 0.0; the
     // Vec owns the block with exactly the layout it was allocated with (global allocator).
     unsafe {
         let ptr = std::alloc::alloc_zeroed(layout) as *mut f32;
         if ptr.is_null() {
-            return Err(too_large());
+            return Err(EngineError::OutOfMemory(format!(
+                "out of memory allocating {n} float32 values"
+            )));
         }
         Ok(Vec::from_raw_parts(ptr, n, n))
     }

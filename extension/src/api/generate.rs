@@ -3,7 +3,8 @@
 
 use std::rc::Rc;
 
-use pg_llm_engine::generate::{beam_search, generate, GenerateOptions, Generator};
+use pg_llm_engine::generate::{beam_search, check_fits, generate, GenerateOptions, Generator};
+use pg_llm_engine::memory;
 use pg_llm_engine::model::Model;
 use pg_llm_engine::sample::SamplingParams;
 use pg_llm_engine::tokenizer::Bpe;
@@ -12,7 +13,7 @@ use pgrx::prelude::*;
 
 use super::args::{self, finite, required};
 use crate::errors::{cancel, report, run};
-use crate::{model_cache, tokenizer_cache};
+use crate::{guc, model_cache, store, tokenizer_cache};
 
 #[allow(clippy::too_many_arguments)]
 fn options(
@@ -50,9 +51,25 @@ fn text_without_eos(bpe: &Bpe, ids: &[u32], eos: Option<u32>) -> Result<String> 
     bpe.decode(&ids[..end])
 }
 
-fn model_and_tokenizer(name: Option<&str>) -> Result<(Rc<Model>, Rc<Bpe>)> {
-    let name = args::model_name(name, "model_name")?;
-    Ok((model_cache::get(name)?, tokenizer_cache::for_model(name)?))
+/// The tokenizer of a registered model (42704 when the model or its tokenizer is missing).
+fn tokenizer(model: &str) -> Result<Rc<Bpe>> {
+    store::load_config(model)?;
+    tokenizer_cache::for_model(model)
+}
+
+/// The model for `what`: `max_new` tokens after a `prompt`-token prompt holding `caches` KV
+/// caches at once, once the positions fit its context and the memory `pg_llm.max_memory`.
+fn model_for(
+    model: &str,
+    what: &str,
+    prompt: usize,
+    max_new: usize,
+    caches: usize,
+) -> Result<Rc<Model>> {
+    model_cache::get_within(model, what, |cfg| {
+        check_fits(cfg, prompt, max_new)?;
+        memory::generation(cfg, prompt, max_new, caches, guc::threads())
+    })
 }
 
 /// The continuation of `prompt` (EOS not included). Temperature 0 is greedy; `seed` makes
@@ -72,8 +89,10 @@ fn llm_generate(
 ) -> String {
     run("llm_generate", || {
         let opts = options(max_tokens, temperature, topk, topp, eos_token, seed)?;
-        let (model, bpe) = model_and_tokenizer(model_name)?;
+        let name = args::model_name(model_name, "model_name")?;
+        let bpe = tokenizer(name)?;
         let ids = bpe.encode(required(prompt, "prompt")?)?;
+        let model = model_for(name, "llm_generate", ids.len(), opts.max_tokens, 1)?;
         let out = generate(&model, &ids, opts, cancel())?;
         text_without_eos(&bpe, &out, opts.eos)
     })
@@ -96,7 +115,8 @@ fn llm_generate_ids(
     run("llm_generate_ids", || {
         let opts = options(max_tokens, temperature, topk, topp, eos_token, seed)?;
         let ids = super::args::token_ids(token_ids, "token_ids")?;
-        let model = model_cache::get(args::model_name(model_name, "model_name")?)?;
+        let name = args::model_name(model_name, "model_name")?;
+        let model = model_for(name, "llm_generate_ids", ids.len(), opts.max_tokens, 1)?;
         Ok(generate(&model, &ids, opts, cancel())?
             .into_iter()
             .map(|t| t as i32)
@@ -174,8 +194,10 @@ fn llm_generate_stream(
 > {
     let stream = run("llm_generate_stream", || {
         let opts = options(max_tokens, temperature, topk, topp, eos_token, seed)?;
-        let (model, bpe) = model_and_tokenizer(model_name)?;
+        let name = args::model_name(model_name, "model_name")?;
+        let bpe = tokenizer(name)?;
         let ids = bpe.encode(required(prompt, "prompt")?)?;
+        let model = model_for(name, "llm_generate_stream", ids.len(), opts.max_tokens, 1)?;
         let generator = Generator::new(model, &ids, opts, cancel())?;
         Ok(Stream {
             generator,
@@ -220,8 +242,12 @@ fn llm_beam_search(
                 "max_tokens must be at least 1, got {max}"
             )));
         }
-        let (model, bpe) = model_and_tokenizer(model_name)?;
+        let name = args::model_name(model_name, "model_name")?;
+        let bpe = tokenizer(name)?;
         let ids = bpe.encode(required(prompt, "prompt")?)?;
+        // Each beam's cache and, while a step ranks them, its successors'.
+        let caches = 2 * width as usize + 1;
+        let model = model_for(name, "llm_beam_search", ids.len(), max as usize, caches)?;
         let eos = bpe.end_of_text();
         let hyps = beam_search(
             &model,

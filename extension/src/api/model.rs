@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use pg_llm_engine::formats::checkpoint::{self, Blobs, Files, Stored};
 use pg_llm_engine::formats::hf_config::{self, Family};
 use pg_llm_engine::formats::{export, manifest, names, pg_gpt2};
+use pg_llm_engine::memory;
 use pg_llm_engine::model::init::init_each;
 use pg_llm_engine::model::ModelConfig;
 use pg_llm_engine::{tensor, EngineError, Result};
@@ -18,7 +19,7 @@ use crate::errors::{cancel, run};
 use crate::files::{self, ServerFiles};
 use crate::large_objects::LargeObjects;
 use crate::model_cache::{self, Replacement};
-use crate::store;
+use crate::{guc, store};
 
 /// Initialises every parameter of a registered model (GPT-2/3 scheme), replacing any it had,
 /// one tensor at a time. Returns the number of parameters written.
@@ -30,7 +31,7 @@ fn llm_init_params(model: Option<&str>, seed: default!(Option<i64>, 0)) -> i64 {
         let model = args::model_name(model, "model")?;
         let seed = required(seed, "seed")? as u64;
         let cfg = store::load_config(model)?.config;
-        let mut replacement = Replacement::new(model, &cfg);
+        let mut replacement = Replacement::new(model, &cfg)?;
         let n = init_each(&cfg, seed, &mut |name, shape, at, values| {
             replacement.put(name, shape, at, values)
         })?;
@@ -66,7 +67,7 @@ fn import(
 ) -> Result<i64> {
     let (cfg, family) = resolve(model, config)?;
     let tensors = tensors(files)?;
-    let mut replacement = Replacement::new(model, &cfg);
+    let mut replacement = Replacement::new(model, &cfg)?;
     let n = checkpoint::import(
         family,
         &cfg,
@@ -94,7 +95,7 @@ fn import_npz(model: &str, bytes: &[u8]) -> Result<i64> {
         )));
     }
     let raw = pg_gpt2::to_gpt2_checkpoint(pg_gpt2::read(bytes)?, &cfg)?;
-    let mut replacement = Replacement::new(model, &cfg);
+    let mut replacement = Replacement::new(model, &cfg)?;
     let n = names::stream_map(Family::Gpt2, &cfg, &raw, &mut |name, shape, at, values| {
         replacement.put(name, shape, at, values)
     })?;
@@ -338,14 +339,18 @@ fn llm_logits(
 ) -> Float32Bytea {
     run("llm_logits", || {
         let ids = args::token_ids(token_ids, "token_ids")?;
-        let model = model_cache::get(args::model_name(model_name, "model_name")?)?;
-        if ids.len() > model.config.n_positions {
-            return Err(EngineError::invalid(format!(
-                "{} tokens exceed the model's context of {} tokens",
-                ids.len(),
-                model.config.n_positions
-            )));
-        }
+        let name = args::model_name(model_name, "model_name")?;
+        let what = format!("a forward pass over {} tokens of \"{name}\"", ids.len());
+        let model = model_cache::get_within(name, &what, |cfg| {
+            if ids.len() > cfg.n_positions {
+                return Err(EngineError::invalid(format!(
+                    "{} tokens exceed the model's context of {} tokens",
+                    ids.len(),
+                    cfg.n_positions
+                )));
+            }
+            memory::inference(cfg, ids.len(), ids.len(), 0, guc::threads())
+        })?;
         let len = tensor::numel(&[ids.len(), model.config.vocab], "logits")?;
         Float32Bytea::computed(len, cancel(), |out| model.logits_into(out, &ids, cancel()))
     })

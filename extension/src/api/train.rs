@@ -3,6 +3,7 @@
 //! The work itself is in training.rs (state held for a call, written back once) and
 //! dataset.rs (how a run walks its data).
 
+use pg_llm_engine::memory;
 use pg_llm_engine::model::Batch;
 use pg_llm_engine::optim::{lr_schedule, AdamW};
 use pg_llm_engine::train::StepSettings;
@@ -13,8 +14,8 @@ use pgrx::Array;
 use super::args::{self, finite, required, token_matrix};
 use crate::dataset::{self, Samples};
 use crate::errors::{cancel, report, run};
-use crate::training::{check_memory, Session};
-use crate::{guc, model_cache, spi};
+use crate::training::{self, Session};
+use crate::{guc, model_cache, spi, store};
 
 /// The GPT-3 schedule's floor: cosine decay ends at 10 % of lr_max, as in the paper.
 const LR_MIN_RATIO: f32 = 0.1;
@@ -93,8 +94,10 @@ fn llm_loss(model: Option<&str>, tokens: Option<Array<i32>>, targets: Option<Arr
     run("llm_loss", || {
         let model = args::model_name(model, "model")?;
         let (t, y, sequences, len) = batch_arrays(tokens, targets)?;
-        let loaded = model_cache::get(model)?;
-        check_memory(&loaded.config, sequences * len, true)?;
+        let what = format!("a loss over {sequences} × {len} tokens of \"{model}\"");
+        let loaded = model_cache::get_within(model, &what, |cfg| {
+            memory::loss(cfg, sequences * len, guc::threads())
+        })?;
         loaded.loss_and_grads(
             Batch {
                 tokens: &t,
@@ -130,12 +133,8 @@ fn llm_train_step(
         let opt = adamw(lr, beta1, beta2, eps, wd)?;
         let clip = self::grad_clip(grad_clip)?;
         let (t, y, sequences, len) = batch_arrays(tokens, targets)?;
+        training::admit(model, pass_rows(sequences, len))?;
         let mut session = Session::open(model)?;
-        check_memory(
-            session.config(),
-            pass_rows(sequences, len),
-            guc::TRAIN_RECOMPUTE.get(),
-        )?;
         let batch = Batch {
             tokens: &t,
             targets: &y,
@@ -214,17 +213,16 @@ impl TrainRun {
             )));
         }
         let seed = required(seed, "seed")?;
-        let session = Session::open(model)?;
-        let cfg = session.config();
+        let context = store::load_config(model)?.config.n_positions;
         let samples = Samples::load(
             model,
             "train",
             seq_len.map(|s| s as usize),
-            cfg.n_positions,
+            context,
             seed as u64,
         )?;
-        let rows = pass_rows(batch_size as usize, samples.seq_len);
-        check_memory(cfg, rows, guc::TRAIN_RECOMPUTE.get())?;
+        training::admit(model, pass_rows(batch_size as usize, samples.seq_len))?;
+        let session = Session::open(model)?;
         let done = session.step_count();
         let (remaining, total) = match plan {
             Plan::Steps(n) => (n, (done + n).max(warmup).max(1)),
@@ -431,7 +429,11 @@ fn llm_eval(
     let row = run("llm_eval", || {
         let model = args::model_name(model, "model")?;
         let split = required(split, "split")?;
-        let loaded = model_cache::get(model)?;
+        let what = format!("evaluating \"{model}\"");
+        // Rows are evaluated in windows of at most the model's context.
+        let loaded = model_cache::get_within(model, &what, |cfg| {
+            memory::loss(cfg, cfg.n_positions, guc::threads())
+        })?;
         let ctx = loaded.config.n_positions;
         let mut ids: Vec<i64> = Vec::new();
         spi::read(
