@@ -14,8 +14,9 @@ use pgrx::PgMemoryContexts;
 use crate::errors::spi_error;
 use crate::spi;
 
-/// Values per stored chunk: 256 MB, well inside PostgreSQL's 1 GB limit for one value; the
-/// size the engine streams large tensors in, so a streamed piece is exactly one chunk.
+/// Values per stored chunk (16 MB) for new writes: the size the engine streams large tensors
+/// in, so a streamed piece is exactly one chunk. Readers and the training write-back follow
+/// whatever layout the rows have.
 pub const CHUNK_ELEMS: usize = pg_llm_engine::formats::PIECE;
 
 /// A registered model's configuration, family and current version; 42704 when unknown.
@@ -445,7 +446,8 @@ pub fn read_moments(model: &str, cfg: &ModelConfig, len: usize) -> Result<Option
 }
 
 /// Writes trained weights and their moments and step count over `model`'s rows, chunk by
-/// chunk in the layout `write_params` made. Every row must exist (the caller loaded them).
+/// chunk in the layout the rows have (whatever chunk size wrote them). Every row must exist
+/// (the caller loaded them).
 pub fn write_trained(
     model: &str,
     cfg: &ModelConfig,
@@ -456,8 +458,8 @@ pub fn write_trained(
         .map_err(|_| EngineError::too_large("the optimizer step count passed 2³¹"))?;
     for (name, range) in packed_tensors(cfg) {
         pgrx::check_for_interrupts!();
-        for (chunk, start) in (range.start..range.end).step_by(CHUNK_ELEMS).enumerate() {
-            let part = start..(start + CHUNK_ELEMS).min(range.end);
+        for (chunk, part) in chunk_layout(model, &name, range.len())? {
+            let part = range.start + part.start..range.start + part.end;
             // The chunk's SQL values live in a context freed after the UPDATE (see insert_tensor).
             let mut context = PgMemoryContexts::new("pg_llm trained chunk");
             // SAFETY: only PostgreSQL allocations happen inside, and none escape the closure.
@@ -472,7 +474,7 @@ pub fn write_trained(
                         &[
                             model.into(),
                             name.as_str().into(),
-                            (chunk as i32).into(),
+                            chunk.into(),
                             tensor::le_bytes(&weights[part.clone()]).as_ref().into(),
                             tensor::le_bytes(&moments.m[part.clone()]).as_ref().into(),
                             tensor::le_bytes(&moments.v[part.clone()]).as_ref().into(),
@@ -492,4 +494,39 @@ pub fn write_trained(
         }
     }
     Ok(())
+}
+
+/// The chunks of a stored tensor of `numel` values: (chunk number, the values it holds), in
+/// order; a data error unless they cover the values exactly once.
+fn chunk_layout(
+    model: &str,
+    name: &str,
+    numel: usize,
+) -> Result<Vec<(i32, std::ops::Range<usize>)>> {
+    let mut chunks = Vec::new();
+    let mut covered = 0usize;
+    spi::read(
+        "SELECT chunk, elem_offset, length(data) / 4 FROM llm_param \
+         WHERE model = $1 AND name = $2 ORDER BY chunk",
+        &[model.into(), name.into()],
+        |row| {
+            let chunk: i32 = row.get(1).map_err(spi_error)?.unwrap_or(0);
+            let at = row.get::<i64>(2).map_err(spi_error)?.unwrap_or(-1);
+            let len = row.get::<i32>(3).map_err(spi_error)?.unwrap_or(0).max(0) as usize;
+            if at != covered as i64 {
+                return Err(EngineError::data(format!(
+                    "the chunks of parameter \"{name}\" of model \"{model}\" do not cover its values"
+                )));
+            }
+            chunks.push((chunk, covered..covered + len));
+            covered += len;
+            Ok(())
+        },
+    )?;
+    if covered != numel {
+        return Err(EngineError::data(format!(
+            "parameter \"{name}\" of model \"{model}\" does not hold the {numel} values its shape needs"
+        )));
+    }
+    Ok(chunks)
 }

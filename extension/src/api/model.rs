@@ -32,7 +32,7 @@ fn llm_init_params(model: Option<&str>, seed: default!(Option<i64>, 0)) -> i64 {
         let seed = required(seed, "seed")? as u64;
         let cfg = store::load_config(model)?.config;
         let mut replacement = Replacement::new(model, &cfg)?;
-        let n = init_each(&cfg, seed, &mut |name, shape, at, values| {
+        let n = init_each(&cfg, seed, cancel(), &mut |name, shape, at, values| {
             replacement.put(name, shape, at, values)
         })?;
         replacement.finish()?;

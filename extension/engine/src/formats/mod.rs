@@ -15,10 +15,13 @@ use std::collections::HashMap;
 /// Named float32 tensors: name → (shape, row-major values).
 pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// Values per piece when a large tensor is streamed (64 Mi values, 256 MB of float32): import,
+/// Values per piece when a large tensor is streamed (4 Mi values, 16 MB of float32): import,
 /// initialisation and export hand a larger tensor over in pieces of this size, so no buffer
-/// of a streamed tensor exceeds it. `llm_param` chunks tensors at the same size.
-pub const PIECE: usize = 64 * 1024 * 1024;
+/// of a streamed tensor exceeds it. `llm_param` chunks tensors at the same size. Small enough
+/// that writing or reading one piece (a row of `llm_param`, which PostgreSQL stores without
+/// serving interrupts) ends well inside a cancel's 100 ms, large enough that per-row costs
+/// do not show.
+pub const PIECE: usize = 4 * 1024 * 1024;
 
 /// Where streamed canonical tensors go: (name, the tensor's shape, offset of the first value
 /// within the tensor, values). A tensor arrives whole (offset 0) or in consecutive pieces of

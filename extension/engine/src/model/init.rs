@@ -10,6 +10,7 @@ use rand_distr::{Distribution, Normal};
 use super::config::ModelConfig;
 use crate::error::Result;
 use crate::formats::{collect_piece, Sink, TensorMap, PIECE};
+use crate::parallel::Cancel;
 use crate::tensor;
 
 const STD: f32 = 0.02;
@@ -40,6 +41,7 @@ pub fn init_params(cfg: &ModelConfig, seed: u64) -> Result<TensorMap> {
     init_in_pieces(
         cfg,
         seed,
+        Cancel::NEVER,
         &mut |name, shape, at, data| collect_piece(&mut out, name, shape, at, data),
         usize::MAX,
     )?;
@@ -49,11 +51,20 @@ pub fn init_params(cfg: &ModelConfig, seed: u64) -> Result<TensorMap> {
 /// `init_params` one tensor at a time, a tensor larger than `PIECE` values in pieces (drawn
 /// from the same stream, so the values are those of `init_params`): memory holds one piece,
 /// whatever the size of the model. Returns the number of values.
-pub fn init_each(cfg: &ModelConfig, seed: u64, sink: &mut Sink<'_>) -> Result<u64> {
-    init_in_pieces(cfg, seed, sink, PIECE)
+pub fn init_each(cfg: &ModelConfig, seed: u64, cancel: Cancel, sink: &mut Sink<'_>) -> Result<u64> {
+    init_in_pieces(cfg, seed, cancel, sink, PIECE)
 }
 
-fn init_in_pieces(cfg: &ModelConfig, seed: u64, sink: &mut Sink<'_>, piece: usize) -> Result<u64> {
+/// Normal values drawn between two looks for a cancel (a few milliseconds' work).
+const DRAW_BLOCK: usize = 1 << 18;
+
+fn init_in_pieces(
+    cfg: &ModelConfig,
+    seed: u64,
+    cancel: Cancel,
+    sink: &mut Sink<'_>,
+    piece: usize,
+) -> Result<u64> {
     cfg.validate()?;
     let mut values = 0;
     for (i, (name, shape)) in cfg.param_specs().into_iter().enumerate() {
@@ -67,7 +78,12 @@ fn init_in_pieces(cfg: &ModelConfig, seed: u64, sink: &mut Sink<'_>, piece: usiz
                 Init::Const(c) => data.fill(c),
                 Init::Normal(std) => {
                     let normal = Normal::new(0.0f32, std).expect("positive std");
-                    data.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
+                    // One stream per tensor, drawn in order: the values cannot be spread over
+                    // threads, so the draw looks for a cancel between blocks instead.
+                    for block in data.chunks_mut(DRAW_BLOCK) {
+                        cancel.check()?;
+                        block.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
+                    }
                 }
             }
             values += data.len() as u64;
@@ -82,7 +98,6 @@ mod tests {
     use super::*;
     use crate::model::config::tiny_gpt3;
     use crate::model::{MapSource, Model, ModelWeights};
-    use crate::Cancel;
 
     #[test]
     fn pieces_hold_the_values_of_whole_tensors() {
@@ -92,6 +107,7 @@ mod tests {
         init_in_pieces(
             &cfg,
             11,
+            Cancel::NEVER,
             &mut |name, shape, at, values| {
                 assert!(values.len() <= 1000);
                 let (_, t) = pieces
