@@ -336,3 +336,73 @@ async fn typed_calls_match_their_sql() {
     let err = client.loss(&ids, &ids[1..], model).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
 }
+
+/// Work that does not fit `pg_llm.max_memory` is refused before it allocates (53200,
+/// ErrorKind::Resources): the refused session goes on, and a session generating beside it
+/// never notices (same backend, every call answered).
+#[tokio::test]
+async fn refused_work_leaves_the_server_and_other_sessions_alone() {
+    let setup = Client::connect(&dsn()).await.unwrap();
+    let model = "client-admission-test";
+    random_model(&setup, model, "2, 2, 64, 32, 256, 2048, 50257", 3).await;
+
+    let generator = Client::connect(&dsn()).await.unwrap();
+    let generator_pid = backend_pid(&generator).await;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let generating = tokio::spawn(async move {
+        let opts = pg_gpt3_client::GenerateOptions::default()
+            .model(model)
+            .max_tokens(8)
+            .seed(1);
+        let mut calls = 0;
+        loop {
+            generator
+                .generate_ids(&[464, 2068], &opts)
+                .await
+                .expect("a generation beside a refused call failed");
+            calls += 1;
+            if stop_rx.try_recv().is_ok() {
+                return (generator, calls);
+            }
+        }
+    });
+
+    let refused = Client::connect(&dsn()).await.unwrap();
+    let refused_pid = backend_pid(&refused).await;
+    refused.execute("SET pg_llm.max_memory = '8GB'").await.unwrap();
+    let err = refused
+        .execute("SELECT llm_init_params('gpt3-6.7b', 1)")
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("53200"), "{err}");
+    assert_eq!(err.kind(), pg_gpt3_client::ErrorKind::Resources);
+    assert!(err.to_string().contains("pg_llm.max_memory"), "{err}");
+    refused.execute("SET pg_llm.max_memory = '64MB'").await.unwrap();
+    let long: Vec<i32> = (0..2048).map(|i| (i * 7) % 50257).collect();
+    let err = refused.logits(&long, model).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("53200"), "{err}");
+    // The refused session is the same backend and still works.
+    assert_eq!(backend_pid(&refused).await, refused_pid);
+    assert_eq!(refused.logits(&long[..4], model).await.unwrap().shape(), [4, 50257]);
+
+    stop_tx.send(()).unwrap();
+    let (generator, calls) = generating.await.unwrap();
+    assert!(calls >= 1);
+    assert_eq!(backend_pid(&generator).await, generator_pid, "the generating backend was replaced");
+    let rows: i64 = setup
+        .raw()
+        .query_one("SELECT count(*) FROM llm_param WHERE model = 'gpt3-6.7b'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the refused initialisation wrote rows");
+}
+
+async fn backend_pid(client: &Client) -> i32 {
+    client
+        .raw()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
