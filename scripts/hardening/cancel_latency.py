@@ -2,7 +2,7 @@
 """Cancel latency of every long pg_llm call kind (issue 20, point 2).
 
 For each kind the call is started on a fresh connection; once pg_stat_activity shows it active,
-the script sleeps a random 0.2-2 s (seeded; shorter when the call is shorter), sends
+the script sleeps a random 0.2-2 s (seeded; --max-delay; shorter when the call is shorter), sends
 pg_cancel_backend(pid) from a second connection and measures from that send to the client
 receiving the error (57014). Each kind is also stopped once by `SET statement_timeout`; there the
 overshoot is measured from the client's send plus the timeout. The imports read a ~500 MB
@@ -144,13 +144,13 @@ def stray_temp_files(server):
     return [f for f in server.cache_files() if ".tmp" in f]
 
 
-def measure_kind(server, rng, name, sql, params, target, model, tries):
+def measure_kind(server, rng, name, sql, params, target, model, tries, max_delay):
     # The call's length bounds the delays, so that the cancel lands inside it: a calibration run,
-    # stopped by a 2.5 s statement_timeout when it is longer than that.
-    cal = run_call(server, sql, params, timeout_s=2.5)
+    # stopped by a statement_timeout when it is longer than the longest delay.
+    cal = run_call(server, sql, params, timeout_s=max_delay + 0.5)
     if cal["outcome"] == "other error":
         return {"kind": name, "failure": f"calibration run failed: {cal['sqlstate']} {cal['error']}"}
-    longest = 2.0 if cal["outcome"] == "cancelled" else min(2.0, 0.7 * cal["duration"])
+    longest = max_delay if cal["outcome"] == "cancelled" else min(max_delay, 0.7 * cal["duration"])
     if longest < 0.2:
         return {"kind": name, "failure": f"the call lasts only {cal['duration']:.2f} s"}
     before = fingerprint(server, model)
@@ -220,6 +220,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tries", type=int, default=5, help="cancels per kind (default 5)")
     ap.add_argument("--seed", type=int, default=20)
+    ap.add_argument("--max-delay", type=float, default=2.0,
+                    help="longest wait before the cancel, seconds (default 2; more reaches later phases)")
     ap.add_argument("--kinds", help="comma-separated substrings of the kinds to run (default all)")
     ap.add_argument("--keep", action="store_true", help="keep the database (and cluster) afterwards")
     args = ap.parse_args()
@@ -233,7 +235,8 @@ def main():
             if args.kinds and not any(k in name for k in args.kinds.split(",")):
                 continue
             log(f"measuring: {name}")
-            results.append(measure_kind(server, rng, name, sql, params, target, model, args.tries))
+            results.append(measure_kind(server, rng, name, sql, params, target, model, args.tries,
+                                        args.max_delay))
     finally:
         server.close()
 

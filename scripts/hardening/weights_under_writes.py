@@ -7,7 +7,8 @@
   writer   another connection runs `UPDATE llm_param SET step = step WHERE model = 'gpt3-125m'
            AND name = 'wpe.weight'` every 3 s (each gives the model a new version);
   trainer  another connection runs llm_train on the same model continuously (one step of
-           1 x 128 tokens a call, each call a new version).
+           1 x 128 tokens a call, each call a new version); this scenario lasts until at least
+           --min-train-calls (2) calls have finished, since one can outlast the window.
 Every second each generator backend's memory is read from /proc/<pid>/smaps_rollup (private =
 Private_Clean + Private_Dirty; Pss, Rss), and this database's weight-file directory is listed
 (every `<version>.weights` and temporary `.tmp<pid>` name seen counts as a file written).
@@ -71,7 +72,14 @@ def scenario(server, name, args, weight_bytes):
     guard.start()
     for lp in everyone:
         lp.start()
-    while not stop.wait(1.0) and time.perf_counter() - start < args.seconds:
+    def more():
+        # A training call can outlast the window: the trainer scenario goes on until it has
+        # made --min-train-calls new versions (at most 5 windows).
+        elapsed = time.perf_counter() - start
+        return elapsed < args.seconds or (name == "trainer" and other.calls < args.min_train_calls
+                                          and elapsed < 5 * args.seconds)
+
+    while not stop.wait(1.0) and more():
         snap = {g.pid: hardening.smaps(g.pid) for g in gens}
         samples.append({p: m for p, m in snap.items() if m})
         if other is not None and hardening.smaps(other.pid):
@@ -126,6 +134,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--write-every", type=float, default=3.0)
     ap.add_argument("--scenarios", default="alone,writer,trainer")
+    ap.add_argument("--min-train-calls", type=int, default=2,
+                    help="the trainer scenario lasts until this many training calls finished (default 2)")
     ap.add_argument("--min-free-gib", type=float, default=3.0,
                     help="stop a scenario when the host's MemAvailable falls below this (default 3)")
     ap.add_argument("--seed", type=int, default=20)
@@ -144,6 +154,9 @@ def main():
             if c.execute("SELECT count(*) FROM llm_param WHERE model = %s AND name = 'wpe.weight'",
                          (MODEL,)).fetchone()[0] != 1:
                 raise SystemExit(f"{MODEL} has no single 'wpe.weight' row for the writer to update")
+            t = time.perf_counter()   # the first call also creates the AdamW moments' rows
+            c.execute("SELECT count(*) FROM llm_train(%s, 1, batch_size => 1, seq_len => 128)", (MODEL,))
+            log(f"a first training step alone took {time.perf_counter() - t:.1f} s")
             weight_bytes = c.execute("SELECT sum(length(data)) FROM llm_param WHERE model = %s",
                                      (MODEL,)).fetchone()[0]
         for name in args.scenarios.split(","):
