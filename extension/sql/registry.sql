@@ -112,6 +112,14 @@ ALTER TABLE llm_param ALTER COLUMN data SET STORAGE EXTERNAL;
 ALTER TABLE llm_param ALTER COLUMN grad SET STORAGE EXTERNAL;
 ALTER TABLE llm_param ALTER COLUMN m SET STORAGE EXTERNAL;
 ALTER TABLE llm_param ALTER COLUMN v SET STORAGE EXTERNAL;
+-- Every training call and import rewrites a whole model's rows: hundreds of MB of TOAST per
+-- write, in a table of a few hundred rows. Autovacuum's default cost throttling cannot keep up
+-- with that, and the dead TOAST piles up (tens of GB after a day of training). Vacuuming this
+-- table unthrottled, as soon as a tenth of its rows are dead, keeps it near two copies of its
+-- models (space freed by one write is reused by the next).
+ALTER TABLE llm_param SET (
+    autovacuum_vacuum_scale_factor = 0.1, autovacuum_vacuum_cost_delay = 0,
+    toast.autovacuum_vacuum_scale_factor = 0.1, toast.autovacuum_vacuum_cost_delay = 0);
 
 -- Any write to a model's parameters, through pg_llm or by hand, gives the model a new version.
 -- Row-level, not statement-level with transition tables: a transition table would copy every

@@ -27,7 +27,7 @@ use pg_llm_engine::model::{check_shapes, ModelConfig, ModelWeights, TensorSource
 use pg_llm_engine::{EngineError, Result};
 use pgrx::pg_sys;
 
-use crate::errors::spi_error;
+use crate::errors::{cancel, spi_error};
 use crate::spi;
 use crate::store::{TableSource, CHUNK_ELEMS};
 
@@ -75,7 +75,7 @@ pub fn open_or_write(
 ) -> Result<ModelWeights> {
     let mut idle_since: Option<Instant> = None;
     loop {
-        let rejected = match weight_file::open(&place.path, &place.id, cfg)? {
+        let rejected = match weight_file::open(&place.path, &place.id, cfg, cancel())? {
             Ok(mapped) => return Ok(mapped),
             Err(rejected) => rejected,
         };
@@ -167,7 +167,7 @@ fn write_from(place: &FilePlace, cfg: &ModelConfig, src: &mut TableSource) -> Re
                     file.write_at(range.start + start, &piece)?;
                 }
             }
-            file.finish_mapped(place.id.version)
+            file.finish_mapped(place.id.version, cancel())
         },
         |src| ModelWeights::load(cfg, src),
     )
@@ -180,7 +180,15 @@ pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Res
         place,
         cfg,
         private,
-        |private| weight_file::write(&place.path, &place.id, cfg, private.storage().as_slice()),
+        |private| {
+            weight_file::write(
+                &place.path,
+                &place.id,
+                cfg,
+                private.storage().as_slice(),
+                cancel(),
+            )
+        },
         Ok,
     )
 }
@@ -276,8 +284,11 @@ impl PendingFile {
             owner: self.owner,
             version,
         };
-        self.writer
-            .finish(&self.dir.join(format!("{version}.weights")), version)?;
+        self.writer.finish(
+            &self.dir.join(format!("{version}.weights")),
+            version,
+            cancel(),
+        )?;
         prune(&self.dir, self.param_table, Some(&id));
         Ok(())
     }

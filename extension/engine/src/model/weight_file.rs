@@ -35,6 +35,7 @@ use super::config::ModelConfig;
 use super::storage::Storage;
 use super::weights::{packed_len, ModelWeights};
 use crate::error::{EngineError, Result};
+use crate::parallel::Cancel;
 
 const MAGIC: &[u8; 8] = b"PGLLMW\0\x01";
 const ALIGN: usize = 4096;
@@ -74,6 +75,7 @@ pub fn open(
     path: &Path,
     id: &FileId,
     cfg: &ModelConfig,
+    cancel: Cancel,
 ) -> Result<std::result::Result<ModelWeights, Rejected>> {
     let mut file = match File::open(path) {
         Ok(f) => f,
@@ -95,7 +97,7 @@ pub fn open(
         ))));
     }
     let storage = map_values(&file, path, offset, header.values)?;
-    if checksum(storage.as_slice()) != header.checksum {
+    if checksum(storage.as_slice(), cancel)? != header.checksum {
         return Ok(Err(Rejected::Corrupt("checksum mismatch".into())));
     }
     // The modification time records the last use: clean-ups remove least recently used files.
@@ -121,7 +123,13 @@ pub fn read_id(path: &Path) -> Option<FileId> {
 /// Writes `values` (packed for `cfg`) as a weight file at `path`, under a temporary name and
 /// then renamed into place, and returns the weights mapped from it (the caller can free its
 /// copy).
-pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Result<ModelWeights> {
+pub fn write(
+    path: &Path,
+    id: &FileId,
+    cfg: &ModelConfig,
+    values: &[f32],
+    cancel: Cancel,
+) -> Result<ModelWeights> {
     if values.len() != packed_len(cfg)? {
         return Err(EngineError::Internal(format!(
             "{} values do not fit the packing of this model",
@@ -129,8 +137,12 @@ pub fn write(path: &Path, id: &FileId, cfg: &ModelConfig, values: &[f32]) -> Res
         )));
     }
     let mut writer = Writer::create(path, &id.owner, cfg)?;
-    writer.write_at(0, values)?;
-    writer.finish_mapped(id.version)
+    // In blocks, each a moment's work, so a cancel is served between them.
+    for (k, block) in values.chunks(CHECKSUM_BLOCK / 4).enumerate() {
+        cancel.check()?;
+        writer.write_at(k * CHECKSUM_BLOCK / 4, block)?;
+    }
+    writer.finish_mapped(id.version, cancel)
 }
 
 /// A weight file written piece by piece at packed offsets (an import writes each tensor as it
@@ -200,27 +212,28 @@ impl Writer {
     /// `version` and renames the file to `path` (the one it was created for, or another in
     /// the same directory once the version is known). Nothing is mapped: this process's
     /// memory never holds the model.
-    pub fn finish(mut self, path: &Path, version: i64) -> Result<()> {
-        self.write_header(version)?;
+    pub fn finish(mut self, path: &Path, version: i64, cancel: Cancel) -> Result<()> {
+        self.write_header(version, cancel)?;
         self.path = path.to_path_buf();
         self.rename()
     }
 
     /// `finish`, returning the weights mapped from the file.
-    pub fn finish_mapped(self, version: i64) -> Result<ModelWeights> {
-        self.write_header(version)?;
+    pub fn finish_mapped(self, version: i64, cancel: Cancel) -> Result<ModelWeights> {
+        self.write_header(version, cancel)?;
         let storage = map_values(&self.file, &self.tmp.0, self.offset, self.values)?;
         let cfg = self.cfg.clone();
         self.rename()?;
         ModelWeights::from_storage(&cfg, Arc::new(storage))
     }
 
-    fn write_header(&self, version: i64) -> Result<()> {
+    fn write_header(&self, version: i64, cancel: Cancel) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let mut hashes = Vec::new();
         let mut block = vec![0u8; CHECKSUM_BLOCK];
         let total = self.values * 4;
         for at in (0..total).step_by(CHECKSUM_BLOCK) {
+            cancel.check()?;
             let n = CHECKSUM_BLOCK.min(total - at);
             self.file
                 .read_exact_at(&mut block[..n], (self.offset + at) as u64)
@@ -285,16 +298,19 @@ fn read_header(file: &mut File) -> std::result::Result<(Header, usize), String> 
 
 /// XXH3-64 of each 16 MiB block, combined by XXH3-64 over the block hashes; blocks are hashed
 /// in parallel.
-fn checksum(values: &[f32]) -> String {
+fn checksum(values: &[f32], cancel: Cancel) -> Result<String> {
     // SAFETY: reading f32s as bytes is always valid.
     let (_, bytes, _) = unsafe { values.align_to::<u8>() };
     let blocks: Vec<u64> = crate::parallel::install(|| {
         bytes
             .par_chunks(CHECKSUM_BLOCK)
-            .map(xxhash_rust::xxh3::xxh3_64)
-            .collect()
-    });
-    combine(&blocks)
+            .map(|block| {
+                cancel.check()?;
+                Ok(xxhash_rust::xxh3::xxh3_64(block))
+            })
+            .collect::<Result<_>>()
+    })?;
+    Ok(combine(&blocks))
 }
 
 /// The file checksum from its blocks' hashes (see `checksum`).
@@ -402,13 +418,20 @@ mod tests {
             version: 1,
         };
         assert_eq!(
-            open(&path, &id, &cfg).unwrap().err(),
+            open(&path, &id, &cfg, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Missing)
         );
 
         let in_memory = ModelWeights::load(&cfg, &mut MapSource::new(params)).unwrap();
-        let written = write(&path, &id, &cfg, in_memory.storage().as_slice()).unwrap();
-        let mapped = open(&path, &id, &cfg).unwrap().unwrap();
+        let written = write(
+            &path,
+            &id,
+            &cfg,
+            in_memory.storage().as_slice(),
+            Cancel::NEVER,
+        )
+        .unwrap();
+        let mapped = open(&path, &id, &cfg, Cancel::NEVER).unwrap().unwrap();
         assert!(mapped.storage().is_mapped() && !in_memory.storage().is_mapped());
         assert!(written.storage().is_mapped());
         assert_eq!(written.storage().as_slice(), in_memory.storage().as_slice());
@@ -422,13 +445,13 @@ mod tests {
             ..id.clone()
         };
         assert_eq!(
-            open(&path, &newer, &cfg).unwrap().err(),
+            open(&path, &newer, &cfg, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Stale)
         );
         let mut other_cfg = cfg.clone();
         other_cfg.ln_eps = 1e-6;
         assert_eq!(
-            open(&path, &id, &other_cfg).unwrap().err(),
+            open(&path, &id, &other_cfg, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Stale)
         );
 
@@ -444,17 +467,17 @@ mod tests {
         bytes[last] ^= 0x40;
         replace(&bytes);
         assert!(matches!(
-            open(&path, &id, &cfg).unwrap().err(),
+            open(&path, &id, &cfg, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Corrupt(_))
         ));
         replace(&bytes[..bytes.len() - 4]);
         assert!(matches!(
-            open(&path, &id, &cfg).unwrap().err(),
+            open(&path, &id, &cfg, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Corrupt(_))
         ));
         replace(b"garbage");
         assert!(matches!(
-            open(&path, &id, &cfg).unwrap().err(),
+            open(&path, &id, &cfg, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Corrupt(_))
         ));
         // The mapping made before the file was replaced still reads the original weights.
@@ -491,7 +514,7 @@ mod tests {
             owner: "m".into(),
             version: 9,
         };
-        write(&a, &id, &cfg, whole.storage().as_slice()).unwrap();
+        write(&a, &id, &cfg, whole.storage().as_slice(), Cancel::NEVER).unwrap();
         // Tensor by tensor, last first, as an import hands them over.
         let mut writer = Writer::create(&b, &id.owner, &cfg).unwrap();
         for (name, range) in crate::model::weights::packed_tensors(&cfg)
@@ -502,9 +525,9 @@ mod tests {
         }
         assert!(writer.write_at(packed_len(&cfg).unwrap(), &[1.0]).is_err());
         assert!(!b.exists(), "nothing at the final name before finish");
-        writer.finish(&b, id.version).unwrap();
+        writer.finish(&b, id.version, Cancel::NEVER).unwrap();
         assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
-        let mapped = open(&b, &id, &cfg).unwrap().unwrap();
+        let mapped = open(&b, &id, &cfg, Cancel::NEVER).unwrap().unwrap();
         assert_eq!(mapped.storage().as_slice(), whole.storage().as_slice());
         // Dropped unfinished: no file, no temporary.
         let c = d.join("c.weights");
@@ -525,13 +548,15 @@ mod tests {
             version: 2,
         };
         // Values that do not fit the model: refused before any file is created.
-        let err = write(&path, &id, &cfg, &[0.0; 10]).err().unwrap();
+        let err = write(&path, &id, &cfg, &[0.0; 10], Cancel::NEVER)
+            .err()
+            .unwrap();
         assert!(matches!(err, EngineError::Internal(_)), "{err}");
         // A directory that does not exist: an I/O error, and no temporary file anywhere.
         let missing = d.join("no such dir").join("3.weights");
         let values = vec![0.0; packed_len(&cfg).unwrap()];
         assert!(matches!(
-            write(&missing, &id, &cfg, &values),
+            write(&missing, &id, &cfg, &values, Cancel::NEVER),
             Err(EngineError::Io(_))
         ));
         assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
