@@ -14,7 +14,7 @@ pub fn require_read_privilege(function: &str) -> Result<()> {
         pg_sys::ROLE_PG_READ_SERVER_FILES,
         "read",
         function,
-        "bytea/text variants work",
+        "bytea/text variants need",
     )
 }
 
@@ -25,7 +25,7 @@ pub fn require_write_privilege(function: &str) -> Result<()> {
         pg_sys::ROLE_PG_WRITE_SERVER_FILES,
         "write",
         function,
-        "bytea variant works",
+        "bytea variant needs",
     )
 }
 
@@ -39,7 +39,7 @@ fn require_role(role: u32, verb: &str, function: &str, instead: &str) -> Result<
     } else {
         Err(EngineError::InsufficientPrivilege(format!(
             "permission denied to {verb} server files; {function} requires superuser or the \
-             privileges of pg_{verb}_server_files (the {instead} for any role)"
+             privileges of pg_{verb}_server_files (the {instead} no file privilege)"
         )))
     }
 }

@@ -104,8 +104,8 @@ fn import_npz(model: &str, bytes: &[u8]) -> Result<i64> {
 }
 
 /// Imports one of pg_gpt2's checkpoint archives (its `.npz`: a gzip stream of GPT-2's arrays,
-/// shaped or flattened) given as bytes into a registered model. All or nothing; any role
-/// with table privileges. Returns the parameter count.
+/// shaped or flattened) given as bytes into a registered model. All or nothing; the model's
+/// owner. Returns the parameter count.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_import_npz_bytes(data: Option<&[u8]>, model: Option<&str>) -> i64 {
@@ -127,9 +127,10 @@ fn pg_llm_import_npz(path: Option<&str>, model: Option<&str>) -> i64 {
     })
 }
 
-/// Imports a Hugging Face safetensors checkpoint given as bytes (any role). With `config`
-/// (the checkpoint's config.json) the model row is created or checked and the family detected;
-/// without it the model must be registered. All or nothing. Returns the parameter count.
+/// Imports a Hugging Face safetensors checkpoint given as bytes (no file privilege needed; the
+/// model's owner). With `config` (the checkpoint's config.json) the model row is created or
+/// checked and the family detected; without it the model must be registered. All or nothing.
+/// Returns the parameter count.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_import_safetensors_bytes(
@@ -245,7 +246,8 @@ fn sibling(beside: &str, file: &str) -> String {
 /// among the files; else a shard index (`*.index.json`) names the shards; else every
 /// `.safetensors` file is a shard. Files are read in blocks, never whole, through lo_get:
 /// PostgreSQL's large object privileges apply, and nothing on the server's disk is read, so
-/// any role may import. All or nothing. Returns the parameter count.
+/// the model's owner may import without file privileges. All or nothing. Returns the
+/// parameter count.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn pg_llm_import_safetensors_lo(
