@@ -12,7 +12,7 @@ use crate::errors::spi_error;
 use crate::spi;
 
 /// Bytes fetched by one `lo_get` (and between two interrupt checks).
-const BLOCK: usize = 64 << 20;
+const BLOCK: usize = 16 << 20;
 
 /// `INV_READ` of libpq-fs.h: open a large object for reading (under the active snapshot).
 const INV_READ: i32 = 0x40000;

@@ -395,6 +395,7 @@ pub fn read_moments(model: &str, cfg: &ModelConfig, len: usize) -> Result<Option
             "SELECT m, v, step FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
             &[model.into(), name.as_str().into()],
             |row| {
+                pgrx::check_for_interrupts!();
                 let mb: Option<&[u8]> = row.get(1).map_err(spi_error)?;
                 let vb: Option<&[u8]> = row.get(2).map_err(spi_error)?;
                 let s = row.get::<i32>(3).map_err(spi_error)?.unwrap_or(0) as i64;
@@ -459,6 +460,8 @@ pub fn write_trained(
     for (name, range) in packed_tensors(cfg) {
         pgrx::check_for_interrupts!();
         for (chunk, part) in chunk_layout(model, &name, range.len())? {
+            // A row is stored without serving interrupts: look for a cancel between rows.
+            pgrx::check_for_interrupts!();
             let part = range.start + part.start..range.start + part.end;
             // The chunk's SQL values live in a context freed after the UPDATE (see insert_tensor).
             let mut context = PgMemoryContexts::new("pg_llm trained chunk");

@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 
 use super::args::{self, required};
+use super::float32_bytea::Bytea;
 use crate::errors::{report, run};
 use crate::files::{self, StagedFiles};
 use crate::spi;
@@ -68,29 +69,30 @@ fn write(
 /// The largest bytea PostgreSQL stores.
 const MAX_BYTEA: u64 = (1 << 30) - 1;
 
-/// Refuses a bytes-form export whose tensors alone exceed a bytea (less 1 MB for headers);
-/// `path_form` is the call to use instead.
-fn check_fits_bytea(plan: &Plan, path_form: &str) -> Result<()> {
+/// The bytes of a bytes-form export's tensors; refused when they exceed a bytea (less 1 MB
+/// for headers), `path_form` being the call to use instead.
+fn check_fits_bytea(plan: &Plan, path_form: &str) -> Result<u64> {
     let size: u64 = plan.tensors.iter().map(export::data_bytes).sum();
     if size > MAX_BYTEA - (1 << 20) {
         return Err(EngineError::too_large(format!(
             "the export holds {size} bytes of tensors, beyond a bytea's 1 GB; use {path_form}"
         )));
     }
-    Ok(())
+    Ok(size)
 }
 
 /// The model as one safetensors file in its Hugging Face family's layout (bytes; any role
 /// that may read the model). Larger than 1 GB: use the path form, which shards.
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
-fn pg_llm_export_safetensors_bytes(model: Option<&str>) -> Vec<u8> {
+fn pg_llm_export_safetensors_bytes(model: Option<&str>) -> Bytea {
     run("pg_llm_export_safetensors_bytes", || {
         with_plan(args::model_name(model, "model")?, |cfg, plan, params| {
-            check_fits_bytea(plan, "pg_llm_export_safetensors(path, model)")?;
-            let mut bytes = Vec::new();
+            let size = check_fits_bytea(plan, "pg_llm_export_safetensors(path, model)")?;
+            // Room for the tensors and a header up front: growing the buffer would copy it.
+            let mut bytes = Vec::with_capacity(size as usize + (1 << 20));
             write(&mut bytes, cfg, &plan.tensors, params)?;
-            Ok(bytes)
+            Ok(Bytea(bytes))
         })
     })
 }
@@ -110,14 +112,14 @@ fn pg_llm_export_config(model: Option<&str>) -> JsonB {
 /// with a tied head (bytes; any role that may read the model).
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
-fn pg_llm_export_npz_bytes(model: Option<&str>) -> Vec<u8> {
+fn pg_llm_export_npz_bytes(model: Option<&str>) -> Bytea {
     run("pg_llm_export_npz_bytes", || {
         with_plan(args::model_name(model, "model")?, |cfg, plan, params| {
             let entries = pg_gpt2::archive_entries(plan)?;
             check_fits_bytea(plan, "pg_llm_export_npz(path, model)")?;
             let mut bytes = Vec::new();
             write_npz(&mut bytes, cfg, params, &entries)?;
-            Ok(bytes)
+            Ok(Bytea(bytes))
         })
     })
 }

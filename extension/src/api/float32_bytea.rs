@@ -62,7 +62,7 @@ impl pgrx::IntoDatum for Float32Bytea {
     fn into_datum(self) -> Option<pg_sys::Datum> {
         match self.0 {
             Repr::Bytea(datum) => Some(datum),
-            Repr::Values(values) => tensor::le_bytes(&values).as_ref().into_datum(),
+            Repr::Values(values) => Some(bytea_in_blocks(&tensor::le_bytes(&values))),
         }
     }
 
@@ -86,3 +86,51 @@ unsafe impl pgrx::callconv::BoxRet for Float32Bytea {
 }
 
 pgrx::impl_sql_translatable!(Float32Bytea, "bytea");
+
+/// Bytes returned as `bytea` (an export), copied into the SQL value like a tensor's.
+pub struct Bytea(pub Vec<u8>);
+
+impl pgrx::IntoDatum for Bytea {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(bytea_in_blocks(&self.0))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::BYTEAOID
+    }
+}
+
+// SAFETY: as for Float32Bytea.
+unsafe impl pgrx::callconv::BoxRet for Bytea {
+    unsafe fn box_into<'fcx>(
+        self,
+        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
+    ) -> pgrx::datum::Datum<'fcx> {
+        match pgrx::IntoDatum::into_datum(self) {
+            // SAFETY: a palloc'd bytea in the function's memory context.
+            Some(datum) => unsafe { fcinfo.return_raw_datum(datum) },
+            None => fcinfo.return_null(),
+        }
+    }
+}
+
+pgrx::impl_sql_translatable!(Bytea, "bytea");
+
+/// A palloc'd bytea holding `bytes`, copied in 16 MB blocks with a look for a cancel between
+/// them: copying a result of hundreds of MB in one go would hold up a cancel.
+fn bytea_in_blocks(bytes: &[u8]) -> pg_sys::Datum {
+    const BLOCK: usize = 16 << 20;
+    let total = pg_sys::VARHDRSZ + bytes.len();
+    // SAFETY: palloc returns `total` bytes or raises an ERROR (a result over 1 GB included);
+    // every payload byte is written below before the datum is handed to PostgreSQL.
+    unsafe {
+        let ptr = pg_sys::palloc(total) as *mut pg_sys::varlena;
+        pgrx::set_varsize_4b(ptr, total as i32);
+        let payload = (ptr as *mut u8).add(pg_sys::VARHDRSZ);
+        for (k, block) in bytes.chunks(BLOCK).enumerate() {
+            pgrx::check_for_interrupts!();
+            std::ptr::copy_nonoverlapping(block.as_ptr(), payload.add(k * BLOCK), block.len());
+        }
+        pg_sys::Datum::from(ptr)
+    }
+}
