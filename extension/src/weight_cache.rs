@@ -460,9 +460,8 @@ fn make_room(needed: u64, keep: &Path) -> bool {
         if used + needed <= limit {
             break;
         }
-        if fs::remove_file(&oldest.path).is_ok() {
-            used -= oldest.bytes;
-        }
+        remove_in_background(oldest.path);
+        used -= oldest.bytes;
     }
     used + needed <= limit
 }
@@ -496,7 +495,21 @@ fn prune(dir: &Path, param_table: u32, written: Option<&FileId>) {
             None => false,
         };
         if superseded {
-            let _ = fs::remove_file(&path);
+            remove_in_background(path);
         }
     }
+}
+
+/// Removes a weight file; a large one without waiting, since unlinking a file of hundreds of
+/// MB frees its blocks in the kernel for 0.1 s or more, during which a cancel could not be
+/// served. Backends that still map the file keep their mapping either way.
+fn remove_in_background(path: PathBuf) {
+    const LARGE: u64 = 64 << 20;
+    if fs::metadata(&path).is_ok_and(|m| m.len() < LARGE) {
+        let _ = fs::remove_file(&path);
+        return;
+    }
+    pg_llm_engine::parallel::detach(move || {
+        let _ = fs::remove_file(path);
+    });
 }

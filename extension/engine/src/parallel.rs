@@ -107,6 +107,17 @@ pub fn zeroed<'a>(buf: &'a mut [MaybeUninit<f32>], cancel: Cancel) -> Result<&'a
     Ok(unsafe { &mut *(buf as *mut [MaybeUninit<f32>] as *mut [f32]) })
 }
 
+/// Runs `f` on a thread of its own that nobody waits for (work such as unlinking a large file,
+/// which the kernel does without a way to interrupt it). Like the compute threads it starts
+/// with every signal blocked, so the host's handlers only ever run on the host's thread.
+pub fn detach(f: impl FnOnce() + Send + 'static) {
+    let _mask = BlockSignals::new();
+    // A thread that cannot start leaves the work undone, which callers accept.
+    let _ = std::thread::Builder::new()
+        .name("pg_llm background".into())
+        .spawn(f);
+}
+
 /// Blocks all signals on the current thread until dropped.
 struct BlockSignals {
     old: libc::sigset_t,
