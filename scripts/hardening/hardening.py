@@ -145,7 +145,10 @@ class Server:
 
 def smaps(pid):
     """A process's memory in bytes from /proc/<pid>/smaps_rollup: rss, pss, private
-    (Private_Clean + Private_Dirty). None once the process is gone."""
+    (Private_Clean + Private_Dirty: pages no other process maps at the moment, which includes a
+    shared file's pages while this process is their only user) and anon (Anonymous: heap and
+    other memory no file backs, where a private copy of the weights would live). None once the
+    process is gone."""
     fields = {}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -156,7 +159,8 @@ def smaps(pid):
     except (FileNotFoundError, ProcessLookupError):
         return None
     return {"rss": fields.get("Rss", 0), "pss": fields.get("Pss", 0),
-            "private": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
+            "private": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
+            "anon": fields.get("Anonymous", 0)}
 
 
 def mem_available():
