@@ -369,7 +369,10 @@ async fn refused_work_leaves_the_server_and_other_sessions_alone() {
 
     let refused = Client::connect(&dsn()).await.unwrap();
     let refused_pid = backend_pid(&refused).await;
-    refused.execute("SET pg_llm.max_memory = '8GB'").await.unwrap();
+    refused
+        .execute("SET pg_llm.max_memory = '8GB'")
+        .await
+        .unwrap();
     let err = refused
         .execute("SELECT llm_init_params('gpt3-6.7b', 1)")
         .await
@@ -377,21 +380,34 @@ async fn refused_work_leaves_the_server_and_other_sessions_alone() {
     assert_eq!(err.sqlstate(), Some("53200"), "{err}");
     assert_eq!(err.kind(), pg_gpt3_client::ErrorKind::Resources);
     assert!(err.to_string().contains("pg_llm.max_memory"), "{err}");
-    refused.execute("SET pg_llm.max_memory = '64MB'").await.unwrap();
+    refused
+        .execute("SET pg_llm.max_memory = '64MB'")
+        .await
+        .unwrap();
     let long: Vec<i32> = (0..2048).map(|i| (i * 7) % 50257).collect();
     let err = refused.logits(&long, model).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("53200"), "{err}");
     // The refused session is the same backend and still works.
     assert_eq!(backend_pid(&refused).await, refused_pid);
-    assert_eq!(refused.logits(&long[..4], model).await.unwrap().shape(), [4, 50257]);
+    assert_eq!(
+        refused.logits(&long[..4], model).await.unwrap().shape(),
+        [4, 50257]
+    );
 
     stop_tx.send(()).unwrap();
     let (generator, calls) = generating.await.unwrap();
     assert!(calls >= 1);
-    assert_eq!(backend_pid(&generator).await, generator_pid, "the generating backend was replaced");
+    assert_eq!(
+        backend_pid(&generator).await,
+        generator_pid,
+        "the generating backend was replaced"
+    );
     let rows: i64 = setup
         .raw()
-        .query_one("SELECT count(*) FROM llm_param WHERE model = 'gpt3-6.7b'", &[])
+        .query_one(
+            "SELECT count(*) FROM llm_param WHERE model = 'gpt3-6.7b'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
