@@ -44,8 +44,8 @@ fn require_role(role: u32, verb: &str, function: &str, instead: &str) -> Result<
     }
 }
 
-/// Bytes read between two interrupt checks.
-const READ_BLOCK: usize = 16 << 20;
+/// Bytes read between two interrupt checks: a few tens of ms even from a cold disk.
+const READ_BLOCK: usize = 4 << 20;
 
 /// Reads a whole regular server file (see `open_regular`). Cancel is honoured between blocks.
 pub fn read(path: &str) -> Result<Vec<u8>> {
