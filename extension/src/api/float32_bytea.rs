@@ -71,21 +71,29 @@ impl pgrx::IntoDatum for Float32Bytea {
     }
 }
 
-// SAFETY: the datum is returned to PostgreSQL as the function's result, as BoxRet requires.
-unsafe impl pgrx::callconv::BoxRet for Float32Bytea {
-    unsafe fn box_into<'fcx>(
-        self,
-        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
-    ) -> pgrx::datum::Datum<'fcx> {
-        match pgrx::IntoDatum::into_datum(self) {
-            // SAFETY: a palloc'd bytea in the function's memory context.
-            Some(datum) => unsafe { fcinfo.return_raw_datum(datum) },
-            None => fcinfo.return_null(),
+/// Makes a type whose `into_datum` gives a palloc'd bytea usable as a function's result.
+macro_rules! bytea_result {
+    ($type:ty) => {
+        // SAFETY: the datum is returned to PostgreSQL as the function's result, as BoxRet
+        // requires.
+        unsafe impl pgrx::callconv::BoxRet for $type {
+            unsafe fn box_into<'fcx>(
+                self,
+                fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
+            ) -> pgrx::datum::Datum<'fcx> {
+                match pgrx::IntoDatum::into_datum(self) {
+                    // SAFETY: a palloc'd bytea in the function's memory context.
+                    Some(datum) => unsafe { fcinfo.return_raw_datum(datum) },
+                    None => fcinfo.return_null(),
+                }
+            }
         }
-    }
+
+        pgrx::impl_sql_translatable!($type, "bytea");
+    };
 }
 
-pgrx::impl_sql_translatable!(Float32Bytea, "bytea");
+bytea_result!(Float32Bytea);
 
 /// Bytes returned as `bytea` (an export), copied into the SQL value like a tensor's.
 pub struct Bytea(pub Vec<u8>);
@@ -100,21 +108,7 @@ impl pgrx::IntoDatum for Bytea {
     }
 }
 
-// SAFETY: as for Float32Bytea.
-unsafe impl pgrx::callconv::BoxRet for Bytea {
-    unsafe fn box_into<'fcx>(
-        self,
-        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
-    ) -> pgrx::datum::Datum<'fcx> {
-        match pgrx::IntoDatum::into_datum(self) {
-            // SAFETY: a palloc'd bytea in the function's memory context.
-            Some(datum) => unsafe { fcinfo.return_raw_datum(datum) },
-            None => fcinfo.return_null(),
-        }
-    }
-}
-
-pgrx::impl_sql_translatable!(Bytea, "bytea");
+bytea_result!(Bytea);
 
 /// A palloc'd bytea holding `bytes`, copied in 16 MB blocks with a look for a cancel between
 /// them: copying a result of hundreds of MB in one go would hold up a cancel.
