@@ -327,6 +327,11 @@ fn values(ty: &str, name: &str, pools: &Pools) -> (Vec<String>, Vec<String>) {
             texts(&["Hello", "😀 日本語 \t\n"]),
             texts(&["", "<|endoftext|>", &"long prompt ".repeat(200)]),
         ),
+        // Role names (llm_has_privileges_of).
+        ("name", _) => (
+            texts(&["postgres", "llm_reader"]),
+            texts(&["no_such_role", "", "pg_monitor", "ÿ😀"]),
+        ),
         (other, _) => panic!("no values for arguments of type {other}"),
     };
     hostile.push(format!("NULL::{ty}"));
