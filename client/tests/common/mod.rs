@@ -314,10 +314,11 @@ pub async fn param_digest(client: &Client, model: &str) -> Option<String> {
 
 /// What is wrong with this database's weight-file cache directory, none when it is clean:
 /// a temporary file being written or abandoned, a file the `llm_weight_cache` view does not
-/// show as a complete file of a registered model, or one of a version its model never
-/// committed (a version above the model's current one). Call it after a use of the cache
-/// by a new connection (which sweeps abandoned files) and while no connection writes.
-pub async fn cache_problems(client: &Client) -> Vec<String> {
+/// show as a complete file of a registered model, or a file of one of `models` at a version
+/// the model never committed (above its current one: a rolled-back write's). Call it after a
+/// use of the cache by a new connection (which sweeps abandoned files and the files of
+/// models no longer registered) and while no connection writes.
+pub async fn cache_problems(client: &Client, models: &[&str]) -> Vec<String> {
     let rows = client
         .raw()
         .query(
@@ -329,9 +330,10 @@ pub async fn cache_problems(client: &Client) -> Vec<String> {
                LEFT JOIN llm_weight_cache c \
                       ON c.file = l.file AND c.database_name = current_database() \
                LEFT JOIN llm_model_config m ON m.model = c.model \
-              WHERE c.state IS DISTINCT FROM 'ready' OR m.model IS NULL OR c.version > m.version \
+              WHERE c.state IS DISTINCT FROM 'ready' OR m.model IS NULL \
+                 OR (c.model = ANY ($1) AND c.version > m.version) \
               ORDER BY 1",
-            &[],
+            &[&models],
         )
         .await
         .unwrap();
