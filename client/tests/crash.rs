@@ -76,7 +76,9 @@ async fn init(client: &Client, model: &str, seed: i64) {
 /// The digest of `model`'s parameters, with the number of training steps logged for it
 /// when `with_log` (a training call logs its steps in the transaction that writes them).
 async fn digest(client: &Client, model: &str, with_log: bool) -> String {
-    let params = param_digest(client, model).await.expect("no parameters");
+    let params = param_digest(client, model)
+        .await
+        .unwrap_or_else(|| panic!("{model} has no parameters"));
     if !with_log {
         return params;
     }
@@ -216,7 +218,14 @@ where
             );
             // param_problems computed logits: this new connection's first use of the cache
             // swept it.
-            assert_eq!(cache_problems(&after).await, Vec::<String>::new());
+            let stray = cache_problems(&after, &[self.victim]).await;
+            assert!(
+                stray.is_empty(),
+                "{}: stray weight files after a kill {delay:.2?} into the call: {stray:?} (a file \
+                 of a version above the current one is a rolled-back write's; see \
+                 docs/robustness.md)",
+                self.what
+            );
             if state == "new" {
                 (self.reset)(after, self.victim).await;
             }
