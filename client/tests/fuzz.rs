@@ -353,6 +353,8 @@ fn values(ty: &str, name: &str, pools: &Pools) -> (Vec<String>, Vec<String>) {
                     "public",
                     "Postgres",
                     "\"postgres\"",
+                    "pg_monitor",
+                    "ÿ😀",
                     &"r".repeat(100),
                 ],
                 "name",
