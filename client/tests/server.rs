@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{dsn, random_model, real_tokenizer};
+use common::{backend_pid, dsn, random_model, real_tokenizer};
 use pg_gpt3_client::{Client, DEFAULT_MODEL};
 
 #[tokio::test]
@@ -412,13 +412,4 @@ async fn refused_work_leaves_the_server_and_other_sessions_alone() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 0, "the refused initialisation wrote rows");
-}
-
-async fn backend_pid(client: &Client) -> i32 {
-    client
-        .raw()
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
 }

@@ -73,16 +73,19 @@ pub fn open_or_write(
     cfg: &ModelConfig,
     src: &mut TableSource,
 ) -> Result<ModelWeights> {
+    if let Ok(mapped) = weight_file::open(&place.path, &place.id, cfg, cancel())? {
+        return Ok(mapped);
+    }
+    if file_size(cfg)? > crate::guc::weight_cache_bytes() {
+        // Too large to share: every connection keeps its own copy anyway.
+        return write_from(place, cfg, src);
+    }
     let mut idle_since: Option<Instant> = None;
     loop {
         let rejected = match weight_file::open(&place.path, &place.id, cfg, cancel())? {
             Ok(mapped) => return Ok(mapped),
             Err(rejected) => rejected,
         };
-        if !make_room(file_size(cfg)?, &place.path) {
-            // Too large to share: every connection keeps its own copy anyway.
-            return write_from(place, cfg, src);
-        }
         if claim(place.id.version)? {
             if let Rejected::Corrupt(why) = rejected {
                 pgrx::log!(
