@@ -123,6 +123,102 @@ async fn a_writer_killed_mid_write_leaves_nothing_after_the_restart() {
         .unwrap();
 }
 
+/// Versions of `model`'s complete files in this database's cache.
+async fn file_versions(client: &Client, model: &str) -> Vec<i64> {
+    let rows = client
+        .raw()
+        .query(
+            "SELECT version FROM llm_weight_cache \
+             WHERE model = $1 AND database_name = current_database() AND state = 'ready' \
+             ORDER BY version",
+            &[&model],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// A file written for a transaction's own version goes when the transaction or the
+/// subtransaction that wrote it rolls back, and the committed version's file stays; a commit
+/// keeps only the newest version's file. A transaction that rolls back after reading a
+/// version someone else committed keeps that version's file.
+#[tokio::test]
+async fn rolled_back_writes_leave_no_files() {
+    let _serial = SERIAL.lock().await;
+    let model = "client-cache-rollback";
+    let logits = "SELECT length(llm_logits('{1, 2}', $1))";
+    let client = connect().await;
+    random_model(&client, model, SMALL_DIMS, 1).await;
+    client.raw().execute(logits, &[&model]).await.unwrap();
+    let committed = current_version(&client, model).await;
+    assert_eq!(file_versions(&client, model).await, [committed]);
+
+    // A whole transaction: an init (its file written as it goes) and a use of it.
+    client.execute("BEGIN").await.unwrap();
+    client
+        .raw()
+        .execute("SELECT llm_init_params($1, 2)", &[&model])
+        .await
+        .unwrap();
+    client.raw().execute(logits, &[&model]).await.unwrap();
+    let uncommitted = current_version(&client, model).await;
+    assert_eq!(
+        file_versions(&client, model).await,
+        [committed, uncommitted]
+    );
+    client.execute("ROLLBACK").await.unwrap();
+    assert_eq!(file_versions(&client, model).await, [committed]);
+
+    // A version made by hand, whose file the first use writes, inside a subtransaction;
+    // then a committed init in the same transaction.
+    client.execute("BEGIN").await.unwrap();
+    client.execute("SAVEPOINT before").await.unwrap();
+    client
+        .raw()
+        .execute(
+            "UPDATE llm_param SET step = step WHERE model = $1 AND name = 'wpe.weight'",
+            &[&model],
+        )
+        .await
+        .unwrap();
+    client.raw().execute(logits, &[&model]).await.unwrap();
+    assert_eq!(file_versions(&client, model).await.len(), 2);
+    client
+        .execute("ROLLBACK TO SAVEPOINT before")
+        .await
+        .unwrap();
+    assert_eq!(file_versions(&client, model).await, [committed]);
+    client
+        .raw()
+        .execute("SELECT llm_init_params($1, 3)", &[&model])
+        .await
+        .unwrap();
+    client.execute("COMMIT").await.unwrap();
+    let committed = current_version(&client, model).await;
+    assert_eq!(file_versions(&client, model).await, [committed]);
+
+    // Another connection commits a new version; this one reads it inside a transaction that
+    // has written something else, then rolls back: the file it wrote stays.
+    client
+        .raw()
+        .execute(
+            "UPDATE llm_param SET step = step WHERE model = $1 AND name = 'wpe.weight'",
+            &[&model],
+        )
+        .await
+        .unwrap();
+    let committed = current_version(&client, model).await;
+    let reader = connect().await;
+    reader.execute("BEGIN").await.unwrap();
+    reader
+        .execute("CREATE TEMPORARY TABLE scratch AS SELECT 1 AS x")
+        .await
+        .unwrap();
+    reader.raw().execute(logits, &[&model]).await.unwrap();
+    reader.execute("ROLLBACK").await.unwrap();
+    assert_eq!(file_versions(&client, model).await, [committed]);
+}
+
 #[tokio::test]
 async fn a_dropped_database_loses_its_directory() {
     let _serial = SERIAL.lock().await;

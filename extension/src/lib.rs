@@ -50,6 +50,7 @@ pgrx::extension_sql_file!(
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
+    weight_cache::register_callbacks();
     // KV caches, logits and private weight copies are large buffers: a fixed mmap threshold
     // (glibc otherwise raises it after the first large free, up to any size) hands buffers
     // above 32 MB back to the operating system when freed. Activations below it are reused

@@ -7,7 +7,7 @@
 //! its weight file (see weight_cache.rs), and every backend then maps that file, sharing one
 //! copy of the weights in the page cache. Versions are never reused (they
 //! come from a sequence), so a file's name and header say exactly which state of the tables
-//! it holds; a file written inside a transaction that rolls back is simply never asked for.
+//! it holds; a file written for a transaction's own version is removed if it rolls back.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -2,11 +2,16 @@
 //! per model version, mapped by every connection that uses it (see model_cache.rs for when
 //! files are written and engine `model::weight_file` for their format). This module says where
 //! a file lives and keeps the directory clean and bounded:
-//! - writing a file prunes what it supersedes: other versions of the same model, files of
-//!   models no longer registered or of an earlier installation of the extension;
+//! - writing a file prunes what it supersedes: earlier versions of the same model, files of
+//!   models no longer registered or of an earlier installation of the extension. A file
+//!   written by a transaction that has written rows may hold that transaction's own version:
+//!   it is settled when the transaction ends (see `placed`), so a rollback leaves no file of
+//!   a version that never existed and keeps the file of the version that still stands;
 //! - a backend's first use of the cache sweeps it: temporary files whose writer died (kill -9,
-//!   crash; see `weight_file::is_abandoned`) and the directories of dropped databases go, so a
-//!   crash leaves nothing behind once the restarted server is used again;
+//!   crash; see `weight_file::is_abandoned`), files of versions newer than the committed one
+//!   that no living writer holds (a crash before the writer's transaction ended) and the
+//!   directories of dropped databases go, so a crash leaves nothing behind once the restarted
+//!   server is used again;
 //! - before a file is written, the least recently used files are removed until the cache fits
 //!   `pg_llm.weight_cache_size`; a model larger than the whole bound stays private to each
 //!   connection instead. Writers running at the same moment may overshoot the bound by their
@@ -14,18 +19,18 @@
 //!
 //! Tables stay the source of truth: a removed file is rebuilt from `llm_param` by its next user.
 
-use std::cell::Cell;
-use std::collections::HashSet;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use pg_llm_engine::model::weight_file::{self, FileId, Rejected};
+use pg_llm_engine::model::weight_file::{self, FileId, Held, Rejected};
 use pg_llm_engine::model::weights::{packed_len, packed_tensors};
 use pg_llm_engine::model::{check_shapes, ModelConfig, ModelWeights, TensorSource};
 use pg_llm_engine::{EngineError, Result};
-use pgrx::pg_sys;
+use pgrx::{pg_guard, pg_sys};
 
 use crate::errors::{cancel, spi_error};
 use crate::spi;
@@ -33,6 +38,7 @@ use crate::store::{TableSource, CHUNK_ELEMS};
 
 thread_local! {
     static SWEPT: Cell<bool> = const { Cell::new(false) };
+    static UNSETTLED: RefCell<Vec<Unsettled>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Where the weight file of one version of a model lives, and the identity it must carry.
@@ -196,15 +202,15 @@ pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Res
     )
 }
 
-/// The weights mapped from `place`'s file, written by `write` from `state` (then the files it
-/// supersedes are pruned). A model too large for `pg_llm.weight_cache_size` (a LOG) or a
-/// file-system problem such as a full disk (a WARNING) costs sharing, not the query: `private`
-/// makes this connection's own copy from `state` instead.
+/// The weights mapped from `place`'s file, written by `write` from `state` (see `placed` for
+/// what follows). A model too large for `pg_llm.weight_cache_size` (a LOG) or a file-system
+/// problem such as a full disk (a WARNING) costs sharing, not the query: `private` makes this
+/// connection's own copy from `state` instead.
 fn write_or_keep_private<S>(
     place: &FilePlace,
     cfg: &ModelConfig,
     mut state: S,
-    write: impl FnOnce(&mut S) -> Result<ModelWeights>,
+    write: impl FnOnce(&mut S) -> Result<(ModelWeights, Held)>,
     private: impl FnOnce(S) -> Result<ModelWeights>,
 ) -> Result<ModelWeights> {
     let bytes = file_size(cfg)?;
@@ -217,8 +223,8 @@ fn write_or_keep_private<S>(
     }
     let written = create_dir(&place.dir).and_then(|_| write(&mut state));
     match written {
-        Ok(mapped) => {
-            prune(&place.dir, place.param_table, Some(&place.id));
+        Ok((mapped, held)) => {
+            placed(place, held);
             Ok(mapped)
         }
         Err(EngineError::Io(why)) => {
@@ -281,19 +287,161 @@ impl PendingFile {
         self.writer.write_at(start, values)
     }
 
-    /// Puts the complete file in place as `version`'s and removes what it supersedes.
+    /// Puts the complete file in place as `version`'s (see `placed` for what follows).
     pub fn finish(self, version: i64) -> Result<()> {
-        let id = FileId {
-            owner: self.owner,
-            version,
+        let place = FilePlace {
+            path: self.dir.join(format!("{version}.weights")),
+            dir: self.dir,
+            id: FileId {
+                owner: self.owner,
+                version,
+            },
+            param_table: self.param_table,
         };
-        self.writer.finish(
-            &self.dir.join(format!("{version}.weights")),
-            version,
-            cancel(),
-        )?;
-        prune(&self.dir, self.param_table, Some(&id));
+        let held = self.writer.finish(&place.path, version, cancel())?;
+        placed(&place, held);
         Ok(())
+    }
+}
+
+/// A file this transaction put in place, with the writer's lock on it, until the transaction
+/// (or the subtransaction that wrote it) ends.
+struct Unsettled {
+    place: FilePlace,
+    subtransaction: pg_sys::SubTransactionId,
+    _held: Held,
+}
+
+/// What follows putting `place`'s file in place. A committed version prunes the earlier
+/// versions of its model at once. This transaction's own version (its registry row was
+/// written here) is settled when the transaction ends (`on_transaction_end`): a commit prunes
+/// the earlier versions, a rollback of the transaction or of the subtransaction that wrote
+/// the file removes it. The writer keeps the file's lock until then, so a sweep after a crash
+/// tells a file whose writer died before committing (no lock) from one still waiting for its
+/// commit.
+fn placed(place: &FilePlace, held: Held) {
+    if !version_written_here(place) {
+        prune(&place.dir, place.param_table, Some(&place.id));
+        return;
+    }
+    // SAFETY: a plain read of the backend's transaction state.
+    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    UNSETTLED.with(|u| {
+        u.borrow_mut().push(Unsettled {
+            place: FilePlace {
+                dir: place.dir.clone(),
+                path: place.path.clone(),
+                id: place.id.clone(),
+                param_table: place.param_table,
+            },
+            subtransaction,
+            _held: held,
+        })
+    });
+}
+
+/// Whether this transaction (or one of its subtransactions) wrote the registry row that gave
+/// `place`'s model its version; when unsure, as if it had (settling a committed version's
+/// file at the end of the transaction costs only its prune, or on rollback its file).
+fn version_written_here(place: &FilePlace) -> bool {
+    // SAFETY: a plain read of the backend's transaction state.
+    if unsafe { pg_sys::GetTopTransactionIdIfAny() } == pg_sys::InvalidTransactionId {
+        // A transaction that has written nothing reads only committed versions.
+        return false;
+    }
+    let Some(model) = owner_model(&place.id.owner) else {
+        return true;
+    };
+    let writer = spi::read_one::<String>(
+        "SELECT xmin::text FROM llm_model_config WHERE model = $1",
+        &[model.into()],
+    );
+    match writer.ok().flatten().and_then(|x| x.parse::<u32>().ok()) {
+        // SAFETY: a lookup in the backend's own transaction state.
+        Some(xmin) => unsafe { pg_sys::TransactionIdIsCurrentTransactionId(xmin.into()) },
+        None => true,
+    }
+}
+
+/// Registers the transaction callbacks that settle files (once per backend, at load).
+pub fn register_callbacks() {
+    // SAFETY: registered once, at library load; the callbacks live as long as the library.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
+    }
+}
+
+/// Settles this transaction's files. Runs after the commit or during the abort, where nothing
+/// may raise an error: only file-system calls whose failures are ignored (a file left behind
+/// is removed by a later prune or sweep).
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    let settled = match event {
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PARALLEL_ABORT
+        | XACT_EVENT_PREPARE => UNSETTLED.take(),
+        _ => return,
+    };
+    for file in settled {
+        match event {
+            XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => remove_earlier_versions(&file.place),
+            XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+                remove_in_background(file.place.path.clone())
+            }
+            // A prepared transaction's fate is decided elsewhere: its file is kept and a
+            // later sweep removes it should the transaction be rolled back.
+            _ => {}
+        }
+    }
+}
+
+/// Hands a committed subtransaction's files to its parent; removes a rolled-back one's.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subtransaction_end(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    UNSETTLED.with(|u| {
+        let mut unsettled = u.borrow_mut();
+        match event {
+            SUBXACT_EVENT_COMMIT_SUB => unsettled
+                .iter_mut()
+                .filter(|f| f.subtransaction == subtransaction)
+                .for_each(|f| f.subtransaction = parent),
+            SUBXACT_EVENT_ABORT_SUB => unsettled.retain(|f| {
+                let keep = f.subtransaction != subtransaction;
+                if !keep {
+                    remove_in_background(f.place.path.clone());
+                }
+                keep
+            }),
+            _ => {}
+        }
+    });
+}
+
+/// Removes the files of versions of `place`'s model older than its own, reading only the
+/// files (no SQL: this runs after a commit).
+fn remove_earlier_versions(place: &FilePlace) {
+    for path in files_in(&place.dir) {
+        if weight_file::is_temporary(&path) || path == place.path {
+            continue;
+        }
+        if weight_file::read_id(&path)
+            .is_some_and(|id| id.owner == place.id.owner && id.version < place.id.version)
+        {
+            remove_in_background(path);
+        }
     }
 }
 
@@ -471,12 +619,18 @@ fn make_room(needed: u64, keep: &Path) -> bool {
 
 /// Removes the files of `dir` (one database) that no longer belong: files of an earlier
 /// installation of the extension (another `llm_param` OID), of models no longer registered,
-/// and, given the file just written, the other versions of its model. Backends still mapping
-/// a removed file keep their mapping.
+/// and, given the file just written, the earlier versions of its model. A sweep (`written`
+/// None) also removes every version but a model's committed one, except files a living
+/// writer still holds (see `placed`). Backends still mapping a removed file keep their
+/// mapping.
 fn prune(dir: &Path, param_table: u32, written: Option<&FileId>) {
-    let mut models = HashSet::new();
-    let listed = spi::read("SELECT model FROM llm_model_config", &[], |row| {
-        models.extend(row.get::<String>(1).map_err(spi_error)?);
+    let mut committed = HashMap::new();
+    let listed = spi::read("SELECT model, version FROM llm_model_config", &[], |row| {
+        let model = row.get::<String>(1).map_err(spi_error)?;
+        let version = row.get::<i64>(2).map_err(spi_error)?;
+        if let Some(model) = model {
+            committed.insert(model, version.unwrap_or(0));
+        }
         Ok(())
     });
     if listed.is_err() {
@@ -487,15 +641,19 @@ fn prune(dir: &Path, param_table: u32, written: Option<&FileId>) {
         if weight_file::is_temporary(&path) {
             continue;
         }
-        let superseded = match weight_file::read_id(&path) {
-            Some(other) if Some(&other) == written => false,
-            Some(other) => match other.owner.strip_prefix(&prefix) {
-                Some(model) => {
-                    written.is_some_and(|w| w.owner == other.owner) || !models.contains(model)
-                }
-                None => true,
-            },
-            None => false,
+        let Some(file) = weight_file::read_id(&path) else {
+            continue;
+        };
+        let superseded = match (file.owner.strip_prefix(&prefix), written) {
+            (None, _) => true,
+            (Some(model), _) if !committed.contains_key(model) => true,
+            (Some(_), Some(written)) => {
+                written.owner == file.owner && file.version < written.version
+            }
+            (Some(model), None) => {
+                let current = committed[model];
+                file.version < current || (file.version > current && !weight_file::is_held(&path))
+            }
         };
         if superseded {
             remove_in_background(path);

@@ -15,7 +15,9 @@
 //! A file is written under a temporary name (`<name>.tmp<pid>`) and renamed into place once
 //! complete, so a reader never sees a partial file. The writer holds an exclusive `flock` on
 //! the temporary file while writing; the kernel drops it when the writer dies, which is how a
-//! clean-up tells an abandoned temporary file (`is_abandoned`) from one being written.
+//! clean-up tells an abandoned temporary file (`is_abandoned`) from one being written. The
+//! writer may keep holding it on the renamed file (`Held`) until the state the file holds is
+//! settled, such as its writer's transaction committing (`is_held`).
 //!
 //! The checksum (XXH3 over 16 MiB blocks) is verified on every open instead of forcing the file
 //! to disk: a file torn by an operating-system crash, or changed by hand, is detected and
@@ -122,14 +124,14 @@ pub fn read_id(path: &Path) -> Option<FileId> {
 
 /// Writes `values` (packed for `cfg`) as a weight file at `path`, under a temporary name and
 /// then renamed into place, and returns the weights mapped from it (the caller can free its
-/// copy).
+/// copy) and the file's lock.
 pub fn write(
     path: &Path,
     id: &FileId,
     cfg: &ModelConfig,
     values: &[f32],
     cancel: Cancel,
-) -> Result<ModelWeights> {
+) -> Result<(ModelWeights, Held)> {
     if values.len() != packed_len(cfg)? {
         return Err(EngineError::Internal(format!(
             "{} values do not fit the packing of this model",
@@ -211,20 +213,23 @@ impl Writer {
     /// Checksums what was written (read back block by block), writes the header naming
     /// `version` and renames the file to `path` (the one it was created for, or another in
     /// the same directory once the version is known). Nothing is mapped: this process's
-    /// memory never holds the model.
-    pub fn finish(mut self, path: &Path, version: i64, cancel: Cancel) -> Result<()> {
+    /// memory never holds the model. The lock stays held until the returned handle drops.
+    pub fn finish(mut self, path: &Path, version: i64, cancel: Cancel) -> Result<Held> {
         self.write_header(version, cancel)?;
         self.path = path.to_path_buf();
         self.rename()
     }
 
-    /// `finish`, returning the weights mapped from the file.
-    pub fn finish_mapped(self, version: i64, cancel: Cancel) -> Result<ModelWeights> {
+    /// `finish`, returning the weights mapped from the file too.
+    pub fn finish_mapped(self, version: i64, cancel: Cancel) -> Result<(ModelWeights, Held)> {
         self.write_header(version, cancel)?;
-        let storage = map_values(&self.file, &self.tmp.0, self.offset, self.values)?;
+        // Mapped through a descriptor of its own: a mapping keeps its descriptor's `flock`
+        // alive, and the lock must go when `Held` drops.
+        let reader = File::open(&self.tmp.0).map_err(|e| io(&self.tmp.0, "open", e))?;
+        let storage = map_values(&reader, &self.tmp.0, self.offset, self.values)?;
         let cfg = self.cfg.clone();
-        self.rename()?;
-        ModelWeights::from_storage(&cfg, Arc::new(storage))
+        let held = self.rename()?;
+        Ok((ModelWeights::from_storage(&cfg, Arc::new(storage))?, held))
     }
 
     fn write_header(&self, version: i64, cancel: Cancel) -> Result<()> {
@@ -254,12 +259,17 @@ impl Writer {
             .map_err(|e| io(&self.tmp.0, "write", e))
     }
 
-    fn rename(self) -> Result<()> {
+    fn rename(self) -> Result<Held> {
         fs::rename(&self.tmp.0, &self.path).map_err(|e| io(&self.path, "rename into", e))?;
         self.tmp.keep();
-        Ok(())
+        Ok(Held(self.file))
     }
 }
+
+/// The writer's lock on a file it renamed into place, released when this drops (or when the
+/// writer dies): while it is held, `is_held` tells clean-ups that the file's fate is not
+/// settled yet.
+pub struct Held(#[allow(dead_code)] File);
 
 fn header_json(
     owner: &str,
@@ -340,7 +350,13 @@ pub fn is_temporary(path: &Path) -> bool {
 /// instant; a file removed then only costs that writer its rename, which it reports as an I/O
 /// error (the model stays private to that connection).
 pub fn is_abandoned(path: &Path) -> bool {
-    is_temporary(path) && File::open(path).is_ok_and(|f| lock(&f, true).is_ok())
+    is_temporary(path) && !is_held(path)
+}
+
+/// Whether a living writer holds the lock of the file at `path` (writing it, or holding it
+/// after renaming it into place; see `Held`).
+pub fn is_held(path: &Path) -> bool {
+    File::open(path).is_ok_and(|f| lock(&f, true).is_err())
 }
 
 /// An exclusive advisory lock on `file`, held until the file is closed.
@@ -423,7 +439,7 @@ mod tests {
         );
 
         let in_memory = ModelWeights::load(&cfg, &mut MapSource::new(params)).unwrap();
-        let written = write(
+        let (written, held) = write(
             &path,
             &id,
             &cfg,
@@ -431,6 +447,10 @@ mod tests {
             Cancel::NEVER,
         )
         .unwrap();
+        // The writer holds the placed file until it lets it go.
+        assert!(is_held(&path));
+        drop(held);
+        assert!(!is_held(&path));
         let mapped = open(&path, &id, &cfg, Cancel::NEVER).unwrap().unwrap();
         assert!(mapped.storage().is_mapped() && !in_memory.storage().is_mapped());
         assert!(written.storage().is_mapped());
@@ -525,7 +545,7 @@ mod tests {
         }
         assert!(writer.write_at(packed_len(&cfg).unwrap(), &[1.0]).is_err());
         assert!(!b.exists(), "nothing at the final name before finish");
-        writer.finish(&b, id.version, Cancel::NEVER).unwrap();
+        drop(writer.finish(&b, id.version, Cancel::NEVER).unwrap());
         assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
         let mapped = open(&b, &id, &cfg, Cancel::NEVER).unwrap().unwrap();
         assert_eq!(mapped.storage().as_slice(), whole.storage().as_slice());
