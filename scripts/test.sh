@@ -42,7 +42,7 @@ log "3/6 pg_regress"
 "$REPO_ROOT/scripts/regress.sh" || failed+=("pg_regress")
 
 log "4/6 Rust client"
-cargo test -p pg_gpt3_client --release --all-features 2>&1 || failed+=("client")
+cargo test -p pg_gpt3_client --release --all-features --no-fail-fast 2>&1 || failed+=("client")
 
 log "5/6 Python package"
 "$REPO_ROOT/scripts/python_tests.sh" || failed+=("python")

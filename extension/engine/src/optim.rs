@@ -3,7 +3,8 @@
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
-use crate::{parallel, tensor};
+use crate::parallel::{self, Cancel};
+use crate::tensor;
 
 /// Hyper-parameters of one AdamW step (PyTorch's `torch.optim.AdamW` semantics).
 #[derive(Clone, Copy, Debug)]
@@ -53,7 +54,9 @@ impl AdamW {
     /// Decay is decoupled: w ← w·(1 − lr·wd) before the Adam update, as PyTorch does.
     /// Computed in float64 (g² of a gradient above 1.8e19 overflows float32 even when
     /// (1 − beta2)·g² does not); a new w, m or v beyond float32's range is `OutOfRange`, and
-    /// the buffers are then partly updated.
+    /// the buffers are then partly updated, as they are when `cancel` stops the step (it is
+    /// looked at between blocks: a first step over a large model faults in fresh moments
+    /// for seconds).
     pub fn step(
         &self,
         w: &mut [f32],
@@ -61,12 +64,14 @@ impl AdamW {
         m: &mut [f32],
         v: &mut [f32],
         step: i64,
+        cancel: Cancel,
     ) -> Result<()> {
-        self.step_scaled(w, g, m, v, step, 1.0)
+        self.step_scaled(w, g, m, v, step, 1.0, cancel)
     }
 
     /// `step` with the gradient taken as `grad_scale`·g: gradient clipping folded into the
     /// update, so the gradient buffer is neither rewritten nor read twice.
+    #[allow(clippy::too_many_arguments)]
     pub fn step_scaled(
         &self,
         w: &mut [f32],
@@ -75,6 +80,7 @@ impl AdamW {
         v: &mut [f32],
         step: i64,
         grad_scale: f64,
+        cancel: Cancel,
     ) -> Result<()> {
         self.validate()?;
         if step < 1 {
@@ -105,6 +111,7 @@ impl AdamW {
         };
         // Elementwise, so blocks on the compute pool give the same result as one loop.
         let finite = if n <= BLOCK {
+            cancel.check()?;
             update(w, g, m, v, &k)
         } else {
             parallel::install(|| {
@@ -112,9 +119,12 @@ impl AdamW {
                     .zip(g.par_chunks(BLOCK))
                     .zip(m.par_chunks_mut(BLOCK))
                     .zip(v.par_chunks_mut(BLOCK))
-                    .map(|(((w, g), m), v)| update(w, g, m, v, &k))
-                    .reduce(|| true, |a, b| a && b)
-            })
+                    .map(|(((w, g), m), v)| {
+                        cancel.check()?;
+                        Ok(update(w, g, m, v, &k))
+                    })
+                    .try_reduce(|| true, |a, b| Ok(a && b))
+            })?
         };
         if finite {
             return Ok(());
@@ -291,13 +301,38 @@ mod tests {
         };
         let (mut w, g) = (vec![1.0f32, -2.0], vec![0.5f32, -0.25]);
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
-        opt.step(&mut w, &g, &mut m, &mut v, 1).unwrap();
+        opt.step(&mut w, &g, &mut m, &mut v, 1, Cancel::NEVER)
+            .unwrap();
         assert!((w[0] - (1.0 * 0.99 - 0.1)).abs() < 1e-6);
         assert!((w[1] - (-2.0 * 0.99 + 0.1)).abs() < 1e-6);
         assert!((m[0] - 0.05).abs() < 1e-7 && (v[0] - 0.0125).abs() < 1e-7);
-        assert!(opt.step(&mut w, &g, &mut m, &mut v, 0).is_err());
+        assert!(opt
+            .step(&mut w, &g, &mut m, &mut v, 0, Cancel::NEVER)
+            .is_err());
         let bad = AdamW { beta2: 1.0, ..opt };
-        assert!(bad.step(&mut w, &g, &mut m, &mut v, 2).is_err());
+        assert!(bad
+            .step(&mut w, &g, &mut m, &mut v, 2, Cancel::NEVER)
+            .is_err());
+    }
+
+    #[test]
+    fn a_cancelled_step_stops() {
+        let opt = AdamW {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let stop = || true;
+        for n in [10, 3 * BLOCK] {
+            let (mut w, g) = (vec![1.0f32; n], vec![0.5f32; n]);
+            let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+            let err = opt
+                .step(&mut w, &g, &mut m, &mut v, 1, Cancel::new(&stop))
+                .unwrap_err();
+            assert!(matches!(err, EngineError::Cancelled), "{err}");
+        }
     }
 
     #[test]
@@ -311,11 +346,14 @@ mod tests {
         };
         // Reported: grad 3e38 gave v = inf; the true v = 0.05·9e76 is out of range.
         let (mut w, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
-        let err = opt.step(&mut w, &[3e38], &mut m, &mut v, 1).unwrap_err();
+        let err = opt
+            .step(&mut w, &[3e38], &mut m, &mut v, 1, Cancel::NEVER)
+            .unwrap_err();
         assert!(matches!(err, EngineError::OutOfRange(_)), "{err}");
         // g² = 2.5e39 overflows float32 but v = 0.05·g² = 1.25e38 does not; the step is lr.
         let (mut w, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
-        opt.step(&mut w, &[5e19], &mut m, &mut v, 1).unwrap();
+        opt.step(&mut w, &[5e19], &mut m, &mut v, 1, Cancel::NEVER)
+            .unwrap();
         assert!((v[0] / 1.25e38 - 1.0).abs() < 1e-6 && (w[0] - 0.9).abs() < 1e-6);
     }
 

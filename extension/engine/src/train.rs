@@ -201,6 +201,7 @@ impl Trainer {
                 &mut v[r],
                 step,
                 grad_scale,
+                cancel,
             )?;
         }
         self.state.step = step;

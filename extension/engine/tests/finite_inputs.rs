@@ -330,7 +330,9 @@ proptest! {
         let (mut w, mut m) = (w, mv[..n].to_vec());
         // The second moment is never negative (the SQL function refuses one).
         let mut v: Vec<f32> = mv[15..15 + n].iter().map(|x| x.abs()).collect();
-        let r = opt.step(&mut w, &g, &mut m, &mut v, step).map(|()| vec![w, m, v]);
+        let r = opt
+            .step(&mut w, &g, &mut m, &mut v, step, Cancel::NEVER)
+            .map(|()| vec![w, m, v]);
         all_finite_or_out_of_range("adamw", r)?;
     }
 

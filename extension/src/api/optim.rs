@@ -39,7 +39,14 @@ fn pg_llm_adamw_step(
             ));
         }
         // The engine checks w, m and v (22003 when one leaves float32's range).
-        opt.step(&mut w, &g, &mut m, &mut v, required(step, "step")? as i64)?;
+        opt.step(
+            &mut w,
+            &g,
+            &mut m,
+            &mut v,
+            required(step, "step")? as i64,
+            crate::errors::cancel(),
+        )?;
         Ok((w, m, v))
     });
     let mut t = PgHeapTuple::new_composite_type("adamw_state").expect("type adamw_state");
