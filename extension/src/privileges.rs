@@ -13,7 +13,11 @@ use crate::spi;
 
 /// Checks that the current role may write `model`, or register it when no model has that
 /// name yet. A NULL name passes: the calling function reports it as its own argument error.
+/// In a read-only transaction (on a hot standby every transaction is one) a write is refused
+/// first, with PostgreSQL's own 25006, before anything tries to assign a transaction id.
 pub fn require_writer(model: Option<&str>) -> Result<()> {
+    // SAFETY: raises PostgreSQL's usual ERROR in a read-only transaction; nothing is held.
+    unsafe { pgrx::pg_sys::PreventCommandIfReadOnly(c"a write to a pg_llm model".as_ptr()) };
     let Some(model) = model else {
         return Ok(());
     };

@@ -59,6 +59,15 @@ SELECT m AS model, (SELECT family FROM llm_model_config WHERE model = m || '-hf'
        (SELECT max(abs(a - b)) < 1e-4 FROM unnest(pg_llm_to_array(llm_logits('{1,5,9,2,7,3}', m)),
                                                 pg_llm_to_array(llm_logits('{1,5,9,2,7,3}', m || '-hf'))) u(a, b)) AS same_logits
   FROM (VALUES ('ex-gpt3-dense'), ('ex-gpt3-banded')) v(m);
+-- without a config.json a dense model registered with pg_gpt3's own names takes its export back
+CREATE TEMP TABLE exported_back AS
+SELECT m, llm_logits('{1,5,9,2,7,3}', m) AS logits FROM (VALUES ('ex-gpt3-dense')) v(m);
+SELECT m AS model, pg_llm_import_safetensors_bytes(pg_llm_export_safetensors_bytes(m), m) AS params
+  FROM exported_back;
+SELECT m AS model, (SELECT family FROM llm_model_config WHERE model = m) AS family,
+       (SELECT max(abs(a - b)) < 1e-4 FROM unnest(pg_llm_to_array(llm_logits('{1,5,9,2,7,3}', m)),
+                                                pg_llm_to_array(logits)) u(a, b)) AS same_logits
+  FROM exported_back;
 -- a query bias has no GPT-Neo equivalent: refused, nothing written
 UPDATE llm_param SET data = pg_llm_from_array(array_fill(0.5::real, ARRAY[shape[1]]))
  WHERE model = 'ex-gpt3-banded' AND name = 'layers.1.attn.q_proj.bias';

@@ -67,6 +67,7 @@ fn import(
 ) -> Result<i64> {
     let (cfg, family) = resolve(model, config)?;
     let tensors = tensors(files)?;
+    let family = exported_layout(family, &cfg, &tensors);
     let mut replacement = Replacement::new(model, &cfg)?;
     let n = checkpoint::import(
         family,
@@ -77,6 +78,26 @@ fn import(
     )?;
     replacement.finish()?;
     Ok(n as i64)
+}
+
+/// The names a checkpoint for a model of `family` uses. A dense model registered with
+/// pg_gpt3's own names (`gpt3`) exports in GPT-2's layout: a checkpoint without canonical layer
+/// names (`layers.N.…`) is read in that layout, so such a model's export imports back without
+/// its config.json. (A locally banded model exports GPT-Neo's layout, which lacks the query and
+/// key biases such a model has: it goes into a model registered from the export's config.)
+fn exported_layout(family: Family, cfg: &ModelConfig, tensors: &[Stored]) -> Family {
+    let dense_layout = matches!(
+        export::target_family(family, cfg),
+        Family::Gpt2 | Family::Cerebras
+    );
+    if family == Family::Gpt3
+        && dense_layout
+        && !tensors.iter().any(|t| t.name.starts_with("layers."))
+    {
+        export::target_family(family, cfg)
+    } else {
+        family
+    }
 }
 
 /// A pg_gpt2 archive into a registered model that GPT-2's checkpoint layout expresses. The
