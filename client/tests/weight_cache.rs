@@ -42,6 +42,18 @@ async fn current_version(client: &Client, model: &str) -> i64 {
         .get(0)
 }
 
+/// Gives `model` a new version without changing a value: its next user writes the file.
+async fn new_version_by_hand(client: &Client, model: &str) {
+    client
+        .raw()
+        .execute(
+            "UPDATE llm_param SET step = step WHERE model = $1 AND name = 'wpe.weight'",
+            &[&model],
+        )
+        .await
+        .unwrap();
+}
+
 const SMALL: &str = "client-cache-small";
 const SMALL_DIMS: &str = "1, 2, 32, 16, 128, 32, 512";
 
@@ -54,14 +66,7 @@ async fn a_writer_killed_mid_write_leaves_nothing_after_the_restart() {
     random_model(&setup, model, "2, 12, 768, 64, 3072, 64, 50257", 1).await;
     random_model(&setup, SMALL, SMALL_DIMS, 1).await;
     // A new version, written by hand: its first user reads the tables and writes its file.
-    setup
-        .raw()
-        .execute(
-            "UPDATE llm_param SET step = step WHERE model = $1 AND name = 'wpe.weight'",
-            &[&model],
-        )
-        .await
-        .unwrap();
+    new_version_by_hand(&setup, model).await;
     let temp_prefix = format!("{}.weights.tmp", current_version(&setup, model).await);
 
     let victim = connect().await;
@@ -173,14 +178,7 @@ async fn rolled_back_writes_leave_no_files() {
     // then a committed init in the same transaction.
     client.execute("BEGIN").await.unwrap();
     client.execute("SAVEPOINT before").await.unwrap();
-    client
-        .raw()
-        .execute(
-            "UPDATE llm_param SET step = step WHERE model = $1 AND name = 'wpe.weight'",
-            &[&model],
-        )
-        .await
-        .unwrap();
+    new_version_by_hand(&client, model).await;
     client.raw().execute(logits, &[&model]).await.unwrap();
     assert_eq!(file_versions(&client, model).await.len(), 2);
     client
@@ -199,14 +197,7 @@ async fn rolled_back_writes_leave_no_files() {
 
     // Another connection commits a new version; this one reads it inside a transaction that
     // has written something else, then rolls back: the file it wrote stays.
-    client
-        .raw()
-        .execute(
-            "UPDATE llm_param SET step = step WHERE model = $1 AND name = 'wpe.weight'",
-            &[&model],
-        )
-        .await
-        .unwrap();
+    new_version_by_hand(&client, model).await;
     let committed = current_version(&client, model).await;
     let reader = connect().await;
     reader.execute("BEGIN").await.unwrap();

@@ -289,16 +289,18 @@ pub fn lr_schedule(step: i64, warmup: i64, total: i64, lr_max: f32, min_ratio: f
 mod tests {
     use super::*;
 
+    const TEST_ADAMW: AdamW = AdamW {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+
     #[test]
     fn adamw_first_step_matches_closed_form() {
         // At step 1, m̂ = g and v̂ = g², so the update is lr·g/(|g| + eps) after decay.
-        let opt = AdamW {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
+        let opt = TEST_ADAMW;
         let (mut w, g) = (vec![1.0f32, -2.0], vec![0.5f32, -0.25]);
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
         opt.step(&mut w, &g, &mut m, &mut v, 1, Cancel::NEVER)
@@ -318,11 +320,8 @@ mod tests {
     #[test]
     fn a_cancelled_step_stops() {
         let opt = AdamW {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
             weight_decay: 0.0,
+            ..TEST_ADAMW
         };
         let stop = || true;
         for n in [10, 3 * BLOCK] {
@@ -338,11 +337,8 @@ mod tests {
     #[test]
     fn adamw_with_huge_gradients() {
         let opt = AdamW {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
             weight_decay: 0.0,
+            ..TEST_ADAMW
         };
         // Reported: grad 3e38 gave v = inf; the true v = 0.05·9e76 is out of range.
         let (mut w, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);

@@ -159,6 +159,7 @@ fn check_family(name: &str) {
                 &mut m[r.clone()],
                 &mut v[r],
                 step,
+                Cancel::NEVER,
             )
             .unwrap();
         }
