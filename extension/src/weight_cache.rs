@@ -42,6 +42,7 @@ thread_local! {
 }
 
 /// Where the weight file of one version of a model lives, and the identity it must carry.
+#[derive(Clone)]
 pub struct FilePlace {
     dir: PathBuf,
     path: PathBuf,
@@ -328,12 +329,7 @@ fn placed(place: &FilePlace, held: Held) {
     let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
     UNSETTLED.with(|u| {
         u.borrow_mut().push(Unsettled {
-            place: FilePlace {
-                dir: place.dir.clone(),
-                path: place.path.clone(),
-                id: place.id.clone(),
-                param_table: place.param_table,
-            },
+            place: place.clone(),
             subtransaction,
             _held: held,
         })
@@ -381,24 +377,18 @@ unsafe extern "C-unwind" fn on_transaction_end(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::XactEvent::*;
-    let settled = match event {
-        XACT_EVENT_COMMIT
-        | XACT_EVENT_PARALLEL_COMMIT
-        | XACT_EVENT_ABORT
-        | XACT_EVENT_PARALLEL_ABORT
-        | XACT_EVENT_PREPARE => UNSETTLED.take(),
+    let settle: fn(&FilePlace) = match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => remove_earlier_versions,
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            |place| remove_in_background(place.path.clone())
+        }
+        // A prepared transaction's fate is decided elsewhere: its file is kept and a later
+        // sweep removes it should the transaction be rolled back.
+        XACT_EVENT_PREPARE => |_| {},
         _ => return,
     };
-    for file in settled {
-        match event {
-            XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => remove_earlier_versions(&file.place),
-            XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
-                remove_in_background(file.place.path.clone())
-            }
-            // A prepared transaction's fate is decided elsewhere: its file is kept and a
-            // later sweep removes it should the transaction be rolled back.
-            _ => {}
-        }
+    for file in UNSETTLED.take() {
+        settle(&file.place);
     }
 }
 
@@ -437,12 +427,15 @@ fn remove_earlier_versions(place: &FilePlace) {
         if weight_file::is_temporary(&path) || path == place.path {
             continue;
         }
-        if weight_file::read_id(&path)
-            .is_some_and(|id| id.owner == place.id.owner && id.version < place.id.version)
-        {
+        if weight_file::read_id(&path).is_some_and(|id| is_earlier_version(&id, &place.id)) {
             remove_in_background(path);
         }
     }
+}
+
+/// Whether `file` holds an earlier version of the model `written` holds.
+fn is_earlier_version(file: &FileId, written: &FileId) -> bool {
+    file.owner == written.owner && file.version < written.version
 }
 
 /// A file's size is its values plus a header page or two.
@@ -647,9 +640,7 @@ fn prune(dir: &Path, param_table: u32, written: Option<&FileId>) {
         let superseded = match (file.owner.strip_prefix(&prefix), written) {
             (None, _) => true,
             (Some(model), _) if !committed.contains_key(model) => true,
-            (Some(_), Some(written)) => {
-                written.owner == file.owner && file.version < written.version
-            }
+            (Some(_), Some(written)) => is_earlier_version(&file, written),
             (Some(model), None) => {
                 let current = committed[model];
                 file.version < current || (file.version > current && !weight_file::is_held(&path))

@@ -86,15 +86,12 @@ fn import(
 /// its config.json. (A locally banded model exports GPT-Neo's layout, which lacks the query and
 /// key biases such a model has: it goes into a model registered from the export's config.)
 fn exported_layout(family: Family, cfg: &ModelConfig, tensors: &[Stored]) -> Family {
-    let dense_layout = matches!(
-        export::target_family(family, cfg),
-        Family::Gpt2 | Family::Cerebras
-    );
+    let exported = export::target_family(family, cfg);
     if family == Family::Gpt3
-        && dense_layout
+        && matches!(exported, Family::Gpt2 | Family::Cerebras)
         && !tensors.iter().any(|t| t.name.starts_with("layers."))
     {
-        export::target_family(family, cfg)
+        exported
     } else {
         family
     }
