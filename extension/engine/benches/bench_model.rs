@@ -1,9 +1,10 @@
 //! GPT-3 Small (random weights) prefill and decode timings of the engine alone, without
 //! PostgreSQL: for profiling (`perf record target/release/examples/bench_model 2`).
 //!
-//! Usage: bench_model THREADS [prefill|decode]. Prints prefill tokens/s on 512 tokens and
-//! greedy decode tokens/s (16-token prompt, 64 new tokens), best of five rounds; one of them
-//! only when named (to profile it alone).
+//! Usage: bench_model THREADS [prefill|decode|batch]. Prints prefill tokens/s on 512 tokens,
+//! greedy decode tokens/s (16-token prompt, 64 new tokens) and the tokens/s of 1, 4 and 8
+//! sequences decoded together (`Model::decode`), best of five rounds; one of them only when
+//! named (to profile it alone). BATCHES=8 (a comma-separated list) picks the batch sizes.
 
 use std::time::Instant;
 
@@ -57,6 +58,46 @@ fn main() {
                 .expect("step");
         }
     });
+    let together = |b: usize| {
+        run("batch", &|| {
+            let mut caches: Vec<_> = (0..b)
+                .map(|s| {
+                    let mut cache = model.new_cache(80).expect("cache");
+                    let p: Vec<u32> = prompt.iter().map(|t| t + s as u32).collect();
+                    model
+                        .forward(&p, &mut cache, Logits::Last, Cancel::NEVER)
+                        .expect("prompt");
+                    cache
+                })
+                .collect();
+            let mut tokens: Vec<u32> = (0..b as u32).map(|s| 100 + s).collect();
+            for _ in 0..64 {
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                let logits = model
+                    .decode(&tokens, &mut refs, Cancel::NEVER)
+                    .expect("step");
+                for (t, row) in tokens.iter_mut().zip(logits.chunks_exact(50257)) {
+                    *t = pg_llm_engine::sample::argmax(row) as u32;
+                }
+            }
+        })
+    };
+    let batches: Vec<(usize, f64)> = std::env::var("BATCHES")
+        .map(|s| {
+            s.split(",")
+                .map(|v| v.parse().unwrap())
+                .collect::<Vec<usize>>()
+        })
+        .unwrap_or(vec![1, 4, 8])
+        .iter()
+        .map(|&b| (b, together(b)))
+        .collect();
+    for (b, secs) in &batches {
+        println!(
+            "threads {threads}: {b} sequences decoded together {:.1} tokens/s",
+            (b * 64) as f64 / secs
+        );
+    }
     println!(
         "threads {threads}: prefill 512 {:.1} tokens/s, decode 16+64 {:.1} tokens/s",
         512.0 / prefill,

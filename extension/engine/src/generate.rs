@@ -68,19 +68,80 @@ impl<M: Deref<Target = Model>> Generator<M> {
 
     /// The next token and whether generation is complete after it; `None` once complete.
     pub fn next_token(&mut self, cancel: Cancel) -> Result<Option<(u32, bool)>> {
+        let next = self.sample_next()?;
+        if let Some((token, false)) = next {
+            self.logits = self
+                .model
+                .forward(&[token], &mut self.cache, Logits::Last, cancel)?;
+        }
+        Ok(next)
+    }
+
+    /// Tokens produced so far.
+    pub fn produced(&self) -> usize {
+        self.produced
+    }
+
+    /// Draws the next token from the current logits (the forward pass after it is the
+    /// caller's); `None` once complete.
+    fn sample_next(&mut self) -> Result<Option<(u32, bool)>> {
         if self.finished {
             return Ok(None);
         }
         let token = sample(&self.logits, self.opts.sampling, &mut self.rng)? as u32;
         self.produced += 1;
         self.finished = self.produced >= self.opts.max_tokens || Some(token) == self.opts.eos;
-        if !self.finished {
-            self.logits = self
-                .model
-                .forward(&[token], &mut self.cache, Logits::Last, cancel)?;
-        }
         Ok(Some((token, self.finished)))
     }
+}
+
+/// Advances several generations of one model by a token each, with one pass over the weights
+/// for all of them (continuous batching: the caller adds and removes generators between
+/// steps). Each gets exactly the token it would get alone; entry i is what
+/// `gens[i].next_token` returns. After an error the generators are spent.
+pub fn next_tokens<M: Deref<Target = Model>>(
+    gens: &mut [&mut Generator<M>],
+    cancel: Cancel,
+) -> Result<Vec<Option<(u32, bool)>>> {
+    if let Some(first) = gens.first() {
+        let model: &Model = &first.model;
+        if gens.iter().any(|g| !std::ptr::eq(&*g.model, model)) {
+            return Err(EngineError::invalid(
+                "generations decoded together must share one model",
+            ));
+        }
+    }
+    let mut produced = Vec::with_capacity(gens.len());
+    for g in gens.iter_mut() {
+        produced.push(g.sample_next()?);
+    }
+    // The generations that go on need the logits after their new token.
+    let going_on: Vec<usize> = (0..gens.len())
+        .filter(|&i| matches!(produced[i], Some((_, false))))
+        .collect();
+    if going_on.is_empty() {
+        return Ok(produced);
+    }
+    let tokens: Vec<u32> = going_on.iter().map(|&i| produced[i].unwrap().0).collect();
+    let logits = {
+        let mut model = None;
+        let mut caches = Vec::with_capacity(going_on.len());
+        for (i, g) in gens.iter_mut().enumerate() {
+            if going_on.contains(&i) {
+                let Generator {
+                    model: m, cache, ..
+                } = &mut **g;
+                model.get_or_insert(&**m);
+                caches.push(cache);
+            }
+        }
+        model.unwrap().decode(&tokens, &mut caches, cancel)?
+    };
+    let vocab = logits.len() / going_on.len();
+    for (row, &i) in going_on.iter().enumerate() {
+        gens[i].logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+    }
+    Ok(produced)
 }
 
 /// Generates up to `opts.max_tokens` tokens after `prompt` (the EOS token included when hit).
@@ -284,6 +345,60 @@ mod tests {
             generate(&m, &[4], sampled, Cancel::NEVER).unwrap(),
             generate(&m, &[4], sampled, Cancel::NEVER).unwrap()
         );
+    }
+
+    /// Generations of different prompts, lengths and sampling, decoded together and joining
+    /// at different steps, get the tokens each gets alone, bit for bit.
+    #[test]
+    fn decoding_together_gives_each_its_tokens_alone() {
+        let m = model();
+        let sampled = SamplingParams::new(0.8, 0, 1.0).unwrap();
+        let requests: Vec<(Vec<u32>, usize, SamplingParams, Option<i64>)> = vec![
+            (vec![1, 2, 3], 9, SamplingParams::GREEDY, None),
+            (vec![7], 4, SamplingParams::GREEDY, None),
+            (vec![4, 4, 9, 2, 0], 6, sampled, Some(11)),
+            (vec![3, 8], 8, SamplingParams::GREEDY, None),
+            (vec![5, 6, 1], 5, sampled, Some(2)),
+        ];
+        let opts = |&(_, n, sampling, seed): &(Vec<u32>, usize, SamplingParams, Option<i64>)| {
+            GenerateOptions {
+                max_tokens: n,
+                sampling,
+                eos: None,
+                seed,
+            }
+        };
+        let alone: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| generate(&m, &r.0, opts(r), Cancel::NEVER).unwrap())
+            .collect();
+        // Request i joins at step i.
+        let mut live: Vec<(usize, Generator<&Model>)> = Vec::new();
+        let mut got = vec![Vec::new(); requests.len()];
+        for step in 0.. {
+            if step < requests.len() {
+                let r = &requests[step];
+                live.push((
+                    step,
+                    Generator::new(&m, &r.0, opts(r), Cancel::NEVER).unwrap(),
+                ));
+            }
+            if live.is_empty() {
+                break;
+            }
+            let mut gens: Vec<&mut Generator<&Model>> = live.iter_mut().map(|(_, g)| g).collect();
+            let out = next_tokens(&mut gens, Cancel::NEVER).unwrap();
+            let mut done = Vec::new();
+            for ((i, _), o) in live.iter().zip(out) {
+                let (token, finished) = o.unwrap();
+                got[*i].push(token);
+                if finished {
+                    done.push(*i);
+                }
+            }
+            live.retain(|(i, _)| !done.contains(i));
+        }
+        assert_eq!(got, alone);
     }
 
     #[test]

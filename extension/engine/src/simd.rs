@@ -122,6 +122,196 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     dot_body::<false>(x, y)
 }
 
+/// `dot(x[r], y)` for four rows x at once: each row's result has exactly `dot`'s arithmetic
+/// (the same sixteen partial sums, summed the same way), so it does not depend on which rows
+/// are computed beside it, while each chunk of y is loaded once for the four.
+#[inline(always)]
+fn dot4_body<const FMA: bool>(x: [&[f32]; 4], y: &[f32]) -> [f32; 4] {
+    let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
+    let mut acc = [[0.0f32; 16]; 4];
+    let chunks = n / 16;
+    for c in 0..chunks {
+        let ys = &y[c * 16..c * 16 + 16];
+        for (acc, x) in acc.iter_mut().zip(&x) {
+            let xs = &x[c * 16..c * 16 + 16];
+            for i in 0..16 {
+                acc[i] = if FMA {
+                    xs[i].mul_add(ys[i], acc[i])
+                } else {
+                    acc[i] + xs[i] * ys[i]
+                };
+            }
+        }
+    }
+    let mut out = [0.0f32; 4];
+    for ((o, acc), x) in out.iter_mut().zip(&acc).zip(&x) {
+        let mut sum: f32 = acc.iter().sum();
+        for i in chunks * 16..n {
+            sum += x[i] * y[i];
+        }
+        *o = sum;
+    }
+    out
+}
+
+/// `dot4_body::<true>` written with intrinsics (the compiler does not keep its sixteen-lane
+/// accumulators of four rows in registers): lanes 0-7 and 8-15 of each row's partial sums are
+/// one register each, updated with the same fused multiply-adds, then summed in lane order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_avx2(x: [&[f32]; 4], y: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::{
+        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+    let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
+    let chunks = n / 16;
+    let (yp, xp) = (y.as_ptr(), x.map(|r| r.as_ptr()));
+    let mut lo = [_mm256_setzero_ps(); 4];
+    let mut hi = [_mm256_setzero_ps(); 4];
+    for c in 0..chunks {
+        let at = c * 16;
+        // SAFETY: at + 16 <= n, which every slice's length bounds.
+        let (y0, y1) = (_mm256_loadu_ps(yp.add(at)), _mm256_loadu_ps(yp.add(at + 8)));
+        for r in 0..4 {
+            lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[r].add(at)), y0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[r].add(at + 8)), y1, hi[r]);
+        }
+    }
+    let mut out = [0.0f32; 4];
+    for r in 0..4 {
+        let mut acc = [0.0f32; 16];
+        _mm256_storeu_ps(acc.as_mut_ptr(), lo[r]);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8), hi[r]);
+        let mut sum: f32 = acc.iter().sum();
+        for i in chunks * 16..n {
+            sum += x[r][i] * y[i];
+        }
+        out[r] = sum;
+    }
+    out
+}
+
+/// `[dot(x[0], y), dot(x[1], y), dot(x[2], y), dot(x[3], y)]`, bit for bit, in one pass over y.
+#[inline]
+pub fn dot4(x: [&[f32]; 4], y: &[f32]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { dot4_avx2(x, y) };
+    }
+    dot4_body::<false>(x, y)
+}
+
+/// Whether AVX-512F is available (checked once; cached by std).
+#[inline]
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && has_avx2_fma()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Eight rows' sixteen-lane partial sums are one 512-bit register each: the same fused
+/// multiply-adds per lane as `dot`, summed in lane order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot8_avx512(x: [&[f32]; 8], y: &[f32]) -> [f32; 8] {
+    use std::arch::x86_64::{
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
+    let chunks = n / 16;
+    let (yp, xp) = (y.as_ptr(), x.map(|r| r.as_ptr()));
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for c in 0..chunks {
+        let at = c * 16;
+        // SAFETY: at + 16 <= n, which every slice's length bounds.
+        let y16 = _mm512_loadu_ps(yp.add(at));
+        for r in 0..8 {
+            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xp[r].add(at)), y16, acc[r]);
+        }
+    }
+    let mut out = [0.0f32; 8];
+    for r in 0..8 {
+        let mut lanes = [0.0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]);
+        let mut sum: f32 = lanes.iter().sum();
+        for i in chunks * 16..n {
+            sum += x[r][i] * y[i];
+        }
+        out[r] = sum;
+    }
+    out
+}
+
+/// `dot8` against two vectors y at once (two weight rows): 16 accumulators, and each row of x
+/// loaded once for both.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot8x2_avx512(x: [&[f32]; 8], y: [&[f32]; 2]) -> [[f32; 8]; 2] {
+    use std::arch::x86_64::{
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    let n = x
+        .iter()
+        .fold(y[0].len().min(y[1].len()), |n, r| n.min(r.len()));
+    let chunks = n / 16;
+    let (ya, yb, xp) = (y[0].as_ptr(), y[1].as_ptr(), x.map(|r| r.as_ptr()));
+    let mut acc_a = [_mm512_setzero_ps(); 8];
+    let mut acc_b = [_mm512_setzero_ps(); 8];
+    for c in 0..chunks {
+        let at = c * 16;
+        // SAFETY: at + 16 <= n, which every slice's length bounds.
+        let (va, vb) = (_mm512_loadu_ps(ya.add(at)), _mm512_loadu_ps(yb.add(at)));
+        for r in 0..8 {
+            let xv = _mm512_loadu_ps(xp[r].add(at));
+            acc_a[r] = _mm512_fmadd_ps(xv, va, acc_a[r]);
+            acc_b[r] = _mm512_fmadd_ps(xv, vb, acc_b[r]);
+        }
+    }
+    let mut out = [[0.0f32; 8]; 2];
+    for (o, (acc, y)) in out.iter_mut().zip([(acc_a, y[0]), (acc_b, y[1])]) {
+        for r in 0..8 {
+            let mut lanes = [0.0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]);
+            let mut sum: f32 = lanes.iter().sum();
+            for i in chunks * 16..n {
+                sum += x[r][i] * y[i];
+            }
+            o[r] = sum;
+        }
+    }
+    out
+}
+
+/// `[dot8(x, y[0]), dot8(x, y[1])]`, bit for bit.
+#[inline]
+pub fn dot8x2(x: [&[f32]; 8], y: [&[f32]; 2]) -> [[f32; 8]; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { dot8x2_avx512(x, y) };
+    }
+    [dot8(x, y[0]), dot8(x, y[1])]
+}
+
+/// `dot(x[r], y)` for eight rows, bit for bit, in one pass over y where AVX-512 allows.
+#[inline]
+pub fn dot8(x: [&[f32]; 8], y: &[f32]) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { dot8_avx512(x, y) };
+    }
+    let a = dot4([x[0], x[1], x[2], x[3]], y);
+    let b = dot4([x[4], x[5], x[6], x[7]], y);
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +331,32 @@ mod tests {
         axpy4(&mut w, [1.0, 2.0, -1.0, 0.5], [&x, &x, &y, &y]);
         for i in 0..101 {
             assert!((w[i] - (y[i] + 3.0 * x[i] - 0.5 * y[i])).abs() < 1e-3);
+        }
+    }
+
+    /// Batched decoding relies on it: a row's dot product is the same bits with or without
+    /// three other rows beside it, for lengths with and without a tail.
+    #[test]
+    fn dot4_and_dot8_are_single_dots_bit_for_bit() {
+        for n in [0, 5, 16, 101, 768] {
+            let y: Vec<f32> = (0..n)
+                .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.013)
+                .collect();
+            let rows: Vec<Vec<f32>> = (0..4)
+                .map(|r| {
+                    (0..n)
+                        .map(|i| ((i * (r + 3) % 53) as f32 - 26.0) * 0.07)
+                        .collect()
+                })
+                .collect();
+            let got = dot4([&rows[0], &rows[1], &rows[2], &rows[3]], &y);
+            for r in 0..4 {
+                assert_eq!(
+                    got[r].to_bits(),
+                    dot(&rows[r], &y).to_bits(),
+                    "n {n} row {r}"
+                );
+            }
         }
     }
 }

@@ -101,7 +101,7 @@ pub fn linear_into(
         assert_eq!(b.len(), d_out, "linear: b");
     }
     if t <= SMALL_T {
-        linear_few_rows(y, x, w, b, (t, d_in, d_out), acc);
+        linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
         return Ok(());
     }
     linear_many_rows(y, x, w, b, (t, d_in, d_out), acc, FLOPS_PER_SLICE, cancel)
@@ -140,9 +140,10 @@ fn linear_many_rows(
     gemm_sliced(y, xs, wt, acc, flops_per_slice, cancel)
 }
 
-/// The memory-bound case of at most SMALL_T rows: each weight row is read once and dotted
-/// with every row of x; tasks own ranges of output rows.
-fn linear_few_rows(
+/// `linear_into` with every output row computed on its own (`linear_each_row`), whatever the
+/// number of rows: row r of y is bit for bit what a one-row call on row r of x gives. Batched
+/// decoding uses it, so a sequence decoded beside others gets exactly its tokens when alone.
+pub fn linear_each_row_into(
     y: &mut [f32],
     x: &[f32],
     w: &[f32],
@@ -150,6 +151,48 @@ fn linear_few_rows(
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
 ) {
+    assert_eq!(x.len(), t * d_in, "linear: x");
+    assert_eq!(w.len(), d_out * d_in, "linear: w");
+    assert_eq!(y.len(), t * d_out, "linear: y");
+    linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
+}
+
+/// The memory-bound case (few rows, or rows that must not influence each other): each weight
+/// row is read once and dotted with every row of x, eight or four rows at a time (`simd::dot8`,
+/// `simd::dot4`: the same bits as one `simd::dot` per row); tasks own ranges of output rows.
+fn linear_each_row(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (t, d_in, d_out): (usize, usize, usize),
+    acc: Accumulate,
+) {
+    let x_row = |i: usize| &x[i * d_in..(i + 1) * d_in];
+    // Rows ti.. of one output row's cells (all of them when ti = 0): eight, four, then one at
+    // a time.
+    let rest_of_row = |cell: &mut [f32], mut ti: usize, row: &[f32], bias: f32| {
+        while ti + 8 <= t {
+            let dots = simd::dot8(std::array::from_fn(|k| x_row(ti + k)), row);
+            for (c, d) in cell[ti..ti + 8].iter_mut().zip(dots) {
+                *c = d + bias;
+            }
+            ti += 8;
+        }
+        while ti + 4 <= t {
+            let dots = simd::dot4(
+                [x_row(ti), x_row(ti + 1), x_row(ti + 2), x_row(ti + 3)],
+                row,
+            );
+            for (c, d) in cell[ti..ti + 4].iter_mut().zip(dots) {
+                *c = d + bias;
+            }
+            ti += 4;
+        }
+        for (i, c) in cell.iter_mut().enumerate().skip(ti) {
+            *c = simd::dot(x_row(i), row) + bias;
+        }
+    };
     // yt[out, t]: each task owns a range of output rows, contiguous in yt.
     let mut yt = vec![0.0f32; d_out * t];
     parallel::install(|| {
@@ -157,12 +200,32 @@ fn linear_few_rows(
             .enumerate()
             .for_each(|(chunk, out)| {
                 let o0 = chunk * ROWS_PER_TASK;
-                for (r, cell) in out.chunks_exact_mut(t).enumerate() {
-                    let row = &w[(o0 + r) * d_in..(o0 + r + 1) * d_in];
-                    let bias = b.map_or(0.0, |b| b[o0 + r]);
-                    for (ti, c) in cell.iter_mut().enumerate() {
-                        *c = simd::dot(&x[ti * d_in..(ti + 1) * d_in], row) + bias;
+                let mut cells = out.chunks_exact_mut(t).enumerate();
+                while let Some((r, cell)) = cells.next() {
+                    let o = o0 + r;
+                    let row = &w[o * d_in..(o + 1) * d_in];
+                    let bias = b.map_or(0.0, |b| b[o]);
+                    let mut ti = 0;
+                    // Two weight rows share each load of eight rows of x.
+                    if t >= 8 {
+                        if let Some((_, next)) = cells.next() {
+                            let row2 = &w[(o + 1) * d_in..(o + 2) * d_in];
+                            let bias2 = b.map_or(0.0, |b| b[o + 1]);
+                            while ti + 8 <= t {
+                                let rows = std::array::from_fn(|k| x_row(ti + k));
+                                let [d1, d2] = simd::dot8x2(rows, [row, row2]);
+                                for (c, d) in cell[ti..ti + 8].iter_mut().zip(d1) {
+                                    *c = d + bias;
+                                }
+                                for (c, d) in next[ti..ti + 8].iter_mut().zip(d2) {
+                                    *c = d + bias2;
+                                }
+                                ti += 8;
+                            }
+                            rest_of_row(next, ti, row2, bias2);
+                        }
                     }
+                    rest_of_row(cell, ti, row, bias);
                 }
             })
     });
@@ -180,6 +243,40 @@ fn linear_few_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each row of a many-row `linear_each_row_into` is the same bits as that row alone.
+    #[test]
+    fn each_row_results_do_not_depend_on_the_other_rows() {
+        let (d_in, d_out, t) = (70, 130, 11);
+        let w: Vec<f32> = (0..d_in * d_out)
+            .map(|i| ((i * 17 % 31) as f32 - 15.0) * 0.02)
+            .collect();
+        let b: Vec<f32> = (0..d_out).map(|i| i as f32 * 0.003).collect();
+        let x: Vec<f32> = (0..t * d_in)
+            .map(|i| ((i * 5 % 23) as f32 - 11.0) * 0.09)
+            .collect();
+        let mut all = vec![0.0; t * d_out];
+        let dims = (t, d_in, d_out);
+        linear_each_row_into(&mut all, &x, &w, Some(&b), dims, Accumulate::Overwrite);
+        for r in 0..t {
+            let one = linear(
+                &x[r * d_in..(r + 1) * d_in],
+                &w,
+                Some(&b),
+                1,
+                d_in,
+                d_out,
+                Cancel::NEVER,
+            )
+            .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&all[r * d_out..(r + 1) * d_out]),
+                bits(&one),
+                "row {r}"
+            );
+        }
+    }
 
     #[test]
     fn small_and_large_paths_agree_with_naive() {

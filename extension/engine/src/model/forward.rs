@@ -7,7 +7,7 @@ use super::weights::{ModelWeights, Norm};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attend_into, AttnInputs, AttnOptions, AttnShape};
 use crate::kernels::layernorm::{layernorm_forward, layernorm_into};
-use crate::kernels::linear::{linear, linear_into};
+use crate::kernels::linear::{linear_each_row_into, linear_into};
 use crate::kernels::matmul::Accumulate;
 use crate::parallel::{self, Cancel};
 use crate::tensor;
@@ -84,8 +84,8 @@ impl Model {
                 tokens.len()
             )));
         }
-        let h = self.hidden(tokens, None, cancel)?;
-        self.head_into(out, &h, tokens.len(), cancel)
+        let h = self.hidden(tokens, Rows::Sequence(None), cancel)?;
+        self.head_into(out, &h, tokens.len(), Kernel::Auto, cancel)
     }
 
     /// Runs `tokens` at positions cache.len().. and appends their keys and values.
@@ -97,43 +97,55 @@ impl Model {
         cancel: Cancel,
     ) -> Result<Vec<f32>> {
         let d = self.config.d_model;
-        let h = self.hidden(tokens, Some(cache), cancel)?;
+        let h = self.hidden(tokens, Rows::Sequence(Some(cache)), cancel)?;
         let (rows, h) = match which {
             Logits::All => (tokens.len(), &h[..]),
             Logits::Last => (1, &h[(tokens.len() - 1) * d..]),
         };
         let mut out = tensor::alloc_zeroed(rows * self.config.vocab)?;
-        self.head_into(&mut out, h, rows, cancel)?;
+        self.head_into(&mut out, h, rows, Kernel::Auto, cancel)?;
         Ok(out)
     }
 
-    /// The hidden state [T, d_model] after the last layer for `tokens` at positions
-    /// cache.len().. (0.. without a cache). One set of activation buffers serves every layer,
-    /// and the residual stream x takes each sub-layer's output projection in place.
-    fn hidden(
+    /// One decoding step of several sequences at once (continuous batching): token b runs at
+    /// position caches[b].len() of its own sequence, and its keys and values go to caches[b].
+    /// Returns the next-token logits [B, vocab]. The weights are read once for all B rows, and
+    /// row b is bit for bit what `forward(&[tokens[b]], caches[b], Logits::Last)` gives alone.
+    pub fn decode(
         &self,
         tokens: &[u32],
-        mut cache: Option<&mut KvCache>,
+        caches: &mut [&mut KvCache],
         cancel: Cancel,
     ) -> Result<Vec<f32>> {
+        if tokens.len() != caches.len() {
+            return Err(EngineError::invalid(format!(
+                "{} tokens for {} sequences",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let rows = tokens.len();
+        let h = self.hidden(tokens, Rows::Decode(caches), cancel)?;
+        let mut out = tensor::alloc_zeroed(rows * self.config.vocab)?;
+        self.head_into(&mut out, &h, rows, Kernel::EachRow, cancel)?;
+        Ok(out)
+    }
+
+    /// The hidden state [T, d_model] after the last layer for `tokens`, the rows `rows` says
+    /// (consecutive positions of one sequence, or one position of each of several). One set of
+    /// activation buffers serves every layer, and the residual stream x takes each sub-layer's
+    /// output projection in place.
+    fn hidden(&self, tokens: &[u32], mut rows: Rows, cancel: Cancel) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let (t, d, da) = (tokens.len(), cfg.d_model, cfg.d_attn());
-        let (start, capacity) = match &cache {
-            Some(c) => (c.len, c.capacity),
-            None => (0, cfg.n_positions),
-        };
         if t == 0 {
             return Err(EngineError::invalid("no tokens to process"));
         }
-        if start + t > capacity {
-            return Err(EngineError::invalid(format!(
-                "{} positions exceed the context of {capacity} tokens",
-                start + t
-            )));
-        }
+        rows.check_room(t, cfg.n_positions)?;
         check_ids(tokens, cfg.vocab, "token")?;
+        let kernel = rows.kernel();
         let tok = self.token_rows(tokens)?;
-        let mut x = self.embed_rows(&tok, |r| start + r, cancel)?;
+        let mut x = self.embed_rows_with(&tok, |r| rows.position(r), kernel, cancel)?;
         let mut h = tensor::alloc_zeroed(t * d)?;
         let mut qkv = tensor::alloc_zeroed(t * 3 * da)?;
         let mut attn = tensor::alloc_zeroed(t * da)?;
@@ -150,66 +162,45 @@ impl Model {
             // Attention sub-layer.
             let input = self.sublayer_input(&mut h, &x, &layer.ln_1)?;
             let dims = (t, d, 3 * da);
-            linear_into(
-                &mut qkv,
-                input,
-                &layer.w_qkv,
-                Some(&layer.b_qkv),
-                dims,
-                OVERWRITE,
-                cancel,
-            )?;
-            let inputs = match cache.as_deref_mut() {
-                Some(cache) => cache.append(i, &qkv, t, da),
-                None => AttnInputs::fused(
-                    &qkv,
-                    AttnShape {
-                        t,
-                        n_head: cfg.n_head,
-                        d_head: cfg.d_head,
-                    },
-                ),
+            let (w, b) = (&layer.w_qkv, Some(&layer.b_qkv[..]));
+            kernel.linear_into(&mut qkv, input, w, b, dims, OVERWRITE, cancel)?;
+            let shape = AttnShape {
+                t,
+                n_head: cfg.n_head,
+                d_head: cfg.d_head,
             };
-            attend_into(&mut attn, inputs, cfg.n_head, cfg.d_head, opts, cancel)?;
+            match &mut rows {
+                Rows::Sequence(cache) => {
+                    let inputs = match cache.as_deref_mut() {
+                        Some(cache) => cache.append(i, &qkv, t, da),
+                        None => AttnInputs::fused(&qkv, shape),
+                    };
+                    attend_into(&mut attn, inputs, cfg.n_head, cfg.d_head, opts, cancel)?;
+                }
+                Rows::Decode(caches) => {
+                    let per_row = qkv.chunks_exact(3 * da).zip(attn.chunks_exact_mut(da));
+                    for (cache, (q, out)) in caches.iter_mut().zip(per_row) {
+                        let inputs = cache.append(i, q, 1, da);
+                        attend_into(out, inputs, cfg.n_head, cfg.d_head, opts, cancel)?;
+                    }
+                }
+            }
             let dims = (t, da, d);
-            linear_into(
-                &mut x,
-                &attn,
-                &layer.w_o,
-                Some(&layer.b_o),
-                dims,
-                ADD,
-                cancel,
-            )?;
+            let (w, b) = (&layer.w_o, Some(&layer.b_o[..]));
+            kernel.linear_into(&mut x, &attn, w, b, dims, ADD, cancel)?;
             self.post_norm(&mut x, &mut h, &layer.ln_1)?;
             // MLP sub-layer.
             let input = self.sublayer_input(&mut h, &x, &layer.ln_2)?;
             let dims = (t, d, cfg.d_ff);
-            linear_into(
-                &mut f,
-                input,
-                &layer.w_fc,
-                Some(&layer.b_fc),
-                dims,
-                OVERWRITE,
-                cancel,
-            )?;
+            let (w, b) = (&layer.w_fc, Some(&layer.b_fc[..]));
+            kernel.linear_into(&mut f, input, w, b, dims, OVERWRITE, cancel)?;
             activate(&mut f, cfg.activation);
             let dims = (t, cfg.d_ff, d);
-            linear_into(
-                &mut x,
-                &f,
-                &layer.w_proj,
-                Some(&layer.b_proj),
-                dims,
-                ADD,
-                cancel,
-            )?;
+            let (w, b) = (&layer.w_proj, Some(&layer.b_proj[..]));
+            kernel.linear_into(&mut x, &f, w, b, dims, ADD, cancel)?;
             self.post_norm(&mut x, &mut h, &layer.ln_2)?;
         }
-        if let Some(cache) = cache {
-            cache.len += t;
-        }
+        rows.advance(t);
         Ok(x)
     }
 
@@ -252,11 +243,21 @@ impl Model {
         position: impl Fn(usize) -> usize,
         cancel: Cancel,
     ) -> Result<Vec<f32>> {
+        self.embed_rows_with(tok, position, Kernel::Auto, cancel)
+    }
+
+    fn embed_rows_with(
+        &self,
+        tok: &[f32],
+        position: impl Fn(usize) -> usize,
+        kernel: Kernel,
+        cancel: Cancel,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let (d, e) = (cfg.d_model, cfg.d_embed());
         let rows = tok.len() / e;
         let mut x = match &self.weights.project_in {
-            Some(p) => linear(tok, p, None, rows, e, d, cancel)?,
+            Some(p) => kernel.linear(tok, p, (rows, e, d), cancel)?,
             None => tok.to_vec(),
         };
         for (r, row) in x.chunks_exact_mut(d).enumerate() {
@@ -270,7 +271,14 @@ impl Model {
 
     /// Final LayerNorm, projection and output layer for `rows` rows of hidden state, into
     /// out [rows, vocab]. Embedding rows past the vocabulary (padding) are never computed.
-    fn head_into(&self, out: &mut [f32], h: &[f32], rows: usize, cancel: Cancel) -> Result<()> {
+    fn head_into(
+        &self,
+        out: &mut [f32],
+        h: &[f32],
+        rows: usize,
+        kernel: Kernel,
+        cancel: Cancel,
+    ) -> Result<()> {
         let cfg = &self.config;
         let w = &self.weights;
         let normed;
@@ -284,14 +292,115 @@ impl Model {
         let projected;
         let h = match &w.project_out {
             Some(p) => {
-                projected = linear(h, p, None, rows, cfg.d_model, cfg.d_embed(), cancel)?;
+                projected = kernel.linear(h, p, (rows, cfg.d_model, cfg.d_embed()), cancel)?;
                 &projected[..]
             }
             None => h,
         };
         let e = cfg.d_embed();
         let table = &w.lm_head.as_ref().unwrap_or(&w.wte)[..cfg.vocab * e];
-        linear_into(out, h, table, None, (rows, e, cfg.vocab), OVERWRITE, cancel)
+        let dims = (rows, e, cfg.vocab);
+        kernel.linear_into(out, h, table, None, dims, OVERWRITE, cancel)
+    }
+}
+
+/// The rows of one forward pass.
+enum Rows<'a, 'c> {
+    /// Consecutive positions of one sequence: from its cache's length on (appending to the
+    /// cache), or from 0 without a cache.
+    Sequence(Option<&'a mut KvCache>),
+    /// One position of each of several sequences, row b after caches[b]'s positions.
+    Decode(&'a mut [&'c mut KvCache]),
+}
+
+impl Rows<'_, '_> {
+    /// Refuses `t` rows that do not fit the caches (or the model's context `n_positions`).
+    fn check_room(&self, t: usize, n_positions: usize) -> Result<()> {
+        let full = |len: usize, capacity: usize| {
+            EngineError::invalid(format!(
+                "{len} positions exceed the context of {capacity} tokens"
+            ))
+        };
+        match self {
+            Rows::Sequence(None) if t > n_positions => Err(full(t, n_positions)),
+            Rows::Sequence(Some(c)) if c.len + t > c.capacity => Err(full(c.len + t, c.capacity)),
+            Rows::Decode(caches) => match caches.iter().find(|c| c.len + 1 > c.capacity) {
+                Some(c) => Err(full(c.len + 1, c.capacity)),
+                None => Ok(()),
+            },
+            Rows::Sequence(_) => Ok(()),
+        }
+    }
+
+    /// The position of row r.
+    fn position(&self, r: usize) -> usize {
+        match self {
+            Rows::Sequence(cache) => cache.as_ref().map_or(0, |c| c.len) + r,
+            Rows::Decode(caches) => caches[r].len,
+        }
+    }
+
+    /// Rows of several sequences must not influence each other's results.
+    fn kernel(&self) -> Kernel {
+        match self {
+            Rows::Sequence(_) => Kernel::Auto,
+            Rows::Decode(_) => Kernel::EachRow,
+        }
+    }
+
+    /// Counts the `t` rows just processed into the caches.
+    fn advance(&mut self, t: usize) {
+        match self {
+            Rows::Sequence(cache) => {
+                if let Some(c) = cache {
+                    c.len += t;
+                }
+            }
+            Rows::Decode(caches) => caches.iter_mut().for_each(|c| c.len += 1),
+        }
+    }
+}
+
+/// How a linear layer computes its rows: the fastest way for their number, or each row on its
+/// own (batched decoding, so that a sequence's results do not depend on its neighbours).
+#[derive(Clone, Copy)]
+enum Kernel {
+    Auto,
+    EachRow,
+}
+
+impl Kernel {
+    #[allow(clippy::too_many_arguments)]
+    fn linear_into(
+        self,
+        y: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        dims: (usize, usize, usize),
+        acc: Accumulate,
+        cancel: Cancel,
+    ) -> Result<()> {
+        match self {
+            Kernel::Auto => linear_into(y, x, w, b, dims, acc, cancel),
+            Kernel::EachRow => {
+                linear_each_row_into(y, x, w, b, dims, acc);
+                Ok(())
+            }
+        }
+    }
+
+    /// x · wᵀ without bias → [t, out].
+    fn linear(
+        self,
+        x: &[f32],
+        w: &[f32],
+        dims: (usize, usize, usize),
+        cancel: Cancel,
+    ) -> Result<Vec<f32>> {
+        let mut y = tensor::alloc_zeroed(dims.0 * dims.2)?;
+        self.linear_into(&mut y, x, w, None, dims, OVERWRITE, cancel)?;
+        Ok(y)
     }
 }
 
@@ -361,6 +470,49 @@ mod tests {
     fn model(cfg: ModelConfig) -> Model {
         let mut src = MapSource::new(init_params(&cfg, 3).unwrap());
         Model::new(cfg.clone(), ModelWeights::load(&cfg, &mut src).unwrap()).unwrap()
+    }
+
+    /// A decoding step of six sequences at different positions gives each the bits of its own
+    /// one-token step (the batch takes the four-row and the one-row paths of the kernels).
+    #[test]
+    fn decoding_together_is_bitwise_decoding_alone() {
+        let post = ModelConfig {
+            ln_placement: LnPlacement::Post,
+            padded_vocab: Some(16),
+            ..tiny_gpt3()
+        };
+        for cfg in [tiny_gpt3(), post] {
+            let m = model(cfg);
+            let prompts: Vec<Vec<u32>> = (0..6)
+                .map(|s| (0..=s).map(|i| ((i * 5 + s) % 11) as u32).collect())
+                .collect();
+            let mut caches: Vec<KvCache> = prompts
+                .iter()
+                .map(|p| {
+                    let mut c = m.new_cache(16).unwrap();
+                    m.forward(p, &mut c, Logits::Last, Cancel::NEVER).unwrap();
+                    c
+                })
+                .collect();
+            let tokens: Vec<u32> = (0..6).map(|s| (s * 3 % 11) as u32).collect();
+            let alone: Vec<Vec<f32>> = caches
+                .iter()
+                .zip(&tokens)
+                .map(|(c, &t)| {
+                    let mut c = c.clone();
+                    m.forward(&[t], &mut c, Logits::Last, Cancel::NEVER)
+                        .unwrap()
+                })
+                .collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let together = m.decode(&tokens, &mut refs, Cancel::NEVER).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&together), bits(&alone.concat()));
+            assert!(caches
+                .iter()
+                .zip(&prompts)
+                .all(|(c, p)| c.len == p.len() + 1));
+        }
     }
 
     /// One pass without a cache (the logits path) and cached chunks that take both the
