@@ -32,6 +32,7 @@ pub fn spi_error(e: pgrx::spi::SpiError) -> EngineError {
 /// Raises `err` as an SQL ERROR. A cancellation is handed to PostgreSQL's own interrupt
 /// processing first, so the user sees the usual cancel / statement_timeout message.
 pub fn report(function: &str, err: EngineError) -> ! {
+    crate::stats::count_error(err.sqlstate());
     if err == EngineError::Cancelled {
         pg_sys::check_for_interrupts!();
     }

@@ -16,7 +16,9 @@ mod guc;
 mod large_objects;
 mod model_cache;
 mod privileges;
+mod serve;
 mod spi;
+mod stats;
 mod store;
 mod tokenizer_cache;
 mod training;
@@ -46,11 +48,21 @@ pgrx::extension_sql_file!(
     name = "privileges",
     requires = ["training", "tokenizer"]
 );
+pgrx::extension_sql_file!(
+    "../sql/serving.sql",
+    name = "serving",
+    requires = ["privileges", llm_stats, llm_metrics, llm_random_bytes]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
     weight_cache::register_callbacks();
+    // SAFETY: a flag PostgreSQL sets while the postmaster loads shared_preload_libraries.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        stats::register_shared_memory();
+        serve::register();
+    }
     // KV caches, logits and private weight copies are large buffers: a fixed mmap threshold
     // (glibc otherwise raises it after the first large free, up to any size) hands buffers
     // above 32 MB back to the operating system when freed. Activations below it are reused

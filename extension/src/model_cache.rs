@@ -21,6 +21,7 @@ use pg_llm_engine::Result;
 
 use crate::admission;
 use crate::spi;
+use crate::stats::{self, Counter};
 use crate::store::{self, StoredConfig, TableSource, CHUNK_ELEMS};
 use crate::weight_cache::{self, FilePlace};
 
@@ -72,8 +73,10 @@ fn load(model: &str) -> Result<(i64, Rc<Model>)> {
             .filter(|(v, _)| *v == stored.version)
             .map(|(_, m)| m.clone())
     }) {
+        stats::count(Counter::ModelCacheHits, 1);
         return Ok((version, hit));
     }
+    stats::count(Counter::ModelLoads, 1);
     // Drop a stale copy first so two versions never sit in memory together.
     MODELS.with(|m| m.borrow_mut().remove(model));
     let mut tables = TableSource::new(model);

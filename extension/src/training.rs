@@ -106,6 +106,7 @@ impl Session {
                 )),
                 e => e,
             })?;
+        crate::stats::count(crate::stats::Counter::TrainingSteps, 1);
         let tokens = batch.tokens.len();
         let entry = StepLog {
             step: self.step_count(),

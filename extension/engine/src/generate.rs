@@ -77,6 +77,11 @@ impl<M: Deref<Target = Model>> Generator<M> {
         Ok(next)
     }
 
+    /// The model generating.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
     /// Tokens produced so far.
     pub fn produced(&self) -> usize {
         self.produced

@@ -111,11 +111,18 @@ pub fn zeroed<'a>(buf: &'a mut [MaybeUninit<f32>], cancel: Cancel) -> Result<&'a
 /// which the kernel does without a way to interrupt it). Like the compute threads it starts
 /// with every signal blocked, so the host's handlers only ever run on the host's thread.
 pub fn detach(f: impl FnOnce() + Send + 'static) {
-    let _mask = BlockSignals::new();
     // A thread that cannot start leaves the work undone, which callers accept.
-    let _ = std::thread::Builder::new()
-        .name("pg_llm background".into())
-        .spawn(f);
+    let _ = spawn("pg_llm background", f);
+}
+
+/// Starts a named thread with every signal blocked (see `detach`), for work that runs beside
+/// the host's thread for long, such as a network server that never calls into the host.
+pub fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    let _mask = BlockSignals::new();
+    std::thread::Builder::new().name(name.into()).spawn(f)
 }
 
 /// Blocks all signals on the current thread until dropped.

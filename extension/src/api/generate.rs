@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use pg_llm_engine::generate::{beam_search, check_fits, generate, GenerateOptions, Generator};
+use pg_llm_engine::generate::{beam_search, check_fits, GenerateOptions, Generator};
 use pg_llm_engine::memory;
 use pg_llm_engine::model::Model;
 use pg_llm_engine::sample::SamplingParams;
@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 
 use super::args::{self, finite, required};
 use crate::errors::{cancel, report, run};
+use crate::stats::{self, Counter};
 use crate::{guc, model_cache, store, tokenizer_cache};
 
 #[allow(clippy::too_many_arguments)]
@@ -72,6 +73,18 @@ fn model_for(
     })
 }
 
+/// `generate` with the request counted and timed in the metrics (stats.rs).
+fn generate_counted(model: &Model, prompt: &[u32], opts: GenerateOptions) -> Result<Vec<u32>> {
+    let mut timing = stats::Request::start(Counter::RequestsSql, prompt.len());
+    let mut g = Generator::new(model, prompt, opts, cancel())?;
+    let mut out = Vec::with_capacity(opts.max_tokens);
+    while let Some((t, _)) = g.next_token(cancel())? {
+        timing.token();
+        out.push(t);
+    }
+    Ok(out)
+}
+
 /// The continuation of `prompt` (EOS not included). Temperature 0 is greedy; `seed` makes
 /// sampling reproducible; `eos_token` NULL or negative never stops early.
 #[pg_extern(volatile)]
@@ -93,7 +106,7 @@ fn llm_generate(
         let bpe = tokenizer(name)?;
         let ids = bpe.encode(required(prompt, "prompt")?)?;
         let model = model_for(name, "llm_generate", ids.len(), opts.max_tokens, 1)?;
-        let out = generate(&model, &ids, opts, cancel())?;
+        let out = generate_counted(&model, &ids, opts)?;
         text_without_eos(&bpe, &out, opts.eos)
     })
 }
@@ -117,7 +130,7 @@ fn llm_generate_ids(
         let ids = super::args::token_ids(token_ids, "token_ids")?;
         let name = args::model_name(model_name, "model_name")?;
         let model = model_for(name, "llm_generate_ids", ids.len(), opts.max_tokens, 1)?;
-        Ok(generate(&model, &ids, opts, cancel())?
+        Ok(generate_counted(&model, &ids, opts)?
             .into_iter()
             .map(|t| t as i32)
             .collect())
@@ -132,6 +145,7 @@ struct Stream {
     eos: Option<u32>,
     ids: Vec<u32>,
     step: i32,
+    timing: stats::Request,
 }
 
 type StreamRow = (i32, i32, String, String, bool);
@@ -148,6 +162,7 @@ impl Iterator for Stream {
             let Some((token, done)) = s.generator.next_token(cancel())? else {
                 return Ok(None);
             };
+            s.timing.token();
             s.ids.push(token);
             s.step += 1;
             let is_eos = Some(token) == s.eos;
@@ -198,6 +213,7 @@ fn llm_generate_stream(
         let bpe = tokenizer(name)?;
         let ids = bpe.encode(required(prompt, "prompt")?)?;
         let model = model_for(name, "llm_generate_stream", ids.len(), opts.max_tokens, 1)?;
+        let timing = stats::Request::start(Counter::RequestsSql, ids.len());
         let generator = Generator::new(model, &ids, opts, cancel())?;
         Ok(Stream {
             generator,
@@ -205,6 +221,7 @@ fn llm_generate_stream(
             eos: opts.eos,
             ids: Vec::new(),
             step: 0,
+            timing,
         })
     });
     TableIterator::new(stream)
@@ -249,6 +266,7 @@ fn llm_beam_search(
         let caches = 2 * width as usize + 1;
         let model = model_for(name, "llm_beam_search", ids.len(), max as usize, caches)?;
         let eos = bpe.end_of_text();
+        stats::Request::start(Counter::RequestsSql, ids.len());
         let hyps = beam_search(
             &model,
             &ids,

@@ -10,6 +10,7 @@ mod kernels;
 mod model;
 mod optim;
 mod sample;
+pub(crate) mod serving;
 mod tensor_io;
 mod tokenizer;
 mod train;
