@@ -1,54 +1,26 @@
 """Hot standbys serve generation: a throwaway primary and a streaming standby made with
 `pg_basebackup -R` (both local clusters of their own, whatever PG_GPT3_DSN says), every
 read-only call run on the standby with the weights replicated from the primary, and every kind
-of write on the primary (init, import, training) seen on the standby after replay.
-
-Needs the PostgreSQL server binaries with pg_llm installed (as the test command installs them);
-run as root, the clusters run as the OS user postgres, as scripts/cluster.sh runs its own."""
-import os
+of write on the primary (init, import, training) seen on the standby after replay
+(own_cluster.py says what the clusters need)."""
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import FIXTURES
+from own_cluster import Cluster, bindir, fresh_root, run
 
 ROOT = Path("/tmp/pg_gpt3_standby_test")
-SOCK = ROOT / "sock"
 PORTS = {"primary": 54351, "standby": 54352}
 MODEL = "standby-test"
 PROMPT = "The quick brown fox"
-
-
-def _bindir() -> Path:
-    out = subprocess.run(["pg_config", "--bindir"], check=True, capture_output=True, text=True)
-    return Path(out.stdout.strip())
-
-
-def _as_postgres(cmd):
-    return (["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []) + [str(c) for c in cmd]
-
-
-def _run(cmd):
-    subprocess.run(_as_postgres(cmd), check=True, capture_output=True, text=True)
+CLUSTERS = {role: Cluster(ROOT, role, port) for role, port in PORTS.items()}
 
 
 def _dsn(role: str) -> str:
-    return f"host={SOCK} port={PORTS[role]} user=postgres dbname=postgres"
-
-
-def _start(bindir: Path, role: str) -> None:
-    options = f"-p {PORTS[role]} -k {SOCK} -c listen_addresses='' -c shared_buffers=64MB"
-    _run([bindir / "pg_ctl", "-D", ROOT / role, "-l", ROOT / f"{role}.log", "-w", "-t", "60",
-          "-o", options, "start"])
-
-
-def _stop(bindir: Path, role: str) -> None:
-    if (ROOT / role / "postmaster.pid").exists():
-        subprocess.run(_as_postgres([bindir / "pg_ctl", "-D", ROOT / role, "-m", "immediate", "-w",
-                                     "stop"]), capture_output=True)
+    return CLUSTERS[role].dsn()
 
 
 def _value(client, sql: str):
@@ -71,18 +43,12 @@ def servers():
     dataset, the standby was made from it by pg_basebackup -R and streams from it."""
     from pg_gpt3_client import Client
 
-    bindir = _bindir()
-    for role in PORTS:
-        _stop(bindir, role)
-    shutil.rmtree(ROOT, ignore_errors=True)
-    SOCK.mkdir(parents=True)
-    if os.getuid() == 0:
-        shutil.chown(ROOT, "postgres", "postgres")
-        shutil.chown(SOCK, "postgres", "postgres")
+    for cluster in CLUSTERS.values():
+        cluster.stop()
+    fresh_root(ROOT)
     try:
-        _run([bindir / "initdb", "-D", ROOT / "primary", "-U", "postgres", "--auth=trust",
-              "--encoding=UTF8", "--locale=C.UTF-8"])
-        _start(bindir, "primary")
+        CLUSTERS["primary"].initdb()
+        CLUSTERS["primary"].start()
         with Client(_dsn("primary")) as primary:
             primary.execute("CREATE EXTENSION pg_llm")
             primary.execute(
@@ -95,14 +61,14 @@ def servers():
                 "INSERT INTO llm_dataset (model, split, tokens) SELECT "
                 f"'{MODEL}', s, array(SELECT (g * 7919 + k) % 50000 FROM generate_series(1, 33) g) "
                 "FROM generate_series(1, 4) k, unnest(ARRAY['train', 'validation']) s")
-        _run([bindir / "pg_basebackup", "-D", ROOT / "standby", "-R", "-X", "stream", "-c", "fast",
-              "-d", _dsn("primary")])
-        _start(bindir, "standby")
+        run([bindir() / "pg_basebackup", "-D", ROOT / "standby", "-R", "-X", "stream", "-c", "fast",
+             "-d", _dsn("primary")])
+        CLUSTERS["standby"].start()
         with Client(_dsn("primary")) as primary, Client(_dsn("standby")) as standby:
             yield primary, standby
     finally:
         for role in ("standby", "primary"):
-            _stop(bindir, role)
+            CLUSTERS[role].stop()
         shutil.rmtree(ROOT, ignore_errors=True)
 
 
