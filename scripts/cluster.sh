@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A throwaway local PostgreSQL cluster for the demo and the tests.
 #   scripts/cluster.sh start | stop | status | psql [args]
-# Runs as the OS user postgres on a unix socket under $PG_GPT3_RUN, port $PG_GPT3_PORT.
+# Runs as the OS user postgres on a unix socket under $PG_GPT3_RUN, port $PG_GPT3_PORT, with
+# pg_llm preloaded (shared metrics) and its HTTP endpoint on 127.0.0.1:$PG_GPT3_HTTP_PORT
+# serving database $PG_GPT3_HTTP_DATABASE.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 BIN="$(pg_bindir)"
@@ -39,8 +41,10 @@ start() {
     # RUST_BACKTRACE would make pgrx append Rust backtraces to error details.
     as_postgres env -u RUST_BACKTRACE "$BIN/pg_ctl" -D "$PG_GPT3_DATA" -l "$PG_GPT3_LOG" -w -t 60 \
         -o "-p $PG_GPT3_PORT -k $PG_GPT3_SOCK -c listen_addresses=127.0.0.1 -c shared_buffers=256MB \
-            -c ssl=on -c ssl_cert_file=$PG_GPT3_TLS/server.crt -c ssl_key_file=$PG_GPT3_TLS/server.key" start >/dev/null
-    log "PostgreSQL running: psql \"$(local_dsn)\""
+            -c ssl=on -c ssl_cert_file=$PG_GPT3_TLS/server.crt -c ssl_key_file=$PG_GPT3_TLS/server.key \
+            -c shared_preload_libraries=pg_llm -c pg_llm.http_enabled=on \
+            -c pg_llm.http_port=$PG_GPT3_HTTP_PORT -c pg_llm.http_database=$PG_GPT3_HTTP_DATABASE" start >/dev/null
+    log "PostgreSQL running: psql \"$(local_dsn)\"; HTTP endpoint http://127.0.0.1:$PG_GPT3_HTTP_PORT (database $PG_GPT3_HTTP_DATABASE)"
 }
 
 stop() {

@@ -10,6 +10,10 @@ PG_GPT3_RUN="${PG_GPT3_RUN:-/tmp/pg_gpt3_cluster}"
 PG_GPT3_DATA="$PG_GPT3_RUN/data"
 PG_GPT3_SOCK="$PG_GPT3_RUN/sock"
 PG_GPT3_LOG="$PG_GPT3_RUN/server.log"
+# Its HTTP endpoint (pg_llm's background workers, localhost only) and the database it serves.
+# (Port 54380 beside the default 54329: a cluster on another port gets another HTTP port.)
+PG_GPT3_HTTP_PORT="${PG_GPT3_HTTP_PORT:-$((PG_GPT3_PORT + 51))}"
+PG_GPT3_HTTP_DATABASE="${PG_GPT3_HTTP_DATABASE:-postgres}"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 

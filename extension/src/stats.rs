@@ -140,7 +140,7 @@ pub struct Stats {
 }
 
 static SHARED: AtomicPtr<Stats> = AtomicPtr::new(std::ptr::null_mut());
-static mut LOCAL: Option<&'static Stats> = None;
+static LOCAL: std::sync::OnceLock<&'static Stats> = std::sync::OnceLock::new();
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -162,12 +162,7 @@ pub fn get() -> &'static Stats {
         // SAFETY: set once to PostgreSQL's shared memory, which lives as long as the process.
         return unsafe { &*p };
     }
-    // SAFETY: written once on the backend's thread (the first count happens there); the
-    // compute threads never count.
-    unsafe {
-        let local = &mut *std::ptr::addr_of_mut!(LOCAL);
-        *local.get_or_insert_with(fresh)
-    }
+    LOCAL.get_or_init(fresh)
 }
 
 /// Whether the counts are shared by the whole server (pg_llm preloaded).

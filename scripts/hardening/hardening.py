@@ -19,20 +19,24 @@ VENV = os.path.join(REPO_ROOT, "target", "hardening-venv")
 MB = 1 << 20
 
 
-def bootstrap():
-    """Makes `import psycopg` work, re-running the calling script inside VENV if needed."""
+def bootstrap(extra=()):
+    """Makes `import psycopg` (and the modules named in `extra`, PyPI names = module names)
+    work, re-running the calling script inside VENV if needed."""
     try:
         import psycopg  # noqa: F401
+        for name in extra:
+            __import__(name)
         return
     except ImportError:
         pass
     python = os.path.join(VENV, "bin", "python")
-    if os.path.realpath(sys.prefix) == os.path.realpath(VENV):
-        raise SystemExit(f"psycopg is missing from {VENV}: delete it and run again")
+    if os.environ.get("PG_GPT3_BOOTSTRAPPED"):
+        raise SystemExit(f"psycopg or {list(extra)} is missing from {VENV}: delete it and run again")
     if not os.path.exists(python):
         subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "psycopg[binary]>=3.1,<4"], check=True)
+                    "psycopg[binary]>=3.1,<4", *extra], check=True)
+    os.environ["PG_GPT3_BOOTSTRAPPED"] = "1"
     os.execv(python, [python] + sys.argv)
 
 

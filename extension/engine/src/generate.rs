@@ -43,6 +43,8 @@ pub struct Generator<M: Deref<Target = Model>> {
     cache: KvCache,
     rng: EngineRng,
     logits: Vec<f32>,
+    /// A prompt not processed yet (`deferred`): the next `next_tokens` pass processes it.
+    prompt: Option<Vec<u32>>,
     opts: GenerateOptions,
     produced: usize,
     finished: bool,
@@ -60,14 +62,44 @@ impl<M: Deref<Target = Model>> Generator<M> {
             cache,
             rng: rng_from_seed(opts.seed),
             logits,
+            prompt: None,
             opts,
             produced: 0,
             finished,
         })
     }
 
+    /// A generation whose prompt is processed by the first `next_tokens` pass it takes part
+    /// in, together with the other sequences of that pass (each row on its own, so its tokens
+    /// do not depend on what runs beside it). That pass produces no token for it.
+    pub fn deferred(model: M, prompt: &[u32], opts: GenerateOptions) -> Result<Self> {
+        let capacity = check_fits(&model.config, prompt.len(), opts.max_tokens)?;
+        crate::model::check_ids(prompt, model.config.vocab, "token")?;
+        let cache = model.new_cache(capacity)?;
+        Ok(Self {
+            model,
+            cache,
+            rng: rng_from_seed(opts.seed),
+            logits: Vec::new(),
+            prompt: Some(prompt.to_vec()),
+            opts,
+            produced: 0,
+            finished: opts.max_tokens == 0,
+        })
+    }
+
+    /// Whether every token has been produced.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
     /// The next token and whether generation is complete after it; `None` once complete.
     pub fn next_token(&mut self, cancel: Cancel) -> Result<Option<(u32, bool)>> {
+        if let Some(prompt) = self.prompt.take() {
+            self.logits = self
+                .model
+                .forward(&prompt, &mut self.cache, Logits::Last, cancel)?;
+        }
         let next = self.sample_next()?;
         if let Some((token, false)) = next {
             self.logits = self
@@ -90,7 +122,7 @@ impl<M: Deref<Target = Model>> Generator<M> {
     /// Draws the next token from the current logits (the forward pass after it is the
     /// caller's); `None` once complete.
     fn sample_next(&mut self) -> Result<Option<(u32, bool)>> {
-        if self.finished {
+        if self.finished || self.prompt.is_some() {
             return Ok(None);
         }
         let token = sample(&self.logits, self.opts.sampling, &mut self.rng)? as u32;
@@ -100,10 +132,11 @@ impl<M: Deref<Target = Model>> Generator<M> {
     }
 }
 
-/// Advances several generations of one model by a token each, with one pass over the weights
-/// for all of them (continuous batching: the caller adds and removes generators between
-/// steps). Each gets exactly the token it would get alone; entry i is what
-/// `gens[i].next_token` returns. After an error the generators are spent.
+/// Advances several generations of one model together, with one pass over the weights for
+/// all of them (continuous batching: the caller adds and removes generators between steps):
+/// each produces its next token, and a `deferred` one has its prompt processed in the same
+/// pass instead (entry `None` for it, as for one already complete). Each gets exactly the
+/// tokens it would get alone. After an error the generators are spent.
 pub fn next_tokens<M: Deref<Target = Model>>(
     gens: &mut [&mut Generator<M>],
     cancel: Cancel,
@@ -120,19 +153,30 @@ pub fn next_tokens<M: Deref<Target = Model>>(
     for g in gens.iter_mut() {
         produced.push(g.sample_next()?);
     }
-    // The generations that go on need the logits after their new token.
-    let going_on: Vec<usize> = (0..gens.len())
-        .filter(|&i| matches!(produced[i], Some((_, false))))
-        .collect();
-    if going_on.is_empty() {
+    // The rows of the pass: a deferred prompt, or the token just drawn by a generation that
+    // goes on (the others need no logits).
+    let mut tokens = Vec::new();
+    let mut lens = Vec::new();
+    let mut members = Vec::new();
+    for (i, g) in gens.iter_mut().enumerate() {
+        if let Some(prompt) = g.prompt.take() {
+            tokens.extend_from_slice(&prompt);
+            lens.push(prompt.len());
+            members.push(i);
+        } else if let Some((token, false)) = produced[i] {
+            tokens.push(token);
+            lens.push(1);
+            members.push(i);
+        }
+    }
+    if members.is_empty() {
         return Ok(produced);
     }
-    let tokens: Vec<u32> = going_on.iter().map(|&i| produced[i].unwrap().0).collect();
     let logits = {
         let mut model = None;
-        let mut caches = Vec::with_capacity(going_on.len());
+        let mut caches = Vec::with_capacity(members.len());
         for (i, g) in gens.iter_mut().enumerate() {
-            if going_on.contains(&i) {
+            if members.contains(&i) {
                 let Generator {
                     model: m, cache, ..
                 } = &mut **g;
@@ -140,10 +184,12 @@ pub fn next_tokens<M: Deref<Target = Model>>(
                 caches.push(cache);
             }
         }
-        model.unwrap().decode(&tokens, &mut caches, cancel)?
+        model
+            .unwrap()
+            .forward_batch(&tokens, &lens, &mut caches, cancel)?
     };
-    let vocab = logits.len() / going_on.len();
-    for (row, &i) in going_on.iter().enumerate() {
+    let vocab = logits.len() / members.len();
+    for (row, &i) in members.iter().enumerate() {
         gens[i].logits = logits[row * vocab..(row + 1) * vocab].to_vec();
     }
     Ok(produced)
@@ -394,11 +440,15 @@ mod tests {
             let mut gens: Vec<&mut Generator<&Model>> = live.iter_mut().map(|(_, g)| g).collect();
             let out = next_tokens(&mut gens, Cancel::NEVER).unwrap();
             let mut done = Vec::new();
-            for ((i, _), o) in live.iter().zip(out) {
-                let (token, finished) = o.unwrap();
-                got[*i].push(token);
-                if finished {
-                    done.push(*i);
+            for ((i, g), o) in live.iter().zip(out) {
+                match o {
+                    Some((token, finished)) => {
+                        got[*i].push(token);
+                        if finished {
+                            done.push(*i);
+                        }
+                    }
+                    None => assert!(!g.is_finished(), "a deferred prompt was processed"),
                 }
             }
             live.retain(|(i, _)| !done.contains(i));

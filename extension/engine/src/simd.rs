@@ -82,7 +82,18 @@ pub fn axpy4(y: &mut [f32], a: [f32; 4], x: [&[f32]; 4]) {
     axpy4_body::<false>(y, a, x)
 }
 
-/// Σ x[i]·y[i] with eight independent accumulators so the loop vectorises.
+/// The sum of a dot product's sixteen partial sums, as a tree: lanes i and i+8, then i and
+/// i+4, then i and i+2, then the last two. Every dot kernel below sums this way (the vector
+/// kernels with shuffles), so each gives the same bits as `dot`; a tree costs a few vector
+/// additions where a running sum would cost sixteen dependent ones.
+#[inline(always)]
+fn sum16(a: [f32; 16]) -> f32 {
+    let b: [f32; 8] = std::array::from_fn(|i| a[i] + a[i + 8]);
+    let c: [f32; 4] = std::array::from_fn(|i| b[i] + b[i + 4]);
+    (c[0] + c[2]) + (c[1] + c[3])
+}
+
+/// Σ x[i]·y[i] with sixteen independent partial sums so the loop vectorises.
 #[inline(always)]
 fn dot_body<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
@@ -98,17 +109,38 @@ fn dot_body<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
             };
         }
     }
-    let mut sum: f32 = acc.iter().sum();
+    let mut sum = sum16(acc);
     for i in chunks * 16..n {
         sum += x[i] * y[i];
     }
     sum
 }
 
+/// `dot_body::<true>` with intrinsics (written out, the compiler splits the sixteen partial
+/// sums into two-lane pieces): lanes 0-7 and 8-15 are one register each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
-    dot_body::<true>(x, y)
+    use std::arch::x86_64::{_mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps};
+    let n = x.len().min(y.len());
+    let chunks = n / 16;
+    let (xp, yp) = (x.as_ptr(), y.as_ptr());
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for c in 0..chunks {
+        let at = c * 16;
+        // SAFETY: at + 16 <= n.
+        lo = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(yp.add(at)), lo);
+        hi = _mm256_fmadd_ps(
+            _mm256_loadu_ps(xp.add(at + 8)),
+            _mm256_loadu_ps(yp.add(at + 8)),
+            hi,
+        );
+    }
+    let mut sum = sum16_avx2(_mm256_add_ps(lo, hi));
+    for i in chunks * 16..n {
+        sum += x[i] * y[i];
+    }
+    sum
 }
 
 /// Dot product over the common length.
@@ -123,7 +155,7 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// `dot(x[r], y)` for four rows x at once: each row's result has exactly `dot`'s arithmetic
-/// (the same sixteen partial sums, summed the same way), so it does not depend on which rows
+/// (the same sixteen partial sums, summed by the same tree), so it does not depend on which rows
 /// are computed beside it, while each chunk of y is loaded once for the four.
 #[inline(always)]
 fn dot4_body<const FMA: bool>(x: [&[f32]; 4], y: &[f32]) -> [f32; 4] {
@@ -145,7 +177,7 @@ fn dot4_body<const FMA: bool>(x: [&[f32]; 4], y: &[f32]) -> [f32; 4] {
     }
     let mut out = [0.0f32; 4];
     for ((o, acc), x) in out.iter_mut().zip(&acc).zip(&x) {
-        let mut sum: f32 = acc.iter().sum();
+        let mut sum = sum16(*acc);
         for i in chunks * 16..n {
             sum += x[i] * y[i];
         }
@@ -154,15 +186,35 @@ fn dot4_body<const FMA: bool>(x: [&[f32]; 4], y: &[f32]) -> [f32; 4] {
     out
 }
 
+/// `sum16`'s last three levels on `b` = the first level's eight sums (lanes i and i+8).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn sum16_avx2(b: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let c = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps::<1>(b));
+    let d = _mm_add_ps(c, _mm_movehl_ps(c, c)); // c0+c2, c1+c3
+    _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps::<1>(d, d)))
+}
+
+/// `sum16` of the sixteen lanes of `a`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn sum16_avx512(a: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    let lo = _mm512_castps512_ps256(a);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+    sum16_avx2(_mm256_add_ps(lo, hi))
+}
+
 /// `dot4_body::<true>` written with intrinsics (the compiler does not keep its sixteen-lane
 /// accumulators of four rows in registers): lanes 0-7 and 8-15 of each row's partial sums are
-/// one register each, updated with the same fused multiply-adds, then summed in lane order.
+/// one register each, updated with the same fused multiply-adds, then summed as `sum16` does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot4_avx2(x: [&[f32]; 4], y: &[f32]) -> [f32; 4] {
-    use std::arch::x86_64::{
-        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
-    };
+    use std::arch::x86_64::{_mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps};
     let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
     let chunks = n / 16;
     let (yp, xp) = (y.as_ptr(), x.map(|r| r.as_ptr()));
@@ -179,10 +231,7 @@ unsafe fn dot4_avx2(x: [&[f32]; 4], y: &[f32]) -> [f32; 4] {
     }
     let mut out = [0.0f32; 4];
     for r in 0..4 {
-        let mut acc = [0.0f32; 16];
-        _mm256_storeu_ps(acc.as_mut_ptr(), lo[r]);
-        _mm256_storeu_ps(acc.as_mut_ptr().add(8), hi[r]);
-        let mut sum: f32 = acc.iter().sum();
+        let mut sum = sum16_avx2(_mm256_add_ps(lo[r], hi[r]));
         for i in chunks * 16..n {
             sum += x[r][i] * y[i];
         }
@@ -216,13 +265,11 @@ fn has_avx512f() -> bool {
 }
 
 /// Eight rows' sixteen-lane partial sums are one 512-bit register each: the same fused
-/// multiply-adds per lane as `dot`, summed in lane order.
+/// multiply-adds per lane as `dot`, summed as `sum16` does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn dot8_avx512(x: [&[f32]; 8], y: &[f32]) -> [f32; 8] {
-    use std::arch::x86_64::{
-        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
-    };
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps};
     let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
     let chunks = n / 16;
     let (yp, xp) = (y.as_ptr(), x.map(|r| r.as_ptr()));
@@ -237,9 +284,7 @@ unsafe fn dot8_avx512(x: [&[f32]; 8], y: &[f32]) -> [f32; 8] {
     }
     let mut out = [0.0f32; 8];
     for r in 0..8 {
-        let mut lanes = [0.0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]);
-        let mut sum: f32 = lanes.iter().sum();
+        let mut sum = sum16_avx512(acc[r]);
         for i in chunks * 16..n {
             sum += x[r][i] * y[i];
         }
@@ -253,9 +298,7 @@ unsafe fn dot8_avx512(x: [&[f32]; 8], y: &[f32]) -> [f32; 8] {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn dot8x2_avx512(x: [&[f32]; 8], y: [&[f32]; 2]) -> [[f32; 8]; 2] {
-    use std::arch::x86_64::{
-        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
-    };
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps};
     let n = x
         .iter()
         .fold(y[0].len().min(y[1].len()), |n, r| n.min(r.len()));
@@ -276,9 +319,7 @@ unsafe fn dot8x2_avx512(x: [&[f32]; 8], y: [&[f32]; 2]) -> [[f32; 8]; 2] {
     let mut out = [[0.0f32; 8]; 2];
     for (o, (acc, y)) in out.iter_mut().zip([(acc_a, y[0]), (acc_b, y[1])]) {
         for r in 0..8 {
-            let mut lanes = [0.0f32; 16];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]);
-            let mut sum: f32 = lanes.iter().sum();
+            let mut sum = sum16_avx512(acc[r]);
             for i in chunks * 16..n {
                 sum += x[r][i] * y[i];
             }

@@ -32,6 +32,7 @@ struct App {
 /// Serves `addr` until the process ends; `ready` gets the outcome of binding the socket.
 pub fn serve(
     addr: SocketAddr,
+    shared_port: bool,
     jobs: Sender<Job>,
     limits: Arc<Limits>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
@@ -47,7 +48,7 @@ pub fn serve(
         }
     };
     runtime.block_on(async move {
-        let listener = match bind(addr) {
+        let listener = match bind(addr, shared_port) {
             Ok(l) => l,
             Err(e) => {
                 let _ = ready.send(Err(format!("cannot listen on {addr}: {e}")));
@@ -71,16 +72,17 @@ pub fn serve(
     });
 }
 
-/// A listening socket that other HTTP workers of the server may bind too (SO_REUSEPORT: the
-/// kernel spreads connections over them).
-fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// The listening socket. With several workers each binds it with SO_REUSEPORT and the kernel
+/// spreads connections over them; a single worker does not, so that a port already taken (by
+/// another server, say) is an error rather than a silently shared port.
+fn bind(addr: SocketAddr, shared: bool) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
+    socket.set_reuseport(shared)?;
     socket.bind(addr)?;
     socket.listen(1024)
 }

@@ -189,8 +189,9 @@ pub extern "C-unwind" fn pg_llm_http_main(_arg: pg_sys::Datum) {
     let (jobs_tx, jobs) = std::sync::mpsc::channel();
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let http_limits = limits.clone();
+    let shared_port = WORKERS.get() > 1;
     let started = pg_llm_engine::parallel::spawn("pg_llm http", move || {
-        http::serve(addr, jobs_tx, http_limits, ready_tx)
+        http::serve(addr, shared_port, jobs_tx, http_limits, ready_tx)
     });
     if let Err(e) = started {
         error!("pg_llm http worker: cannot start its HTTP thread: {e}");

@@ -24,6 +24,9 @@ use super::{anonymous_role, publish, Event, Job, Limits, MAX_BATCH};
 use crate::stats::{self, Counter};
 use crate::{guc, model_cache, spi, tokenizer_cache};
 
+/// Prompts up to this many tokens are processed within a decoding pass (see `start`).
+const BATCHED_PROMPT_TOKENS: usize = 64;
+
 /// A completion waiting for its turn.
 struct Waiting {
     key: Option<String>,
@@ -190,8 +193,15 @@ fn start(w: Waiting) -> Result<Option<Running>, ApiError> {
         seed: req.seed,
     };
     let timing = stats::Request::start(Counter::RequestsHttp, prompt.len());
-    let generator =
-        Generator::new(model, &prompt, opts, Cancel::new(&PROBE)).map_err(engine_error)?;
+    // A short prompt is processed in the next decoding pass, beside the other requests' rows;
+    // a long one now, on its own (one row at a time would be slower than its matrix products).
+    // Either way by a rule of the request alone, so its tokens do not depend on the others.
+    let generator = if prompt.len() <= BATCHED_PROMPT_TOKENS {
+        Generator::deferred(model, &prompt, opts)
+    } else {
+        Generator::new(model, &prompt, opts, Cancel::new(&PROBE))
+    }
+    .map_err(engine_error)?;
     let _ = w.events.send(Event::Started {
         prompt_tokens: prompt.len(),
     });
@@ -229,8 +239,7 @@ fn step(running: &mut Vec<Running>) {
         }
         !gone
     });
-    let mut models: Vec<*const Model> = running.iter().map(|r| model_of(r)).collect();
-    models.dedup();
+    let mut models: Vec<*const Model> = running.iter().map(model_of).collect();
     models.sort();
     models.dedup();
     for model in models {
@@ -272,6 +281,7 @@ fn model_of(r: &Running) -> *const Model {
 impl Running {
     /// Takes the step's token: sends the text it completes, and the end when it is the last.
     fn accept(&mut self, token: Option<(u32, bool)>) -> pg_llm_engine::Result<()> {
+        // None: the pass processed this request's prompt.
         let Some((token, last)) = token else {
             return Ok(());
         };

@@ -211,6 +211,9 @@ pub fn attend_into(
     } else {
         1.0
     };
+    if t == 1 {
+        return Ok(attend_one_query(out, inp, dh, opts, scale));
+    }
     let heads: Vec<Result<(Vec<f32>, Vec<f32>)>> = parallel::install(|| {
         (0..n_head)
             .into_par_iter()
@@ -281,6 +284,51 @@ pub fn attend_into(
         lse_all.extend_from_slice(&lse);
     }
     Ok(lse_all)
+}
+
+/// Keys visible to one query from which attention is worth spreading over threads by head.
+const PARALLEL_KEYS: usize = 256;
+
+/// Attention of one query (a decoding step): per head, dot products with the visible keys, a
+/// softmax, and the values summed with those weights. Cheaper than matrix products of one row,
+/// and each head's arithmetic is the same however the heads are spread over threads, so a
+/// sequence decoded alone and one decoded beside others (forward.rs) get the same bits.
+fn attend_one_query(
+    out: &mut [f32],
+    inp: AttnInputs,
+    dh: usize,
+    opts: AttnOptions,
+    scale: f32,
+) -> Vec<f32> {
+    let i = inp.start;
+    let keys = first_key(i, opts)..i + 1;
+    let head = |h: usize, out: &mut [f32]| -> f32 {
+        let q = &inp.q[h * dh..(h + 1) * dh];
+        let at = |j: usize| j * inp.kv_stride + h * dh;
+        let mut scores: Vec<f32> = keys
+            .clone()
+            .map(|j| crate::simd::dot(q, &inp.k[at(j)..at(j) + dh]))
+            .collect();
+        let lse = crate::simd::softmax_scaled_inplace(&mut scores, scale);
+        out.fill(0.0);
+        for (p, j) in scores.iter().zip(keys.clone()) {
+            crate::simd::axpy(out, *p, &inp.v[at(j)..at(j) + dh]);
+        }
+        lse
+    };
+    if keys.len() < PARALLEL_KEYS {
+        out.chunks_exact_mut(dh)
+            .enumerate()
+            .map(|(h, o)| head(h, o))
+            .collect()
+    } else {
+        parallel::install(|| {
+            out.par_chunks_exact_mut(dh)
+                .enumerate()
+                .map(|(h, o)| head(h, o))
+                .collect()
+        })
+    }
 }
 
 /// Causal self-attention over a fused qkv matrix.

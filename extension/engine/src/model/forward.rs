@@ -2,6 +2,8 @@
 //! so that generation processes the prompt once and then one token per step.
 //! Layout: activations are [T, d_model] row-major; cached keys and values are [positions, d_attn].
 
+use rayon::prelude::*;
+
 use super::config::{Activation, AttnKind, LnPlacement, ModelConfig};
 use super::weights::{ModelWeights, Norm};
 use crate::error::{EngineError, Result};
@@ -117,17 +119,44 @@ impl Model {
         caches: &mut [&mut KvCache],
         cancel: Cancel,
     ) -> Result<Vec<f32>> {
-        if tokens.len() != caches.len() {
+        self.forward_batch(tokens, &vec![1; tokens.len()], caches, cancel)
+    }
+
+    /// One pass over several sequences: sequence b takes the next `lens[b]` tokens of `tokens`
+    /// (a whole prompt, or the one token of a decoding step) at positions caches[b].len().. and
+    /// appends their keys and values to caches[b]. Returns the logits [B, vocab] after each
+    /// sequence's last token. Every row is computed on its own (and attention per sequence),
+    /// so a sequence's results are the same bits whatever sequences run beside it.
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        caches: &mut [&mut KvCache],
+        cancel: Cancel,
+    ) -> Result<Vec<f32>> {
+        if lens.len() != caches.len() || lens.iter().sum::<usize>() != tokens.len() {
             return Err(EngineError::invalid(format!(
-                "{} tokens for {} sequences",
+                "{} tokens in {} runs for {} sequences",
                 tokens.len(),
+                lens.len(),
                 caches.len()
             )));
         }
-        let rows = tokens.len();
-        let h = self.hidden(tokens, Rows::Decode(caches), cancel)?;
-        let mut out = tensor::alloc_zeroed(rows * self.config.vocab)?;
-        self.head_into(&mut out, &h, rows, Kernel::EachRow, cancel)?;
+        if lens.contains(&0) {
+            return Err(EngineError::invalid(
+                "every sequence of a batch needs a token",
+            ));
+        }
+        let d = self.config.d_model;
+        let h = self.hidden(tokens, Rows::Batch { caches, lens }, cancel)?;
+        let mut last = Vec::with_capacity(lens.len() * d);
+        let mut end = 0;
+        for &len in lens {
+            end += len;
+            last.extend_from_slice(&h[(end - 1) * d..end * d]);
+        }
+        let mut out = tensor::alloc_zeroed(lens.len() * self.config.vocab)?;
+        self.head_into(&mut out, &last, lens.len(), Kernel::EachRow, cancel)?;
         Ok(out)
     }
 
@@ -145,7 +174,8 @@ impl Model {
         check_ids(tokens, cfg.vocab, "token")?;
         let kernel = rows.kernel();
         let tok = self.token_rows(tokens)?;
-        let mut x = self.embed_rows_with(&tok, |r| rows.position(r), kernel, cancel)?;
+        let positions = rows.positions(t);
+        let mut x = self.embed_rows_with(&tok, |r| positions[r], kernel, cancel)?;
         let mut h = tensor::alloc_zeroed(t * d)?;
         let mut qkv = tensor::alloc_zeroed(t * 3 * da)?;
         let mut attn = tensor::alloc_zeroed(t * da)?;
@@ -177,12 +207,27 @@ impl Model {
                     };
                     attend_into(&mut attn, inputs, cfg.n_head, cfg.d_head, opts, cancel)?;
                 }
-                Rows::Decode(caches) => {
-                    let per_row = qkv.chunks_exact(3 * da).zip(attn.chunks_exact_mut(da));
-                    for (cache, (q, out)) in caches.iter_mut().zip(per_row) {
-                        let inputs = cache.append(i, q, 1, da);
-                        attend_into(out, inputs, cfg.n_head, cfg.d_head, opts, cancel)?;
+                Rows::Batch { caches, lens } => {
+                    // Each sequence's rows: its keys and values into its cache, then its
+                    // queries against its cache; the sequences in parallel.
+                    let mut outs = Vec::with_capacity(lens.len());
+                    let mut rest = &mut attn[..];
+                    let mut from = 0;
+                    for (cache, &len) in caches.iter_mut().zip(lens.iter()) {
+                        let q = &qkv[from * 3 * da..(from + len) * 3 * da];
+                        cache.store(i, q, len, da);
+                        let (out, tail) = rest.split_at_mut(len * da);
+                        outs.push((&**cache, q, len, out));
+                        rest = tail;
+                        from += len;
                     }
+                    parallel::install(|| {
+                        outs.into_par_iter().try_for_each(|(cache, q, len, out)| {
+                            let inputs = cache.view(i, q, len, da);
+                            attend_into(out, inputs, cfg.n_head, cfg.d_head, opts, cancel)
+                                .map(|_| ())
+                        })
+                    })?;
                 }
             }
             let dims = (t, da, d);
@@ -309,8 +354,11 @@ enum Rows<'a, 'c> {
     /// Consecutive positions of one sequence: from its cache's length on (appending to the
     /// cache), or from 0 without a cache.
     Sequence(Option<&'a mut KvCache>),
-    /// One position of each of several sequences, row b after caches[b]'s positions.
-    Decode(&'a mut [&'c mut KvCache]),
+    /// Several sequences: lens[b] consecutive rows of sequence b after caches[b]'s positions.
+    Batch {
+        caches: &'a mut [&'c mut KvCache],
+        lens: &'a [usize],
+    },
 }
 
 impl Rows<'_, '_> {
@@ -324,19 +372,32 @@ impl Rows<'_, '_> {
         match self {
             Rows::Sequence(None) if t > n_positions => Err(full(t, n_positions)),
             Rows::Sequence(Some(c)) if c.len + t > c.capacity => Err(full(c.len + t, c.capacity)),
-            Rows::Decode(caches) => match caches.iter().find(|c| c.len + 1 > c.capacity) {
-                Some(c) => Err(full(c.len + 1, c.capacity)),
-                None => Ok(()),
-            },
+            Rows::Batch { caches, lens } => {
+                match caches
+                    .iter()
+                    .zip(lens.iter())
+                    .find(|(c, &n)| c.len + n > c.capacity)
+                {
+                    Some((c, &n)) => Err(full(c.len + n, c.capacity)),
+                    None => Ok(()),
+                }
+            }
             Rows::Sequence(_) => Ok(()),
         }
     }
 
-    /// The position of row r.
-    fn position(&self, r: usize) -> usize {
+    /// The position of every row.
+    fn positions(&self, t: usize) -> Vec<usize> {
         match self {
-            Rows::Sequence(cache) => cache.as_ref().map_or(0, |c| c.len) + r,
-            Rows::Decode(caches) => caches[r].len,
+            Rows::Sequence(cache) => {
+                let start = cache.as_ref().map_or(0, |c| c.len);
+                (start..start + t).collect()
+            }
+            Rows::Batch { caches, lens } => caches
+                .iter()
+                .zip(lens.iter())
+                .flat_map(|(c, &n)| c.len..c.len + n)
+                .collect(),
         }
     }
 
@@ -344,7 +405,7 @@ impl Rows<'_, '_> {
     fn kernel(&self) -> Kernel {
         match self {
             Rows::Sequence(_) => Kernel::Auto,
-            Rows::Decode(_) => Kernel::EachRow,
+            Rows::Batch { .. } => Kernel::EachRow,
         }
     }
 
@@ -356,7 +417,10 @@ impl Rows<'_, '_> {
                     c.len += t;
                 }
             }
-            Rows::Decode(caches) => caches.iter_mut().for_each(|c| c.len += 1),
+            Rows::Batch { caches, lens } => caches
+                .iter_mut()
+                .zip(lens.iter())
+                .for_each(|(c, &n)| c.len += n),
         }
     }
 }
@@ -414,20 +478,30 @@ impl KvCache {
         t: usize,
         da: usize,
     ) -> AttnInputs<'a> {
+        self.store(layer, qkv, t, da);
+        self.view(layer, qkv, t, da)
+    }
+
+    /// Stores the keys and values of `t` positions of layer `layer` after the cached ones.
+    fn store(&mut self, layer: usize, qkv: &[f32], t: usize, da: usize) {
         let start = self.len;
         let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
-        for (r, row) in qkv.chunks_exact(3 * da).enumerate() {
+        for (r, row) in qkv.chunks_exact(3 * da).take(t).enumerate() {
             let at = (start + r) * da;
             keys[at..at + da].copy_from_slice(&row[da..2 * da]);
             values[at..at + da].copy_from_slice(&row[2 * da..]);
         }
+    }
+
+    /// Attention's view of layer `layer` for the `t` queries of `qkv` just stored.
+    fn view<'a>(&'a self, layer: usize, qkv: &'a [f32], t: usize, da: usize) -> AttnInputs<'a> {
         AttnInputs {
             q: qkv,
             q_stride: 3 * da,
-            k: keys,
-            v: values,
+            k: &self.keys[layer],
+            v: &self.values[layer],
             kv_stride: da,
-            start,
+            start: self.len,
             t,
         }
     }

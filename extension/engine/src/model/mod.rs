@@ -10,6 +10,7 @@ pub mod weights;
 
 pub use backward::Batch;
 pub use config::{Activation, AttnKind, LnPlacement, ModelConfig};
+pub(crate) use forward::check_ids;
 pub use forward::{KvCache, Logits, Model};
 pub use storage::{Param, Storage};
 pub use weights::{check_shapes, check_tensors, MapSource, ModelWeights, TensorSource};
