@@ -332,3 +332,90 @@ def test_api_keys_are_stored_hashed_and_can_be_revoked(server):
             == {"reader"}
     finally:
         db.execute("RESET ROLE")
+
+
+def test_requests_without_a_key_run_as_the_anonymous_role(server):
+    db, keys = server
+    body = {"model": MODEL, "prompt": PROMPTS[5], "max_tokens": 4, "temperature": 0}
+    assert httpx.post(f"{URL}/v1/completions", json=body, timeout=30).status_code == 401
+    db.execute("ALTER SYSTEM SET pg_llm.http_anonymous_role = 'reader'")
+    db.execute("SELECT pg_reload_conf()")
+    try:
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(f"{URL}/v1/completions", json=body, timeout=30)).status_code == 401:
+            assert time.monotonic() < deadline, "the reload did not reach the worker"
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == _sql_generate(db, PROMPTS[5], 4)
+        # An anonymous role without privileges is refused by the database.
+        db.execute("ALTER SYSTEM SET pg_llm.http_anonymous_role = 'outsider'")
+        db.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(f"{URL}/v1/completions", json=body, timeout=30)).status_code == 200:
+            assert time.monotonic() < deadline, "the reload did not reach the worker"
+            time.sleep(0.1)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "42501"
+    finally:
+        db.execute("ALTER SYSTEM RESET pg_llm.http_anonymous_role")
+        db.execute("SELECT pg_reload_conf()")
+
+
+def test_training_steps_and_model_loads_are_counted(server):
+    db, keys = server
+    steps = _metric("training_steps_total")
+    loads = _metric("model_loads_total")
+    db.execute(f"SELECT llm_train_step('{MODEL}', '{{464, 2068, 7586}}', '{{2068, 7586, 21831}}', 1e-3)")
+    assert _metric("training_steps_total") == steps + 1
+    # The trainer's backend keeps the new weights (a cache hit next); the HTTP worker loads
+    # the new version for its next request.
+    hits = _metric("model_cache_hits_total")
+    _sql_generate(db, "x", 1)
+    assert _metric("model_cache_hits_total") == hits + 1
+    _openai(keys["reader"]).completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert _metric("model_loads_total") == loads + 1
+
+
+def test_several_workers_share_the_port():
+    """pg_llm.http_workers = 2 on a cluster of its own: two workers listen on one port and
+    requests on many connections are all served."""
+    from pg_gpt3_client import Client
+
+    root = Path("/tmp/pg_gpt3_http_workers_test")
+    port = 54384
+    cluster = Cluster(root, "data", 54354, (
+        "-c shared_preload_libraries=pg_llm -c pg_llm.http_enabled=on "
+        f"-c pg_llm.http_port={port} -c pg_llm.http_workers=2 "
+        "-c pg_llm.http_anonymous_role=postgres"))
+    cluster.stop()
+    fresh_root(root)
+    try:
+        cluster.initdb()
+        cluster.start()
+        with Client(cluster.dsn()) as db:
+            db.execute("CREATE EXTENSION pg_llm")
+            db.execute(
+                "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, "
+                f"n_positions, vocab) VALUES ('{MODEL}', 1, 2, 32, 16, 64, 64, 50257)")
+            db.init_params(model=MODEL, seed=3)
+            tok = FIXTURES / "tokenizer"
+            db.load_tokenizer(tok / "encoder.json", tok / "vocab.bpe", model=MODEL)
+            workers = _value(db, "SELECT count(*) FROM pg_stat_activity "
+                                 "WHERE backend_type = 'pg_llm http'")
+            assert workers == 2
+            expected = _sql_generate(db, PROMPTS[6], 6)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": MODEL, "prompt": PROMPTS[6], "max_tokens": 6, "temperature": 0}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, cluster.log()
+            time.sleep(0.1)
+        texts = [httpx.post(url, json=body, timeout=30).json()["choices"][0]["text"]
+                 for _ in range(12)]
+        assert texts == [expected] * 12
+    finally:
+        cluster.stop()

@@ -16,7 +16,11 @@ ROOT = Path("/tmp/pg_gpt3_standby_test")
 PORTS = {"primary": 54351, "standby": 54352}
 MODEL = "standby-test"
 PROMPT = "The quick brown fox"
-CLUSTERS = {role: Cluster(ROOT, role, port) for role, port in PORTS.items()}
+STANDBY_HTTP_PORT = 54385
+# The standby also serves HTTP (pg_llm preloaded there only).
+OPTIONS = {"primary": "", "standby": "-c shared_preload_libraries=pg_llm "
+                                     f"-c pg_llm.http_enabled=on -c pg_llm.http_port={STANDBY_HTTP_PORT}"}
+CLUSTERS = {role: Cluster(ROOT, role, port, OPTIONS[role]) for role, port in PORTS.items()}
 
 
 def _dsn(role: str) -> str:
@@ -134,3 +138,28 @@ def test_the_standby_follows_writes_on_the_primary(servers, write):
         assert after[0] != before[0]
     assert _value(standby, f"SELECT version FROM llm_model_config WHERE model = '{MODEL}'") \
         == _value(primary, f"SELECT version FROM llm_model_config WHERE model = '{MODEL}'")
+
+
+def test_the_standby_serves_http(servers):
+    """The HTTP endpoint of a hot standby: an API key made on the primary is replicated, and
+    completions there equal the standby's (and the primary's) SQL generation."""
+    import httpx
+
+    primary, standby = servers
+    key = _value(primary, "SELECT llm_create_api_key('postgres', 'standby test')")
+    _caught_up(primary, standby)
+    url = f"http://127.0.0.1:{STANDBY_HTTP_PORT}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, CLUSTERS["standby"].log()
+        time.sleep(0.1)
+    r = httpx.post(f"{url}/v1/completions", timeout=60, headers={"Authorization": f"Bearer {key}"},
+                   json={"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    sql = f"SELECT llm_generate('{PROMPT}', 8, 0.0, 0, 1.0, '{MODEL}', 50256, 0)"
+    assert r.json()["choices"][0]["text"] == _value(standby, sql) == _value(primary, sql)

@@ -13,7 +13,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use tokio::sync::{mpsc, oneshot};
@@ -155,6 +157,8 @@ pub fn register() {
             .set_function("pg_llm_http_main")
             .set_argument(i.into_datum())
             .enable_spi_access()
+            // Hot standbys serve too (reads only), once recovery is consistent.
+            .set_start_time(BgWorkerStartTime::ConsistentState)
             .set_restart_time(Some(std::time::Duration::from_secs(5)))
             .load();
     }
