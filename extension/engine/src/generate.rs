@@ -114,11 +114,6 @@ impl<M: Deref<Target = Model>> Generator<M> {
         &self.model
     }
 
-    /// Tokens produced so far.
-    pub fn produced(&self) -> usize {
-        self.produced
-    }
-
     /// Draws the next token from the current logits (the forward pass after it is the
     /// caller's); `None` once complete.
     fn sample_next(&mut self) -> Result<Option<(u32, bool)>> {
@@ -141,6 +136,16 @@ pub fn next_tokens<M: Deref<Target = Model>>(
     gens: &mut [&mut Generator<M>],
     cancel: Cancel,
 ) -> Result<Vec<Option<(u32, bool)>>> {
+    next_tokens_with(gens, cancel, |_| {})
+}
+
+/// `next_tokens`, handing the tokens to `drawn` as soon as they are drawn, before the pass that
+/// prepares the next ones (a server sends them a pass earlier that way).
+pub fn next_tokens_with<M: Deref<Target = Model>>(
+    gens: &mut [&mut Generator<M>],
+    cancel: Cancel,
+    drawn: impl FnOnce(&[Option<(u32, bool)>]),
+) -> Result<Vec<Option<(u32, bool)>>> {
     if let Some(first) = gens.first() {
         let model: &Model = &first.model;
         if gens.iter().any(|g| !std::ptr::eq(&*g.model, model)) {
@@ -153,6 +158,7 @@ pub fn next_tokens<M: Deref<Target = Model>>(
     for g in gens.iter_mut() {
         produced.push(g.sample_next()?);
     }
+    drawn(&produced);
     // The rows of the pass: a deferred prompt, or the token just drawn by a generation that
     // goes on (the others need no logits).
     let mut tokens = Vec::new();

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use pg_llm_engine::generate::{check_fits, next_tokens, GenerateOptions, Generator};
+use pg_llm_engine::generate::{check_fits, next_tokens_with, GenerateOptions, Generator};
 use pg_llm_engine::model::Model;
 use pg_llm_engine::sample::SamplingParams;
 use pg_llm_engine::tokenizer::Bpe;
@@ -37,10 +37,17 @@ struct Waiting {
 /// A running completion.
 struct Running {
     generator: Generator<Rc<Model>>,
+    out: Output,
+}
+
+/// What a running completion has sent its client.
+struct Output {
     bpe: Rc<Bpe>,
     events: UnboundedSender<Event>,
     /// Generated ids, EOS excluded.
     ids: Vec<u32>,
+    /// Tokens produced, EOS included.
+    produced: usize,
     eos: Option<u32>,
     stop: Vec<String>,
     /// Bytes of the decoded text already sent.
@@ -100,7 +107,7 @@ pub fn run(jobs: Receiver<Job>, limits: &Limits) {
         let _ = w.events.send(Event::Error(gone.clone()));
     }
     for r in running {
-        let _ = r.events.send(Event::Error(gone.clone()));
+        let _ = r.out.events.send(Event::Error(gone.clone()));
     }
 }
 
@@ -219,21 +226,25 @@ fn start(w: Waiting) -> Result<Option<Running>, ApiError> {
     }
     Ok(Some(Running {
         generator,
-        eos: bpe.end_of_text(),
-        bpe,
-        events: w.events,
-        ids: Vec::new(),
-        stop: req.stop.clone(),
-        sent: 0,
-        timing,
-        finished: false,
+        out: Output {
+            eos: bpe.end_of_text(),
+            bpe,
+            events: w.events,
+            ids: Vec::new(),
+            produced: 0,
+            stop: req.stop.clone(),
+            sent: 0,
+            timing,
+            finished: false,
+        },
     }))
 }
 
-/// One decoding step of every running completion, those of one model together.
+/// One decoding step of every running completion, those of one model together. Each token is
+/// sent as soon as it is drawn, before the pass that prepares the next one.
 fn step(running: &mut Vec<Running>) {
     running.retain(|r| {
-        let gone = r.events.is_closed();
+        let gone = r.out.events.is_closed();
         if gone {
             stats::count(Counter::RequestsCancelled, 1);
         }
@@ -243,42 +254,42 @@ fn step(running: &mut Vec<Running>) {
     models.sort();
     models.dedup();
     for model in models {
-        let mut group: Vec<&mut Running> = running
+        let (mut gens, mut outs): (Vec<_>, Vec<_>) = running
             .iter_mut()
             .filter(|r| model_of(r) == model)
-            .collect();
-        let mut gens: Vec<_> = group.iter_mut().map(|r| &mut r.generator).collect();
+            .map(|r| (&mut r.generator, &mut r.out))
+            .unzip();
         stats::count(Counter::DecodeSteps, 1);
         stats::count(Counter::DecodeRows, gens.len() as u64);
-        match next_tokens(&mut gens, Cancel::new(&PROBE)) {
-            Ok(tokens) => {
-                for (r, t) in group.into_iter().zip(tokens) {
-                    if let Err(e) = r.accept(t) {
-                        fail(
-                            &r.events,
-                            ApiError::from_sqlstate(e.sqlstate(), e.to_string()),
-                        );
-                        r.finished = true;
-                    }
+        let send = |tokens: &[Option<(u32, bool)>]| {
+            for (out, &t) in outs.iter_mut().zip(tokens) {
+                if let Err(e) = out.accept(t) {
+                    fail(
+                        &out.events,
+                        ApiError::from_sqlstate(e.sqlstate(), e.to_string()),
+                    );
+                    out.finished = true;
                 }
             }
-            Err(e) => {
-                let e = ApiError::from_sqlstate(e.sqlstate(), e.to_string());
-                for r in group {
-                    fail(&r.events, e.clone());
-                    r.finished = true;
+        };
+        if let Err(e) = next_tokens_with(&mut gens, Cancel::new(&PROBE), send) {
+            let e = ApiError::from_sqlstate(e.sqlstate(), e.to_string());
+            for r in running.iter_mut().filter(|r| model_of(r) == model) {
+                if !r.out.finished {
+                    fail(&r.out.events, e.clone());
+                    r.out.finished = true;
                 }
             }
         }
     }
-    running.retain(|r| !r.finished);
+    running.retain(|r| !r.out.finished);
 }
 
 fn model_of(r: &Running) -> *const Model {
     r.generator.model() as *const Model
 }
 
-impl Running {
+impl Output {
     /// Takes the step's token: sends the text it completes, and the end when it is the last.
     fn accept(&mut self, token: Option<(u32, bool)>) -> pg_llm_engine::Result<()> {
         // None: the pass processed this request's prompt.
@@ -286,6 +297,7 @@ impl Running {
             return Ok(());
         };
         self.timing.token();
+        self.produced += 1;
         let eos = Some(token) == self.eos;
         if !eos {
             self.ids.push(token);
@@ -319,7 +331,7 @@ impl Running {
         if let Some(finish_reason) = reason {
             let _ = self.events.send(Event::Done {
                 finish_reason,
-                completion_tokens: self.generator.produced(),
+                completion_tokens: self.produced,
             });
             self.finished = true;
         }
