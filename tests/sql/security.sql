@@ -230,6 +230,26 @@ WITH u AS (UPDATE llm_param SET step = step WHERE model IN ('sec-alice', 'sec-bo
 SELECT model, count(*) > 0 AS updated FROM u GROUP BY model ORDER BY model;
 RESET ROLE;
 
+-- 6b. API keys of the HTTP endpoint: a role makes keys for itself (or roles whose privileges
+-- it has), sees and revokes only those; only a digest of a key is stored
+SET ROLE regress_llm_alice;
+SELECT llm_create_api_key('regress_llm_alice', 'alice key') ~ '^sk-pgllm-[0-9a-f]{48}$' AS key_format;
+SELECT pg_temp.err($$SELECT llm_create_api_key('regress_llm_bob')$$) AS key_for_bob;
+SELECT pg_temp.err($$SELECT llm_create_api_key('regress_no_such_role')$$) AS key_for_nobody;
+SELECT pg_temp.err($$INSERT INTO llm_api_key (key_digest, role_name) VALUES ('\x00', 'regress_llm_bob')$$) AS forged_key;
+RESET ROLE;
+SELECT id AS alice_key FROM llm_api_key WHERE role_name = 'regress_llm_alice' \gset
+SELECT length(key_digest) AS digest_bytes FROM llm_api_key WHERE id = :alice_key;
+SET ROLE regress_llm_bob;
+SELECT count(*) AS keys_bob_sees FROM llm_api_keys();
+SELECT llm_revoke_api_key(:alice_key) AS bob_revokes_alices_key;
+RESET ROLE;
+SET ROLE regress_llm_alice;
+SELECT role_name, label FROM llm_api_keys();
+SELECT llm_revoke_api_key(:alice_key) AS alice_revokes_her_key;
+SELECT count(*) AS keys_left FROM llm_api_keys();
+RESET ROLE;
+
 -- 7. Clean up: the owner deletes its model (its rows go with it), then the roles go
 SET ROLE regress_llm_bob;
 DELETE FROM llm_model_config WHERE model = 'sec-bob';
