@@ -60,20 +60,26 @@ def stream_one(url, key, prompt, tokens):
     return "".join(text), used, first, gaps
 
 
-def run_http(url, key, n, tokens, rounds):
-    results, barrier = [None] * n, threading.Barrier(n)
-
-    def worker(i):
-        barrier.wait()
-        results[i] = [stream_one(url, key, PROMPTS[i % len(PROMPTS)], tokens) for _ in range(rounds)]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+def concurrently(n, work):
+    """Runs work(i, barrier) on n threads that start together; returns the wall time."""
+    barrier = threading.Barrier(n)
+    threads = [threading.Thread(target=work, args=(i, barrier)) for i in range(n)]
     start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - start
+    return time.monotonic() - start
+
+
+def run_http(url, key, n, tokens, rounds):
+    results = [None] * n
+
+    def work(i, barrier):
+        barrier.wait()
+        results[i] = [stream_one(url, key, PROMPTS[i % len(PROMPTS)], tokens) for _ in range(rounds)]
+
+    wall = concurrently(n, work)
     flat = [r for per in results for r in per]
     total = sum(r[1] for r in flat)
     return {
@@ -86,27 +92,17 @@ def run_http(url, key, n, tokens, rounds):
 
 
 def run_sql(server, n, tokens, rounds, prompt_ids):
-    results, barrier = [None] * n, threading.Barrier(n)
+    results = [None] * n
 
-    def worker(i):
+    def work(i, barrier):
         with server.connect() as c:
             c.execute("SELECT llm_generate_ids('{1}', 1, 0.0, 0, 1.0, %s, 50256, 0)", (MODEL,))
             barrier.wait()
-            out = []
-            for _ in range(rounds):
-                ids = prompt_ids[i % len(PROMPTS)]
-                row = c.execute("SELECT llm_generate_ids(%s, %s, 0.0, 0, 1.0, %s, 50256, 0)",
-                                (ids, tokens, MODEL)).fetchone()
-                out.append(row[0])
-            results[i] = out
+            ids = prompt_ids[i % len(PROMPTS)]
+            results[i] = [c.execute("SELECT llm_generate_ids(%s, %s, 0.0, 0, 1.0, %s, 50256, 0)",
+                                    (ids, tokens, MODEL)).fetchone()[0] for _ in range(rounds)]
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - start
+    wall = concurrently(n, work)
     return {"sessions": n, "tokens_per_s": sum(len(r) for per in results for r in per) / wall,
             "ids": [per[0] for per in results]}
 

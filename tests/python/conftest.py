@@ -62,15 +62,20 @@ def register(db, model: str, dims: str, seed: int = 1) -> None:
     db.init_params(model=model, seed=seed)
 
 
+def register_with_tokenizer(db, model: str, dims: str, seed: int = 1) -> None:
+    """`register`, and the real GPT-2/3 tokenizer loaded for the model."""
+    register(db, model, dims, seed)
+    tok = FIXTURES / "tokenizer"
+    db.load_tokenizer(tok / "encoder.json", tok / "vocab.bpe", model=model)
+
+
 @pytest.fixture(scope="session")
 def model(dsn) -> str:
     """A 2-layer model with the real 50257-token vocabulary and tokenizer."""
     from pg_gpt3_client import Client
 
     with Client(dsn) as db:
-        register(db, MODEL, "2, 2, 64, 32, 256, 256, 50257")
-        tok = FIXTURES / "tokenizer"
-        db.load_tokenizer(tok / "encoder.json", tok / "vocab.bpe", model=MODEL)
+        register_with_tokenizer(db, MODEL, "2, 2, 64, 32, 256, 256, 50257")
     return MODEL
 
 
@@ -81,7 +86,5 @@ def slow_model(dsn) -> str:
     from pg_gpt3_client import Client
 
     with Client(dsn) as db:
-        register(db, "py-slow", "4, 8, 512, 64, 2048, 512, 50257")
-        tok = FIXTURES / "tokenizer"
-        db.load_tokenizer(tok / "encoder.json", tok / "vocab.bpe", model="py-slow")
+        register_with_tokenizer(db, "py-slow", "4, 8, 512, 64, 2048, 512, 50257")
     return "py-slow"

@@ -5,6 +5,7 @@ clusters run as the OS user postgres, as scripts/cluster.sh runs its own."""
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -60,3 +61,19 @@ class Cluster:
     def log(self) -> str:
         path = self.root / f"{self.name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_healthy(url: str, cluster: "Cluster", timeout_s: float = 30) -> None:
+    """Waits until the HTTP endpoint at `url` answers /health with 200 (pg_llm's workers of
+    `cluster` are up, whose log the failure shows)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"no endpoint at {url}:\n" + cluster.log()
+        time.sleep(0.1)

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import FIXTURES
-from own_cluster import Cluster, fresh_root
+from conftest import register_with_tokenizer
+from own_cluster import Cluster, fresh_root, wait_healthy
 
 ROOT = Path("/tmp/pg_gpt3_http_test")
 HTTP_PORT = 54382
@@ -33,18 +33,6 @@ def _value(db, sql: str):
     return next(iter(db.query(sql)[0].values()))
 
 
-def _wait_healthy(timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{URL}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the HTTP endpoint did not come up:\n" + CLUSTER.log()
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def server():
     """(client as superuser, {role: API key}); MODEL has the real tokenizer, role `reader` may
@@ -58,16 +46,11 @@ def server():
         CLUSTER.start()
         with Client(CLUSTER.dsn()) as db:
             db.execute("CREATE EXTENSION pg_llm")
-            db.execute(
-                "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, "
-                f"n_positions, vocab) VALUES ('{MODEL}', 2, 2, 64, 32, 256, 512, 50257)")
-            db.init_params(model=MODEL, seed=1)
-            tok = FIXTURES / "tokenizer"
-            db.load_tokenizer(tok / "encoder.json", tok / "vocab.bpe", model=MODEL)
+            register_with_tokenizer(db, MODEL, "2, 2, 64, 32, 256, 512, 50257")
             db.execute("CREATE ROLE reader; GRANT llm_reader TO reader; CREATE ROLE outsider")
             keys = {role: _value(db, f"SELECT llm_create_api_key('{role}', 'test')")
                     for role in ("reader", "outsider")}
-            _wait_healthy()
+            wait_healthy(URL, CLUSTER)
             yield db, keys
     finally:
         CLUSTER.stop()
@@ -393,27 +376,14 @@ def test_several_workers_share_the_port():
         cluster.start()
         with Client(cluster.dsn()) as db:
             db.execute("CREATE EXTENSION pg_llm")
-            db.execute(
-                "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, "
-                f"n_positions, vocab) VALUES ('{MODEL}', 1, 2, 32, 16, 64, 64, 50257)")
-            db.init_params(model=MODEL, seed=3)
-            tok = FIXTURES / "tokenizer"
-            db.load_tokenizer(tok / "encoder.json", tok / "vocab.bpe", model=MODEL)
+            register_with_tokenizer(db, MODEL, "1, 2, 32, 16, 64, 64, 50257", seed=3)
             workers = _value(db, "SELECT count(*) FROM pg_stat_activity "
                                  "WHERE backend_type = 'pg_llm http'")
             assert workers == 2
             expected = _sql_generate(db, PROMPTS[6], 6)
+        wait_healthy(f"http://127.0.0.1:{port}", cluster)
         url = f"http://127.0.0.1:{port}/v1/completions"
         body = {"model": MODEL, "prompt": PROMPTS[6], "max_tokens": 6, "temperature": 0}
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, cluster.log()
-            time.sleep(0.1)
         texts = [httpx.post(url, json=body, timeout=30).json()["choices"][0]["text"]
                  for _ in range(12)]
         assert texts == [expected] * 12

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES
-from own_cluster import Cluster, bindir, fresh_root, run
+from conftest import register_with_tokenizer
+from own_cluster import Cluster, bindir, fresh_root, run, wait_healthy
 
 ROOT = Path("/tmp/pg_gpt3_standby_test")
 PORTS = {"primary": 54351, "standby": 54352}
@@ -55,12 +55,7 @@ def servers():
         CLUSTERS["primary"].start()
         with Client(_dsn("primary")) as primary:
             primary.execute("CREATE EXTENSION pg_llm")
-            primary.execute(
-                "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, "
-                f"n_positions, vocab) VALUES ('{MODEL}', 2, 2, 64, 32, 256, 64, 50257)")
-            primary.init_params(model=MODEL, seed=1)
-            tok = FIXTURES / "tokenizer"
-            primary.load_tokenizer(tok / "encoder.json", tok / "vocab.bpe", model=MODEL)
+            register_with_tokenizer(primary, MODEL, "2, 2, 64, 32, 256, 64, 50257")
             primary.execute(
                 "INSERT INTO llm_dataset (model, split, tokens) SELECT "
                 f"'{MODEL}', s, array(SELECT (g * 7919 + k) % 50000 FROM generate_series(1, 33) g) "
@@ -149,15 +144,7 @@ def test_the_standby_serves_http(servers):
     key = _value(primary, "SELECT llm_create_api_key('postgres', 'standby test')")
     _caught_up(primary, standby)
     url = f"http://127.0.0.1:{STANDBY_HTTP_PORT}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, CLUSTERS["standby"].log()
-        time.sleep(0.1)
+    wait_healthy(url, CLUSTERS["standby"])
     r = httpx.post(f"{url}/v1/completions", timeout=60, headers={"Authorization": f"Bearer {key}"},
                    json={"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200, r.text

@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::openai::{self, ApiError, Completion};
+use super::openai::{self, ApiError, Envelope, Usage};
 use super::{Event, Job, Limits};
 
 #[derive(Clone)]
@@ -194,14 +194,17 @@ async fn completions(State(app): State<App>, headers: HeaderMap, body: Bytes) ->
     if app.jobs.send(job).is_err() {
         return error_response(&ApiError::unavailable("the pg_llm worker is shutting down"));
     }
-    let id = format!("cmpl-{:x}", rand_id());
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let envelope = Envelope {
+        id: format!("cmpl-{:x}", rand_id()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: request.model.clone(),
+    };
     if request.stream {
-        stream_response(events, request, id, created, slot).await
+        stream_response(events, envelope, request.include_usage, slot).await
     } else {
-        whole_response(events, request, id, created).await
+        whole_response(events, envelope).await
     }
 }
 
@@ -216,9 +219,7 @@ fn rand_id() -> u128 {
 /// Waits for the whole completion (dropping `events` on a client disconnect stops the work).
 async fn whole_response(
     mut events: mpsc::UnboundedReceiver<Event>,
-    request: Completion,
-    id: String,
-    created: u64,
+    envelope: Envelope,
 ) -> Response {
     let mut text = String::new();
     let mut prompt_tokens = 0;
@@ -230,16 +231,11 @@ async fn whole_response(
                 finish_reason,
                 completion_tokens,
             } => {
-                let body = openai::completion_body(
-                    &id,
-                    created,
-                    &request.model,
-                    &text,
-                    finish_reason,
+                let usage = Usage {
                     prompt_tokens,
                     completion_tokens,
-                );
-                return Json(body).into_response();
+                };
+                return Json(envelope.completion(&text, finish_reason, usage)).into_response();
             }
             Event::Error(e) => return error_response(&e),
         }
@@ -253,9 +249,8 @@ async fn whole_response(
 /// drops both, and the scheduler stops its generation.
 async fn stream_response(
     mut events: mpsc::UnboundedReceiver<Event>,
-    request: Completion,
-    id: String,
-    created: u64,
+    envelope: Envelope,
+    include_usage: bool,
     slot: Slot,
 ) -> Response {
     // Wait for the start (or the refusal) so that an error gets its HTTP status.
@@ -264,41 +259,29 @@ async fn stream_response(
         Some(Event::Error(e)) => return error_response(&e),
         _ => return error_response(&ApiError::unavailable("the pg_llm worker stopped")),
     };
-    let model = request.model.clone();
-    let include_usage = request.include_usage;
+    let envelope = Arc::new(envelope);
     let chunks = stream::unfold((events, false, slot), move |(mut events, done, slot)| {
-        let (id, model) = (id.clone(), model.clone());
+        let envelope = envelope.clone();
         async move {
             if done {
                 return None;
             }
             let data: Vec<String> = match events.recv().await {
-                Some(Event::Text(t)) => {
-                    vec![openai::chunk_body(&id, created, &model, &t, None).to_string()]
-                }
+                Some(Event::Text(t)) => vec![envelope.chunk(&t, None).to_string()],
                 Some(Event::Done {
                     finish_reason,
                     completion_tokens,
                 }) => {
-                    let mut out =
-                        vec![
-                            openai::chunk_body(&id, created, &model, "", Some(finish_reason))
-                                .to_string(),
-                        ];
+                    let mut out = vec![envelope.chunk("", Some(finish_reason)).to_string()];
                     if include_usage {
-                        out.push(
-                            openai::usage_chunk_body(
-                                &id,
-                                created,
-                                &model,
-                                prompt_tokens,
-                                completion_tokens,
-                            )
-                            .to_string(),
-                        );
+                        let usage = Usage {
+                            prompt_tokens,
+                            completion_tokens,
+                        };
+                        out.push(envelope.usage_chunk(usage).to_string());
                     }
                     out.push("[DONE]".into());
-                    return Some((out, (events, true, slot)));
+                    out
                 }
                 Some(Event::Error(e)) => vec![e.body().to_string(), "[DONE]".into()],
                 Some(Event::Started { .. }) => Vec::new(),

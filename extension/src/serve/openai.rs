@@ -262,67 +262,57 @@ fn parse_prompt(v: Option<&Value>) -> Result<Prompt, ApiError> {
     }
 }
 
-/// The body of a finished completion.
-pub fn completion_body(
-    id: &str,
-    created: u64,
-    model: &str,
-    text: &str,
-    finish_reason: &str,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-) -> Value {
-    json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": Value::Null, "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens),
-    })
+/// What every body of one completion repeats: its id, creation time and model.
+pub struct Envelope {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
 }
 
-/// One server-sent event of a streamed completion.
-pub fn chunk_body(
-    id: &str,
-    created: u64,
-    model: &str,
-    text: &str,
-    finish_reason: Option<&str>,
-) -> Value {
-    json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": Value::Null, "finish_reason": finish_reason}],
-    })
+/// Tokens in and out of a completion.
+#[derive(Clone, Copy)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
 }
 
-/// The last event of a stream with `stream_options.include_usage`: no choices, the usage.
-pub fn usage_chunk_body(
-    id: &str,
-    created: u64,
-    model: &str,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-) -> Value {
-    json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
-    })
-}
+impl Envelope {
+    fn body(&self, choices: Value, usage: Option<Usage>) -> Value {
+        let mut body = json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            body["usage"] = json!({
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "total_tokens": u.prompt_tokens + u.completion_tokens,
+            });
+        }
+        body
+    }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    })
+    fn choice(text: &str, finish_reason: Option<&str>) -> Value {
+        json!([{"text": text, "index": 0, "logprobs": Value::Null, "finish_reason": finish_reason}])
+    }
+
+    /// The body of a finished completion.
+    pub fn completion(&self, text: &str, finish_reason: &str, usage: Usage) -> Value {
+        self.body(Self::choice(text, Some(finish_reason)), Some(usage))
+    }
+
+    /// One server-sent event of a streamed completion.
+    pub fn chunk(&self, text: &str, finish_reason: Option<&str>) -> Value {
+        self.body(Self::choice(text, finish_reason), None)
+    }
+
+    /// The last event of a stream with `stream_options.include_usage`: no choices, the usage.
+    pub fn usage_chunk(&self, usage: Usage) -> Value {
+        self.body(json!([]), Some(usage))
+    }
 }
 
 /// `GET /v1/models`: (name, owner role) of each model.

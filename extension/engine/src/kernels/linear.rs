@@ -94,12 +94,7 @@ pub fn linear_into(
     acc: Accumulate,
     cancel: Cancel,
 ) -> Result<()> {
-    assert_eq!(x.len(), t * d_in, "linear: x");
-    assert_eq!(w.len(), d_out * d_in, "linear: w");
-    assert_eq!(y.len(), t * d_out, "linear: y");
-    if let Some(b) = b {
-        assert_eq!(b.len(), d_out, "linear: b");
-    }
+    check_shapes(y, x, w, b, (t, d_in, d_out));
     if t <= SMALL_T {
         linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
         return Ok(());
@@ -151,10 +146,24 @@ pub fn linear_each_row_into(
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
 ) {
+    check_shapes(y, x, w, b, (t, d_in, d_out));
+    linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
+}
+
+/// The callers' contract: x [t, in], w [out, in], y [t, out], b [out].
+fn check_shapes(
+    y: &[f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (t, d_in, d_out): (usize, usize, usize),
+) {
     assert_eq!(x.len(), t * d_in, "linear: x");
     assert_eq!(w.len(), d_out * d_in, "linear: w");
     assert_eq!(y.len(), t * d_out, "linear: y");
-    linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
+    if let Some(b) = b {
+        assert_eq!(b.len(), d_out, "linear: b");
+    }
 }
 
 /// The memory-bound case (few rows, or rows that must not influence each other): each weight

@@ -541,6 +541,16 @@ mod tests {
     use crate::model::init::init_params;
     use crate::model::MapSource;
 
+    /// The tiny GPT-3, and a post-LN one with a padded embedding table.
+    fn pre_and_post_ln() -> [ModelConfig; 2] {
+        let post = ModelConfig {
+            ln_placement: LnPlacement::Post,
+            padded_vocab: Some(16),
+            ..tiny_gpt3()
+        };
+        [tiny_gpt3(), post]
+    }
+
     fn model(cfg: ModelConfig) -> Model {
         let mut src = MapSource::new(init_params(&cfg, 3).unwrap());
         Model::new(cfg.clone(), ModelWeights::load(&cfg, &mut src).unwrap()).unwrap()
@@ -550,12 +560,7 @@ mod tests {
     /// one-token step (the batch takes the four-row and the one-row paths of the kernels).
     #[test]
     fn decoding_together_is_bitwise_decoding_alone() {
-        let post = ModelConfig {
-            ln_placement: LnPlacement::Post,
-            padded_vocab: Some(16),
-            ..tiny_gpt3()
-        };
-        for cfg in [tiny_gpt3(), post] {
+        for cfg in pre_and_post_ln() {
             let m = model(cfg);
             let prompts: Vec<Vec<u32>> = (0..6)
                 .map(|s| (0..=s).map(|i| ((i * 5 + s) % 11) as u32).collect())
@@ -594,12 +599,7 @@ mod tests {
     /// a padded embedding table.
     #[test]
     fn cached_chunks_match_one_pass() {
-        let post = ModelConfig {
-            ln_placement: LnPlacement::Post,
-            padded_vocab: Some(16),
-            ..tiny_gpt3()
-        };
-        for cfg in [tiny_gpt3(), post] {
+        for cfg in pre_and_post_ln() {
             let m = model(cfg);
             let tokens: Vec<u32> = (0..13).map(|i| (i * 7 % 11) as u32).collect();
             let whole = m.logits(&tokens, Cancel::NEVER).unwrap();
