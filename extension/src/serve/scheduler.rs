@@ -65,6 +65,7 @@ pub fn run(jobs: Receiver<Job>, limits: &Limits) {
         if shutdown_requested() {
             break;
         }
+        absorb_barriers();
         if BackgroundWorker::sighup_received() {
             // SAFETY: the worker's thread, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -108,6 +109,19 @@ pub fn run(jobs: Receiver<Job>, limits: &Limits) {
     }
     for r in running {
         let _ = r.out.events.send(Event::Error(gone.clone()));
+    }
+}
+
+/// Answers PostgreSQL's process-signal barriers (which commands such as DROP DATABASE wait on
+/// in every process) without taking other interrupts: the loop never runs
+/// CHECK_FOR_INTERRUPTS, whose cancel or die handling would end the worker with an ERROR.
+fn absorb_barriers() {
+    // SAFETY: a flag set by PostgreSQL's SIGUSR1 handler, and its own absorbing function,
+    // called on the worker's thread outside any transaction.
+    unsafe {
+        if std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::ProcSignalBarrierPending)) != 0 {
+            pg_sys::ProcessProcSignalBarrier();
+        }
     }
 }
 
