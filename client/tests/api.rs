@@ -378,6 +378,11 @@ async fn timeouts_and_cancels_stop_calls_and_streams() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // PostgreSQL signals a cancelled backend twice (the process, then its process group); the
+    // second signal can land a moment after the first ended the call. Idle, the backend
+    // ignores it; the next call must not start before then (the CI run of 2026-12-06 saw it
+    // cancel the next statement 2 ms later).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     client.execute("SELECT 1").await.unwrap();
     client.set_timeout(None);
 

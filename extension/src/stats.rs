@@ -388,6 +388,11 @@ pub fn prometheus(versions: &[(String, i64)]) -> String {
         };
         text.push_str(&format!("pg_llm_{}{labels} {}\n", s.name, s.value));
     }
+    // A family without samples yet is still described, so scrapers and readers know it.
+    if !described.contains("errors_total") {
+        text.push_str("# HELP pg_llm_errors_total pg_llm errors by SQLSTATE.\n");
+        text.push_str("# TYPE pg_llm_errors_total counter\n");
+    }
     text
 }
 

@@ -319,3 +319,42 @@ def test_query_returns_rows_as_typed_dicts(db, model):
         db.query("SELECT '1 day'::interval AS i")
     with pytest.raises(BadInputError):
         db.query("SELECT 1/0")
+
+
+def test_the_same_new_tokenizer_loaded_by_two_connections_at_once(dsn, tmp_path):
+    """Both loads succeed and share one stored tokenizer: the second insert waits for the
+    first and then finds its row (once failed with 'SpiTupleTable positioned before the
+    start', the row being invisible to the waiting statement's snapshot)."""
+    from conftest import FIXTURES
+
+    vocab = (FIXTURES / "tokenizer" / "encoder.json").read_text(encoding="utf-8")
+    merges = (FIXTURES / "tokenizer" / "vocab.bpe").read_text(encoding="utf-8")
+    for attempt in range(4):
+        # Content no earlier run stored: a different amount of trailing whitespace.
+        files = tmp_path / f"attempt{attempt}"
+        files.mkdir()
+        (files / "vocab.json").write_text(vocab + " " * (time.time_ns() % 997 + 1), encoding="utf-8")
+        (files / "merges.txt").write_text(merges, encoding="utf-8")
+        barrier = threading.Barrier(2)
+        errors = []
+
+        def load(i):
+            try:
+                with Client(dsn) as db:
+                    register(db, f"py-tok-race-{i}", "1, 2, 16, 8, 64, 16, 50257")
+                    barrier.wait()
+                    db.load_tokenizer(files / "vocab.json", files / "merges.txt",
+                                      model=f"py-tok-race-{i}")
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with Client(dsn) as db:
+            ids = db.query("SELECT DISTINCT tokenizer_id FROM llm_model_tokenizer "
+                           "WHERE model LIKE 'py-tok-race-%'")
+            assert len(ids) == 1, ids

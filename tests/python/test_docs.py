@@ -1,5 +1,6 @@
 """The documents are true to the code: every pg_llm SQL name they mention exists on the server
-(a function, procedure, table or view of the extension, one of its roles or policies), and
+(a function, procedure, table or view of the extension, one of its roles or policies, a metric
+of llm_metrics()), and
 every Python method and CLI command docs/python.md names exists in the package."""
 import re
 from pathlib import Path
@@ -31,6 +32,12 @@ def test_every_sql_name_in_the_docs_exists(db):
         "JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = p.polrelid AND d.deptype = 'e' "
         "JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_llm'")}
     assert len(objects) > 50
+    # The Prometheus metrics (docs/serving.md), as llm_metrics() names them, with and without
+    # a histogram's _bucket / _sum / _count.
+    metrics = {line.removeprefix("# TYPE ").split("{")[0].split(" ")[0]
+               for line in db.query("SELECT llm_metrics() AS m")[0]["m"].splitlines()
+               if line.startswith(("pg_llm_", "# TYPE pg_llm_"))}
+    objects |= metrics | {re.sub(r"_(bucket|sum|count)$", "", m) for m in metrics}
     missing = {}
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")

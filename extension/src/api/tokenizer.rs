@@ -13,14 +13,36 @@ fn attach(model: &str, vocab: &str, merges: &str) -> Result<i32> {
     store::load_config(model)?;
     let bpe = Bpe::new(vocab, merges)?;
     let n = bpe.vocab_size() as i32;
-    let id = Spi::get_one_with_args::<i64>(
-        "WITH ins AS (INSERT INTO llm_tokenizer (digest, vocab, merges, n_tokens) \
-                      VALUES (md5($1 || E'\\x1f' || $2), $1, $2, $3) ON CONFLICT (digest) DO NOTHING RETURNING id) \
-         SELECT id FROM ins UNION ALL SELECT id FROM llm_tokenizer WHERE digest = md5($1 || E'\\x1f' || $2) LIMIT 1",
-        &[vocab.into(), merges.into(), n.into()],
-    )
-    .map_err(spi_error)?
-    .ok_or_else(|| EngineError::data("could not store the tokenizer"))?;
+    let stored = Spi::connect_mut(|client| {
+        let rows = client.update(
+            "WITH ins AS (INSERT INTO llm_tokenizer (digest, vocab, merges, n_tokens) \
+                          VALUES (md5($1 || E'\\x1f' || $2), $1, $2, $3) ON CONFLICT (digest) DO NOTHING RETURNING id) \
+             SELECT id FROM ins UNION ALL SELECT id FROM llm_tokenizer WHERE digest = md5($1 || E'\\x1f' || $2) LIMIT 1",
+            None,
+            &[vocab.into(), merges.into(), n.into()],
+        )?;
+        if rows.is_empty() {
+            Ok(None)
+        } else {
+            rows.first().get_one::<i64>()
+        }
+    })
+    .map_err(spi_error)?;
+    let id = match stored {
+        Some(id) => id,
+        // Another transaction stored the same files and committed while this insert waited
+        // on it: the statement's snapshot predates that row, the next statement's does not.
+        None => spi::read_one::<i64>(
+            "SELECT id FROM llm_tokenizer WHERE digest = md5($1 || E'\\x1f' || $2)",
+            &[vocab.into(), merges.into()],
+        )?
+        // (Not even then under REPEATABLE READ or SERIALIZABLE: a retry will see it.)
+        .ok_or_else(|| {
+            EngineError::Conflict(
+                "a concurrent transaction stored the same tokenizer; retry the call".into(),
+            )
+        })?,
+    };
     Spi::run_with_args(
         "INSERT INTO llm_model_tokenizer (model, tokenizer_id) VALUES ($1, $2) \
          ON CONFLICT (model) DO UPDATE SET tokenizer_id = EXCLUDED.tokenizer_id",
