@@ -12,7 +12,8 @@ export PG_GPT3_HTTP_DATABASE=pg_gpt3_demo
 "$REPO_ROOT/scripts/cluster.sh" stop
 "$REPO_ROOT/scripts/cluster.sh" start
 BIN="$(pg_bindir)"
-"$BIN/psql" "$(local_dsn)" -q -c "DROP DATABASE IF EXISTS pg_gpt3_demo" -c "CREATE DATABASE pg_gpt3_demo"
+# FORCE: the HTTP worker serving the demo database is connected to it.
+"$BIN/psql" "$(local_dsn)" -q -c "DROP DATABASE IF EXISTS pg_gpt3_demo WITH (FORCE)" -c "CREATE DATABASE pg_gpt3_demo"
 log "running the demo"
 cd "$REPO_ROOT"
 "$BIN/psql" "$(local_dsn pg_gpt3_demo)" -X -v ON_ERROR_STOP=1 -f "$REPO_ROOT/scripts/demo.sql"
@@ -24,8 +25,10 @@ for _ in $(seq 1 100); do
 done
 KEY="$("$BIN/psql" "$(local_dsn pg_gpt3_demo)" -X -A -t -q -c "SELECT llm_create_api_key('postgres', 'demo')")"
 set -x
+# The SQL demo's sampled continuation again (same settings and seed, so the same text).
 curl -sS "$URL/v1/completions" -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \
-    -d '{"model": "demo-tiny", "prompt": "The library", "max_tokens": 12, "temperature": 0}'
+    -d '{"model": "demo-tiny", "prompt": "The library", "max_tokens": 16, "temperature": 0.7,
+         "top_k": 20, "top_p": 0.95, "seed": 3}'
 echo
 curl -sS -N "$URL/v1/completions" -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \
     -d '{"model": "demo-tiny", "prompt": "The library", "max_tokens": 4, "temperature": 0, "stream": true}'

@@ -389,3 +389,20 @@ def test_several_workers_share_the_port():
         assert texts == [expected] * 12
     finally:
         cluster.stop()
+
+
+def test_a_terminated_worker_comes_back(server):
+    """pg_terminate_backend (as DROP DATABASE ... WITH (FORCE) does) ends the worker; the
+    postmaster starts it again after its restart time and it serves as before."""
+    db, keys = server
+    pid = _value(db, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_llm http'")
+    assert _value(db, f"SELECT pg_terminate_backend({pid})") is True
+    deadline = time.monotonic() + 30
+    while _value(db, "SELECT count(*) FROM pg_stat_activity "
+                     f"WHERE backend_type = 'pg_llm http' AND pid <> {pid}") == 0:
+        assert time.monotonic() < deadline, "the worker was not started again:\n" + CLUSTER.log()
+        time.sleep(0.2)
+    wait_healthy(URL, CLUSTER)
+    done = _openai(keys["reader"]).completions.create(model=MODEL, prompt=PROMPTS[7],
+                                                      max_tokens=4, temperature=0)
+    assert done.choices[0].text == _sql_generate(db, PROMPTS[7], 4)

@@ -207,6 +207,12 @@ pub extern "C-unwind" fn pg_llm_http_main(_arg: pg_sys::Datum) {
     }
     scheduler::run(jobs, &limits);
     log!("pg_llm http worker on {addr} stopped");
+    // Exit status 1 asks the postmaster to start the worker again after its restart time (0
+    // would deregister it for the server's life): a SIGTERM that is not a shutdown (DROP
+    // DATABASE ... WITH (FORCE), pg_terminate_backend) must not end the endpoint for good.
+    // During a shutdown the postmaster restarts nothing.
+    // SAFETY: ends the process the way PostgreSQL's own code does.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// Copies the reloadable settings for the HTTP thread.
