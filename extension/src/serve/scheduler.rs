@@ -416,9 +416,10 @@ fn as_key_role<R>(
     body: impl FnOnce() -> pg_llm_engine::Result<R>,
 ) -> Result<R, ApiError> {
     let anonymous = anonymous_role();
-    let role = in_transaction(|| {
+    // One transaction: the role is looked up as the worker, then the body runs as that role.
+    let out = in_transaction(|| {
         set_search_path()?;
-        Ok(match key {
+        let role = match key {
             Some(k) => spi::read_one::<pg_sys::Oid>(
                 "SELECT r.oid FROM llm_api_key a JOIN pg_catalog.pg_roles r ON r.rolname = a.role_name
                   WHERE a.key_digest = pg_catalog.sha256(pg_catalog.convert_to($1, 'UTF8'))",
@@ -431,18 +432,10 @@ fn as_key_role<R>(
                 )?,
                 None => None,
             },
-        })
-    })?;
-    let Some(role) = role else {
-        return Err(match key {
-            Some(_) => ApiError::unauthorized("invalid API key"),
-            None => ApiError::unauthorized(
-                "an API key is required (Authorization: Bearer <key>; see llm_create_api_key)",
-            ),
-        });
-    };
-    in_transaction(|| {
-        set_search_path()?;
+        };
+        let Some(role) = role else {
+            return Ok(None);
+        };
         let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
         // SAFETY: switches the current user for this transaction only (an abort restores it).
         unsafe {
@@ -455,6 +448,12 @@ fn as_key_role<R>(
         let out = body();
         // SAFETY: as above.
         unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-        out
+        out.map(Some)
+    })?;
+    out.ok_or_else(|| match key {
+        Some(_) => ApiError::unauthorized("invalid API key"),
+        None => ApiError::unauthorized(
+            "an API key is required (Authorization: Bearer <key>; see llm_create_api_key)",
+        ),
     })
 }

@@ -166,6 +166,13 @@ fn check_shapes(
     }
 }
 
+/// cells[i] = dots[i] + bias.
+fn put<const N: usize>(cells: &mut [f32], dots: [f32; N], bias: f32) {
+    for (c, d) in cells.iter_mut().zip(dots) {
+        *c = d + bias;
+    }
+}
+
 /// The memory-bound case (few rows, or rows that must not influence each other): each weight
 /// row is read once and dotted with every row of x, eight or four rows at a time (`simd::dot8`,
 /// `simd::dot4`: the same bits as one `simd::dot` per row); tasks own ranges of output rows.
@@ -182,20 +189,16 @@ fn linear_each_row(
     // a time.
     let rest_of_row = |cell: &mut [f32], mut ti: usize, row: &[f32], bias: f32| {
         while ti + 8 <= t {
-            let dots = simd::dot8(std::array::from_fn(|k| x_row(ti + k)), row);
-            for (c, d) in cell[ti..ti + 8].iter_mut().zip(dots) {
-                *c = d + bias;
-            }
+            put(
+                &mut cell[ti..ti + 8],
+                simd::dot8(std::array::from_fn(|k| x_row(ti + k)), row),
+                bias,
+            );
             ti += 8;
         }
         while ti + 4 <= t {
-            let dots = simd::dot4(
-                [x_row(ti), x_row(ti + 1), x_row(ti + 2), x_row(ti + 3)],
-                row,
-            );
-            for (c, d) in cell[ti..ti + 4].iter_mut().zip(dots) {
-                *c = d + bias;
-            }
+            let rows = [x_row(ti), x_row(ti + 1), x_row(ti + 2), x_row(ti + 3)];
+            put(&mut cell[ti..ti + 4], simd::dot4(rows, row), bias);
             ti += 4;
         }
         for (i, c) in cell.iter_mut().enumerate().skip(ti) {
@@ -223,12 +226,8 @@ fn linear_each_row(
                             while ti + 8 <= t {
                                 let rows = std::array::from_fn(|k| x_row(ti + k));
                                 let [d1, d2] = simd::dot8x2(rows, [row, row2]);
-                                for (c, d) in cell[ti..ti + 8].iter_mut().zip(d1) {
-                                    *c = d + bias;
-                                }
-                                for (c, d) in next[ti..ti + 8].iter_mut().zip(d2) {
-                                    *c = d + bias2;
-                                }
+                                put(&mut cell[ti..ti + 8], d1, bias);
+                                put(&mut next[ti..ti + 8], d2, bias2);
                                 ti += 8;
                             }
                             rest_of_row(next, ti, row2, bias2);
