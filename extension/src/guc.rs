@@ -29,6 +29,9 @@ pub static TRAIN_RECOMPUTE: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// gradients of the passes are accumulated into the step's (0 = the whole batch at once).
 pub static TRAIN_MICRO_BATCH: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `pg_llm.autograd`: tensor kernels record their calls on this session's tape (tape.rs).
+pub static AUTOGRAD: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// The bound of `pg_llm.weight_cache_size` in bytes.
 pub fn weight_cache_bytes() -> u64 {
     WEIGHT_CACHE_MB.get().max(1) as u64 * (1 << 20)
@@ -57,6 +60,16 @@ pub fn register() {
         0,
         pg_llm_engine::parallel::MAX_THREADS as i32,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_llm.autograd",
+        c"Record every tensor kernel call on this session's autograd tape.",
+        c"While on, each pg_llm_* kernel call adds its inputs, output and attributes to the \
+          session's tape (the llm_tape and llm_tensor_rt views), and llm_backprop computes \
+          gradients over it. The tape lives in the session's memory until llm_tape_reset().",
+        &AUTOGRAD,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(

@@ -20,6 +20,7 @@ mod serve;
 mod spi;
 mod stats;
 mod store;
+mod tape;
 mod tokenizer_cache;
 mod training;
 mod weight_cache;
@@ -47,6 +48,11 @@ pgrx::extension_sql_file!(
     "../sql/privileges.sql",
     name = "privileges",
     requires = ["training", "tokenizer"]
+);
+pgrx::extension_sql_file!(
+    "../sql/relational.sql",
+    name = "relational",
+    requires = ["privileges", llm_param_tensor, llm_tape_records, llm_tape_tensors, pg_llm_linear, pg_llm_embedding, pg_llm_causal_attention]
 );
 pgrx::extension_sql_file!(
     "../sql/serving.sql",

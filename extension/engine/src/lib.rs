@@ -17,6 +17,7 @@ pub mod optim;
 pub mod parallel;
 pub mod sample;
 pub mod simd;
+pub mod tape;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;

@@ -4,12 +4,14 @@ use pg_llm_engine::kernels::attention::{
     attention_block_backward, attention_block_forward, AttnBlockWeights,
 };
 use pg_llm_engine::kernels::{cross_entropy, dropout, elementwise, layernorm, matmul, softmax};
+use pg_llm_engine::tape::Op;
 use pg_llm_engine::{sample::rng_from_seed, tensor, EngineError};
 use pgrx::prelude::*;
 
 use super::args::{dim, finite, logits as logits_arg, required, tensor, tensor_exact};
 use super::float32_bytea::Float32Bytea;
 use crate::errors::{cancel, run};
+use crate::tape;
 
 /// [m, k] · [k, n] → [m, n].
 #[pg_extern(immutable, parallel_safe)]
@@ -27,14 +29,9 @@ fn pg_llm_matmul(
         let a = tensor_exact(a, "a", a_len, &format!("[m={m}, k={k}]"))?;
         let b = tensor_exact(b, "b", b_len, &format!("[k={k}, n={n}]"))?;
         // matmul checks its result (22003 beyond float32's range).
-        Ok(Float32Bytea::from(matmul::matmul(
-            &a,
-            &b,
-            m,
-            k,
-            n,
-            cancel(),
-        )?))
+        let y = matmul::matmul(&a, &b, m, k, n, cancel())?;
+        tape::record(Op::MatMul { m, k, n }, &[&a, &b], &y, vec![m, n])?;
+        Ok(Float32Bytea::from(y))
     })
 }
 
@@ -42,10 +39,10 @@ fn pg_llm_matmul(
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_add", || {
-        Ok(Float32Bytea::from(elementwise::add(
-            &tensor(a, "a")?,
-            &tensor(b, "b")?,
-        )?))
+        let (a, b) = (tensor(a, "a")?, tensor(b, "b")?);
+        let y = elementwise::add(&a, &b)?;
+        tape::record(Op::Add, &[&a, &b], &y, vec![y.len()])?;
+        Ok(Float32Bytea::from(y))
     })
 }
 
@@ -53,9 +50,10 @@ fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Float32Bytea {
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_gelu(a: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_gelu", || {
-        Ok(Float32Bytea::from(elementwise::gelu_forward(&tensor(
-            a, "a",
-        )?)))
+        let a = tensor(a, "a")?;
+        let y = elementwise::gelu_forward(&a);
+        tape::record(Op::Gelu, &[&a], &y, vec![y.len()])?;
+        Ok(Float32Bytea::from(y))
     })
 }
 
@@ -77,27 +75,25 @@ fn cols_or_all(cols: Option<i32>, len: usize) -> pg_llm_engine::Result<usize> {
     }
 }
 
+fn softmax_recorded(a: Option<&[u8]>, cols: Option<i32>) -> pg_llm_engine::Result<Float32Bytea> {
+    let a = logits_arg(a, "a")?;
+    let cols = cols_or_all(cols, a.len())?;
+    let y = softmax::softmax_forward(&a, cols)?;
+    tape::record(Op::Softmax { cols }, &[&a], &y, vec![y.len() / cols, cols])?;
+    Ok(Float32Bytea::from(y))
+}
+
 /// Softmax over the whole vector (pg_gpt2 semantics).
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_softmax(a: Option<&[u8]>) -> Float32Bytea {
-    run("pg_llm_softmax", || {
-        let a = logits_arg(a, "a")?;
-        Ok(Float32Bytea::from(softmax::softmax_forward(
-            &a,
-            cols_or_all(None, a.len())?,
-        )?))
-    })
+    run("pg_llm_softmax", || softmax_recorded(a, None))
 }
 
 /// Softmax of each row of a [rows, cols] matrix.
 #[pg_extern(immutable, parallel_safe, name = "pg_llm_softmax")]
 fn pg_llm_softmax_rows(a: Option<&[u8]>, cols: Option<i32>) -> Float32Bytea {
     run("pg_llm_softmax", || {
-        let a = logits_arg(a, "a")?;
-        Ok(Float32Bytea::from(softmax::softmax_forward(
-            &a,
-            cols_or_all(Some(required(cols, "cols")?), a.len())?,
-        )?))
+        softmax_recorded(a, Some(required(cols, "cols")?))
     })
 }
 
@@ -141,12 +137,11 @@ fn pg_llm_layernorm(
     eps: Option<f32>,
 ) -> Float32Bytea {
     run("pg_llm_layernorm", || {
-        let y = layernorm::layernorm_forward(
-            &tensor(x, "x")?,
-            &tensor(gamma, "gamma")?,
-            &tensor(beta, "beta")?,
-            finite(eps, "eps")?,
-        )?;
+        let (x, gamma, beta) = (tensor(x, "x")?, tensor(gamma, "gamma")?, tensor(beta, "beta")?);
+        let eps = finite(eps, "eps")?;
+        let y = layernorm::layernorm_forward(&x, &gamma, &beta, eps)?;
+        let shape = vec![y.len() / gamma.len().max(1), gamma.len()];
+        tape::record(Op::LayerNorm { eps }, &[&x, &gamma, &beta], &y, shape)?;
         Ok(Float32Bytea::from(y))
     })
 }
@@ -179,10 +174,45 @@ fn pg_llm_layernorm_backward(
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_cross_entropy(logits: Option<&[u8]>, target: Option<i32>) -> f32 {
     run("pg_llm_cross_entropy", || {
-        cross_entropy::cross_entropy_forward(
+        cross_entropy_recorded(logits, vec![required(target, "target")? as i64])
+    })
+}
+
+/// Mean over the rows of a [len(targets), vocab] logits matrix of −log softmax(row)[target]:
+/// the loss of a sequence's positions (`llm_loss` of a forward composed in SQL).
+#[pg_extern(immutable, parallel_safe)]
+fn pg_llm_cross_entropy_mean(logits: Option<&[u8]>, targets: Option<Vec<Option<i32>>>) -> f32 {
+    run("pg_llm_cross_entropy_mean", || {
+        cross_entropy_recorded(logits, target_ids(targets)?)
+    })
+}
+
+fn target_ids(targets: Option<Vec<Option<i32>>>) -> pg_llm_engine::Result<Vec<i64>> {
+    let ids = required(targets, "targets")?;
+    ids.into_iter()
+        .map(|t| Ok(required(t, "an element of targets")? as i64))
+        .collect()
+}
+
+fn cross_entropy_recorded(logits: Option<&[u8]>, targets: Vec<i64>) -> pg_llm_engine::Result<f32> {
+    let logits = logits_arg(logits, "logits")?;
+    let loss = cross_entropy::mean_cross_entropy(&logits, &targets)?;
+    tape::record(Op::CrossEntropy { targets }, &[&logits], &[loss], vec![1])?;
+    Ok(loss)
+}
+
+/// (softmax(row) − onehot(target)) / rows for every row: the gradient of the mean loss.
+#[pg_extern(immutable, parallel_safe)]
+fn pg_llm_cross_entropy_mean_backward(
+    logits: Option<&[u8]>,
+    targets: Option<Vec<Option<i32>>>,
+) -> Float32Bytea {
+    run("pg_llm_cross_entropy_mean_backward", || {
+        let g = cross_entropy::mean_cross_entropy_backward(
             &logits_arg(logits, "logits")?,
-            required(target, "target")? as i64,
-        )
+            &target_ids(targets)?,
+        )?;
+        Ok(Float32Bytea::from(g))
     })
 }
 
@@ -209,12 +239,10 @@ fn pg_llm_dropout(
     run("pg_llm_dropout", || {
         let x = tensor(input, "input")?;
         let mut rng = rng_from_seed(seed);
-        Ok(Float32Bytea::from(dropout::dropout_forward(
-            &x,
-            finite(p, "p")?,
-            required(training, "training")?,
-            &mut rng,
-        )?))
+        let (p, training) = (finite(p, "p")?, required(training, "training")?);
+        let y = dropout::dropout_forward(&x, p, training, &mut rng)?;
+        tape::record(Op::Dropout { p, training }, &[&x], &y, vec![y.len()])?;
+        Ok(Float32Bytea::from(y))
     })
 }
 
@@ -266,7 +294,9 @@ fn pg_llm_transpose(src: Option<&[u8]>, rows: Option<i32>, cols: Option<i32>) ->
         let (r, c) = (dim(rows, "rows")?, dim(cols, "cols")?);
         let n = tensor::numel(&[r, c], "src")?;
         let src = tensor_exact(src, "src", n, &format!("[rows={r}, cols={c}]"))?;
-        Ok(Float32Bytea::from(elementwise::transpose(&src, r, c)?))
+        let y = elementwise::transpose(&src, r, c)?;
+        tape::record(Op::Transpose { rows: r, cols: c }, &[&src], &y, vec![c, r])?;
+        Ok(Float32Bytea::from(y))
     })
 }
 
@@ -348,14 +378,15 @@ fn pg_llm_attention(
 ) -> Float32Bytea {
     run("pg_llm_attention", || {
         let a = BlockArgs::parse(x, w_qkv, b_qkv, w_o, b_o, n_head, t, d)?;
-        Ok(Float32Bytea::from(attention_block_forward(
-            &a.x,
-            a.weights(),
-            a.t,
-            a.d,
-            a.n_head,
-            cancel(),
-        )?))
+        let y = attention_block_forward(&a.x, a.weights(), a.t, a.d, a.n_head, cancel())?;
+        let op = Op::AttentionBlock {
+            n_head: a.n_head,
+            t: a.t,
+            d: a.d,
+        };
+        let inputs: [&[f32]; 5] = [&a.x, &a.w_qkv, &a.b_qkv, &a.w_o, &a.b_o];
+        tape::record(op, &inputs, &y, vec![a.t, a.d])?;
+        Ok(Float32Bytea::from(y))
     })
 }
 

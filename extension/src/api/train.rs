@@ -4,6 +4,7 @@
 //! dataset.rs (how a run walks its data).
 
 use pg_llm_engine::memory;
+use pg_llm_engine::model::weights::{packed_len, packed_tensors, packing};
 use pg_llm_engine::model::Batch;
 use pg_llm_engine::optim::{lr_schedule, AdamW};
 use pg_llm_engine::train::StepSettings;
@@ -12,6 +13,7 @@ use pgrx::prelude::*;
 use pgrx::Array;
 
 use super::args::{self, finite, required, token_matrix};
+use super::float32_bytea::Float32Bytea;
 use crate::dataset::{self, Samples};
 use crate::errors::{cancel, report, run};
 use crate::training::{self, Session};
@@ -109,6 +111,48 @@ fn llm_loss(model: Option<&str>, tokens: Option<Array<i32>>, targets: Option<Arr
             cancel(),
         )
     })
+}
+
+/// The gradient of `llm_loss` with respect to every parameter, as rows (nothing is stored):
+/// what a training step would apply before clipping, and what the relational path's
+/// `llm_backprop` is checked against.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn llm_grads(
+    model: Option<&str>,
+    tokens: Option<Array<i32>>,
+    targets: Option<Array<i32>>,
+) -> TableIterator<'static, (name!(name, String), name!(shape, Vec<i32>), name!(grad, Float32Bytea))>
+{
+    let rows = run("llm_grads", || {
+        let model = args::model_name(model, "model")?;
+        let (t, y, sequences, len) = batch_arrays(tokens, targets)?;
+        let what = format!("gradients over {sequences} × {len} tokens of \"{model}\"");
+        let loaded = model_cache::get_within(model, &what, |cfg| {
+            memory::training(cfg, sequences * len, false, guc::threads())
+        })?;
+        let cfg = &loaded.config;
+        let mut grads = pg_llm_engine::tensor::alloc_zeroed(packed_len(cfg)?)?;
+        let batch = Batch {
+            tokens: &t,
+            targets: &y,
+            sequences,
+            len,
+        };
+        loaded.loss_and_grads(batch, Some(&mut grads), cancel())?;
+        let shapes: std::collections::HashMap<String, Vec<usize>> = packing(cfg)
+            .into_iter()
+            .filter_map(|s| Some((s.name?, s.shape)))
+            .collect();
+        Ok(packed_tensors(cfg)
+            .into_iter()
+            .map(|(name, range)| {
+                let shape = shapes[&name].iter().map(|&d| d as i32).collect();
+                (name, shape, Float32Bytea::from(grads[range].to_vec()))
+            })
+            .collect::<Vec<_>>())
+    });
+    TableIterator::new(rows)
 }
 
 /// One AdamW step on one sequence (1-D arrays) or a batch (2-D), without dropout. Returns the

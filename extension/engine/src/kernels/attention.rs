@@ -589,6 +589,63 @@ fn block_attention(
     Ok((qkv, attn))
 }
 
+/// q | k | v [T, W] each, side by side in one [T, 3W] matrix (the fused layout).
+fn fuse_qkv(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Result<Vec<f32>> {
+    let w = s.width();
+    for (name, m) in [("q", q), ("k", k), ("v", v)] {
+        if m.len() != s.t * w {
+            return Err(EngineError::invalid(format!(
+                "{name} has {} values but [T={}, {w}] needs {}",
+                m.len(),
+                s.t,
+                s.t * w
+            )));
+        }
+    }
+    let mut qkv = tensor::alloc_zeroed(s.t * 3 * w)?;
+    for (r, row) in qkv.chunks_exact_mut(3 * w).enumerate() {
+        row[..w].copy_from_slice(&q[r * w..(r + 1) * w]);
+        row[w..2 * w].copy_from_slice(&k[r * w..(r + 1) * w]);
+        row[2 * w..].copy_from_slice(&v[r * w..(r + 1) * w]);
+    }
+    Ok(qkv)
+}
+
+/// Causal attention of separate q, k, v [T, H·dh] (the outputs of three projections): the
+/// SQL kernel `pg_llm_causal_attention`, with the model's window and scaling.
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    opts: AttnOptions,
+    cancel: Cancel,
+) -> Result<Vec<f32>> {
+    let qkv = fuse_qkv(q, k, v, s)?;
+    Ok(attention_forward(&qkv, s, opts, cancel)?.out)
+}
+
+/// Gradients of `causal_attention` with respect to q, k and v, given dL/dout [T, H·dh].
+pub fn causal_attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    s: AttnShape,
+    opts: AttnOptions,
+    cancel: Cancel,
+) -> Result<[Vec<f32>; 3]> {
+    let qkv = fuse_qkv(q, k, v, s)?;
+    let fwd = attention_forward(&qkv, s, opts, cancel)?;
+    let dqkv = attention_backward(&qkv, &fwd.out, &fwd.lse, dout, s, opts, cancel)?;
+    let w = s.width();
+    let mut parts = [Vec::new(), Vec::new(), Vec::new()];
+    for (i, part) in parts.iter_mut().enumerate() {
+        *part = gather(&dqkv, s.t, 3 * w, i * w, w);
+    }
+    Ok(parts)
+}
+
 /// y = softmax-attention(x · w_qkv + b_qkv) · w_o + b_o, causal, dense.
 pub fn attention_block_forward(
     x: &[f32],

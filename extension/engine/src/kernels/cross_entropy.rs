@@ -65,6 +65,42 @@ pub fn cross_entropy_backward(logits: &[f32], target: i64) -> Result<Vec<f32>> {
     Ok(grad)
 }
 
+/// Rows of a [rows, cols] logits matrix, one target per row; an error when they do not fit.
+fn check_rows(logits: &[f32], targets: &[i64]) -> Result<usize> {
+    if logits.is_empty() {
+        return Err(EngineError::invalid("logits must not be empty"));
+    }
+    if targets.is_empty() || logits.len() % targets.len() != 0 {
+        return Err(EngineError::invalid(format!(
+            "logits have {} values, which is not a whole number of rows for {} targets",
+            logits.len(),
+            targets.len()
+        )));
+    }
+    Ok(logits.len() / targets.len())
+}
+
+/// Mean over rows of −log softmax(row)[target]: the loss of a sequence's positions at once.
+pub fn mean_cross_entropy(logits: &[f32], targets: &[i64]) -> Result<f32> {
+    let cols = check_rows(logits, targets)?;
+    let mut sum = 0.0f64;
+    for (row, &t) in logits.chunks_exact(cols).zip(targets) {
+        sum += cross_entropy_forward(row, t)? as f64;
+    }
+    Ok((sum / targets.len() as f64) as f32)
+}
+
+/// Gradient of `mean_cross_entropy`: (softmax(row) − onehot(target)) / rows for every row.
+pub fn mean_cross_entropy_backward(logits: &[f32], targets: &[i64]) -> Result<Vec<f32>> {
+    let cols = check_rows(logits, targets)?;
+    let scale = 1.0 / targets.len() as f32;
+    let mut grad = Vec::with_capacity(logits.len());
+    for (row, &t) in logits.chunks_exact(cols).zip(targets) {
+        grad.extend(cross_entropy_backward(row, t)?.into_iter().map(|g| g * scale));
+    }
+    Ok(grad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

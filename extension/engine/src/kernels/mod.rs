@@ -5,6 +5,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod elementwise;
+pub mod embedding;
 pub mod layernorm;
 pub mod linear;
 pub mod matmul;
