@@ -23,7 +23,10 @@ async fn records(client: &Client) -> i64 {
 async fn with_gradients(client: &Client) -> i64 {
     let row = client
         .raw()
-        .query_one("SELECT count(*) FROM llm_tensor_rt WHERE grad IS NOT NULL", &[])
+        .query_one(
+            "SELECT count(*) FROM llm_tensor_rt WHERE grad IS NOT NULL",
+            &[],
+        )
         .await
         .unwrap();
     row.get(0)
@@ -66,17 +69,17 @@ async fn concurrent_sessions_keep_their_own_tapes() {
 
     // a's backward runs while b records again; only a's tensors get gradients.
     let backprop = "SELECT llm_backprop((SELECT max(output) FROM llm_tape))";
-    let (grads, _) = tokio::join!(
-        a.raw().query_one(backprop, &[]),
-        record_loss(&b, &[13, 14])
-    );
+    let (grads, _) = tokio::join!(a.raw().query_one(backprop, &[]), record_loss(&b, &[13, 14]));
     let grads: i32 = grads.unwrap().get(0);
     assert!(grads > 0);
     assert!(with_gradients(&a).await > 0);
     assert_eq!(with_gradients(&b).await, 0, "b's tape got a's gradients");
 
     // b's reset leaves a's tape alone.
-    b.raw().batch_execute("SELECT llm_tape_reset()").await.unwrap();
+    b.raw()
+        .batch_execute("SELECT llm_tape_reset()")
+        .await
+        .unwrap();
     assert_eq!(records(&b).await, 0);
     assert_eq!(records(&a).await, 2 * one_forward);
 }

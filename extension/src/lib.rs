@@ -52,7 +52,15 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/relational.sql",
     name = "relational",
-    requires = ["privileges", llm_param_tensor, llm_tape_records, llm_tape_tensors, pg_llm_linear, pg_llm_embedding, pg_llm_causal_attention]
+    requires = [
+        "privileges",
+        llm_param_tensor,
+        llm_tape_records,
+        llm_tape_tensors,
+        pg_llm_linear,
+        pg_llm_embedding,
+        pg_llm_causal_attention
+    ]
 );
 pgrx::extension_sql_file!(
     "../sql/serving.sql",

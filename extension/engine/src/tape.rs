@@ -13,8 +13,7 @@ use std::collections::HashMap;
 
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{
-    attention_block_backward, causal_attention_backward, AttnBlockWeights, AttnOptions,
-    AttnShape,
+    attention_block_backward, causal_attention_backward, AttnBlockWeights, AttnOptions, AttnShape,
 };
 use crate::kernels::linear::{bias_backward, linear_backward};
 use crate::kernels::matmul::{gemm, Accumulate, MatRef, Threads};
@@ -53,18 +52,34 @@ pub struct Node {
 #[derive(Clone, Debug)]
 pub enum Op {
     /// a [m, k] · b [k, n]
-    MatMul { m: usize, k: usize, n: usize },
+    MatMul {
+        m: usize,
+        k: usize,
+        n: usize,
+    },
     /// a + b, b broadcast over rows when shorter
     Add,
     Gelu,
     /// softmax of each row of `cols` values
-    Softmax { cols: usize },
+    Softmax {
+        cols: usize,
+    },
     /// x, gamma, beta
-    LayerNorm { eps: f32 },
+    LayerNorm {
+        eps: f32,
+    },
     /// mean cross-entropy of the rows of logits against one target each
-    CrossEntropy { targets: Vec<i64> },
-    Dropout { p: f32, training: bool },
-    Transpose { rows: usize, cols: usize },
+    CrossEntropy {
+        targets: Vec<i64>,
+    },
+    Dropout {
+        p: f32,
+        training: bool,
+    },
+    Transpose {
+        rows: usize,
+        cols: usize,
+    },
     /// x [t, d_in] · w [d_out, d_in]ᵀ (+ b [d_out])
     Linear {
         t: usize,
@@ -72,11 +87,21 @@ pub enum Op {
         d_out: usize,
     },
     /// rows `ids` of a table of `cols` columns
-    Embedding { ids: Vec<i64>, cols: usize },
+    Embedding {
+        ids: Vec<i64>,
+        cols: usize,
+    },
     /// q, k, v [t, H·dh]
-    CausalAttention { shape: AttnShape, opts: AttnOptions },
+    CausalAttention {
+        shape: AttnShape,
+        opts: AttnOptions,
+    },
     /// pg_gpt2's fused block: x, w_qkv, b_qkv, w_o, b_o
-    AttentionBlock { n_head: usize, t: usize, d: usize },
+    AttentionBlock {
+        n_head: usize,
+        t: usize,
+        d: usize,
+    },
 }
 
 impl Op {
@@ -273,7 +298,11 @@ impl Tape {
                 continue;
             };
             cancel.check()?;
-            let inputs: Vec<&[f32]> = rec.inputs.iter().map(|&i| &self.nodes[i].data[..]).collect();
+            let inputs: Vec<&[f32]> = rec
+                .inputs
+                .iter()
+                .map(|&i| &self.nodes[i].data[..])
+                .collect();
             let need: Vec<bool> = rec
                 .inputs
                 .iter()
@@ -354,14 +383,26 @@ fn op_backward(
                 // dA [m, k] = dY [m, n] · Bᵀ
                 let mut da = tensor::alloc_zeroed(m * k)?;
                 let b_t = MatRef::transposed(x[1], n, k);
-                gemm(&mut da, MatRef::new(dy, m, n), b_t, Accumulate::Overwrite, Threads::Pool);
+                gemm(
+                    &mut da,
+                    MatRef::new(dy, m, n),
+                    b_t,
+                    Accumulate::Overwrite,
+                    Threads::Pool,
+                );
                 Ok(da)
             })?;
             let db = wanted(need[1], || {
                 // dB [k, n] = Aᵀ · dY
                 let mut db = tensor::alloc_zeroed(k * n)?;
                 let a_t = MatRef::transposed(x[0], k, m);
-                gemm(&mut db, a_t, MatRef::new(dy, m, n), Accumulate::Overwrite, Threads::Pool);
+                gemm(
+                    &mut db,
+                    a_t,
+                    MatRef::new(dy, m, n),
+                    Accumulate::Overwrite,
+                    Threads::Pool,
+                );
                 Ok(db)
             })?;
             vec![da, db]
@@ -390,9 +431,9 @@ fn op_backward(
             g.iter_mut().for_each(|v| *v *= dy[0]);
             vec![Some(g)]
         }
-        Op::Dropout { p, training } => vec![Some(dropout::dropout_backward(
-            x[0], y, dy, *p, *training,
-        )?)],
+        Op::Dropout { p, training } => {
+            vec![Some(dropout::dropout_backward(x[0], y, dy, *p, *training)?)]
+        }
         Op::Transpose { rows, cols } => {
             vec![Some(elementwise::transpose(dy, *cols, *rows)?)]
         }
@@ -429,7 +470,13 @@ fn op_backward(
                 b_o: x[4],
             };
             let g = attention_block_backward(x[0], w, dy, *t, *d, *n_head, cancel)?;
-            vec![Some(g.dx), Some(g.dw_qkv), Some(g.db_qkv), Some(g.dw_o), Some(g.db_o)]
+            vec![
+                Some(g.dx),
+                Some(g.dw_qkv),
+                Some(g.db_qkv),
+                Some(g.dw_o),
+                Some(g.db_o),
+            ]
         }
     })
 }
@@ -478,10 +525,22 @@ mod tests {
         let g_id = param(&mut tape2, "gamma", gamma.clone());
         let beta_id = param(&mut tape2, "beta", beta.clone());
         let z = layernorm_forward(&h, &gamma, &beta, 1e-5).unwrap();
-        tape2.record(Op::LayerNorm { eps: 1e-5 }, &[&h, &gamma, &beta], z.clone(), vec![2, 3]);
+        tape2.record(
+            Op::LayerNorm { eps: 1e-5 },
+            &[&h, &gamma, &beta],
+            z.clone(),
+            vec![2, 3],
+        );
         assert_eq!(tape2.records()[1].inputs, vec![h_id, g_id, beta_id]);
         let l = cross_entropy::mean_cross_entropy(&z, &[2, 0]).unwrap();
-        let out = tape2.record(Op::CrossEntropy { targets: vec![2, 0] }, &[&z], vec![l], vec![1]);
+        let out = tape2.record(
+            Op::CrossEntropy {
+                targets: vec![2, 0],
+            },
+            &[&z],
+            vec![l],
+            vec![1],
+        );
         tape2.backward(out, Cancel::NEVER).unwrap();
         let grads = tape2.param_grads("m");
         let names: Vec<&str> = grads.iter().map(|(n, _)| n.as_str()).collect();
@@ -496,7 +555,11 @@ mod tests {
                     loss(&q[0], &q[1], &q[2], &q[3]) as f64
                 };
                 let fd = (at(1e-2) - at(-1e-2)) / 2e-2;
-                assert!((g[i] as f64 - fd).abs() < 2e-3, "{name}[{i}]: {} vs {fd}", g[i]);
+                assert!(
+                    (g[i] as f64 - fd).abs() < 2e-3,
+                    "{name}[{i}]: {} vs {fd}",
+                    g[i]
+                );
             }
         }
     }
@@ -526,15 +589,32 @@ mod tests {
         let out = tape.record(Op::MatMul { m: 2, k: 2, n: 2 }, &[&a, &b], y, vec![2, 2]);
         tape.backward(out, Cancel::NEVER).unwrap();
         // L = Σ A·B: dA = 1·Bᵀ (row sums of B), dB = Aᵀ·1 (column sums of A)
-        assert_eq!(tape.nodes()[0].grad.as_deref(), Some(&[-0.5, 2.25, -0.5, 2.25][..]));
-        assert_eq!(tape.nodes()[1].grad.as_deref(), Some(&[4.0, 4.0, 6.0, 6.0][..]));
+        assert_eq!(
+            tape.nodes()[0].grad.as_deref(),
+            Some(&[-0.5, 2.25, -0.5, 2.25][..])
+        );
+        assert_eq!(
+            tape.nodes()[1].grad.as_deref(),
+            Some(&[4.0, 4.0, 6.0, 6.0][..])
+        );
 
         let mut tape = Tape::default();
         let table = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         tape.leaf(table.clone(), vec![3, 2], Source::Watched(None));
         let e = embedding::embedding(&table, &[2, 2, 0], 2).unwrap();
-        let out = tape.record(Op::Embedding { ids: vec![2, 2, 0], cols: 2 }, &[&table], e, vec![3, 2]);
+        let out = tape.record(
+            Op::Embedding {
+                ids: vec![2, 2, 0],
+                cols: 2,
+            },
+            &[&table],
+            e,
+            vec![3, 2],
+        );
         tape.backward(out, Cancel::NEVER).unwrap();
-        assert_eq!(tape.nodes()[0].grad.as_deref(), Some(&[1.0, 1.0, 0.0, 0.0, 2.0, 2.0][..]));
+        assert_eq!(
+            tape.nodes()[0].grad.as_deref(),
+            Some(&[1.0, 1.0, 0.0, 0.0, 2.0, 2.0][..])
+        );
     }
 }

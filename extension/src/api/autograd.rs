@@ -69,7 +69,11 @@ fn llm_tape_watch(x: Option<&[u8]>, label: default!(Option<&str>, "NULL")) -> Fl
                     .into(),
             ));
         }
-        tape::leaf(&x, vec![x.len()], Source::Watched(label.map(str::to_string)))?;
+        tape::leaf(
+            &x,
+            vec![x.len()],
+            Source::Watched(label.map(str::to_string)),
+        )?;
         Ok(Float32Bytea::from(x))
     })
 }

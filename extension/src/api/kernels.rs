@@ -137,7 +137,11 @@ fn pg_llm_layernorm(
     eps: Option<f32>,
 ) -> Float32Bytea {
     run("pg_llm_layernorm", || {
-        let (x, gamma, beta) = (tensor(x, "x")?, tensor(gamma, "gamma")?, tensor(beta, "beta")?);
+        let (x, gamma, beta) = (
+            tensor(x, "x")?,
+            tensor(gamma, "gamma")?,
+            tensor(beta, "beta")?,
+        );
         let eps = finite(eps, "eps")?;
         let y = layernorm::layernorm_forward(&x, &gamma, &beta, eps)?;
         let shape = vec![y.len() / gamma.len().max(1), gamma.len()];

@@ -88,12 +88,24 @@ fn pg_llm_linear_backward(
     let (dx, dw, db) = run("pg_llm_linear_backward", || {
         let a = linear_args(x, w, rows, d_in, d_out)?;
         let dy_len = a.rows * a.d_out;
-        let dy = tensor_exact(dy, "dy", dy_len, &format!("[rows={}, d_out={}]", a.rows, a.d_out))?;
+        let dy = tensor_exact(
+            dy,
+            "dy",
+            dy_len,
+            &format!("[rows={}, d_out={}]", a.rows, a.d_out),
+        )?;
         let mut dx = tensor::alloc_zeroed(a.rows * a.d_in)?;
         let mut dw = tensor::alloc_zeroed(a.d_out * a.d_in)?;
         let mut db = vec![0.0; a.d_out];
         pgrx::check_for_interrupts!();
-        linear_backward(Some(&mut dx), &mut dw, &a.x, &a.w, &dy, (a.rows, a.d_in, a.d_out));
+        linear_backward(
+            Some(&mut dx),
+            &mut dw,
+            &a.x,
+            &a.w,
+            &dy,
+            (a.rows, a.d_in, a.d_out),
+        );
         bias_backward(&mut db, &dy, a.d_out);
         tensor::check_result(&dw, "dw")?;
         Ok((dx, dw, db))
@@ -123,7 +135,11 @@ fn pg_llm_embedding(
     cols: Option<i32>,
 ) -> Float32Bytea {
     run("pg_llm_embedding", || {
-        let (table, ids, cols) = (tensor_arg(weight, "weight")?, ids_arg(ids)?, dim(cols, "cols")?);
+        let (table, ids, cols) = (
+            tensor_arg(weight, "weight")?,
+            ids_arg(ids)?,
+            dim(cols, "cols")?,
+        );
         let y = embedding(&table, &ids, cols)?;
         let shape = vec![ids.len(), cols];
         tape::record(Op::Embedding { ids, cols }, &[&table], &y, shape)?;
@@ -240,8 +256,8 @@ fn pg_llm_causal_attention_backward(
         let dy = tensor_exact(grad_output, "grad_output", a.q.len(), "the shape of q")?;
         causal_attention_backward(&a.q, &a.k, &a.v, &dy, a.shape, a.opts, cancel())
     });
-    let mut t = PgHeapTuple::new_composite_type("attention_qkv_grads")
-        .expect("type attention_qkv_grads");
+    let mut t =
+        PgHeapTuple::new_composite_type("attention_qkv_grads").expect("type attention_qkv_grads");
     t.set_by_name("dq", Float32Bytea::from(dq)).expect("dq");
     t.set_by_name("dk", Float32Bytea::from(dk)).expect("dk");
     t.set_by_name("dv", Float32Bytea::from(dv)).expect("dv");

@@ -122,8 +122,14 @@ fn llm_grads(
     model: Option<&str>,
     tokens: Option<Array<i32>>,
     targets: Option<Array<i32>>,
-) -> TableIterator<'static, (name!(name, String), name!(shape, Vec<i32>), name!(grad, Float32Bytea))>
-{
+) -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(shape, Vec<i32>),
+        name!(grad, Float32Bytea),
+    ),
+> {
     let rows = run("llm_grads", || {
         let model = args::model_name(model, "model")?;
         let (t, y, sequences, len) = batch_arrays(tokens, targets)?;

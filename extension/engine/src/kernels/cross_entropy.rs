@@ -96,7 +96,11 @@ pub fn mean_cross_entropy_backward(logits: &[f32], targets: &[i64]) -> Result<Ve
     let scale = 1.0 / targets.len() as f32;
     let mut grad = Vec::with_capacity(logits.len());
     for (row, &t) in logits.chunks_exact(cols).zip(targets) {
-        grad.extend(cross_entropy_backward(row, t)?.into_iter().map(|g| g * scale));
+        grad.extend(
+            cross_entropy_backward(row, t)?
+                .into_iter()
+                .map(|g| g * scale),
+        );
     }
     Ok(grad)
 }
