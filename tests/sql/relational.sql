@@ -136,6 +136,10 @@ SELECT pg_temp.err($$SELECT pg_llm_cross_entropy_mean(pg_llm_from_array('{1,2,3}
 INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, activation)
 VALUES ('rel-relu', 1, 1, 4, 4, 8, 4, 5, 'relu');
 SELECT pg_temp.err($$SELECT llm_forward_gpt3('rel-relu', '{1}')$$);
+-- the tape counts against pg_llm.max_memory
+SET pg_llm.max_memory = '1MB';
+SELECT pg_temp.err($$SELECT length(pg_llm_gelu(pg_llm_from_array(array_fill(0.5::float4, ARRAY[300000]))))$$);
+RESET pg_llm.max_memory;
 RESET pg_llm.autograd;
 SELECT pg_temp.err($$SELECT llm_tape_watch(pg_llm_from_array('{1}'))$$);
 SELECT llm_tape_reset();
