@@ -23,11 +23,11 @@ BEGIN
 END
 $$;
 
-GRANT SELECT ON llm_model_config, llm_param, llm_param_info, llm_tokenizer, llm_model_tokenizer,
+GRANT SELECT ON llm_model_config, llm_param, llm_param_info, llm_param_share, llm_param_resolved, llm_tokenizer, llm_model_tokenizer,
     llm_tokenizer_staging, llm_bpe_vocab, llm_bpe_merges, llm_dataset, llm_train_log,
     llm_checkpoint, llm_checkpoint_param TO llm_reader;
 
-GRANT INSERT, UPDATE, DELETE ON llm_model_config, llm_param, llm_model_tokenizer,
+GRANT INSERT, UPDATE, DELETE ON llm_model_config, llm_param, llm_param_share, llm_model_tokenizer,
     llm_tokenizer_staging, llm_dataset, llm_train_log, llm_checkpoint, llm_checkpoint_param
     TO llm_writer;
 -- Tokenizer rows are shared by every model that loaded the same files (found by digest):
@@ -64,7 +64,7 @@ DECLARE
     tab text;
     owns text;
 BEGIN
-    FOREACH tab IN ARRAY ARRAY['llm_param', 'llm_model_tokenizer', 'llm_tokenizer_staging',
+    FOREACH tab IN ARRAY ARRAY['llm_param', 'llm_param_share', 'llm_model_tokenizer', 'llm_tokenizer_staging',
                                'llm_dataset', 'llm_train_log', 'llm_checkpoint'] LOOP
         owns := format('EXISTS (SELECT 1 FROM llm_model_config c
                                  WHERE c.model = %I.model AND llm_has_privileges_of(c.owner))', tab);

@@ -121,6 +121,30 @@ ALTER TABLE llm_param SET (
     autovacuum_vacuum_scale_factor = 0.1, autovacuum_vacuum_cost_delay = 0,
     toast.autovacuum_vacuum_scale_factor = 0.1, toast.autovacuum_vacuum_cost_delay = 0);
 
+-- Parameter sharing (llm_share_param, sharing.sql): the model's tensor `name` is the source
+-- model's tensor `source_name`, stored once, in the source's rows. The target keeps no rows of
+-- its own for it. A source model cannot be deleted while another model shares from it.
+CREATE TABLE llm_param_share (
+    model        text NOT NULL REFERENCES llm_model_config (model) ON DELETE CASCADE ON UPDATE CASCADE,
+    name         text NOT NULL,
+    source_model text NOT NULL REFERENCES llm_model_config (model) ON UPDATE CASCADE,
+    source_name  text NOT NULL,
+    PRIMARY KEY (model, name)
+);
+CREATE INDEX llm_param_share_source ON llm_param_share (source_model, source_name);
+
+-- Every model's tensors as it reads them: its own rows and the rows it shares, with where each
+-- is stored. pg_llm reads parameters through this view; writes go to the stored rows.
+CREATE VIEW llm_param_resolved WITH (security_invoker = true) AS
+SELECT p.model, p.name, p.chunk, p.shape, p.elem_offset, p.data, p.grad, p.m, p.v, p.step,
+       p.model AS stored_model, p.name AS stored_name
+  FROM llm_param p
+UNION ALL
+SELECT s.model, s.name, p.chunk, p.shape, p.elem_offset, p.data, p.grad, p.m, p.v, p.step,
+       p.model, p.name
+  FROM llm_param_share s
+  JOIN llm_param p ON p.model = s.source_model AND p.name = s.source_name;
+
 -- Any write to a model's parameters, through pg_llm or by hand, gives the model a new version.
 -- Row-level, not statement-level with transition tables: a transition table would copy every
 -- written row, weights included, into a tuplestore (doubling the cost of writing a model).
@@ -132,9 +156,17 @@ BEGIN
     ELSIF TG_OP = 'UPDATE' AND OLD.model IS DISTINCT FROM NEW.model THEN
         UPDATE @extschema@.llm_model_config SET version = nextval('@extschema@.llm_model_version_seq'::regclass)
          WHERE model IN (OLD.model, NEW.model);
-    ELSE
+    ELSIF TG_TABLE_NAME = 'llm_param_share' THEN
+        -- a share made, changed or ended: the target reads other values
         UPDATE @extschema@.llm_model_config SET version = nextval('@extschema@.llm_model_version_seq'::regclass)
          WHERE model = CASE TG_OP WHEN 'DELETE' THEN OLD.model ELSE NEW.model END;
+    ELSE
+        -- the model, and every model that shares the written tensor
+        UPDATE @extschema@.llm_model_config SET version = nextval('@extschema@.llm_model_version_seq'::regclass)
+         WHERE model = CASE TG_OP WHEN 'DELETE' THEN OLD.model ELSE NEW.model END
+            OR model IN (SELECT s.model FROM @extschema@.llm_param_share s
+                          WHERE s.source_model = CASE TG_OP WHEN 'DELETE' THEN OLD.model ELSE NEW.model END
+                            AND s.source_name = CASE TG_OP WHEN 'DELETE' THEN OLD.name ELSE NEW.name END);
     END IF;
     RETURN NULL;
 END
@@ -143,11 +175,14 @@ CREATE TRIGGER llm_param_version AFTER INSERT OR UPDATE OR DELETE ON llm_param
     FOR EACH ROW EXECUTE FUNCTION llm_param_bump_version();
 CREATE TRIGGER llm_param_version_truncate AFTER TRUNCATE ON llm_param
     FOR EACH STATEMENT EXECUTE FUNCTION llm_param_bump_version();
+CREATE TRIGGER llm_param_share_version AFTER INSERT OR UPDATE OR DELETE ON llm_param_share
+    FOR EACH ROW EXECUTE FUNCTION llm_param_bump_version();
 -- Versions must change with every write, also when rows arrive by logical replication or a
 -- restore that runs with session_replication_role = replica.
 ALTER TABLE llm_model_config ENABLE ALWAYS TRIGGER llm_model_config_version;
 ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version;
 ALTER TABLE llm_param ENABLE ALWAYS TRIGGER llm_param_version_truncate;
+ALTER TABLE llm_param_share ENABLE ALWAYS TRIGGER llm_param_share_version;
 
 -- One row per tensor, for people and tools that do not care about chunks.
 CREATE VIEW llm_param_info AS

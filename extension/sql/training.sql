@@ -105,7 +105,7 @@ BEGIN
     RETURNING id INTO saved;
     INSERT INTO llm_checkpoint_param (checkpoint_id, name, chunk, shape, elem_offset, data, m, v, step)
     SELECT saved, p.name, p.chunk, p.shape, p.elem_offset, p.data, p.m, p.v, p.step
-      FROM llm_param p WHERE p.model = cfg.model;
+      FROM llm_param_resolved p WHERE p.model = cfg.model;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'model "%" has no parameters to save', cfg.model
             USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -145,6 +145,8 @@ BEGIN
     END IF;
     -- Waits for a training call on the model to end, as training waits for this.
     PERFORM 1 FROM llm_model_config c WHERE c.model = cfg.model FOR NO KEY UPDATE;
+    -- the checkpoint holds every tensor: the model's shares end, as with an import
+    DELETE FROM llm_param_share s WHERE s.model = cfg.model;
     DELETE FROM llm_param p WHERE p.model = cfg.model;
     INSERT INTO llm_param (model, name, chunk, shape, elem_offset, data, m, v, step)
     SELECT cfg.model, name, chunk, shape, elem_offset, data, m, v, step

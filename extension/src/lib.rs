@@ -50,6 +50,11 @@ pgrx::extension_sql_file!(
     requires = ["training", "tokenizer"]
 );
 pgrx::extension_sql_file!(
+    "../sql/sharing.sql",
+    name = "sharing",
+    requires = ["privileges"]
+);
+pgrx::extension_sql_file!(
     "../sql/relational.sql",
     name = "relational",
     requires = [

@@ -177,6 +177,9 @@ fn describe(c: &ModelConfig) -> String {
 /// at most 16 MB) per statement with a look for a cancel between: PostgreSQL deletes a
 /// value's TOAST without looking for one, which took 0.5 s for a whole gpt3-125m.
 pub fn delete_params(model: &str) -> Result<()> {
+    // A whole model written anew holds all of its tensors: its shares end.
+    Spi::run_with_args("DELETE FROM llm_param_share WHERE model = $1", &[model.into()])
+        .map_err(spi_error)?;
     let mut rows = Vec::new();
     spi::read(
         "SELECT name, chunk FROM llm_param WHERE model = $1",
@@ -253,7 +256,7 @@ pub fn read_range(model: &str, name: &str, range: std::ops::Range<usize>) -> Res
         "SELECT elem_offset + lo, substring(data FROM (lo * 4 + 1)::int FOR ((hi - lo) * 4)::int) \
          FROM (SELECT chunk, elem_offset, data, greatest($3 - elem_offset, 0) AS lo, \
                       least($4 - elem_offset, length(data) / 4) AS hi \
-                 FROM llm_param WHERE model = $1 AND name = $2 \
+                 FROM llm_param_resolved WHERE model = $1 AND name = $2 \
                   AND elem_offset < $4 AND elem_offset + length(data) / 4 > $3) s \
          ORDER BY chunk",
         &[
@@ -346,7 +349,7 @@ impl TensorSource for TableSource {
     fn shapes(&self) -> Result<HashMap<String, Vec<usize>>> {
         let mut shapes = HashMap::new();
         spi::read(
-            "SELECT name, shape FROM llm_param WHERE model = $1 AND chunk = 0",
+            "SELECT name, shape FROM llm_param_resolved WHERE model = $1 AND chunk = 0",
             &[self.model.as_str().into()],
             |row| {
                 let name: String = row.get(1).map_err(spi_error)?.unwrap_or_default();
@@ -369,7 +372,7 @@ impl TensorSource for TableSource {
         // One query per tensor: its detoasted chunks are freed before the next tensor.
         let mut filled = 0;
         spi::read(
-            "SELECT data FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
+            "SELECT data FROM llm_param_resolved WHERE model = $1 AND name = $2 ORDER BY chunk",
             &[self.model.as_str().into(), name.into()],
             |row| {
                 let bytes: &[u8] = row.get(1).map_err(spi_error)?.unwrap_or_default();
@@ -413,7 +416,7 @@ pub fn read_moments(model: &str, cfg: &ModelConfig, len: usize) -> Result<Option
         let mut filled = 0;
         let mut complete = true;
         spi::read(
-            "SELECT m, v, step FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
+            "SELECT m, v, step FROM llm_param_resolved WHERE model = $1 AND name = $2 ORDER BY chunk",
             &[model.into(), name.as_str().into()],
             |row| {
                 pgrx::check_for_interrupts!();
@@ -426,7 +429,9 @@ pub fn read_moments(model: &str, cfg: &ModelConfig, len: usize) -> Result<Option
                 };
                 if *step.get_or_insert(s) != s {
                     return Err(EngineError::data(format!(
-                        "the tensors of model \"{model}\" have different optimizer step counts"
+                        "the tensors of model \"{model}\" have different optimizer step counts \
+                         (a tensor it shares may have been trained with another model); reset them with \
+                         UPDATE llm_param SET m = NULL, v = NULL, step = 0 WHERE model = '{model}'"
                     )));
                 }
                 let dst = range.start + filled..range.end;
@@ -480,7 +485,9 @@ pub fn write_trained(
         .map_err(|_| EngineError::too_large("the optimizer step count passed 2³¹"))?;
     for (name, range) in packed_tensors(cfg) {
         pgrx::check_for_interrupts!();
-        for (chunk, part) in chunk_layout(model, &name, range.len())? {
+        // A shared tensor is written where it is stored, once.
+        let (stored_model, stored_name, chunks) = chunk_layout(model, &name, range.len())?;
+        for (chunk, part) in chunks {
             // A row is stored without serving interrupts: look for a cancel between rows.
             pgrx::check_for_interrupts!();
             let part = range.start + part.start..range.start + part.end;
@@ -496,8 +503,8 @@ pub fn write_trained(
                          WHERE model = $1 AND name = $2 AND chunk = $3",
                         None,
                         &[
-                            model.into(),
-                            name.as_str().into(),
+                            stored_model.as_str().into(),
+                            stored_name.as_str().into(),
                             chunk.into(),
                             tensor::le_bytes(&weights[part.clone()]).as_ref().into(),
                             tensor::le_bytes(&moments.m[part.clone()]).as_ref().into(),
@@ -520,21 +527,29 @@ pub fn write_trained(
     Ok(())
 }
 
-/// The chunks of a stored tensor of `numel` values: (chunk number, the values it holds), in
-/// order; a data error unless they cover the values exactly once.
-fn chunk_layout(
+/// Where a model's tensor of `numel` values is stored (model and name: another model's for a
+/// shared tensor) and its chunks there: (chunk number, the values it holds), in order; a data
+/// error unless they cover the values exactly once.
+pub fn chunk_layout(
     model: &str,
     name: &str,
     numel: usize,
-) -> Result<Vec<(i32, std::ops::Range<usize>)>> {
+) -> Result<(String, String, Vec<(i32, std::ops::Range<usize>)>)> {
     let mut chunks = Vec::new();
     let mut covered = 0usize;
+    let mut stored = (model.to_string(), name.to_string());
     spi::read(
-        "SELECT chunk, elem_offset, length(data) / 4 FROM llm_param \
-         WHERE model = $1 AND name = $2 ORDER BY chunk",
+        "SELECT chunk, elem_offset, length(data) / 4, stored_model, stored_name \
+           FROM llm_param_resolved WHERE model = $1 AND name = $2 ORDER BY chunk",
         &[model.into(), name.into()],
         |row| {
             let chunk: i32 = row.get(1).map_err(spi_error)?.unwrap_or(0);
+            if let (Some(m), Some(n)) = (
+                row.get::<String>(4).map_err(spi_error)?,
+                row.get::<String>(5).map_err(spi_error)?,
+            ) {
+                stored = (m, n);
+            }
             let at = row.get::<i64>(2).map_err(spi_error)?.unwrap_or(-1);
             let len = row.get::<i32>(3).map_err(spi_error)?.unwrap_or(0).max(0) as usize;
             if at != covered as i64 {
@@ -552,5 +567,19 @@ fn chunk_layout(
             "parameter \"{name}\" of model \"{model}\" does not hold the {numel} values its shape needs"
         )));
     }
-    Ok(chunks)
+    Ok((stored.0, stored.1, chunks))
+}
+
+/// The models `model` shares tensors from (which its training writes), in name order.
+pub fn share_sources(model: &str) -> Result<Vec<String>> {
+    let mut sources = Vec::new();
+    spi::read(
+        "SELECT DISTINCT source_model FROM llm_param_share WHERE model = $1 ORDER BY 1",
+        &[model.into()],
+        |row| {
+            sources.extend(row.get::<String>(1).map_err(spi_error)?);
+            Ok(())
+        },
+    )?;
+    Ok(sources)
 }

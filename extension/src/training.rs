@@ -55,7 +55,19 @@ impl Session {
     /// and loads its weights and optimizer state.
     pub fn open(model: &str) -> Result<Self> {
         store::load_config(model)?; // 42704 for an unknown model, before locking
-        lock(model)?;
+        // Training writes the tensors the model shares where they are stored: it needs the
+        // right to write those models too, and locks them as it locks its own.
+        let sources = store::share_sources(model)?;
+        for source in &sources {
+            crate::privileges::require_writer(Some(source))?;
+        }
+        let mut locked: Vec<&str> = sources.iter().map(String::as_str).collect();
+        locked.push(model);
+        locked.sort_unstable();
+        locked.dedup();
+        for m in locked {
+            lock(m)?;
+        }
         let (version, loaded) = model_cache::get_versioned(model)?;
         let config = loaded.config.clone();
         let weights = loaded.weights.storage().as_slice().to_vec();
@@ -156,7 +168,8 @@ impl Session {
 
 /// Row lock on the model's registry row: training calls on one model run one after the
 /// other, and a model written meanwhile (import, init, checkpoint load) waits or is waited
-/// for, since every write to its parameters updates that row.
+/// for, since every write to its parameters updates that row. Several models are locked in
+/// name order, so two calls never wait for each other.
 fn lock(model: &str) -> Result<()> {
     Spi::connect_mut(|client| {
         client

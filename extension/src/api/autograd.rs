@@ -16,7 +16,7 @@ fn read_param(model: &str, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     spi::consistent(|| {
         let mut shape: Option<Vec<i32>> = None;
         spi::read(
-            "SELECT shape FROM llm_param WHERE model = $1 AND name = $2 AND chunk = 0",
+            "SELECT shape FROM llm_param_resolved WHERE model = $1 AND name = $2 AND chunk = 0",
             &[model.into(), name.into()],
             |row| {
                 shape = row.get::<Vec<i32>>(1).map_err(spi_error)?;
@@ -224,15 +224,20 @@ fn llm_accumulate_grads(model: Option<&str>) -> i32 {
 
 fn accumulate(model: &str) -> Result<i32> {
     store::load_config(model)?;
+    // A shared tensor's gradient goes where the tensor is stored.
+    for source in store::share_sources(model)? {
+        privileges::require_writer(Some(&source))?;
+    }
     let grads = tape::with(|t| t.param_grads(model));
     for (name, grad) in &grads {
         pgrx::check_for_interrupts!();
+        let (stored_model, stored_name, _) = store::chunk_layout(model, name, grad.len())?;
         // (chunk, first element, values, stored gradient) of each chunk
         let mut chunks: Vec<(i32, usize, usize, Option<Vec<f32>>)> = Vec::new();
         spi::read(
             "SELECT chunk, elem_offset, length(data) / 4, grad FROM llm_param \
               WHERE model = $1 AND name = $2 ORDER BY chunk",
-            &[model.into(), name.as_str().into()],
+            &[stored_model.as_str().into(), stored_name.as_str().into()],
             |row| {
                 let chunk = row.get::<i32>(1).map_err(spi_error)?.unwrap_or(0);
                 let at = row.get::<i64>(2).map_err(spi_error)?.unwrap_or(0) as usize;
@@ -267,8 +272,8 @@ fn accumulate(model: &str) -> Result<i32> {
             Spi::run_with_args(
                 "UPDATE llm_param SET grad = $4 WHERE model = $1 AND name = $2 AND chunk = $3",
                 &[
-                    model.into(),
-                    name.as_str().into(),
+                    stored_model.as_str().into(),
+                    stored_name.as_str().into(),
                     chunk.into(),
                     tensor::le_bytes(&sum).as_ref().into(),
                 ],
