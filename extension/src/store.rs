@@ -178,8 +178,11 @@ fn describe(c: &ModelConfig) -> String {
 /// value's TOAST without looking for one, which took 0.5 s for a whole gpt3-125m.
 pub fn delete_params(model: &str) -> Result<()> {
     // A whole model written anew holds all of its tensors: its shares end.
-    Spi::run_with_args("DELETE FROM llm_param_share WHERE model = $1", &[model.into()])
-        .map_err(spi_error)?;
+    Spi::run_with_args(
+        "DELETE FROM llm_param_share WHERE model = $1",
+        &[model.into()],
+    )
+    .map_err(spi_error)?;
     let mut rows = Vec::new();
     spi::read(
         "SELECT name, chunk FROM llm_param WHERE model = $1",

@@ -55,8 +55,8 @@ impl Session {
     /// and loads its weights and optimizer state.
     pub fn open(model: &str) -> Result<Self> {
         store::load_config(model)?; // 42704 for an unknown model, before locking
-        // Training writes the tensors the model shares where they are stored: it needs the
-        // right to write those models too, and locks them as it locks its own.
+                                    // Training writes the tensors the model shares where they are stored: it needs the
+                                    // right to write those models too, and locks them as it locks its own.
         let sources = store::share_sources(model)?;
         for source in &sources {
             crate::privileges::require_writer(Some(source))?;

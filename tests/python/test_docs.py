@@ -14,8 +14,6 @@ SQL_NAME = re.compile(r"\b((?:pg_llm|llm)_[a-z0-9_]+)\b")
 # Names in the documents that are not SQL objects: the engine crate, the weight-file cache
 # directory, a scratch database.
 NOT_SQL = {"pg_llm_engine", "pg_llm_cache", "pg_llm_regress"}
-# Planned objects, which only the roadmap and the page that says they are missing may name.
-PLANNED = {"llm_share_param", "llm_unshare_param"}
 
 
 def test_every_sql_name_in_the_docs_exists(db):
@@ -43,8 +41,6 @@ def test_every_sql_name_in_the_docs_exists(db):
         text = doc.read_text(encoding="utf-8")
         for name in set(SQL_NAME.findall(text)):
             if name in objects or name in NOT_SQL or name.endswith("_"):  # llm_checkpoint_*
-                continue
-            if name in PLANNED and doc.name in ("roadmap.md", "relational.md"):
                 continue
             # Settings (pg_llm.threads) are matched without their prefix; files by extension.
             if re.search(rf"pg_llm\.{name}|{name}\.(rs|py|sql|out|sh|md)", text):
