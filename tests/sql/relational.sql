@@ -118,7 +118,46 @@ SELECT count(*) AS params_compared, max(d.max_diff) < 1e-6 AS same_weights_after
 SELECT abs(llm_loss('rel-one', '{3,1,4,1}', '{1,4,1,5}') - llm_loss('rel-one-native', '{3,1,4,1}', '{1,4,1,5}')) < 1e-6
        AS same_loss_after_the_step;
 
--- 4. Errors.
+-- 4. The backward kernels of the new forward kernels, as SQL functions, against closed forms.
+-- linear: dx = dy · w, dw = dyᵀ · x, db = column sums of dy  (x [2,3], w [4,3], dy [2,4])
+WITH a AS (SELECT pg_llm_from_array('{0.5,-1,2, 1.5,0.25,-0.75}') x,
+                  pg_llm_from_array('{1,2,3, -1,0,1, 0.5,0.5,0.5, 2,-2,1}') w,
+                  pg_llm_from_array('{0.1,-0.2,0.3,0.4, -0.5,0.6,0.7,-0.8}') dy),
+     g AS (SELECT (pg_llm_linear_backward(x, w, dy, 2, 3, 4)).* FROM a)
+SELECT (pg_temp.diff(g.dx, pg_llm_matmul(a.dy, a.w, 2, 4, 3))).max_diff < 1e-6 AS dx_ok,
+       (pg_temp.diff(g.dw, pg_llm_matmul(pg_llm_transpose(a.dy, 2, 4), a.x, 4, 2, 3))).max_diff < 1e-6 AS dw_ok,
+       pg_llm_to_array(g.db) AS db
+  FROM a, g;
+-- embedding: rows of dy added into the rows of the ids (id 2 twice)
+SELECT pg_llm_to_array(pg_llm_embedding_backward(pg_llm_from_array('{1,2, 3,4, 5,6}'), '{2,0,2}', 3, 2)) AS dtable;
+-- mean cross-entropy: each row's softmax − onehot, divided by the number of rows
+SELECT (pg_temp.diff(pg_llm_cross_entropy_mean_backward(pg_llm_from_array('{1,2,3, 0,0,1}'), '{2,0}'),
+                    pg_llm_from_array(array(SELECT (v / 2)::float4 FROM unnest(
+                        pg_llm_to_array(pg_llm_cross_entropy_backward(pg_llm_from_array('{1,2,3}'), 2))
+                        || pg_llm_to_array(pg_llm_cross_entropy_backward(pg_llm_from_array('{0,0,1}'), 0))) v)))).max_diff < 1e-7
+       AS ce_mean_grad_ok;
+-- causal attention = pg_gpt2's fused block with identity projections, so dx of the block is
+-- dq + dk + dv (T = 3, D = 4, two heads, dense, scaled)
+WITH a AS (SELECT pg_llm_from_array('{0.2,-0.4,0.6,0.1, -0.3,0.5,0.2,-0.7, 0.9,0.1,-0.2,0.4}') x,
+                  pg_llm_from_array('{1,0,0,0, 1,0,0,0, 1,0,0,0,  0,1,0,0, 0,1,0,0, 0,1,0,0,
+                                      0,0,1,0, 0,0,1,0, 0,0,1,0,  0,0,0,1, 0,0,0,1, 0,0,0,1}') w_qkv,
+                  pg_llm_from_array('{1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}') w_o,
+                  pg_llm_from_array('{0.3,-0.1,0.2,0.5, 0.4,0.2,-0.6,0.1, -0.2,0.7,0.3,-0.4}') dy),
+     g AS (SELECT (pg_llm_causal_attention_backward(x, x, x, dy, 2, 3)).*,
+                  (pg_llm_attention_backward(x, w_qkv, pg_llm_zeros_like(pg_llm_from_array('{0,0,0,0,0,0,0,0,0,0,0,0}')),
+                                             w_o, pg_llm_zeros_like(pg_llm_from_array('{0,0,0,0}')), dy, 2, 3, 4)).dx
+             FROM a)
+SELECT (pg_temp.diff(pg_llm_causal_attention(a.x, a.x, a.x, 2, 3),
+                    pg_llm_attention(a.x, a.w_qkv, pg_llm_zeros_like(pg_llm_from_array('{0,0,0,0,0,0,0,0,0,0,0,0}')),
+                                     a.w_o, pg_llm_zeros_like(pg_llm_from_array('{0,0,0,0}')), 2, 3, 4))).max_diff < 1e-6
+       AS forward_ok,
+       (pg_temp.diff(pg_llm_add(pg_llm_add(g.dq, g.dk), g.dv), g.dx)).max_diff < 1e-6 AS backward_ok
+  FROM a, g;
+-- a band of 1 lets each query see only itself: the output is v
+SELECT pg_llm_to_array(pg_llm_causal_attention(pg_llm_from_array('{1,2,3,4}'), pg_llm_from_array('{5,6,7,8}'),
+                                               pg_llm_from_array('{9,8,7,6}'), 1, 2, 1)) AS band_of_one;
+
+-- 5. Errors.
 SET pg_llm.autograd = on;
 SELECT pg_temp.err($$SELECT llm_backprop(100000)$$);
 SELECT pg_temp.err($$SELECT llm_backprop(-1)$$);
