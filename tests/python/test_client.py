@@ -18,7 +18,7 @@ from pg_gpt3_client import (
     UnknownModelError,
 )
 
-from conftest import register, rollbacks
+from conftest import psql_value, register, rollbacks
 
 
 def test_generate_ids_and_text_agree(db, model):
@@ -44,18 +44,18 @@ def test_logits_are_a_float32_array_matching_greedy_choice(db, model):
     assert first == [int(np.argmax(logits[-1]))]
 
 
-def test_stream_yields_tokens_as_they_are_produced(db, model):
-    t0 = time.perf_counter()
-    events = db.stream("Once", max_tokens=150, temperature=0.0, model=model, eos_token=None)
+def test_stream_yields_tokens_as_they_are_produced(db, slow_model, dsn):
+    events = db.stream("Once", max_tokens=60, temperature=0.0, model=slow_model, eos_token=None)
     first = next(events)
-    first_at = time.perf_counter() - t0
+    # The first token reached us while the server was still producing the others (asked of
+    # the server, not timed: a loaded machine cannot make it fail).
+    generating = psql_value(dsn, "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                                 "AND query LIKE '%llm_generate_stream%' AND pid <> pg_backend_pid()")
     rest = list(events)
-    total = time.perf_counter() - t0
+    assert generating == "1"
     assert first.step == 1 and not first.is_complete
-    assert [e.step for e in rest] == list(range(2, 151))
+    assert [e.step for e in rest] == list(range(2, 61))
     assert rest[-1].is_complete and rest[-1].text.endswith(rest[-1].token)
-    # The first token arrived long before the last was produced.
-    assert first_at < total / 3, (first_at, total)
     assert "StreamEvent(step=1" in repr(first)
 
 

@@ -321,13 +321,16 @@ impl Tape {
                 }
             }
         }
+        // Checked before any is kept: a failed pass leaves the earlier gradients as they were.
+        for g in grads.iter().flatten() {
+            tensor::check_result(g, "gradient")?;
+        }
         let mut count = 0;
         for (node, g) in self.nodes.iter_mut().zip(grads) {
             if let Some(old) = node.grad.take() {
                 self.bytes -= bytes_of(old.len());
             }
             if let Some(g) = g {
-                tensor::check_result(&g, "gradient")?;
                 self.bytes += bytes_of(g.len());
                 node.grad = Some(g);
                 count += 1;
