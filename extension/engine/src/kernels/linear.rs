@@ -218,14 +218,16 @@ fn linear_each_row(
                     let row = &w[o * d_in..(o + 1) * d_in];
                     let bias = b.map_or(0.0, |b| b[o]);
                     let mut ti = 0;
-                    // Two weight rows share each load of eight rows of x.
+                    // Two weight rows share each load of eight rows of x, while the two
+                    // after them (the next pair's) are prefetched.
                     if t >= 8 {
                         if let Some((_, next)) = cells.next() {
                             let row2 = &w[(o + 1) * d_in..(o + 2) * d_in];
                             let bias2 = b.map_or(0.0, |b| b[o + 1]);
+                            let ahead = w.get((o + 2) * d_in..(o + 4) * d_in).unwrap_or(&[]);
                             while ti + 8 <= t {
                                 let rows = std::array::from_fn(|k| x_row(ti + k));
-                                let [d1, d2] = simd::dot8x2(rows, [row, row2]);
+                                let [d1, d2] = simd::dot8x2(rows, [row, row2], ahead);
                                 put(&mut cell[ti..ti + 8], d1, bias);
                                 put(&mut next[ti..ti + 8], d2, bias2);
                                 ti += 8;
