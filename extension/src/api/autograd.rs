@@ -231,39 +231,32 @@ fn accumulate(model: &str) -> Result<i32> {
     let grads = tape::with(|t| t.param_grads(model));
     for (name, grad) in &grads {
         pgrx::check_for_interrupts!();
-        let (stored_model, stored_name, _) = store::chunk_layout(model, name, grad.len())?;
-        // (chunk, first element, values, stored gradient) of each chunk
-        let mut chunks: Vec<(i32, usize, usize, Option<Vec<f32>>)> = Vec::new();
-        spi::read(
-            "SELECT chunk, elem_offset, length(data) / 4, grad FROM llm_param \
-              WHERE model = $1 AND name = $2 ORDER BY chunk",
-            &[stored_model.as_str().into(), stored_name.as_str().into()],
-            |row| {
-                let chunk = row.get::<i32>(1).map_err(spi_error)?.unwrap_or(0);
-                let at = row.get::<i64>(2).map_err(spi_error)?.unwrap_or(0) as usize;
-                let len = row.get::<i32>(3).map_err(spi_error)?.unwrap_or(0) as usize;
-                let old = match row.get::<&[u8]>(4).map_err(spi_error)? {
-                    Some(b) => Some(tensor::decode_any(b, "llm_param.grad")?),
-                    None => None,
-                };
-                chunks.push((chunk, at, len, old));
-                Ok(())
-            },
-        )?;
-        let covered: usize = chunks.iter().map(|c| c.2).sum();
-        if covered != grad.len() {
-            return Err(EngineError::data(format!(
-                "parameter \"{name}\" of model \"{model}\" holds {covered} values but its gradient on the tape has {} (was it rewritten since it was fetched?)",
-                grad.len()
-            )));
-        }
-        for (chunk, at, len, old) in chunks {
-            let mut sum = grad[at..at + len].to_vec();
+        // Where the tensor is stored, its chunks there (an error unless they hold exactly the
+        // values of the gradient on the tape) and their stored gradients, under one snapshot.
+        let (stored_model, stored_name, chunks, stored_grads) = spi::consistent(|| {
+            let (m, n, chunks) = store::chunk_layout(model, name, grad.len())?;
+            let mut grads: Vec<Option<Vec<f32>>> = Vec::new();
+            spi::read(
+                "SELECT grad FROM llm_param WHERE model = $1 AND name = $2 ORDER BY chunk",
+                &[m.as_str().into(), n.as_str().into()],
+                |row| {
+                    grads.push(match row.get::<&[u8]>(1).map_err(spi_error)? {
+                        Some(b) => Some(tensor::decode_any(b, "llm_param.grad")?),
+                        None => None,
+                    });
+                    Ok(())
+                },
+            )?;
+            Ok::<_, EngineError>((m, n, chunks, grads))
+        })?;
+        for ((chunk, part), old) in chunks.into_iter().zip(stored_grads) {
+            let mut sum = grad[part.clone()].to_vec();
             if let Some(old) = old {
-                if old.len() != len {
+                if old.len() != part.len() {
                     return Err(EngineError::data(format!(
-                        "llm_param.grad of \"{name}\" chunk {chunk} has {} values, its data {len}",
-                        old.len()
+                        "llm_param.grad of \"{name}\" chunk {chunk} has {} values, its data {}",
+                        old.len(),
+                        part.len()
                     )));
                 }
                 sum.iter_mut().zip(&old).for_each(|(s, o)| *s += o);
