@@ -23,6 +23,7 @@ mod store;
 mod tape;
 mod tokenizer_cache;
 mod training;
+mod wait;
 mod weight_cache;
 
 ::pgrx::pg_module_magic!(name, version);

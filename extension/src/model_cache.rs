@@ -22,7 +22,7 @@ use pg_llm_engine::Result;
 use crate::admission;
 use crate::spi;
 use crate::stats::{self, Counter};
-use crate::store::{self, StoredConfig, TableSource, CHUNK_ELEMS};
+use crate::store::{self, StoredConfig, TableSource};
 use crate::weight_cache::{self, FilePlace};
 
 thread_local! {
@@ -134,7 +134,7 @@ impl Replacement {
             .map(|r| r.len())
             .max()
             .unwrap_or(0)
-            .min(CHUNK_ELEMS);
+            .min(pg_llm_engine::formats::PIECE);
         let need = Need {
             weights: memory::weights(cfg)?,
             working: 2 * 4 * piece as u64,

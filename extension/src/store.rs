@@ -13,11 +13,14 @@ use pgrx::PgMemoryContexts;
 
 use crate::errors::spi_error;
 use crate::spi;
+use crate::wait;
 
-/// Values per stored chunk (16 MB) for new writes: the size the engine streams large tensors
-/// in, so a streamed piece is exactly one chunk. Readers and the training write-back follow
+/// Values per stored chunk (4 MB) for new writes. PostgreSQL stores a row (its TOAST pieces and
+/// their WAL) without serving interrupts: on a 2-core machine a 16 MB row took 116-144 ms, a
+/// 4 MB row 26-37 ms, so a cancel waits at most about one 4 MB row. A streamed piece
+/// (`formats::PIECE`, 16 MB) is four chunks. Readers and the training write-back follow
 /// whatever layout the rows have.
-pub const CHUNK_ELEMS: usize = pg_llm_engine::formats::PIECE;
+pub const CHUNK_ELEMS: usize = pg_llm_engine::formats::PIECE / 4;
 
 /// A registered model's configuration, family and current version; 42704 when unknown.
 pub struct StoredConfig {
@@ -195,7 +198,7 @@ pub fn delete_params(model: &str) -> Result<()> {
         },
     )?;
     for (name, chunk) in rows {
-        pgrx::check_for_interrupts!();
+        wait::pace_to_wal_flush();
         Spi::run_with_args(
             "DELETE FROM llm_param WHERE model = $1 AND name = $2 AND chunk = $3",
             &[model.into(), name.into(), chunk.into()],
@@ -225,6 +228,7 @@ pub fn insert_tensor(
     let shape_i32: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
     for (k, values) in data.chunks(CHUNK_ELEMS).enumerate() {
         let chunk = offset / CHUNK_ELEMS + k;
+        wait::pace_to_wal_flush();
         let mut context = PgMemoryContexts::new("pg_llm tensor chunk");
         // SAFETY: the closure only allocates through PostgreSQL; nothing allocated inside
         // escapes it, and the context is deleted when `context` drops.
@@ -492,7 +496,7 @@ pub fn write_trained(
         let (stored_model, stored_name, chunks) = chunk_layout(model, &name, range.len())?;
         for (chunk, part) in chunks {
             // A row is stored without serving interrupts: look for a cancel between rows.
-            pgrx::check_for_interrupts!();
+            wait::pace_to_wal_flush();
             let part = range.start + part.start..range.start + part.end;
             // The chunk's SQL values live in a context freed after the UPDATE (see insert_tensor).
             let mut context = PgMemoryContexts::new("pg_llm trained chunk");

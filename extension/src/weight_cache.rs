@@ -35,6 +35,7 @@ use pgrx::{pg_guard, pg_sys};
 use crate::errors::{cancel, spi_error};
 use crate::spi;
 use crate::store::{TableSource, CHUNK_ELEMS};
+use crate::wait::nap;
 
 thread_local! {
     static SWEPT: Cell<bool> = const { Cell::new(false) };
@@ -142,22 +143,6 @@ fn writer_at_work(place: &FilePlace) -> bool {
             && weight_file::is_temporary(path)
             && !weight_file::is_abandoned(path)
     })
-}
-
-/// Sleeps `pause` on the backend's latch, serving interrupts (a cancel raises its ERROR).
-fn nap(pause: Duration) {
-    // SAFETY: the backend's own latch on the backend's thread; WL_EXIT_ON_PM_DEATH ends the
-    // backend should the postmaster die.
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            pause.as_millis() as std::ffi::c_long,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-    pgrx::check_for_interrupts!();
 }
 
 /// Reads `src` one chunk at a time into `place`'s weight file and maps it, so loading never

@@ -262,6 +262,7 @@ fn accumulate(model: &str) -> Result<i32> {
                 sum.iter_mut().zip(&old).for_each(|(s, o)| *s += o);
             }
             tensor::check_result(&sum, "gradient")?;
+            crate::wait::pace_to_wal_flush();
             Spi::run_with_args(
                 "UPDATE llm_param SET grad = $4 WHERE model = $1 AND name = $2 AND chunk = $3",
                 &[

@@ -153,7 +153,6 @@ pub fn write(
 /// temporary file is removed unless `finish` renamed it into place.
 pub struct Writer {
     tmp: TempFile,
-    file: File,
     path: PathBuf,
     owner: String,
     cfg: ModelConfig,
@@ -169,21 +168,22 @@ impl Writer {
         // The longest header this file can get: the version and checksum have fixed maxima.
         let longest = header_json(owner, i64::MIN, cfg, values, &"f".repeat(16))?;
         let offset = (16 + longest.len()).div_ceil(ALIGN) * ALIGN;
-        let tmp = TempFile::new(temp_path(path));
+        let tmp_path = temp_path(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp.0)
-            .map_err(|e| io(&tmp.0, "create", e))?;
-        lock(&file, false).map_err(|e| io(&tmp.0, "lock", e))?;
-        file.set_len((offset + values * 4) as u64)
-            .map_err(|e| io(&tmp.0, "size", e))?;
+            .open(&tmp_path)
+            .map_err(|e| io(&tmp_path, "create", e))?;
+        let tmp = TempFile::new(tmp_path, file);
+        lock(tmp.file(), false).map_err(|e| io(&tmp.path, "lock", e))?;
+        tmp.file()
+            .set_len((offset + values * 4) as u64)
+            .map_err(|e| io(&tmp.path, "size", e))?;
         Ok(Self {
             tmp,
-            file,
             path: path.to_path_buf(),
             owner: owner.to_string(),
             cfg: cfg.clone(),
@@ -202,12 +202,13 @@ impl Writer {
                 self.values
             )));
         }
-        self.file
+        self.tmp
+            .file()
             .write_all_at(
                 &crate::tensor::le_bytes(values),
                 (self.offset + start * 4) as u64,
             )
-            .map_err(|e| io(&self.tmp.0, "write", e))
+            .map_err(|e| io(&self.tmp.path, "write", e))
     }
 
     /// Checksums what was written (read back block by block), writes the header naming
@@ -225,8 +226,8 @@ impl Writer {
         self.write_header(version, cancel)?;
         // Mapped through a descriptor of its own: a mapping keeps its descriptor's `flock`
         // alive, and the lock must go when `Held` drops.
-        let reader = File::open(&self.tmp.0).map_err(|e| io(&self.tmp.0, "open", e))?;
-        let storage = map_values(&reader, &self.tmp.0, self.offset, self.values)?;
+        let reader = File::open(&self.tmp.path).map_err(|e| io(&self.tmp.path, "open", e))?;
+        let storage = map_values(&reader, &self.tmp.path, self.offset, self.values)?;
         let cfg = self.cfg.clone();
         let held = self.rename()?;
         Ok((ModelWeights::from_storage(&cfg, Arc::new(storage))?, held))
@@ -240,9 +241,10 @@ impl Writer {
         for at in (0..total).step_by(CHECKSUM_BLOCK) {
             cancel.check()?;
             let n = CHECKSUM_BLOCK.min(total - at);
-            self.file
+            self.tmp
+                .file()
                 .read_exact_at(&mut block[..n], (self.offset + at) as u64)
-                .map_err(|e| io(&self.tmp.0, "read back", e))?;
+                .map_err(|e| io(&self.tmp.path, "read back", e))?;
             hashes.push(xxhash_rust::xxh3::xxh3_64(&block[..n]));
         }
         let checksum = combine(&hashes);
@@ -254,15 +256,15 @@ impl Writer {
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&(json.len() as u64).to_le_bytes());
         head.extend_from_slice(&json);
-        self.file
+        self.tmp
+            .file()
             .write_all_at(&head, 0)
-            .map_err(|e| io(&self.tmp.0, "write", e))
+            .map_err(|e| io(&self.tmp.path, "write", e))
     }
 
     fn rename(self) -> Result<Held> {
-        fs::rename(&self.tmp.0, &self.path).map_err(|e| io(&self.path, "rename into", e))?;
-        self.tmp.keep();
-        Ok(Held(self.file))
+        fs::rename(&self.tmp.path, &self.path).map_err(|e| io(&self.path, "rename into", e))?;
+        Ok(Held(self.tmp.keep()))
     }
 }
 
@@ -375,23 +377,51 @@ fn lock(file: &File, nonblocking: bool) -> std::io::Result<()> {
     }
 }
 
-/// Removes a temporary file that was not renamed into place (error or cancel).
-struct TempFile(PathBuf, bool);
+/// A temporary file being written, removed unless it was renamed into place (error or
+/// cancel).
+struct TempFile {
+    path: PathBuf,
+    /// Open until `keep` takes it or the file is removed.
+    file: Option<File>,
+}
+
+/// Files at least this large are closed for the last time off the caller's thread.
+const LARGE_FILE: u64 = 64 << 20;
 
 impl TempFile {
-    fn new(path: PathBuf) -> Self {
-        Self(path, true)
+    fn new(path: PathBuf, file: File) -> Self {
+        Self {
+            path,
+            file: Some(file),
+        }
     }
-    /// The file was renamed into place: nothing to remove.
-    fn keep(mut self) {
-        self.1 = false;
+
+    fn file(&self) -> &File {
+        self.file
+            .as_ref()
+            .expect("a temporary file stays open until kept or removed")
+    }
+
+    /// The file was renamed into place: nothing to remove; its descriptor is handed over.
+    fn keep(mut self) -> File {
+        self.file
+            .take()
+            .expect("a temporary file stays open until kept or removed")
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if self.1 {
-            let _ = fs::remove_file(&self.0);
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        // The name goes now (so no stray file outlives the error), the blocks with the last
+        // descriptor: closing an unlinked file of hundreds of MB frees its pages in the
+        // kernel for 0.1 s or more, where a cancelled caller could not answer; a large one is
+        // closed on a thread of its own.
+        let _ = fs::remove_file(&self.path);
+        if file.metadata().is_ok_and(|m| m.len() >= LARGE_FILE) {
+            crate::parallel::detach(move || drop(file));
         }
     }
 }
