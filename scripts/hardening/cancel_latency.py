@@ -102,7 +102,7 @@ def run_call(server, sql, params, *, cancel_after=None, timeout_s=None):
 
     t = threading.Thread(target=worker)
     t.start()
-    sent = None
+    sent = acked = None
     if cancel_after is not None:
         with server.connect() as ctl:
             while t.is_alive():
@@ -114,6 +114,7 @@ def run_call(server, sql, params, *, cancel_after=None, timeout_s=None):
             if t.is_alive():
                 sent = time.perf_counter()
                 ctl.execute("SELECT pg_cancel_backend(%s)", (pid,))
+                acked = time.perf_counter()
     t.join()
     conn.close()
     err = done["error"]
@@ -126,6 +127,9 @@ def run_call(server, sql, params, *, cancel_after=None, timeout_s=None):
         elif state == "57014":
             res["outcome"] = "cancelled"
             res["latency"] = done["end"] - sent
+            # How long pg_cancel_backend itself took to answer: a stall of the whole server
+            # (another backend's exit, a checkpoint's fsync on 2 cores) shows here, not in the call.
+            res["ack"] = acked - sent
         elif err is None:
             res["outcome"] = "ignored the cancel"
             res["latency"] = done["end"] - sent
@@ -160,7 +164,7 @@ def measure_kind(server, rng, name, sql, params, target, model, lead, tries, max
     # Cancels land after `lead`: PostgreSQL's own work before the call starts is not measured.
     earliest, longest = lead + 0.2, max(longest, lead + 0.4)
     before = fingerprint(server, model)
-    latencies, outcomes, intact = [], [], True
+    latencies, acks, outcomes, intact = [], [], [], True
     problems = []
     attempts = 0
     while len(outcomes) < tries and attempts < 3 * tries:
@@ -181,8 +185,11 @@ def measure_kind(server, rng, name, sql, params, target, model, lead, tries, max
         if after != before or strays:
             intact = False
             problems.append(f"model changed or files left after a cancel: {before} -> {after}, {strays}")
+        if "ack" in r:
+            acks.append(r["ack"])
         log(f"  {name}: cancel after {delay:.2f} s -> {r['outcome']}"
-            + (f" in {r['latency'] * 1000:.0f} ms" if "latency" in r else ""))
+            + (f" in {r['latency'] * 1000:.0f} ms" if "latency" in r else "")
+            + (f" (pg_cancel_backend answered in {r['ack'] * 1000:.0f} ms)" if "ack" in r else ""))
     t_delay = rng.uniform(earliest, longest)
     tr = run_call(server, sql, params, timeout_s=t_delay)
     if tr["outcome"] != "cancelled":
@@ -198,6 +205,7 @@ def measure_kind(server, rng, name, sql, params, target, model, lead, tries, max
     return {"kind": name, "tries": len(outcomes), "target_ms": target * 1000,
             "latencies_ms": [round(x * 1000, 1) for x in latencies],
             "worst_ms": round(worst * 1000, 1) if worst is not None else None,
+            "cancel_ack_ms": [round(x * 1000, 1) for x in acks],
             "median_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
             "timeout_overshoot_ms": round(tr["latency"] * 1000, 1) if "latency" in tr else None,
             "call_s": round(cal["duration"], 2) if cal["outcome"] == "ok" else None,
