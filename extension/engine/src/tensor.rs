@@ -2,6 +2,8 @@
 //! dimensions given separately. Everything here validates before it allocates, so a malformed
 //! call becomes an error rather than an abort.
 
+use std::borrow::Cow;
+
 use crate::error::{EngineError, Result};
 
 /// Largest value PostgreSQL can allocate in one piece (MaxAllocSize, 1 GB - 1).
@@ -23,9 +25,22 @@ pub enum Finite {
 /// Decodes a little-endian float32 blob, rejecting a byte length that is not a multiple of 4
 /// and non-finite values according to `finite`. `arg` names the SQL argument in messages.
 pub fn decode(bytes: &[u8], arg: &str, finite: Finite) -> Result<Vec<f32>> {
-    let out = decode_any(bytes, arg)?;
-    check_finite(&out, arg, finite)?;
-    Ok(out)
+    view(bytes, arg, finite).map(Cow::into_owned)
+}
+
+/// Like `decode`, without a copy where it can: on a little-endian machine, bytes that start on
+/// a 4-byte boundary are viewed in place as float32 values; others are decoded into a new
+/// buffer. The same checks, in the same order, with the same errors as `decode`.
+pub fn view<'a>(bytes: &'a [u8], arg: &str, finite: Finite) -> Result<Cow<'a, [f32]>> {
+    // SAFETY: every bit pattern is a valid f32; align_to only reinterprets.
+    let (head, floats, tail) = unsafe { bytes.align_to::<f32>() };
+    let values = if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+        Cow::Borrowed(floats)
+    } else {
+        Cow::Owned(decode_any(bytes, arg)?)
+    };
+    check_finite(&values, arg, finite)?;
+    Ok(values)
 }
 
 /// Decodes faithfully, NaN and infinities included; only the byte length is checked.
@@ -73,6 +88,17 @@ pub fn decode_exact(
     shape: &str,
     finite: Finite,
 ) -> Result<Vec<f32>> {
+    view_exact(bytes, arg, numel, shape, finite).map(Cow::into_owned)
+}
+
+/// `decode_exact` without a copy where it can (see `view`).
+pub fn view_exact<'a>(
+    bytes: &'a [u8],
+    arg: &str,
+    numel: usize,
+    shape: &str,
+    finite: Finite,
+) -> Result<Cow<'a, [f32]>> {
     if bytes.len() != numel.saturating_mul(4) {
         return Err(EngineError::invalid(format!(
             "{arg} has {} bytes but shape {shape} needs {numel} float32 values ({} bytes)",
@@ -80,7 +106,7 @@ pub fn decode_exact(
             numel.saturating_mul(4)
         )));
     }
-    decode(bytes, arg, finite)
+    view(bytes, arg, finite)
 }
 
 /// Encodes values as little-endian float32 bytes.
@@ -90,13 +116,13 @@ pub fn encode(values: &[f32]) -> Vec<u8> {
 
 /// The little-endian bytes of float32 values, borrowed where the machine is little-endian:
 /// writing a 150 MB tensor into a row then copies it once (into the datum), not twice.
-pub fn le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+pub fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
         // SAFETY: reading f32 values as bytes is always valid.
         let (_, bytes, _) = unsafe { values.align_to::<u8>() };
-        return std::borrow::Cow::Borrowed(bytes);
+        return Cow::Borrowed(bytes);
     }
-    std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// Checks that no value is NaN or an infinity the policy forbids; names the first bad index.
