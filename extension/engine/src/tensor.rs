@@ -127,11 +127,13 @@ pub fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
 
 /// Checks that no value is NaN or an infinity the policy forbids; names the first bad index.
 pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
-    // Fast path: a sum over a finite tensor is finite or overflows to inf; NaN always propagates.
-    let bad = values.iter().position(|v| match finite {
-        Finite::Required => !v.is_finite(),
-        Finite::AllowNegInf => v.is_nan() || *v == f32::INFINITY,
-    });
+    let bad = match finite {
+        Finite::Required => first_bad(values, |bits| bits & EXPONENT == EXPONENT),
+        // NaN (any payload, either sign) or +infinity; −infinity is a mask.
+        Finite::AllowNegInf => first_bad(values, |bits| {
+            (bits & !SIGN) > EXPONENT || bits == f32::INFINITY.to_bits()
+        }),
+    };
     match bad {
         None => Ok(()),
         Some(i) => Err(EngineError::data(format!(
@@ -142,22 +144,38 @@ pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
 }
 
 /// Checks a computed result for overflow (a finite input can still overflow float32).
-/// Large results are scanned on the compute pool.
 pub fn check_result(values: &[f32], what: &str) -> Result<()> {
-    use rayon::prelude::*;
-    const BLOCK: usize = 1 << 16;
-    let position = if values.len() <= BLOCK {
-        values.iter().position(|v| !v.is_finite())
-    } else {
-        crate::parallel::install(|| values.par_iter().position_first(|v| !v.is_finite()))
-    };
-    match position {
+    match first_bad(values, |bits| bits & EXPONENT == EXPONENT) {
         None => Ok(()),
         Some(i) => Err(EngineError::OutOfRange(format!(
             "{what} overflowed float32 range at index {i} ({})",
             values[i]
         ))),
     }
+}
+
+const SIGN: u32 = 0x8000_0000;
+/// All exponent bits set: an infinity or a NaN.
+const EXPONENT: u32 = 0x7f80_0000;
+
+/// The index of the first value whose bits `bad` flags. Every check of a kernel's operands and
+/// result goes through here, so it is a branch-free scan of blocks that the compiler
+/// vectorises, on the compute pool for large tensors; only a block with a bad value is
+/// searched element by element.
+fn first_bad(values: &[f32], bad: impl Fn(u32) -> bool + Sync) -> Option<usize> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 16;
+    let any_bad = |block: &[f32]| block.iter().fold(false, |acc, v| acc | bad(v.to_bits()));
+    let block = if values.len() <= BLOCK {
+        any_bad(values).then_some(0)
+    } else {
+        crate::parallel::install(|| values.par_chunks(BLOCK).position_first(any_bad))
+    }?;
+    let start = block * BLOCK;
+    values[start..]
+        .iter()
+        .position(|v| bad(v.to_bits()))
+        .map(|i| start + i)
 }
 
 /// Validates one dimension given by the caller: strictly positive and not absurd.
@@ -248,6 +266,60 @@ mod tests {
         let masked = encode(&[1.0, f32::NEG_INFINITY]);
         assert!(decode(&masked, "logits", Finite::AllowNegInf).is_ok());
         assert!(decode(&masked, "x", Finite::Required).is_err());
+    }
+
+    #[test]
+    fn view_borrows_aligned_bytes_and_copies_others() {
+        // The same bytes at a 4-byte aligned address and one byte past it.
+        let at = |bytes: &[u8], shift: usize| {
+            let mut buf = vec![0u8; bytes.len() + 8];
+            let start = buf.as_ptr().align_offset(4) + shift;
+            buf[start..start + bytes.len()].copy_from_slice(bytes);
+            (buf, start)
+        };
+        let v: Vec<f32> = (0..9).map(|i| i as f32 * 0.37 - 1.0).collect();
+        let bytes = encode(&v);
+        let (buf, start) = at(&bytes, 0);
+        let aligned = view(&buf[start..start + bytes.len()], "x", Finite::Required).unwrap();
+        assert!(matches!(aligned, Cow::Borrowed(_)) || cfg!(target_endian = "big"));
+        let (buf1, start1) = at(&bytes, 1);
+        let unaligned = view(&buf1[start1..start1 + bytes.len()], "x", Finite::Required).unwrap();
+        assert!(matches!(unaligned, Cow::Owned(_)));
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&aligned), bits(&v));
+        assert_eq!(bits(&unaligned), bits(&v));
+        // The same errors either way.
+        let nan = encode(&[1.0, f32::NAN, 2.0]);
+        for shift in [0, 1] {
+            let (buf, start) = at(&nan, shift);
+            let err = view(&buf[start..start + nan.len()], "a", Finite::Required).unwrap_err();
+            assert_eq!(err.sqlstate(), "22000");
+            assert!(err
+                .to_string()
+                .contains("a contains a non-finite value (NaN) at index 1"));
+        }
+    }
+
+    #[test]
+    fn checks_find_the_first_bad_value_in_any_block() {
+        let mut v = vec![1.5f32; 300_000];
+        assert!(check_finite(&v, "x", Finite::Required).is_ok());
+        assert!(check_result(&v, "y").is_ok());
+        v[250_000] = f32::NEG_INFINITY;
+        assert!(check_finite(&v, "x", Finite::AllowNegInf).is_ok());
+        let err = check_finite(&v, "x", Finite::Required).unwrap_err();
+        assert!(err.to_string().contains("(-inf) at index 250000"), "{err}");
+        v[70_001] = -f32::NAN;
+        let err = check_finite(&v, "x", Finite::AllowNegInf).unwrap_err();
+        assert!(err.to_string().contains("(NaN) at index 70001"), "{err}");
+        v[3] = f32::INFINITY;
+        let err = check_finite(&v, "x", Finite::AllowNegInf).unwrap_err();
+        assert!(err.to_string().contains("(inf) at index 3"), "{err}");
+        let err = check_result(&v, "y").unwrap_err();
+        assert_eq!(err.sqlstate(), "22003");
+        assert!(err
+            .to_string()
+            .contains("y overflowed float32 range at index 3"));
     }
 
     #[test]
