@@ -128,11 +128,12 @@ pub fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
 /// Checks that no value is NaN or an infinity the policy forbids; names the first bad index.
 pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
     let bad = match finite {
-        Finite::Required => first_bad(values, |bits| bits & EXPONENT == EXPONENT),
-        // NaN (any payload, either sign) or +infinity; −infinity is a mask.
-        Finite::AllowNegInf => first_bad(values, |bits| {
-            (bits & !SIGN) > EXPONENT || bits == f32::INFINITY.to_bits()
-        }),
+        Finite::Required => first_bad(values, |bits| bits & !SIGN, EXPONENT - 1),
+        // NaN (any payload, either sign) or +infinity, but not −infinity (a mask): a negative
+        // value's magnitude is bad above EXPONENT, a positive one's from EXPONENT on.
+        Finite::AllowNegInf => {
+            first_bad(values, |bits| (bits & !SIGN) + (1 - (bits >> 31)), EXPONENT)
+        }
     };
     match bad {
         None => Ok(()),
@@ -145,7 +146,7 @@ pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
 
 /// Checks a computed result for overflow (a finite input can still overflow float32).
 pub fn check_result(values: &[f32], what: &str) -> Result<()> {
-    match first_bad(values, |bits| bits & EXPONENT == EXPONENT) {
+    match first_bad(values, |bits| bits & !SIGN, EXPONENT - 1) {
         None => Ok(()),
         Some(i) => Err(EngineError::OutOfRange(format!(
             "{what} overflowed float32 range at index {i} ({})",
@@ -155,27 +156,25 @@ pub fn check_result(values: &[f32], what: &str) -> Result<()> {
 }
 
 const SIGN: u32 = 0x8000_0000;
-/// All exponent bits set: an infinity or a NaN.
+/// The magnitude bits of +infinity; any magnitude above is a NaN.
 const EXPONENT: u32 = 0x7f80_0000;
 
-/// The index of the first value whose bits `bad` flags. Every check of a kernel's operands and
-/// result goes through here, so it is a branch-free scan of blocks that the compiler
-/// vectorises, on the compute pool for large tensors; only a block with a bad value is
-/// searched element by element.
-fn first_bad(values: &[f32], bad: impl Fn(u32) -> bool + Sync) -> Option<usize> {
+/// The index of the first value whose `key` (of its bits) exceeds `limit`. Every check of a
+/// kernel's operands and result goes through here, so blocks are scanned for their largest
+/// key, a reduction the compiler vectorises, on the compute pool for large tensors; only a
+/// block with a bad value is searched element by element.
+fn first_bad(values: &[f32], key: impl Fn(u32) -> u32 + Sync, limit: u32) -> Option<usize> {
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 16;
-    let any_bad = |block: &[f32]| block.iter().fold(false, |acc, v| acc | bad(v.to_bits()));
+    let bad = |v: &f32| key(v.to_bits()) > limit;
+    let any_bad = |block: &[f32]| block.iter().fold(0, |m, v| m.max(key(v.to_bits()))) > limit;
     let block = if values.len() <= BLOCK {
         any_bad(values).then_some(0)
     } else {
         crate::parallel::install(|| values.par_chunks(BLOCK).position_first(any_bad))
     }?;
     let start = block * BLOCK;
-    values[start..]
-        .iter()
-        .position(|v| bad(v.to_bits()))
-        .map(|i| start + i)
+    values[start..].iter().position(bad).map(|i| start + i)
 }
 
 /// Validates one dimension given by the caller: strictly positive and not absurd.

@@ -12,11 +12,12 @@ pub fn required<T>(value: Option<T>, name: &str) -> Result<T> {
 
 // How a bytea argument arrives: pgrx passes `&[u8]` through `pg_detoast_datum_packed`, which
 // brings an out-of-line or compressed value into memory as a new palloc'd varlena with a 4-byte
-// header (MAXALIGN'd, so its data is 4-byte aligned), but leaves a value that is already in
-// memory where it is, short 1-byte-header form included. The slice is then the value's data in
-// place: after a 4-byte header (a function result, a detoasted value, a PL/pgSQL variable) it is
-// 4-byte aligned; after a 1-byte header (a value of up to 126 bytes read from a row) it usually
-// is not. Aligned data is viewed as float32 values without a copy, the rest is copied
+// header (MAXALIGN'd, so its data is 4-byte aligned), but leaves a value that is already plain
+// in memory where it is, in its short 1-byte-header form included; the slice is that value's
+// data in place. Data after a 4-byte header is 4-byte aligned (a function result, a detoasted
+// value, a large value inline in a row, whose column is int-aligned); data after a 1-byte
+// header (a value of up to 126 bytes stored in a row, or a copy of one) starts at any byte.
+// Aligned data is viewed as float32 values without a copy, the rest is copied
 // (`tensor::view`). The slice lives as long as the call's argument.
 
 /// A float32 tensor argument of any length, viewed in place where aligned.
