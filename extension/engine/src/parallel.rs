@@ -96,13 +96,19 @@ pub fn for_rows(data: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) 
 pub fn zeroed<'a>(buf: &'a mut [MaybeUninit<f32>], cancel: Cancel) -> Result<&'a mut [f32]> {
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 20;
-    install(|| {
-        buf.par_chunks_mut(BLOCK).try_for_each(|block| {
-            cancel.check()?;
-            block.fill(MaybeUninit::new(0.0));
-            Ok(())
-        })
-    })?;
+    if buf.len() <= BLOCK {
+        // One block: not worth a trip to the pool.
+        cancel.check()?;
+        buf.fill(MaybeUninit::new(0.0));
+    } else {
+        install(|| {
+            buf.par_chunks_mut(BLOCK).try_for_each(|block| {
+                cancel.check()?;
+                block.fill(MaybeUninit::new(0.0));
+                Ok(())
+            })
+        })?;
+    }
     // SAFETY: every element was written above; MaybeUninit<f32> has f32's layout.
     Ok(unsafe { &mut *(buf as *mut [MaybeUninit<f32>] as *mut [f32]) })
 }

@@ -2,6 +2,8 @@
 //! dimensions given separately. Everything here validates before it allocates, so a malformed
 //! call becomes an error rather than an abort.
 
+use std::borrow::Cow;
+
 use crate::error::{EngineError, Result};
 
 /// Largest value PostgreSQL can allocate in one piece (MaxAllocSize, 1 GB - 1).
@@ -23,9 +25,22 @@ pub enum Finite {
 /// Decodes a little-endian float32 blob, rejecting a byte length that is not a multiple of 4
 /// and non-finite values according to `finite`. `arg` names the SQL argument in messages.
 pub fn decode(bytes: &[u8], arg: &str, finite: Finite) -> Result<Vec<f32>> {
-    let out = decode_any(bytes, arg)?;
-    check_finite(&out, arg, finite)?;
-    Ok(out)
+    view(bytes, arg, finite).map(Cow::into_owned)
+}
+
+/// Like `decode`, without a copy where it can: on a little-endian machine, bytes that start on
+/// a 4-byte boundary are viewed in place as float32 values; others are decoded into a new
+/// buffer. The same checks, in the same order, with the same errors as `decode`.
+pub fn view<'a>(bytes: &'a [u8], arg: &str, finite: Finite) -> Result<Cow<'a, [f32]>> {
+    // SAFETY: every bit pattern is a valid f32; align_to only reinterprets.
+    let (head, floats, tail) = unsafe { bytes.align_to::<f32>() };
+    let values = if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+        Cow::Borrowed(floats)
+    } else {
+        Cow::Owned(decode_any(bytes, arg)?)
+    };
+    check_finite(&values, arg, finite)?;
+    Ok(values)
 }
 
 /// Decodes faithfully, NaN and infinities included; only the byte length is checked.
@@ -73,6 +88,17 @@ pub fn decode_exact(
     shape: &str,
     finite: Finite,
 ) -> Result<Vec<f32>> {
+    view_exact(bytes, arg, numel, shape, finite).map(Cow::into_owned)
+}
+
+/// `decode_exact` without a copy where it can (see `view`).
+pub fn view_exact<'a>(
+    bytes: &'a [u8],
+    arg: &str,
+    numel: usize,
+    shape: &str,
+    finite: Finite,
+) -> Result<Cow<'a, [f32]>> {
     if bytes.len() != numel.saturating_mul(4) {
         return Err(EngineError::invalid(format!(
             "{arg} has {} bytes but shape {shape} needs {numel} float32 values ({} bytes)",
@@ -80,7 +106,7 @@ pub fn decode_exact(
             numel.saturating_mul(4)
         )));
     }
-    decode(bytes, arg, finite)
+    view(bytes, arg, finite)
 }
 
 /// Encodes values as little-endian float32 bytes.
@@ -90,22 +116,25 @@ pub fn encode(values: &[f32]) -> Vec<u8> {
 
 /// The little-endian bytes of float32 values, borrowed where the machine is little-endian:
 /// writing a 150 MB tensor into a row then copies it once (into the datum), not twice.
-pub fn le_bytes(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+pub fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
         // SAFETY: reading f32 values as bytes is always valid.
         let (_, bytes, _) = unsafe { values.align_to::<u8>() };
-        return std::borrow::Cow::Borrowed(bytes);
+        return Cow::Borrowed(bytes);
     }
-    std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// Checks that no value is NaN or an infinity the policy forbids; names the first bad index.
 pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
-    // Fast path: a sum over a finite tensor is finite or overflows to inf; NaN always propagates.
-    let bad = values.iter().position(|v| match finite {
-        Finite::Required => !v.is_finite(),
-        Finite::AllowNegInf => v.is_nan() || *v == f32::INFINITY,
-    });
+    let bad = match finite {
+        Finite::Required => first_bad(values, |bits| bits & !SIGN, EXPONENT - 1),
+        // NaN (any payload, either sign) or +infinity, but not −infinity (a mask): a negative
+        // value's magnitude is bad above EXPONENT, a positive one's from EXPONENT on.
+        Finite::AllowNegInf => {
+            first_bad(values, |bits| (bits & !SIGN) + (1 - (bits >> 31)), EXPONENT)
+        }
+    };
     match bad {
         None => Ok(()),
         Some(i) => Err(EngineError::data(format!(
@@ -116,22 +145,36 @@ pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
 }
 
 /// Checks a computed result for overflow (a finite input can still overflow float32).
-/// Large results are scanned on the compute pool.
 pub fn check_result(values: &[f32], what: &str) -> Result<()> {
-    use rayon::prelude::*;
-    const BLOCK: usize = 1 << 16;
-    let position = if values.len() <= BLOCK {
-        values.iter().position(|v| !v.is_finite())
-    } else {
-        crate::parallel::install(|| values.par_iter().position_first(|v| !v.is_finite()))
-    };
-    match position {
+    match first_bad(values, |bits| bits & !SIGN, EXPONENT - 1) {
         None => Ok(()),
         Some(i) => Err(EngineError::OutOfRange(format!(
             "{what} overflowed float32 range at index {i} ({})",
             values[i]
         ))),
     }
+}
+
+const SIGN: u32 = 0x8000_0000;
+/// The magnitude bits of +infinity; any magnitude above is a NaN.
+const EXPONENT: u32 = 0x7f80_0000;
+
+/// The index of the first value whose `key` (of its bits) exceeds `limit`. Every check of a
+/// kernel's operands and result goes through here, so blocks are scanned for their largest
+/// key, a reduction the compiler vectorises, on the compute pool for large tensors; only a
+/// block with a bad value is searched element by element.
+fn first_bad(values: &[f32], key: impl Fn(u32) -> u32 + Sync, limit: u32) -> Option<usize> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 16;
+    let bad = |v: &f32| key(v.to_bits()) > limit;
+    let any_bad = |block: &[f32]| block.iter().fold(0, |m, v| m.max(key(v.to_bits()))) > limit;
+    let block = if values.len() <= BLOCK {
+        any_bad(values).then_some(0)
+    } else {
+        crate::parallel::install(|| values.par_chunks(BLOCK).position_first(any_bad))
+    }?;
+    let start = block * BLOCK;
+    values[start..].iter().position(bad).map(|i| start + i)
 }
 
 /// Validates one dimension given by the caller: strictly positive and not absurd.
@@ -222,6 +265,60 @@ mod tests {
         let masked = encode(&[1.0, f32::NEG_INFINITY]);
         assert!(decode(&masked, "logits", Finite::AllowNegInf).is_ok());
         assert!(decode(&masked, "x", Finite::Required).is_err());
+    }
+
+    #[test]
+    fn view_borrows_aligned_bytes_and_copies_others() {
+        // The same bytes at a 4-byte aligned address and one byte past it.
+        let at = |bytes: &[u8], shift: usize| {
+            let mut buf = vec![0u8; bytes.len() + 8];
+            let start = buf.as_ptr().align_offset(4) + shift;
+            buf[start..start + bytes.len()].copy_from_slice(bytes);
+            (buf, start)
+        };
+        let v: Vec<f32> = (0..9).map(|i| i as f32 * 0.37 - 1.0).collect();
+        let bytes = encode(&v);
+        let (buf, start) = at(&bytes, 0);
+        let aligned = view(&buf[start..start + bytes.len()], "x", Finite::Required).unwrap();
+        assert!(matches!(aligned, Cow::Borrowed(_)) || cfg!(target_endian = "big"));
+        let (buf1, start1) = at(&bytes, 1);
+        let unaligned = view(&buf1[start1..start1 + bytes.len()], "x", Finite::Required).unwrap();
+        assert!(matches!(unaligned, Cow::Owned(_)));
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&aligned), bits(&v));
+        assert_eq!(bits(&unaligned), bits(&v));
+        // The same errors either way.
+        let nan = encode(&[1.0, f32::NAN, 2.0]);
+        for shift in [0, 1] {
+            let (buf, start) = at(&nan, shift);
+            let err = view(&buf[start..start + nan.len()], "a", Finite::Required).unwrap_err();
+            assert_eq!(err.sqlstate(), "22000");
+            assert!(err
+                .to_string()
+                .contains("a contains a non-finite value (NaN) at index 1"));
+        }
+    }
+
+    #[test]
+    fn checks_find_the_first_bad_value_in_any_block() {
+        let mut v = vec![1.5f32; 300_000];
+        assert!(check_finite(&v, "x", Finite::Required).is_ok());
+        assert!(check_result(&v, "y").is_ok());
+        v[250_000] = f32::NEG_INFINITY;
+        assert!(check_finite(&v, "x", Finite::AllowNegInf).is_ok());
+        let err = check_finite(&v, "x", Finite::Required).unwrap_err();
+        assert!(err.to_string().contains("(-inf) at index 250000"), "{err}");
+        v[70_001] = -f32::NAN;
+        let err = check_finite(&v, "x", Finite::AllowNegInf).unwrap_err();
+        assert!(err.to_string().contains("(NaN) at index 70001"), "{err}");
+        v[3] = f32::INFINITY;
+        let err = check_finite(&v, "x", Finite::AllowNegInf).unwrap_err();
+        assert!(err.to_string().contains("(inf) at index 3"), "{err}");
+        let err = check_result(&v, "y").unwrap_err();
+        assert_eq!(err.sqlstate(), "22003");
+        assert!(err
+            .to_string()
+            .contains("y overflowed float32 range at index 3"));
     }
 
     #[test]

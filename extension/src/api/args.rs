@@ -1,6 +1,8 @@
 //! Turning SQL arguments into validated engine inputs. NULL is an error (22004) rather than a
 //! silent NULL result: a NULL weight almost always means a missing row upstream.
 
+use std::borrow::Cow;
+
 use pg_llm_engine::tensor::{self, Finite};
 use pg_llm_engine::{EngineError, Result};
 
@@ -8,24 +10,34 @@ pub fn required<T>(value: Option<T>, name: &str) -> Result<T> {
     value.ok_or_else(|| EngineError::NullValue(format!("{name} must not be NULL")))
 }
 
-/// A float32 tensor argument of any length.
-pub fn tensor(value: Option<&[u8]>, name: &str) -> Result<Vec<f32>> {
-    tensor::decode(required(value, name)?, name, Finite::Required)
+// How a bytea argument arrives: pgrx passes `&[u8]` through `pg_detoast_datum_packed`, which
+// brings an out-of-line or compressed value into memory as a new palloc'd varlena with a 4-byte
+// header (MAXALIGN'd, so its data is 4-byte aligned), but leaves a value that is already plain
+// in memory where it is, in its short 1-byte-header form included; the slice is that value's
+// data in place. Data after a 4-byte header is 4-byte aligned (a function result, a detoasted
+// value, a large value inline in a row, whose column is int-aligned); data after a 1-byte
+// header (a value of up to 126 bytes stored in a row, or a copy of one) starts at any byte.
+// Aligned data is viewed as float32 values without a copy, the rest is copied
+// (`tensor::view`). The slice lives as long as the call's argument.
+
+/// A float32 tensor argument of any length, viewed in place where aligned.
+pub fn tensor<'a>(value: Option<&'a [u8]>, name: &str) -> Result<Cow<'a, [f32]>> {
+    tensor::view(required(value, name)?, name, Finite::Required)
 }
 
 /// A logits argument: −infinity is allowed as a mask.
-pub fn logits(value: Option<&[u8]>, name: &str) -> Result<Vec<f32>> {
-    tensor::decode(required(value, name)?, name, Finite::AllowNegInf)
+pub fn logits<'a>(value: Option<&'a [u8]>, name: &str) -> Result<Cow<'a, [f32]>> {
+    tensor::view(required(value, name)?, name, Finite::AllowNegInf)
 }
 
 /// A float32 tensor argument that must hold exactly `numel` values.
-pub fn tensor_exact(
-    value: Option<&[u8]>,
+pub fn tensor_exact<'a>(
+    value: Option<&'a [u8]>,
     name: &str,
     numel: usize,
     shape: &str,
-) -> Result<Vec<f32>> {
-    tensor::decode_exact(required(value, name)?, name, numel, shape, Finite::Required)
+) -> Result<Cow<'a, [f32]>> {
+    tensor::view_exact(required(value, name)?, name, numel, shape, Finite::Required)
 }
 
 /// A dimension argument: present, positive, not absurd.

@@ -74,7 +74,7 @@ fn llm_tape_watch(x: Option<&[u8]>, label: default!(Option<&str>, "NULL")) -> Fl
             vec![x.len()],
             Source::Watched(label.map(str::to_string)),
         )?;
-        Ok(Float32Bytea::from(x))
+        Ok(Float32Bytea::from(x.into_owned()))
     })
 }
 

@@ -6,6 +6,8 @@ use pg_llm_engine::kernels::attention::{
 use pg_llm_engine::kernels::{cross_entropy, dropout, elementwise, layernorm, matmul, softmax};
 use pg_llm_engine::tape::Op;
 use pg_llm_engine::{sample::rng_from_seed, tensor, EngineError};
+use std::borrow::Cow;
+
 use pgrx::prelude::*;
 
 use super::args::{dim, finite, logits as logits_arg, required, tensor, tensor_exact};
@@ -28,10 +30,12 @@ fn pg_llm_matmul(
         let b_len = tensor::numel(&[k, n], "b")?;
         let a = tensor_exact(a, "a", a_len, &format!("[m={m}, k={k}]"))?;
         let b = tensor_exact(b, "b", b_len, &format!("[k={k}, n={n}]"))?;
-        // matmul checks its result (22003 beyond float32's range).
-        let y = matmul::matmul(&a, &b, m, k, n, cancel())?;
-        tape::record(Op::MatMul { m, k, n }, &[&a, &b], &y, vec![m, n])?;
-        Ok(Float32Bytea::from(y))
+        let len = tensor::numel(&[m, n], "matmul result")?;
+        // Computed in the result value; matmul checks it (22003 beyond float32's range).
+        Float32Bytea::computed(len, cancel(), |y| {
+            matmul::matmul_into(y, &a, &b, m, k, n, cancel())?;
+            tape::record(Op::MatMul { m, k, n }, &[&a, &b], y, vec![m, n])
+        })
     })
 }
 
@@ -40,9 +44,10 @@ fn pg_llm_matmul(
 fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_add", || {
         let (a, b) = (tensor(a, "a")?, tensor(b, "b")?);
-        let y = elementwise::add(&a, &b)?;
-        tape::record(Op::Add, &[&a, &b], &y, vec![y.len()])?;
-        Ok(Float32Bytea::from(y))
+        Float32Bytea::computed(a.len(), cancel(), |y| {
+            elementwise::add_into(y, &a, &b)?;
+            tape::record(Op::Add, &[&a, &b], y, vec![y.len()])
+        })
     })
 }
 
@@ -51,9 +56,10 @@ fn pg_llm_add(a: Option<&[u8]>, b: Option<&[u8]>) -> Float32Bytea {
 fn pg_llm_gelu(a: Option<&[u8]>) -> Float32Bytea {
     run("pg_llm_gelu", || {
         let a = tensor(a, "a")?;
-        let y = elementwise::gelu_forward(&a);
-        tape::record(Op::Gelu, &[&a], &y, vec![y.len()])?;
-        Ok(Float32Bytea::from(y))
+        Float32Bytea::computed(a.len(), cancel(), |y| {
+            elementwise::gelu_forward_into(y, &a)?;
+            tape::record(Op::Gelu, &[&a], y, vec![y.len()])
+        })
     })
 }
 
@@ -78,9 +84,10 @@ fn cols_or_all(cols: Option<i32>, len: usize) -> pg_llm_engine::Result<usize> {
 fn softmax_recorded(a: Option<&[u8]>, cols: Option<i32>) -> pg_llm_engine::Result<Float32Bytea> {
     let a = logits_arg(a, "a")?;
     let cols = cols_or_all(cols, a.len())?;
-    let y = softmax::softmax_forward(&a, cols)?;
-    tape::record(Op::Softmax { cols }, &[&a], &y, vec![y.len() / cols, cols])?;
-    Ok(Float32Bytea::from(y))
+    Float32Bytea::computed(a.len(), cancel(), |y| {
+        softmax::softmax_forward_into(y, &a, cols)?;
+        tape::record(Op::Softmax { cols }, &[&a], y, vec![y.len() / cols, cols])
+    })
 }
 
 /// Softmax over the whole vector (pg_gpt2 semantics).
@@ -143,10 +150,11 @@ fn pg_llm_layernorm(
             tensor(beta, "beta")?,
         );
         let eps = finite(eps, "eps")?;
-        let y = layernorm::layernorm_forward(&x, &gamma, &beta, eps)?;
-        let shape = vec![y.len() / gamma.len().max(1), gamma.len()];
-        tape::record(Op::LayerNorm { eps }, &[&x, &gamma, &beta], &y, shape)?;
-        Ok(Float32Bytea::from(y))
+        Float32Bytea::computed(x.len(), cancel(), |y| {
+            layernorm::layernorm_into(y, &x, &gamma, &beta, eps)?;
+            let shape = vec![y.len() / gamma.len().max(1), gamma.len()];
+            tape::record(Op::LayerNorm { eps }, &[&x, &gamma, &beta], y, shape)
+        })
     })
 }
 
@@ -298,31 +306,32 @@ fn pg_llm_transpose(src: Option<&[u8]>, rows: Option<i32>, cols: Option<i32>) ->
         let (r, c) = (dim(rows, "rows")?, dim(cols, "cols")?);
         let n = tensor::numel(&[r, c], "src")?;
         let src = tensor_exact(src, "src", n, &format!("[rows={r}, cols={c}]"))?;
-        let y = elementwise::transpose(&src, r, c)?;
-        tape::record(Op::Transpose { rows: r, cols: c }, &[&src], &y, vec![c, r])?;
-        Ok(Float32Bytea::from(y))
+        Float32Bytea::computed(n, cancel(), |y| {
+            elementwise::transpose_into(y, &src, r, c)?;
+            tape::record(Op::Transpose { rows: r, cols: c }, &[&src], y, vec![c, r])
+        })
     })
 }
 
-struct BlockArgs {
-    x: Vec<f32>,
-    w_qkv: Vec<f32>,
-    b_qkv: Vec<f32>,
-    w_o: Vec<f32>,
-    b_o: Vec<f32>,
+struct BlockArgs<'a> {
+    x: Cow<'a, [f32]>,
+    w_qkv: Cow<'a, [f32]>,
+    b_qkv: Cow<'a, [f32]>,
+    w_o: Cow<'a, [f32]>,
+    b_o: Cow<'a, [f32]>,
     n_head: usize,
     t: usize,
     d: usize,
 }
 
-impl BlockArgs {
+impl<'a> BlockArgs<'a> {
     #[allow(clippy::too_many_arguments)]
     fn parse(
-        x: Option<&[u8]>,
-        w_qkv: Option<&[u8]>,
-        b_qkv: Option<&[u8]>,
-        w_o: Option<&[u8]>,
-        b_o: Option<&[u8]>,
+        x: Option<&'a [u8]>,
+        w_qkv: Option<&'a [u8]>,
+        b_qkv: Option<&'a [u8]>,
+        w_o: Option<&'a [u8]>,
+        b_o: Option<&'a [u8]>,
         n_head: Option<i32>,
         t: Option<i32>,
         d: Option<i32>,

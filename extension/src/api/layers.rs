@@ -6,9 +6,12 @@ use pg_llm_engine::kernels::attention::{
     causal_attention, causal_attention_backward, AttnOptions, AttnShape,
 };
 use pg_llm_engine::kernels::embedding::{embedding, embedding_backward};
-use pg_llm_engine::kernels::linear::{bias_backward, linear, linear_backward};
+use pg_llm_engine::kernels::linear::{bias_backward, linear_backward, linear_into};
+use pg_llm_engine::kernels::matmul::Accumulate::Overwrite;
 use pg_llm_engine::tape::Op;
 use pg_llm_engine::{tensor, EngineError, Result};
+use std::borrow::Cow;
+
 use pgrx::prelude::*;
 
 use super::args::{dim, required, tensor as tensor_arg, tensor_exact};
@@ -16,21 +19,21 @@ use super::float32_bytea::Float32Bytea;
 use crate::errors::{cancel, run};
 use crate::tape;
 
-struct LinearArgs {
-    x: Vec<f32>,
-    w: Vec<f32>,
+struct LinearArgs<'a> {
+    x: Cow<'a, [f32]>,
+    w: Cow<'a, [f32]>,
     rows: usize,
     d_in: usize,
     d_out: usize,
 }
 
-fn linear_args(
-    x: Option<&[u8]>,
-    w: Option<&[u8]>,
+fn linear_args<'a>(
+    x: Option<&'a [u8]>,
+    w: Option<&'a [u8]>,
     rows: Option<i32>,
     d_in: Option<i32>,
     d_out: Option<i32>,
-) -> Result<LinearArgs> {
+) -> Result<LinearArgs<'a>> {
     let (rows, d_in, d_out) = (dim(rows, "rows")?, dim(d_in, "d_in")?, dim(d_out, "d_out")?);
     let x_len = tensor::numel(&[rows, d_in], "x")?;
     let w_len = tensor::numel(&[d_out, d_in], "w")?;
@@ -59,19 +62,22 @@ fn pg_llm_linear(
         let b = b
             .map(|b| tensor_exact(Some(b), "b", a.d_out, &format!("[d_out={}]", a.d_out)))
             .transpose()?;
-        let y = linear(&a.x, &a.w, b.as_deref(), a.rows, a.d_in, a.d_out, cancel())?;
-        tensor::check_result(&y, "pg_llm_linear")?;
-        let op = Op::Linear {
-            t: a.rows,
-            d_in: a.d_in,
-            d_out: a.d_out,
-        };
-        let shape = vec![a.rows, a.d_out];
-        match &b {
-            Some(b) => tape::record(op, &[&a.x, &a.w, b], &y, shape)?,
-            None => tape::record(op, &[&a.x, &a.w], &y, shape)?,
-        }
-        Ok(Float32Bytea::from(y))
+        let dims = (a.rows, a.d_in, a.d_out);
+        let len = tensor::numel(&[a.rows, a.d_out], "pg_llm_linear result")?;
+        Float32Bytea::computed(len, cancel(), |y| {
+            linear_into(y, &a.x, &a.w, b.as_deref(), dims, Overwrite, cancel())?;
+            tensor::check_result(y, "pg_llm_linear")?;
+            let op = Op::Linear {
+                t: a.rows,
+                d_in: a.d_in,
+                d_out: a.d_out,
+            };
+            let shape = vec![a.rows, a.d_out];
+            match &b {
+                Some(b) => tape::record(op, &[&a.x, &a.w, b], y, shape),
+                None => tape::record(op, &[&a.x, &a.w], y, shape),
+            }
+        })
     })
 }
 
@@ -167,24 +173,24 @@ fn pg_llm_embedding_backward(
     })
 }
 
-struct AttnArgs {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+struct AttnArgs<'a> {
+    q: Cow<'a, [f32]>,
+    k: Cow<'a, [f32]>,
+    v: Cow<'a, [f32]>,
     shape: AttnShape,
     opts: AttnOptions,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attn_args(
-    q: Option<&[u8]>,
-    k: Option<&[u8]>,
-    v: Option<&[u8]>,
+fn attn_args<'a>(
+    q: Option<&'a [u8]>,
+    k: Option<&'a [u8]>,
+    v: Option<&'a [u8]>,
     n_head: Option<i32>,
     t: Option<i32>,
     window: Option<i32>,
     scale: Option<bool>,
-) -> Result<AttnArgs> {
+) -> Result<AttnArgs<'a>> {
     let (n_head, t) = (dim(n_head, "n_head")?, dim(t, "T")?);
     let q = tensor_arg(q, "q")?;
     let width = q.len() / t;

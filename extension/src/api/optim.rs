@@ -31,8 +31,12 @@ fn pg_llm_adamw_step(
             eps: finite(eps, "eps")?,
             weight_decay: finite(weight_decay, "weight_decay")?,
         };
-        let (mut w, g) = (tensor(weight, "weight")?, tensor(grad, "grad")?);
-        let (mut m, mut v) = (tensor(m, "m")?, tensor(v, "v")?);
+        // The step updates w, m and v: owned copies of them.
+        let (mut w, g) = (
+            tensor(weight, "weight")?.into_owned(),
+            tensor(grad, "grad")?,
+        );
+        let (mut m, mut v) = (tensor(m, "m")?.into_owned(), tensor(v, "v")?.into_owned());
         if v.iter().any(|x| *x < 0.0) {
             return Err(EngineError::data(
                 "v (the second moment) must not be negative",
@@ -61,7 +65,7 @@ fn pg_llm_adamw_step(
 #[pg_extern(immutable, parallel_safe)]
 fn pg_llm_grad_clip(grad: Option<&[u8]>, clip: Option<f32>) -> Float32Bytea {
     run("pg_llm_grad_clip", || {
-        let mut g = tensor(grad, "grad")?;
+        let mut g = tensor(grad, "grad")?.into_owned();
         optim::clip_grad_norm(&mut g, finite(clip, "clip")?)?;
         Ok(Float32Bytea::from(g))
     })

@@ -7,6 +7,13 @@ use crate::tensor;
 /// a + b. When b is shorter than a and its length divides a's, b is a bias broadcast over the
 /// rows of a viewed as [len(a) / len(b), len(b)].
 pub fn add(a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    let mut out = tensor::alloc_zeroed(a.len())?;
+    add_into(&mut out, a, b)?;
+    Ok(out)
+}
+
+/// `add` into `out`, which must hold as many values as a.
+pub fn add_into(out: &mut [f32], a: &[f32], b: &[f32]) -> Result<()> {
     if b.is_empty() || a.len() % b.len() != 0 {
         return Err(EngineError::invalid(format!(
             "cannot add tensors of {} and {} values: the second must have the same length or be a bias whose length divides the first's",
@@ -14,14 +21,13 @@ pub fn add(a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
             b.len()
         )));
     }
-    let mut out = a.to_vec();
-    for row in out.chunks_exact_mut(b.len()) {
-        for (o, bv) in row.iter_mut().zip(b) {
-            *o += bv;
+    same_len(out, a, "the result", "a")?;
+    for (row, ar) in out.chunks_exact_mut(b.len()).zip(a.chunks_exact(b.len())) {
+        for ((o, av), bv) in row.iter_mut().zip(ar).zip(b) {
+            *o = av + bv;
         }
     }
-    tensor::check_result(&out, "add")?;
-    Ok(out)
+    tensor::check_result(out, "add")
 }
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -45,6 +51,14 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
     y
 }
 
+/// `gelu_forward` into `y`, which must hold as many values as x.
+pub fn gelu_forward_into(y: &mut [f32], x: &[f32]) -> Result<()> {
+    same_len(y, x, "the result", "x")?;
+    y.copy_from_slice(x);
+    crate::simd::gelu_new_inplace(y);
+    Ok(())
+}
+
 /// dx = dy · gelu'(x); `OutOfRange` where that exceeds float32 (gelu' peaks at 1.13).
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
     same_len(x, dy, "x", "dy")?;
@@ -59,6 +73,13 @@ pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
 
 /// Out-of-place transpose of a row-major [rows, cols] matrix.
 pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let mut out = tensor::alloc_zeroed(src.len())?;
+    transpose_into(&mut out, src, rows, cols)?;
+    Ok(out)
+}
+
+/// `transpose` into `out`, which must hold as many values as src.
+pub fn transpose_into(out: &mut [f32], src: &[f32], rows: usize, cols: usize) -> Result<()> {
     if src.len() != rows * cols {
         return Err(EngineError::invalid(format!(
             "src has {} values but [rows={rows}, cols={cols}] needs {}",
@@ -66,7 +87,7 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
             rows * cols
         )));
     }
-    let mut out = tensor::alloc_zeroed(src.len())?;
+    same_len(out, src, "the result", "src")?;
     // Blocked so both sides stay in cache for large matrices.
     const B: usize = 32;
     for r0 in (0..rows).step_by(B) {
@@ -78,7 +99,7 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 pub(crate) fn same_len(a: &[f32], b: &[f32], an: &str, bn: &str) -> Result<()> {

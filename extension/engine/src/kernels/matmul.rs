@@ -208,6 +208,48 @@ pub fn matmul(
     n: usize,
     cancel: Cancel,
 ) -> Result<Vec<f32>> {
+    check_operands(a, b, m, k, n)?;
+    let mut out = tensor::alloc_zeroed(tensor::numel(&[m, n], "matmul result")?)?;
+    matmul_into(&mut out, a, b, m, k, n, cancel)?;
+    Ok(out)
+}
+
+/// `matmul` writing its [m, n] result into `out` (for example a SQL result value), which must
+/// hold exactly m·n values; their previous contents do not matter.
+pub fn matmul_into(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    cancel: Cancel,
+) -> Result<()> {
+    check_operands(a, b, m, k, n)?;
+    if out.len() != m * n {
+        return Err(EngineError::invalid(format!(
+            "matmul result has room for {} values; [m={m}, n={n}] needs {}",
+            out.len(),
+            m * n
+        )));
+    }
+    if m <= SMALL_M {
+        cancel.check()?;
+        small_m_product(out, a, b, m, k, n);
+    } else {
+        gemm_sliced(
+            out,
+            MatRef::new(a, m, k),
+            MatRef::new(b, k, n),
+            Accumulate::Overwrite,
+            FLOPS_PER_SLICE,
+            cancel,
+        )?;
+    }
+    tensor::check_result(out, "matmul result")
+}
+
+fn check_operands(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Result<()> {
     if a.len() != m * k || b.len() != k * n {
         return Err(EngineError::invalid(format!(
             "matmul operands have {} and {} values; [m={m}, k={k}] and [k={k}, n={n}] need {} and {}",
@@ -217,22 +259,7 @@ pub fn matmul(
             k * n
         )));
     }
-    let mut out = tensor::alloc_zeroed(tensor::numel(&[m, n], "matmul result")?)?;
-    if m <= SMALL_M {
-        cancel.check()?;
-        small_m_product(&mut out, a, b, m, k, n);
-    } else {
-        gemm_sliced(
-            &mut out,
-            MatRef::new(a, m, k),
-            MatRef::new(b, k, n),
-            Accumulate::Overwrite,
-            FLOPS_PER_SLICE,
-            cancel,
-        )?;
-    }
-    tensor::check_result(&out, "matmul result")?;
-    Ok(out)
+    Ok(())
 }
 
 /// Up to this many rows of A, a product is a few matrix-vector products (decode, beam

@@ -37,9 +37,16 @@ pub fn softmax_rows_inplace(x: &mut [f32], cols: usize) -> Result<()> {
 }
 
 pub fn softmax_forward(x: &[f32], cols: usize) -> Result<Vec<f32>> {
-    let mut y = x.to_vec();
-    softmax_rows_inplace(&mut y, cols)?;
+    let mut y = tensor::alloc_zeroed(x.len())?;
+    softmax_forward_into(&mut y, x, cols)?;
     Ok(y)
+}
+
+/// `softmax_forward` into `y`, which must hold as many values as x.
+pub fn softmax_forward_into(y: &mut [f32], x: &[f32], cols: usize) -> Result<()> {
+    same_len(y, x, "the result", "x")?;
+    y.copy_from_slice(x);
+    softmax_rows_inplace(y, cols)
 }
 
 /// dx = y ⊙ (dy − Σ_row y⊙dy), given the softmax output y. Any finite y is accepted, so the
