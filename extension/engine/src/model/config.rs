@@ -1,6 +1,6 @@
 //! Model architecture: one explicit knob per choice, so that GPT-3 and its imported relatives
-//! (GPT-2, Cerebras-GPT, OPT, GPT-Neo) run through one forward pass. Mirrors the columns of
-//! `llm_model_config`.
+//! (GPT-2, Cerebras-GPT, OPT, GPT-Neo, Megatron, GPT-NeoX/Pythia, GPT-J) run through one
+//! forward pass. Mirrors the columns of `llm_model_config`.
 
 use serde::{Deserialize, Serialize};
 
