@@ -480,3 +480,58 @@ fn head_size(d: usize, n_head: usize) -> Result<usize> {
     }
     Ok(d / n_head)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn neox(extra: Value) -> Value {
+        let mut c = json!({
+            "model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 256, "max_position_embeddings": 128,
+            "vocab_size": 100, "hidden_act": "gelu"
+        });
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    }
+
+    /// Pythia's config.json as transformers 4 wrote it (rotary_pct, rotary_emb_base) and as
+    /// transformers 5 writes it (rope_parameters) give the same model; defaults follow
+    /// transformers (0.25 of each head, base 10000, parallel residual, untied head).
+    #[test]
+    fn gpt_neox_rotary_settings_in_either_spelling() {
+        let old = neox(json!({"rotary_pct": 0.5, "rotary_emb_base": 500.0}));
+        let new = neox(json!({"rope_parameters": {"rope_type": "default",
+            "partial_rotary_factor": 0.5, "rope_theta": 500.0}}));
+        let (a, fa) = parse(&old).unwrap();
+        assert_eq!(parse(&new).unwrap(), (a.clone(), fa));
+        assert_eq!(fa, Family::GptNeoX);
+        let r = a.rotary.unwrap();
+        assert_eq!(
+            (r.dims, r.base, r.pairing),
+            (8, 500.0, RotaryPairing::Halves)
+        );
+        let (d, _) = parse(&neox(json!({}))).unwrap();
+        assert_eq!(d.rotary.unwrap().dims, 4);
+        assert_eq!(d.residual, Residual::ParallelTwoNorms);
+        assert!(!d.tied_head && d.qkv_bias && d.out_proj_bias);
+        let (seq, _) = parse(&neox(json!({"use_parallel_residual": false}))).unwrap();
+        assert_eq!(seq.residual, Residual::Sequential);
+    }
+
+    #[test]
+    fn unsupported_rotary_settings_are_refused() {
+        let linear = neox(json!({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}));
+        assert!(parse(&linear)
+            .unwrap_err()
+            .to_string()
+            .contains("rope_type"));
+        assert!(parse(&neox(json!({"rotary_pct": 0.0}))).is_err());
+        let gptj = json!({"model_type": "gptj", "n_embd": 64, "n_head": 4, "n_layer": 1,
+            "n_positions": 32, "vocab_size": 50, "rotary_dim": null});
+        assert!(parse(&gptj).unwrap_err().to_string().contains("rotary_dim"));
+    }
+}
