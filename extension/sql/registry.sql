@@ -1,6 +1,6 @@
 -- Model registry: one row per model architecture. The first six columns are a fixed public
 -- contract (pg_gpt2 names); the rest make every architectural choice explicit so that GPT-3
--- and imported relatives (GPT-2, Cerebras-GPT, OPT, GPT-Neo) run exactly.
+-- and imported relatives (GPT-2, Cerebras-GPT, OPT, GPT-Neo, GPT-NeoX/Pythia, GPT-J) run exactly.
 -- Model versions come from a sequence: a number is never reused, not even after a rollback,
 -- so a backend's cached weights can be keyed by it safely.
 CREATE SEQUENCE llm_model_version_seq;
@@ -29,12 +29,27 @@ CREATE TABLE llm_model_config (
     ln_placement      text NOT NULL DEFAULT 'pre' CHECK (ln_placement IN ('pre', 'post')),
     ln_eps            float4 NOT NULL DEFAULT 1e-5 CHECK (ln_eps > 0),
     d_embed           int CHECK (d_embed > 0),       -- token embedding width when projected to d_model (OPT-350m)
-    family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo', 'megatron', 'megatron-v1', 'megatron-v0')),
+    -- 'learned' (a wpe table) or 'rotary' (q and k turned by position; GPT-NeoX, GPT-J)
+    position_embedding text NOT NULL DEFAULT 'learned' CHECK (position_embedding IN ('learned', 'rotary')),
+    rotary_dim        int CHECK (rotary_dim > 0 AND rotary_dim % 2 = 0),  -- rotated dims of each head (Pythia: d_head / 4)
+    rotary_base       float4 NOT NULL DEFAULT 10000 CHECK (rotary_base > 0),
+    -- which dims turn together: 'halves' (j, j + rotary_dim/2; GPT-NeoX) or 'interleaved' (2j, 2j+1; GPT-J)
+    rotary_pairing    text NOT NULL DEFAULT 'halves' CHECK (rotary_pairing IN ('halves', 'interleaved')),
+    -- 'sequential' (x += attn(ln_1(x)); x += mlp(ln_2(x))), 'parallel_two_norms' (x += attn(ln_1(x)) + mlp(ln_2(x));
+    -- GPT-NeoX), 'parallel_one_norm' (x += attn(ln_1(x)) + mlp(ln_1(x)); GPT-J, no ln_2)
+    residual          text NOT NULL DEFAULT 'sequential' CHECK (residual IN ('sequential', 'parallel_two_norms', 'parallel_one_norm')),
+    out_proj_bias     bool NOT NULL DEFAULT true,   -- attention output projection bias; GPT-J: false
+    head_bias         bool NOT NULL DEFAULT false,  -- output layer bias; GPT-J: true
+    family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo', 'megatron', 'megatron-v1', 'megatron-v0', 'gpt-neox', 'gptj')),
     version           bigint NOT NULL DEFAULT nextval('@extschema@.llm_model_version_seq'::regclass),  -- changes with every write; keys cached weights
     note              text,
     -- the role that may write the model (and every role with its privileges); see privileges.sql
     owner             name NOT NULL DEFAULT current_user,
-    CONSTRAINT local_layers_need_a_window CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL)
+    CONSTRAINT local_layers_need_a_window CHECK ('local' <> ALL (attention_pattern) OR local_window IS NOT NULL),
+    CONSTRAINT rotary_needs_its_dims CHECK ((position_embedding = 'rotary') = (rotary_dim IS NOT NULL)),
+    CONSTRAINT rotary_within_a_head CHECK (rotary_dim IS NULL OR rotary_dim <= d_head),
+    CONSTRAINT rotary_has_no_position_offset CHECK (position_embedding = 'learned' OR position_offset = 0),
+    CONSTRAINT parallel_residual_needs_pre_ln CHECK (residual = 'sequential' OR ln_placement = 'pre')
 );
 
 COMMENT ON TABLE llm_model_config IS 'pg_gpt3 model registry: architecture of each model';

@@ -10,15 +10,17 @@ CREATE VIEW llm_tensor_rt AS SELECT * FROM llm_tape_tensors();
 GRANT SELECT ON llm_tape, llm_tensor_rt TO PUBLIC;
 
 -- Refuses a model the relational forward does not compose (it covers the GPT-3 / GPT-2
--- family: pre-LayerNorm, gelu_new, dense and locally banded layers, tied or untied head).
+-- family: pre-LayerNorm, gelu_new, learned positions, sequential residual, every bias, dense
+-- and locally banded layers, tied or untied head).
 CREATE FUNCTION llm_relational_config(model text) RETURNS llm_model_config
 LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, @extschema@, pg_temp AS $$
 DECLARE
     cfg llm_model_config := llm_get_model_config(model);
 BEGIN
     IF cfg.ln_placement <> 'pre' OR cfg.activation <> 'gelu_new' OR cfg.d_embed IS NOT NULL
-       OR cfg.padded_vocab IS NOT NULL THEN
-        RAISE EXCEPTION 'the relational forward composes GPT-3 / GPT-2 models (pre-LayerNorm, gelu_new, no embedding projection or vocabulary padding); "%" is not one', model
+       OR cfg.padded_vocab IS NOT NULL OR cfg.position_embedding <> 'learned'
+       OR cfg.residual <> 'sequential' OR NOT cfg.out_proj_bias OR cfg.head_bias THEN
+        RAISE EXCEPTION 'the relational forward composes GPT-3 / GPT-2 models (pre-LayerNorm, gelu_new, learned positions, sequential residual, no embedding projection or vocabulary padding); "%" is not one', model
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'llm_logits runs every registered architecture natively.';
     END IF;

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use pg_llm_engine::model::config::{Residual, Rotary, RotaryPairing};
 use pg_llm_engine::model::weights::packed_tensors;
 use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig, TensorSource};
 use pg_llm_engine::{tensor, EngineError, Result};
@@ -34,7 +35,8 @@ pub fn load_config(model: &str) -> Result<StoredConfig> {
     spi::read(
         "SELECT n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, activation, attention_pattern, \
          local_window, scale_attn, position_offset, qkv_bias, tied_head, padded_vocab, ln_placement, ln_eps, \
-         d_embed, family, version FROM llm_model_config WHERE model = $1",
+         d_embed, family, version, position_embedding, rotary_dim, rotary_base, rotary_pairing, residual, \
+         out_proj_bias, head_bias FROM llm_model_config WHERE model = $1",
         &[model.into()],
         |row| {
             stored = Some(config_from_row(row)?);
@@ -90,6 +92,17 @@ fn config_from_row(row: &crate::spi::Row) -> Result<StoredConfig> {
         },
         ln_eps: row.get::<f32>(17).map_err(spi_error)?.unwrap_or(1e-5),
         d_embed: opt_int(18)?,
+        rotary: match text(21)?.as_str() {
+            "rotary" => Some(Rotary {
+                dims: opt_int(22)?.unwrap_or(0),
+                base: row.get::<f32>(23).map_err(spi_error)?.unwrap_or(10000.0),
+                pairing: RotaryPairing::parse(&text(24)?)?,
+            }),
+            _ => None,
+        },
+        residual: Residual::parse(&text(25)?)?,
+        out_proj_bias: flag(26)?,
+        head_bias: flag(27)?,
     };
     let family = text(19)?;
     let version = row.get::<i64>(20).map_err(spi_error)?.unwrap_or(0);
@@ -132,8 +145,10 @@ pub fn ensure_config(model: &str, cfg: &ModelConfig, family: &str) -> Result<()>
             Spi::run_with_args(
                 "INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, \
                  activation, attention_pattern, local_window, scale_attn, position_offset, qkv_bias, tied_head, \
-                 padded_vocab, ln_placement, ln_eps, d_embed, family) \
-                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)",
+                 padded_vocab, ln_placement, ln_eps, d_embed, family, position_embedding, rotary_dim, rotary_base, \
+                 rotary_pairing, residual, out_proj_bias, head_bias) \
+                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,\
+                         $21,$22,$23,$24,$25,$26,$27)",
                 &[
                     model.into(),
                     n(cfg.n_layer).into(),
@@ -155,6 +170,16 @@ pub fn ensure_config(model: &str, cfg: &ModelConfig, family: &str) -> Result<()>
                     cfg.ln_eps.into(),
                     cfg.d_embed.map(n).into(),
                     family.into(),
+                    if cfg.rotary.is_some() { "rotary" } else { "learned" }.into(),
+                    cfg.rotary.map(|r| n(r.dims)).into(),
+                    cfg.rotary.map_or(10000.0, |r| r.base).into(),
+                    cfg.rotary
+                        .map_or(RotaryPairing::Halves, |r| r.pairing)
+                        .name()
+                        .into(),
+                    cfg.residual.name().into(),
+                    cfg.out_proj_bias.into(),
+                    cfg.head_bias.into(),
                 ],
             )
             .map_err(spi_error)

@@ -102,7 +102,8 @@ pub async fn expected_params(client: &Client, model: &str) -> Vec<(String, Vec<i
         .raw()
         .query_one(
             "SELECT n_layer, n_head * d_head, d_model, d_ff, n_positions + position_offset, \
-                    coalesce(padded_vocab, vocab), d_embed, qkv_bias, tied_head, ln_placement = 'pre' \
+                    coalesce(padded_vocab, vocab), d_embed, qkv_bias, tied_head, ln_placement = 'pre', \
+                    position_embedding = 'learned', residual <> 'parallel_one_norm', out_proj_bias, head_bias \
                FROM llm_model_config WHERE model = $1",
             &[&model],
         )
@@ -118,11 +119,13 @@ pub async fn expected_params(client: &Client, model: &str) -> Vec<(String, Vec<i
     );
     let d_embed: Option<i32> = row.get(6);
     let (qkv_bias, tied_head, pre_ln): (bool, bool, bool) = (row.get(7), row.get(8), row.get(9));
+    let (learned_positions, has_ln_2, out_proj_bias, head_bias): (bool, bool, bool, bool) =
+        (row.get(10), row.get(11), row.get(12), row.get(13));
     let e = d_embed.unwrap_or(d);
-    let mut specs = vec![
-        ("wte.weight".to_string(), vec![rows, e]),
-        ("wpe.weight".to_string(), vec![positions, d]),
-    ];
+    let mut specs = vec![("wte.weight".to_string(), vec![rows, e])];
+    if learned_positions {
+        specs.push(("wpe.weight".to_string(), vec![positions, d]));
+    }
     if d_embed.is_some() {
         specs.push(("project_in.weight".into(), vec![d, e]));
     }
@@ -137,9 +140,13 @@ pub async fn expected_params(client: &Client, model: &str) -> Vec<(String, Vec<i
             }
         }
         specs.push((p("attn.out_proj.weight"), vec![d, da]));
-        specs.push((p("attn.out_proj.bias"), vec![d]));
-        specs.push((p("ln_2.weight"), vec![d]));
-        specs.push((p("ln_2.bias"), vec![d]));
+        if out_proj_bias {
+            specs.push((p("attn.out_proj.bias"), vec![d]));
+        }
+        if has_ln_2 {
+            specs.push((p("ln_2.weight"), vec![d]));
+            specs.push((p("ln_2.bias"), vec![d]));
+        }
         specs.push((p("mlp.fc_in.weight"), vec![ff, d]));
         specs.push((p("mlp.fc_in.bias"), vec![ff]));
         specs.push((p("mlp.fc_out.weight"), vec![d, ff]));
@@ -154,6 +161,9 @@ pub async fn expected_params(client: &Client, model: &str) -> Vec<(String, Vec<i
     }
     if !tied_head {
         specs.push(("lm_head.weight".into(), vec![rows, e]));
+    }
+    if head_bias {
+        specs.push(("lm_head.bias".into(), vec![rows]));
     }
     specs.sort();
     specs

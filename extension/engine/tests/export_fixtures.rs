@@ -93,6 +93,46 @@ fn gpt_neo_exports_back_to_its_checkpoint() {
     round_trip("gpt_neo", "gpt_neo");
 }
 
+#[test]
+fn gpt_neox_exports_back_to_its_checkpoint() {
+    round_trip("gpt_neox", "gpt_neox");
+    round_trip("gpt_neox_full", "gpt_neox");
+}
+
+#[test]
+fn gptj_exports_back_to_its_checkpoint() {
+    round_trip("gptj", "gptj");
+}
+
+/// Rotary embeddings and parallel residuals have no GPT-2 or GPT-Neo layout, and GPT-J's
+/// layout has no second LayerNorm.
+#[test]
+fn rotary_and_parallel_models_go_to_their_own_families_only() {
+    let (neox, _) = common::load("gpt_neox");
+    for family in [Family::Gpt3, Family::GptNeo, Family::GptJ] {
+        let err = export::plan(family, &neox.config, &mut names_of(&neox)).unwrap_err();
+        assert!(err.to_string().contains("cannot be exported"), "{err}");
+    }
+}
+
+fn names_of(m: &Model) -> TensorMap {
+    let mut map = TensorMap::new();
+    for (name, range) in pg_llm_engine::model::weights::packed_tensors(&m.config) {
+        let shape = m
+            .config
+            .param_specs()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1;
+        map.insert(
+            name,
+            (shape, m.weights.storage().as_slice()[range].to_vec()),
+        );
+    }
+    map
+}
+
 /// The GPT-3 configuration of make_export_fixtures.py.
 fn gpt3_config(banded: bool) -> ModelConfig {
     let base = ModelConfig {

@@ -83,6 +83,21 @@ fn gpt_neo_with_local_attention_matches_transformers() {
     check_family("gpt_neo");
 }
 
+#[test]
+fn gpt_neox_with_partial_rotary_and_parallel_residual_matches_transformers() {
+    check_family("gpt_neox");
+}
+
+#[test]
+fn gpt_neox_with_full_rotary_and_sequential_residual_matches_transformers() {
+    check_family("gpt_neox_full");
+}
+
+#[test]
+fn gptj_with_interleaved_rotary_and_one_layernorm_matches_transformers() {
+    check_family("gptj");
+}
+
 /// The tokenizer on the real 50257-token vocabulary against Hugging Face's GPT2Tokenizer
 /// (tests/fixtures/tokenizer/expected.json): identical ids, and decoding round-trips.
 #[test]

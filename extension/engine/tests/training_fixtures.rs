@@ -210,3 +210,18 @@ fn opt_post_layernorm_with_projection_trains_like_pytorch() {
 fn gpt_neo_with_local_attention_trains_like_pytorch() {
     check_family("gpt_neo");
 }
+
+#[test]
+fn gpt_neox_with_partial_rotary_and_parallel_residual_trains_like_pytorch() {
+    check_family("gpt_neox");
+}
+
+#[test]
+fn gpt_neox_with_full_rotary_and_sequential_residual_trains_like_pytorch() {
+    check_family("gpt_neox_full");
+}
+
+#[test]
+fn gptj_with_interleaved_rotary_and_one_layernorm_trains_like_pytorch() {
+    check_family("gptj");
+}

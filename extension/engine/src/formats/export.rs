@@ -15,14 +15,18 @@
 //! attention output (the weights sum to one), which the output projection turns into
 //! W_o·b_v added to its bias. A query bias adds b_q·k_j, different for every key: no GPT-Neo
 //! weights reproduce it, so a model whose query biases are not all zero is refused.
+//!
+//! Rotary position embeddings, parallel residuals and bias-free output projections exist only
+//! in GPT-NeoX's and GPT-J's layouts: such models go back to those families alone.
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::hf_config::Family;
+use super::hf_config::{Family, QkvOrder};
 use super::names::{layout, Rule};
 use super::PIECE;
 use crate::error::{EngineError, Result};
+use crate::model::config::{Residual, RotaryPairing};
 use crate::model::{Activation, AttnKind, LnPlacement, ModelConfig};
 
 /// One tensor of the exported checkpoint.
@@ -41,6 +45,9 @@ enum Recipe {
     Transpose(String),
     /// GPT-2's fused c_attn of a layer: weight [d, 3·d_attn] (Conv1D) or bias [3·d_attn].
     FusedQkv { layer: usize, bias: bool },
+    /// GPT-NeoX's fused query_key_value of a layer: weight [3·d_attn, d] (Linear) or bias
+    /// [3·d_attn], rows in [heads, 3, d_head] order.
+    FusedHeadSplit { layer: usize, bias: bool },
     /// A canonical tensor times a constant (GPT-3's score scale folded into query weights).
     Scaled(String, f32),
     /// out_proj.bias + out_proj.weight · v_proj.bias of a layer.
@@ -120,9 +127,10 @@ pub fn plan(stored: Family, cfg: &ModelConfig, params: &mut dyn Canonical) -> Re
         let shape = match *canonical {
             // Vocabulary padding rows are pg_gpt3's own: transformers' table has `vocab` rows.
             "wte.weight" | "lm_head.weight" => vec![vocab, shape[1]],
+            "lm_head.bias" => vec![vocab],
             _ => shape,
         };
-        let name = if *canonical == "lm_head.weight" {
+        let name = if canonical.starts_with("lm_head.") {
             source.to_string()
         } else {
             format!("{prefix}{source}")
@@ -141,9 +149,20 @@ pub fn plan(stored: Family, cfg: &ModelConfig, params: &mut dyn Canonical) -> Re
             let planned = match rule {
                 Rule::Ignore => continue,
                 Rule::SplitFusedQkv => {
-                    return Err(EngineError::Internal(
-                        "no export family fuses QKV the Megatron way".into(),
-                    ))
+                    let bias = !suffix.ends_with("weight");
+                    if family != Family::GptNeoX {
+                        return Err(EngineError::Internal(
+                            "no export family but GPT-NeoX fuses QKV by heads".into(),
+                        ));
+                    }
+                    if bias && !cfg.qkv_bias {
+                        continue;
+                    }
+                    Planned {
+                        name: name(suffix),
+                        shape: if bias { vec![3 * da] } else { vec![3 * da, d] },
+                        recipe: Recipe::FusedHeadSplit { layer: i, bias },
+                    }
                 }
                 Rule::SplitQkv => {
                     let bias = !suffix.ends_with("weight");
@@ -171,6 +190,9 @@ pub fn plan(stored: Family, cfg: &ModelConfig, params: &mut dyn Canonical) -> Re
                         }
                         _ => Recipe::Copy(canonical(t)),
                     };
+                    if shape_of(&canonical(t)).is_empty() {
+                        continue; // a bias this configuration does not have
+                    }
                     Planned {
                         name: name(suffix),
                         shape: shape_of(&canonical(t)),
@@ -210,6 +232,54 @@ fn check_expressible(family: Family, cfg: &ModelConfig) -> Result<()> {
     };
     if cfg.d_attn() != cfg.d_model {
         return refuse("its attention width differs from its model width");
+    }
+    let dense = (0..cfg.n_layer).all(|i| cfg.layer_kind(i) == AttnKind::Dense);
+    let rotary = cfg.rotary.as_ref();
+    match family {
+        Family::GptNeoX => {
+            let pct_ok = rotary.is_some_and(|r| {
+                r.pairing == RotaryPairing::Halves
+                    && (cfg.d_head as f64 * (r.dims as f64 / cfg.d_head as f64)) as usize == r.dims
+            });
+            if !pct_ok
+                || cfg.residual == Residual::ParallelOneNorm
+                || cfg.qkv_bias != cfg.out_proj_bias
+                || cfg.head_bias
+                || !cfg.scale_attn
+                || !dense
+            {
+                return refuse(
+                    "GPT-NeoX has rotary embeddings on halves, an LN2, attention biases on all                      or none of q/k/v/output, no output-layer bias and dense scaled attention",
+                );
+            }
+        }
+        Family::GptJ => {
+            let rotary_ok = rotary
+                .is_some_and(|r| r.pairing == RotaryPairing::Interleaved && r.base == 10000.0);
+            if !rotary_ok
+                || cfg.residual != Residual::ParallelOneNorm
+                || cfg.qkv_bias
+                || cfg.out_proj_bias
+                || !cfg.head_bias
+                || !cfg.scale_attn
+                || !dense
+            {
+                return refuse(
+                    "GPT-J has interleaved rotary embeddings at base 10000, one LayerNorm                      feeding attention and MLP in parallel, bias-free attention, an output-layer                      bias and dense scaled attention",
+                );
+            }
+        }
+        _ => {
+            if rotary.is_some()
+                || cfg.residual != Residual::Sequential
+                || !cfg.out_proj_bias
+                || cfg.head_bias
+            {
+                return refuse(
+                    "only GPT-NeoX and GPT-J have rotary embeddings, parallel residuals,                      bias-free output projections or output-layer biases",
+                );
+            }
+        }
     }
     match family {
         Family::Opt => {
@@ -283,6 +353,25 @@ impl Planned {
                         (b as f64 + dot) as f32
                     })
                     .collect()
+            }
+            Recipe::FusedHeadSplit { layer, bias } => {
+                let width = if *bias { 1 } else { d };
+                let parts = ["q_proj", "k_proj", "v_proj"]
+                    .iter()
+                    .map(|q| {
+                        let kind = if *bias { "bias" } else { "weight" };
+                        params.fetch(&format!("layers.{layer}.attn.{q}.{kind}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let (heads, dh) = (cfg.n_head, cfg.d_head);
+                let mut out = vec![0.0; 3 * da * width];
+                for (part, values) in parts.iter().enumerate() {
+                    for (r, row) in values.chunks_exact(width).enumerate() {
+                        let at = QkvOrder::HeadSplit.fused_row(part, r / dh, r % dh, heads, dh);
+                        out[at * width..(at + 1) * width].copy_from_slice(row);
+                    }
+                }
+                out
             }
             Recipe::FusedQkv { layer, bias } => {
                 let mut part = |q: &str, kind: &str| -> Result<Vec<f32>> {
@@ -380,6 +469,59 @@ pub fn config_json(family: Family, cfg: &ModelConfig) -> Value {
                 "dtype": "float32",
             })
         }
+        Family::GptNeoX => {
+            let r = cfg.rotary.unwrap_or(crate::model::config::Rotary {
+                dims: cfg.d_head,
+                base: 10000.0,
+                pairing: RotaryPairing::Halves,
+            });
+            let pct = r.dims as f64 / cfg.d_head as f64;
+            // transformers 5 reads rope_parameters; earlier versions rotary_pct and
+            // rotary_emb_base.
+            json!({
+                "model_type": "gpt_neox",
+                "architectures": ["GPTNeoXForCausalLM"],
+                "hidden_size": cfg.d_model,
+                "num_attention_heads": cfg.n_head,
+                "num_hidden_layers": cfg.n_layer,
+                "intermediate_size": cfg.d_ff,
+                "max_position_embeddings": cfg.n_positions,
+                "vocab_size": cfg.vocab,
+                "hidden_act": act,
+                "rotary_pct": pct,
+                "rotary_emb_base": r.base,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": r.base,
+                    "partial_rotary_factor": pct,
+                },
+                "use_parallel_residual": cfg.residual == Residual::ParallelTwoNorms,
+                "attention_bias": cfg.qkv_bias,
+                "layer_norm_eps": cfg.ln_eps,
+                "tie_word_embeddings": cfg.tied_head,
+                "attention_dropout": 0.0,
+                "hidden_dropout": 0.0,
+                "dtype": "float32",
+            })
+        }
+        Family::GptJ => json!({
+            "model_type": "gptj",
+            "architectures": ["GPTJForCausalLM"],
+            "n_embd": cfg.d_model,
+            "n_head": cfg.n_head,
+            "n_layer": cfg.n_layer,
+            "n_inner": cfg.d_ff,
+            "n_positions": cfg.n_positions,
+            "vocab_size": cfg.vocab,
+            "rotary_dim": cfg.rotary.map_or(cfg.d_head, |r| r.dims),
+            "activation_function": act,
+            "layer_norm_epsilon": cfg.ln_eps,
+            "tie_word_embeddings": cfg.tied_head,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "dtype": "float32",
+        }),
         Family::Gpt2 | Family::Cerebras | Family::Gpt3 | Family::Megatron(_) => json!({
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],

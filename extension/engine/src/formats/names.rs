@@ -16,8 +16,8 @@ pub(super) enum Rule {
     Transpose(&'static str),
     /// GPT-2's fused c_attn: weight [d, 3·d_attn] (Conv1D) or bias [3·d_attn], q | k | v.
     SplitQkv,
-    /// Megatron-LM's fused query_key_value: weight [3·d_attn, d] (Linear) or bias
-    /// [3·d_attn], rows in the checkpoint version's order (`QkvOrder`).
+    /// Megatron-LM's or GPT-NeoX's fused query_key_value: weight [3·d_attn, d] (Linear) or
+    /// bias [3·d_attn], rows in the family's order (`QkvOrder`; GPT-NeoX: [heads, 3, d_head]).
     SplitFusedQkv,
     /// Buffers some checkpoints carry (causal masks): not parameters.
     Ignore,
@@ -163,6 +163,61 @@ const MEGATRON_GLOBAL: &[(&str, &str)] = &[
     ("output_layer.weight", "lm_head.weight"),
 ];
 
+const NEOX_LAYER: &[(&str, Rule)] = &[
+    ("input_layernorm.weight", Rule::Rename("ln_1.weight")),
+    ("input_layernorm.bias", Rule::Rename("ln_1.bias")),
+    ("attention.query_key_value.weight", Rule::SplitFusedQkv),
+    ("attention.query_key_value.bias", Rule::SplitFusedQkv),
+    (
+        "attention.dense.weight",
+        Rule::Rename("attn.out_proj.weight"),
+    ),
+    ("attention.dense.bias", Rule::Rename("attn.out_proj.bias")),
+    (
+        "post_attention_layernorm.weight",
+        Rule::Rename("ln_2.weight"),
+    ),
+    ("post_attention_layernorm.bias", Rule::Rename("ln_2.bias")),
+    ("mlp.dense_h_to_4h.weight", Rule::Rename("mlp.fc_in.weight")),
+    ("mlp.dense_h_to_4h.bias", Rule::Rename("mlp.fc_in.bias")),
+    (
+        "mlp.dense_4h_to_h.weight",
+        Rule::Rename("mlp.fc_out.weight"),
+    ),
+    ("mlp.dense_4h_to_h.bias", Rule::Rename("mlp.fc_out.bias")),
+    ("attention.rotary_emb.inv_freq", Rule::Ignore),
+    ("attention.bias", Rule::Ignore),
+    ("attention.masked_bias", Rule::Ignore),
+];
+const NEOX_GLOBAL: &[(&str, &str)] = &[
+    ("embed_in.weight", "wte.weight"),
+    ("final_layer_norm.weight", "ln_f.weight"),
+    ("final_layer_norm.bias", "ln_f.bias"),
+    ("embed_out.weight", "lm_head.weight"),
+];
+
+const GPTJ_LAYER: &[(&str, Rule)] = &[
+    ("ln_1.weight", Rule::Rename("ln_1.weight")),
+    ("ln_1.bias", Rule::Rename("ln_1.bias")),
+    ("attn.q_proj.weight", Rule::Rename("attn.q_proj.weight")),
+    ("attn.k_proj.weight", Rule::Rename("attn.k_proj.weight")),
+    ("attn.v_proj.weight", Rule::Rename("attn.v_proj.weight")),
+    ("attn.out_proj.weight", Rule::Rename("attn.out_proj.weight")),
+    ("mlp.fc_in.weight", Rule::Rename("mlp.fc_in.weight")),
+    ("mlp.fc_in.bias", Rule::Rename("mlp.fc_in.bias")),
+    ("mlp.fc_out.weight", Rule::Rename("mlp.fc_out.weight")),
+    ("mlp.fc_out.bias", Rule::Rename("mlp.fc_out.bias")),
+    ("attn.bias", Rule::Ignore),
+    ("attn.masked_bias", Rule::Ignore),
+];
+const GPTJ_GLOBAL: &[(&str, &str)] = &[
+    ("wte.weight", "wte.weight"),
+    ("ln_f.weight", "ln_f.weight"),
+    ("ln_f.bias", "ln_f.bias"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("lm_head.bias", "lm_head.bias"),
+];
+
 /// Older Megatron-LM checkpoints name the layer stack `transformer` and the attention block
 /// `attention`; current ones `encoder` and `self_attention`.
 fn respell(family: Family, name: &str) -> String {
@@ -215,6 +270,18 @@ pub(super) fn layout(family: Family) -> Option<Layout> {
             layer_rules: MEGATRON_LAYER,
             global: MEGATRON_GLOBAL,
         }),
+        Family::GptNeoX => Some(Layout {
+            prefixes: &["gpt_neox.", ""],
+            layer: "layers.",
+            layer_rules: NEOX_LAYER,
+            global: NEOX_GLOBAL,
+        }),
+        Family::GptJ => Some(Layout {
+            prefixes: &["transformer.", ""],
+            layer: "h.",
+            layer_rules: GPTJ_LAYER,
+            global: GPTJ_GLOBAL,
+        }),
         Family::Gpt3 => None,
     }
 }
@@ -235,7 +302,7 @@ enum How {
     SplitConv1dQkv,
     /// Consecutive blocks of `da` rows (or values) each.
     SplitRows,
-    /// Megatron-LM's fused rows, `width` values each, in the checkpoint version's order.
+    /// Megatron-LM's or GPT-NeoX's fused rows, `width` values each, in the family's order.
     SplitFused(super::hf_config::QkvOrder, usize),
 }
 
@@ -328,8 +395,14 @@ pub fn map_tensor(
             ))),
         },
         Rule::SplitFusedQkv => {
-            let Family::Megatron(order) = family else {
-                return Err(EngineError::Internal("fused QKV outside Megatron".into()));
+            let order = match family {
+                Family::Megatron(order) => order,
+                Family::GptNeoX => super::hf_config::QkvOrder::HeadSplit,
+                _ => {
+                    return Err(EngineError::Internal(
+                        "fused QKV outside Megatron and GPT-NeoX".into(),
+                    ))
+                }
             };
             match shape {
                 [rows, width] if *rows == 3 * da => mapped(

@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod layernorm;
 pub mod linear;
 pub mod matmul;
+pub mod rotary;
 pub mod softmax;
 
 #[cfg(test)]

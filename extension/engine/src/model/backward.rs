@@ -1,6 +1,7 @@
 //! Training: the loss of a batch and the gradient of every parameter, for every architecture
 //! the forward pass supports (pre- and post-LayerNorm, dense and locally banded attention,
-//! the three activations, projected embeddings, tied or separate head), llm.c style: a
+//! the three activations, projected embeddings, tied or separate head, rotary position
+//! embeddings, sequential or parallel residuals, optional biases), llm.c style: a
 //! forward pass that keeps what the backward needs, then the backward layer by layer with each
 //! kernel's backward function.
 //!
@@ -9,7 +10,7 @@
 //! of the weights (`weights::packing`), so that `Param::range` of a weight is also where its
 //! gradient is, and an optimizer walks one flat buffer.
 
-use super::config::{Activation, AttnKind, LnPlacement, ModelConfig};
+use super::config::{Activation, AttnKind, LnPlacement, ModelConfig, Residual};
 use super::forward::{activate, check_ids, Model};
 use super::weights::{LayerWeights, Norm};
 use super::Param;
@@ -21,6 +22,7 @@ use crate::kernels::elementwise::gelu_new_grad;
 use crate::kernels::layernorm::{layernorm_backward, layernorm_into};
 use crate::kernels::linear::{bias_backward, linear, linear_backward, linear_into};
 use crate::kernels::matmul::Accumulate;
+use crate::kernels::rotary::RotaryTable;
 use crate::parallel::{self, Cancel};
 use crate::tensor;
 
@@ -69,6 +71,7 @@ struct LayerActs {
     x_in: Vec<f32>,
     /// Attention sub-layer input: LayerNorm(x_in) with pre-LN (x_in itself with post-LN) [N, d].
     h1: Option<Vec<f32>>,
+    /// q|k|v [N, 3·d_attn], q and k after the rotary embedding.
     qkv: Vec<f32>,
     /// Attention output [N, d_attn] and its log-sum-exp, per sequence [H, T].
     attn: Vec<f32>,
@@ -77,7 +80,8 @@ struct LayerActs {
     s1: Vec<f32>,
     /// Stream entering the MLP sub-layer (after post-LN) [N, d]; with pre-LN it equals s1.
     x_mid: Option<Vec<f32>>,
-    /// MLP input: LayerNorm(x_mid) with pre-LN [N, d].
+    /// MLP input: LayerNorm(x_mid) with pre-LN; with a parallel residual LN2(x_in), or
+    /// LN1(x_in) again without an LN2 [N, d].
     h2: Option<Vec<f32>>,
     /// MLP hidden before and after the activation [N, d_ff].
     f_pre: Vec<f32>,
@@ -207,12 +211,13 @@ impl Model {
         };
         let h_out = he.as_deref().unwrap_or(hf_d);
         let table = w.lm_head.as_ref().unwrap_or(&w.wte);
+        let head_bias = w.lm_head_bias.as_ref().map(|b| &b[..cfg.vocab]);
         let mut logits = tensor::alloc_zeroed(tensor::numel(&[n, cfg.vocab], "logits")?)?;
         linear_into(
             &mut logits,
             h_out,
             &table[..cfg.vocab * e],
-            None,
+            head_bias,
             (n, e, cfg.vocab),
             Accumulate::Overwrite,
             cancel,
@@ -244,6 +249,10 @@ impl Model {
             &logits,
             (n, e, cfg.vocab),
         );
+        if let Some(b) = &w.lm_head_bias {
+            let at = range(b).start;
+            bias_backward(&mut grads[at..at + cfg.vocab], &logits, cfg.vocab);
+        }
         drop(logits);
         if let Some(p) = &w.project_out {
             let mut dhd = tensor::alloc_zeroed(n * d)?;
@@ -269,12 +278,14 @@ impl Model {
         }
         dropout.apply(&mut dx, d, EMBEDDING_SITE);
 
-        // Embeddings: positions, then (through project_in) tokens.
-        let wpe_at = range(&w.wpe).start;
-        for (r, row) in dx.chunks_exact(d).enumerate() {
-            let pos = r % batch.len + cfg.position_offset;
-            let g = &mut grads[wpe_at + pos * d..wpe_at + (pos + 1) * d];
-            g.iter_mut().zip(row).for_each(|(g, v)| *g += v);
+        // Embeddings: positions (a learned table), then (through project_in) tokens.
+        if let Some(wpe) = &w.wpe {
+            let wpe_at = range(wpe).start;
+            for (r, row) in dx.chunks_exact(d).enumerate() {
+                let pos = r % batch.len + cfg.position_offset;
+                let g = &mut grads[wpe_at + pos * d..wpe_at + (pos + 1) * d];
+                g.iter_mut().zip(row).for_each(|(g, v)| *g += v);
+            }
         }
         let dtok = match &w.project_in {
             Some(p) => {
@@ -300,6 +311,25 @@ impl Model {
                 AttnKind::Local => self.config.local_window,
             },
             scale: self.config.scale_attn,
+        }
+    }
+
+    /// Turns q and k of every row of qkv [N, 3·d_attn] by the row's position in its
+    /// sequence of `t`; `sign` −1 turns back (the rotation's gradient is its inverse).
+    fn rotate_qk(&self, qkv: &mut [f32], t: usize, sign: f32) {
+        let cfg = &self.config;
+        if let Some(r) = &cfg.rotary {
+            let da = cfg.d_attn();
+            let positions: Vec<usize> = (0..qkv.len() / (3 * da)).map(|r| r % t).collect();
+            RotaryTable::new(r).rotate_rows(
+                qkv,
+                3 * da,
+                &[0, da],
+                cfg.n_head,
+                cfg.d_head,
+                &positions,
+                sign,
+            );
         }
     }
 
@@ -340,6 +370,7 @@ impl Model {
             Accumulate::Overwrite,
             cancel,
         )?;
+        self.rotate_qk(&mut qkv, t, 1.0);
         let mut attn = tensor::alloc_zeroed(n * da)?;
         let mut lse = Vec::with_capacity(batch.sequences);
         for (q, o) in qkv
@@ -372,11 +403,15 @@ impl Model {
         } else {
             Some(norm(&s1, &layer.ln_1, cfg.ln_eps)?)
         };
-        let mid = x_mid.as_deref().unwrap_or(&s1);
-        let h2 = if pre {
-            Some(norm(mid, &layer.ln_2, cfg.ln_eps)?)
-        } else {
-            None
+        // The MLP's stream: after attention (sequential), or the layer's input (parallel).
+        let mid = match cfg.residual {
+            Residual::Sequential => x_mid.as_deref().unwrap_or(&s1),
+            _ => &x_in,
+        };
+        let h2 = match (&layer.ln_2, pre) {
+            (Some(ln_2), true) => Some(norm(mid, ln_2, cfg.ln_eps)?),
+            (Some(_), false) => None,
+            (None, _) => h1.clone(),
         };
         let mut f_pre = tensor::alloc_zeroed(n * ff)?;
         let input = h2.as_deref().unwrap_or(mid);
@@ -391,7 +426,11 @@ impl Model {
         )?;
         let mut f_act = f_pre.clone();
         activate(&mut f_act, cfg.activation);
-        let s2 = residual_branch(mid, d, dropout, mlp_site(i), |out, acc| {
+        let base = match cfg.residual {
+            Residual::Sequential => mid,
+            _ => &s1,
+        };
+        let s2 = residual_branch(base, d, dropout, mlp_site(i), |out, acc| {
             linear_into(
                 out,
                 &f_act,
@@ -405,7 +444,7 @@ impl Model {
         let (out, s2) = if pre {
             (s2, None)
         } else {
-            (norm(&s2, &layer.ln_2, cfg.ln_eps)?, Some(s2))
+            (norm(&s2, ln_2(layer)?, cfg.ln_eps)?, Some(s2))
         };
         let acts = LayerActs {
             x_in,
@@ -443,7 +482,7 @@ impl Model {
         // MLP sub-layer: out = s2 (pre-LN) or LN2(s2) (post-LN), s2 = x_mid + mlp(h2).
         let ds2 = match &a.s2 {
             None => d_out,
-            Some(s2) => norm_backward(grads, s2, &d_out, &layer.ln_2, cfg.ln_eps)?,
+            Some(s2) => norm_backward(grads, s2, &d_out, ln_2(layer)?, cfg.ln_eps)?,
         };
         let mut df = tensor::alloc_zeroed(n * ff)?;
         let dbranch = dropout.masked(&ds2, d, mlp_site(i));
@@ -469,15 +508,25 @@ impl Model {
             (n, d, ff),
         );
         drop(df);
-        // dL/dx_mid: the residual path plus the MLP input's path (through LN2 with pre-LN).
+        // dL/dx_mid: the residual path plus, with a sequential residual, the MLP input's
+        // path (through LN2 with pre-LN). With a parallel one the MLP input's path leads to
+        // x_in: through LN2 (`d_in_mlp`), or into LN1's output gradient without an LN2.
         let mut dmid = ds2;
-        let through = if pre {
-            norm_backward(grads, a.x_mid(), &dh2, &layer.ln_2, cfg.ln_eps)?
-        } else {
-            dh2
-        };
-        dmid.iter_mut().zip(&through).for_each(|(g, v)| *g += v);
-        drop(through);
+        let (mut d_in_mlp, mut dh1_mlp) = (None, None);
+        match (cfg.residual, &layer.ln_2) {
+            (Residual::Sequential, _) => {
+                let through = if pre {
+                    norm_backward(grads, a.x_mid(), &dh2, ln_2(layer)?, cfg.ln_eps)?
+                } else {
+                    dh2
+                };
+                add_into(&mut dmid, &through);
+            }
+            (_, Some(ln_2)) => {
+                d_in_mlp = Some(norm_backward(grads, &a.x_in, &dh2, ln_2, cfg.ln_eps)?)
+            }
+            (_, None) => dh1_mlp = Some(dh2),
+        }
         cancel.check()?;
 
         // Attention sub-layer: x_mid = s1 (pre-LN) or LN1(s1), s1 = x_in + attn(h1)·W_oᵀ + b_o.
@@ -491,7 +540,7 @@ impl Model {
         linear_grads(
             grads,
             &layer.w_o,
-            Some(&layer.b_o),
+            cfg.out_proj_bias.then_some(&layer.b_o),
             Some(&mut dattn),
             &a.attn,
             dbranch.as_deref().unwrap_or(&ds1),
@@ -517,6 +566,7 @@ impl Model {
             )?);
         }
         drop(dattn);
+        self.rotate_qk(&mut dqkv, t, -1.0);
         // Models without q/k/v biases keep a zero slot there: it gets no gradient.
         let b_qkv = cfg.qkv_bias.then_some(&layer.b_qkv);
         let mut dh1 = tensor::alloc_zeroed(n * d)?;
@@ -530,15 +580,29 @@ impl Model {
             (n, d, 3 * da),
         );
         drop(dqkv);
+        if let Some(g) = dh1_mlp {
+            add_into(&mut dh1, &g);
+        }
         let mut dx = ds1;
         let through = if pre {
             norm_backward(grads, &a.x_in, &dh1, &layer.ln_1, cfg.ln_eps)?
         } else {
             dh1
         };
-        dx.iter_mut().zip(&through).for_each(|(g, v)| *g += v);
+        add_into(&mut dx, &through);
+        if let Some(g) = d_in_mlp {
+            add_into(&mut dx, &g);
+        }
         Ok(dx)
     }
+}
+
+/// A layer's LN2, which a sequential residual always has (`ModelConfig::validate`).
+fn ln_2(layer: &LayerWeights) -> Result<&Norm> {
+    layer
+        .ln_2
+        .as_ref()
+        .ok_or_else(|| EngineError::Internal("a sequential layer without LN2".into()))
 }
 
 /// Where a weight's gradient lives in the packed gradient buffer.
@@ -755,7 +819,7 @@ mod tests {
 
     use super::*;
     use crate::kernels::gradcheck::{assert_grad_matches, assert_grad_matches_piecewise};
-    use crate::model::config::tiny_gpt3;
+    use crate::model::config::{tiny_gpt3, tiny_gptj, tiny_neox, Rotary, RotaryPairing};
     use crate::model::weights::{packed_len, packing};
     use crate::model::{ModelWeights, Storage};
     use crate::parallel::Cancel;
@@ -811,6 +875,23 @@ mod tests {
                     qkv_bias: false,
                     ..gpt3
                 },
+            ),
+            ("gpt-neox: partial rotary, parallel residual", tiny_neox()),
+            (
+                "gpt-neox: full rotary, sequential residual",
+                ModelConfig {
+                    rotary: Some(Rotary {
+                        dims: 4,
+                        base: 50.0,
+                        pairing: RotaryPairing::Halves,
+                    }),
+                    residual: Residual::Sequential,
+                    ..tiny_neox()
+                },
+            ),
+            (
+                "gpt-j: interleaved rotary, one LayerNorm, head bias",
+                tiny_gptj(),
             ),
         ]
     }

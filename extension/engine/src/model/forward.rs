@@ -4,13 +4,14 @@
 
 use rayon::prelude::*;
 
-use super::config::{Activation, AttnKind, LnPlacement, ModelConfig};
-use super::weights::{ModelWeights, Norm};
+use super::config::{Activation, AttnKind, LnPlacement, ModelConfig, Residual};
+use super::weights::{LayerWeights, ModelWeights, Norm};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attend_into, AttnInputs, AttnOptions, AttnShape};
 use crate::kernels::layernorm::{layernorm_forward, layernorm_into};
 use crate::kernels::linear::{linear_each_row_into, linear_into};
 use crate::kernels::matmul::Accumulate;
+use crate::kernels::rotary::RotaryTable;
 use crate::parallel::{self, Cancel};
 use crate::tensor;
 
@@ -180,6 +181,7 @@ impl Model {
         let mut qkv = tensor::alloc_zeroed(t * 3 * da)?;
         let mut attn = tensor::alloc_zeroed(t * da)?;
         let mut f = tensor::alloc_zeroed(t * cfg.d_ff)?;
+        let rotary = cfg.rotary.as_ref().map(RotaryTable::new);
         for (i, layer) in self.weights.layers.iter().enumerate() {
             cancel.check()?;
             let opts = AttnOptions {
@@ -194,6 +196,18 @@ impl Model {
             let dims = (t, d, 3 * da);
             let (w, b) = (&layer.w_qkv, Some(&layer.b_qkv[..]));
             kernel.linear_into(&mut qkv, input, w, b, dims, OVERWRITE, cancel)?;
+            // Queries and keys turn by their absolute positions; the cache keeps turned keys.
+            if let Some(r) = &rotary {
+                r.rotate_rows(
+                    &mut qkv,
+                    3 * da,
+                    &[0, da],
+                    cfg.n_head,
+                    cfg.d_head,
+                    &positions,
+                    1.0,
+                );
+            }
             let shape = AttnShape {
                 t,
                 n_head: cfg.n_head,
@@ -230,23 +244,46 @@ impl Model {
                     })?;
                 }
             }
-            let dims = (t, da, d);
-            let (w, b) = (&layer.w_o, Some(&layer.b_o[..]));
-            kernel.linear_into(&mut x, &attn, w, b, dims, ADD, cancel)?;
-            self.post_norm(&mut x, &mut h, &layer.ln_1)?;
-            // MLP sub-layer.
-            let input = self.sublayer_input(&mut h, &x, &layer.ln_2)?;
-            let dims = (t, d, cfg.d_ff);
-            let (w, b) = (&layer.w_fc, Some(&layer.b_fc[..]));
-            kernel.linear_into(&mut f, input, w, b, dims, OVERWRITE, cancel)?;
-            activate(&mut f, cfg.activation);
+            let o_dims = (t, da, d);
+            let (w_o, b_o) = (&layer.w_o, Some(&layer.b_o[..]));
+            if cfg.residual == Residual::Sequential {
+                kernel.linear_into(&mut x, &attn, w_o, b_o, o_dims, ADD, cancel)?;
+                self.post_norm(&mut x, &mut h, &layer.ln_1)?;
+                let input = self.sublayer_input(&mut h, &x, mlp_norm(layer))?;
+                self.mlp_hidden(&mut f, input, layer, kernel, cancel)?;
+            } else {
+                // Both branches read the layer's input: the MLP's input is taken before x
+                // changes. h still holds LN1(x), the MLP's input without an LN2 (GPT-J).
+                if let Some(n) = &layer.ln_2 {
+                    norm_into(&mut h, &x, n, cfg.ln_eps)?;
+                }
+                self.mlp_hidden(&mut f, &h, layer, kernel, cancel)?;
+                kernel.linear_into(&mut x, &attn, w_o, b_o, o_dims, ADD, cancel)?;
+            }
             let dims = (t, cfg.d_ff, d);
             let (w, b) = (&layer.w_proj, Some(&layer.b_proj[..]));
             kernel.linear_into(&mut x, &f, w, b, dims, ADD, cancel)?;
-            self.post_norm(&mut x, &mut h, &layer.ln_2)?;
+            self.post_norm(&mut x, &mut h, mlp_norm(layer))?;
         }
         rows.advance(t);
         Ok(x)
+    }
+
+    /// The MLP's activated hidden layer f [T, d_ff] for its input [T, d_model].
+    fn mlp_hidden(
+        &self,
+        f: &mut [f32],
+        input: &[f32],
+        layer: &LayerWeights,
+        kernel: Kernel,
+        cancel: Cancel,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let dims = (input.len() / cfg.d_model, cfg.d_model, cfg.d_ff);
+        let (w, b) = (&layer.w_fc, Some(&layer.b_fc[..]));
+        kernel.linear_into(f, input, w, b, dims, OVERWRITE, cancel)?;
+        activate(f, cfg.activation);
+        Ok(())
     }
 
     /// A sub-layer's input: LayerNorm(x), written to h, with pre-LN; x itself with post-LN.
@@ -305,11 +342,14 @@ impl Model {
             Some(p) => kernel.linear(tok, p, (rows, e, d), cancel)?,
             None => tok.to_vec(),
         };
-        for (r, row) in x.chunks_exact_mut(d).enumerate() {
-            let pos = position(r) + cfg.position_offset;
-            row.iter_mut()
-                .zip(&self.weights.wpe[pos * d..(pos + 1) * d])
-                .for_each(|(v, p)| *v += p);
+        // Rotary models have no position table: positions enter through q and k.
+        if let Some(wpe) = &self.weights.wpe {
+            for (r, row) in x.chunks_exact_mut(d).enumerate() {
+                let pos = position(r) + cfg.position_offset;
+                row.iter_mut()
+                    .zip(&wpe[pos * d..(pos + 1) * d])
+                    .for_each(|(v, p)| *v += p);
+            }
         }
         Ok(x)
     }
@@ -344,8 +384,9 @@ impl Model {
         };
         let e = cfg.d_embed();
         let table = &w.lm_head.as_ref().unwrap_or(&w.wte)[..cfg.vocab * e];
+        let bias = w.lm_head_bias.as_ref().map(|b| &b[..cfg.vocab]);
         let dims = (rows, e, cfg.vocab);
-        kernel.linear_into(out, h, table, None, dims, OVERWRITE, cancel)
+        kernel.linear_into(out, h, table, bias, dims, OVERWRITE, cancel)
     }
 }
 
@@ -520,6 +561,11 @@ pub(crate) fn check_ids(ids: &[u32], vocab: usize, what: &str) -> Result<()> {
 const OVERWRITE: Accumulate = Accumulate::Overwrite;
 const ADD: Accumulate = Accumulate::Add;
 
+/// The LayerNorm before a layer's MLP: LN2, or LN1 where the MLP shares it (GPT-J).
+fn mlp_norm(layer: &LayerWeights) -> &Norm {
+    layer.ln_2.as_ref().unwrap_or(&layer.ln_1)
+}
+
 fn norm_into(y: &mut [f32], x: &[f32], n: &Norm, eps: f32) -> Result<()> {
     layernorm_into(y, x, &n.weight, &n.bias, eps)
 }
@@ -537,18 +583,19 @@ pub(crate) fn activate(x: &mut [f32], act: Activation) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::tiny_gpt3;
+    use crate::model::config::{tiny_gpt3, tiny_gptj, tiny_neox};
     use crate::model::init::init_params;
     use crate::model::MapSource;
 
-    /// The tiny GPT-3, and a post-LN one with a padded embedding table.
-    fn pre_and_post_ln() -> [ModelConfig; 2] {
+    /// The tiny GPT-3, a post-LN one with a padded embedding table, and the rotary,
+    /// parallel-residual ones of GPT-NeoX and GPT-J.
+    fn pre_and_post_ln() -> [ModelConfig; 4] {
         let post = ModelConfig {
             ln_placement: LnPlacement::Post,
             padded_vocab: Some(16),
             ..tiny_gpt3()
         };
-        [tiny_gpt3(), post]
+        [tiny_gpt3(), post, tiny_neox(), tiny_gptj()]
     }
 
     fn model(cfg: ModelConfig) -> Model {

@@ -24,8 +24,10 @@ pub struct LayerWeights {
     pub b_qkv: Param,
     /// [d_model, d_attn]
     pub w_o: Param,
+    /// [d_model]; zeros when the output projection has no bias.
     pub b_o: Param,
-    pub ln_2: Norm,
+    /// None when the MLP reads LN1's output too (`Residual::ParallelOneNorm`).
+    pub ln_2: Option<Norm>,
     /// [d_ff, d_model]
     pub w_fc: Param,
     pub b_fc: Param,
@@ -38,8 +40,8 @@ pub struct LayerWeights {
 pub struct ModelWeights {
     /// [embedding_rows, d_embed]
     pub wte: Param,
-    /// [position_rows, d_model]
-    pub wpe: Param,
+    /// [position_rows, d_model]; None with rotary position embeddings.
+    pub wpe: Option<Param>,
     /// [d_model, d_embed] when d_embed ≠ d_model.
     pub project_in: Option<Param>,
     pub layers: Vec<LayerWeights>,
@@ -49,6 +51,8 @@ pub struct ModelWeights {
     pub project_out: Option<Param>,
     /// [embedding_rows, d_embed] when the head is not tied to wte.
     pub lm_head: Option<Param>,
+    /// [embedding_rows] when the head has a bias.
+    pub lm_head_bias: Option<Param>,
 }
 
 /// Where canonical tensors come from (a checkpoint in memory, the `llm_param` table, …).
@@ -60,7 +64,7 @@ pub trait TensorSource {
 }
 
 /// One slot of the packed weight buffer: a canonical tensor, or zeros standing in for the
-/// q/k/v biases of a model that has none.
+/// q/k/v or output-projection biases of a model that has none.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Slot {
     pub name: Option<String>,
@@ -77,7 +81,9 @@ pub fn packing(cfg: &ModelConfig) -> Vec<Slot> {
         named("wte.weight"),
         vec![cfg.embedding_rows(), cfg.d_embed()],
     );
-    add(named("wpe.weight"), vec![cfg.position_rows(), d]);
+    if cfg.rotary.is_none() {
+        add(named("wpe.weight"), vec![cfg.position_rows(), d]);
+    }
     if let Some(e) = cfg.d_embed {
         add(named("project_in.weight"), vec![d, e]);
     }
@@ -96,9 +102,15 @@ pub fn packing(cfg: &ModelConfig) -> Vec<Slot> {
             add(None, vec![3 * da]);
         }
         add(p("attn.out_proj.weight"), vec![d, da]);
-        add(p("attn.out_proj.bias"), vec![d]);
-        add(p("ln_2.weight"), vec![d]);
-        add(p("ln_2.bias"), vec![d]);
+        if cfg.out_proj_bias {
+            add(p("attn.out_proj.bias"), vec![d]);
+        } else {
+            add(None, vec![d]);
+        }
+        if cfg.residual.has_ln_2() {
+            add(p("ln_2.weight"), vec![d]);
+            add(p("ln_2.bias"), vec![d]);
+        }
         add(p("mlp.fc_in.weight"), vec![ff, d]);
         add(p("mlp.fc_in.bias"), vec![ff]);
         add(p("mlp.fc_out.weight"), vec![d, ff]);
@@ -117,11 +129,14 @@ pub fn packing(cfg: &ModelConfig) -> Vec<Slot> {
             vec![cfg.embedding_rows(), cfg.d_embed()],
         );
     }
+    if cfg.head_bias {
+        add(named("lm_head.bias"), vec![cfg.embedding_rows()]);
+    }
     slots
 }
 
 /// Each named tensor of `cfg` with its range in the packed buffer (`weights::packing`); the
-/// zero q/k/v-bias slot of bias-free models is not a stored tensor and is left out.
+/// zero bias slots of bias-free models are not stored tensors and are left out.
 pub fn packed_tensors(cfg: &ModelConfig) -> Vec<(String, std::ops::Range<usize>)> {
     let mut at = 0;
     let mut out = Vec::new();
@@ -194,7 +209,10 @@ impl ModelWeights {
             bias: c.take(d),
         };
         let wte = c.take(cfg.embedding_rows() * cfg.d_embed());
-        let wpe = c.take(cfg.position_rows() * d);
+        let wpe = cfg
+            .rotary
+            .is_none()
+            .then(|| c.take(cfg.position_rows() * d));
         let project_in = cfg.d_embed.map(|e| c.take(d * e));
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
@@ -204,7 +222,7 @@ impl ModelWeights {
                 b_qkv: c.take(3 * da),
                 w_o: c.take(d * da),
                 b_o: c.take(d),
-                ln_2: norm(&mut c),
+                ln_2: cfg.residual.has_ln_2().then(|| norm(&mut c)),
                 w_fc: c.take(ff * d),
                 b_fc: c.take(ff),
                 w_proj: c.take(d * ff),
@@ -214,6 +232,7 @@ impl ModelWeights {
         let ln_f = (cfg.ln_placement == LnPlacement::Pre).then(|| norm(&mut c));
         let project_out = cfg.d_embed.map(|e| c.take(e * d));
         let lm_head = (!cfg.tied_head).then(|| c.take(cfg.embedding_rows() * cfg.d_embed()));
+        let lm_head_bias = cfg.head_bias.then(|| c.take(cfg.embedding_rows()));
         if c.position() != expected {
             return Err(EngineError::Internal(format!(
                 "weight views cover {} of {expected} packed values",
@@ -228,6 +247,7 @@ impl ModelWeights {
             ln_f,
             project_out,
             lm_head,
+            lm_head_bias,
         })
     }
 
@@ -363,7 +383,7 @@ mod tests {
             }
             assert_eq!(&l1.w_proj[..], &get("layers.1.mlp.fc_out.weight")[..]);
             assert_eq!(&w.ln_f.as_ref().unwrap().bias[..], &get("ln_f.bias")[..]);
-            assert_eq!(&w.wpe[..], &get("wpe.weight")[..]);
+            assert_eq!(&w.wpe.as_ref().unwrap()[..], &get("wpe.weight")[..]);
             assert_eq!(w.storage().as_slice().len(), packed_len(&cfg).unwrap());
         }
     }
