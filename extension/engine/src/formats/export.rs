@@ -249,7 +249,8 @@ fn check_expressible(family: Family, cfg: &ModelConfig) -> Result<()> {
                 || !dense
             {
                 return refuse(
-                    "GPT-NeoX has rotary embeddings on halves, an LN2, attention biases on all                      or none of q/k/v/output, no output-layer bias and dense scaled attention",
+                    "GPT-NeoX has rotary embeddings on halves, an LN2, attention biases on all \
+                     or none of q/k/v/output, no output-layer bias and dense scaled attention",
                 );
             }
         }
@@ -265,7 +266,9 @@ fn check_expressible(family: Family, cfg: &ModelConfig) -> Result<()> {
                 || !dense
             {
                 return refuse(
-                    "GPT-J has interleaved rotary embeddings at base 10000, one LayerNorm                      feeding attention and MLP in parallel, bias-free attention, an output-layer                      bias and dense scaled attention",
+                    "GPT-J has interleaved rotary embeddings at base 10000, one LayerNorm \
+                     feeding attention and MLP in parallel, bias-free attention, an output-layer \
+                     bias and dense scaled attention",
                 );
             }
         }
@@ -276,7 +279,8 @@ fn check_expressible(family: Family, cfg: &ModelConfig) -> Result<()> {
                 || cfg.head_bias
             {
                 return refuse(
-                    "only GPT-NeoX and GPT-J have rotary embeddings, parallel residuals,                      bias-free output projections or output-layer biases",
+                    "only GPT-NeoX and GPT-J have rotary embeddings, parallel residuals, \
+                     bias-free output projections or output-layer biases",
                 );
             }
         }
