@@ -2,7 +2,7 @@
 //! the queries and keys turn, pair by pair, by the angle position · base^(−2i/dims); the rest
 //! pass through. Layout: a row holds n_head heads of d_head values each.
 
-use crate::model::config::{Rotary, RotaryPairing};
+use crate::model::config::{ModelConfig, Rotary, RotaryPairing};
 
 /// The frequencies of one rotary configuration.
 pub struct RotaryTable {
@@ -57,6 +57,21 @@ impl RotaryTable {
                 }
             }
         }
+    }
+
+    /// Turns the queries and keys of every row of a fused q|k|v buffer [rows, 3·d_attn] of a
+    /// `cfg` model by the row's position (`sign` as in `rotate_rows`); values stay as they are.
+    pub fn rotate_qk(&self, qkv: &mut [f32], cfg: &ModelConfig, positions: &[usize], sign: f32) {
+        let da = cfg.d_attn();
+        self.rotate_rows(
+            qkv,
+            3 * da,
+            &[0, da],
+            cfg.n_head,
+            cfg.d_head,
+            positions,
+            sign,
+        );
     }
 
     fn rotate_head(&self, head: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {

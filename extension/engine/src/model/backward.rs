@@ -319,17 +319,9 @@ impl Model {
     fn rotate_qk(&self, qkv: &mut [f32], t: usize, sign: f32) {
         let cfg = &self.config;
         if let Some(r) = &cfg.rotary {
-            let da = cfg.d_attn();
-            let positions: Vec<usize> = (0..qkv.len() / (3 * da)).map(|r| r % t).collect();
-            RotaryTable::new(r).rotate_rows(
-                qkv,
-                3 * da,
-                &[0, da],
-                cfg.n_head,
-                cfg.d_head,
-                &positions,
-                sign,
-            );
+            let positions: Vec<usize> =
+                (0..qkv.len() / (3 * cfg.d_attn())).map(|r| r % t).collect();
+            RotaryTable::new(r).rotate_qk(qkv, cfg, &positions, sign);
         }
     }
 

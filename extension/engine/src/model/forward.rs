@@ -198,15 +198,7 @@ impl Model {
             kernel.linear_into(&mut qkv, input, w, b, dims, OVERWRITE, cancel)?;
             // Queries and keys turn by their absolute positions; the cache keeps turned keys.
             if let Some(r) = &rotary {
-                r.rotate_rows(
-                    &mut qkv,
-                    3 * da,
-                    &[0, da],
-                    cfg.n_head,
-                    cfg.d_head,
-                    &positions,
-                    1.0,
-                );
+                r.rotate_qk(&mut qkv, cfg, &positions, 1.0);
             }
             let shape = AttnShape {
                 t,
