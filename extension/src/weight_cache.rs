@@ -641,8 +641,7 @@ fn prune(dir: &Path, param_table: u32, written: Option<&FileId>) {
 /// MB frees its blocks in the kernel for 0.1 s or more, during which a cancel could not be
 /// served. Backends that still map the file keep their mapping either way.
 fn remove_in_background(path: PathBuf) {
-    const LARGE: u64 = 64 << 20;
-    if fs::metadata(&path).is_ok_and(|m| m.len() < LARGE) {
+    if fs::metadata(&path).is_ok_and(|m| m.len() < weight_file::LARGE_FILE) {
         let _ = fs::remove_file(&path);
         return;
     }

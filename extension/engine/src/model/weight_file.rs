@@ -385,8 +385,10 @@ struct TempFile {
     file: Option<File>,
 }
 
-/// Files at least this large are closed for the last time off the caller's thread.
-const LARGE_FILE: u64 = 64 << 20;
+/// Files at least this large are removed or closed for the last time off the caller's
+/// thread: freeing their blocks in the kernel takes 0.1 s or more, where a caller could not
+/// serve a cancel.
+pub const LARGE_FILE: u64 = 64 << 20;
 
 impl TempFile {
     fn new(path: PathBuf, file: File) -> Self {
