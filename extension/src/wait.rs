@@ -39,6 +39,10 @@ pub fn pace_to_wal_flush() {
     // SAFETY: plain reads of the WAL positions in shared memory and a latch set; callable
     // from any backend at any time (the same calls an asynchronous commit makes).
     unsafe {
+        // A single-user backend has no WAL writer to wait for.
+        if !pg_sys::IsUnderPostmaster {
+            return;
+        }
         let inserted = pg_sys::GetXLogInsertRecPtr();
         loop {
             let flushed = pg_sys::GetFlushRecPtr(std::ptr::null_mut());
