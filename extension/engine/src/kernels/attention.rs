@@ -145,7 +145,9 @@ fn block_probs(
 }
 
 /// Where attention reads its queries, keys and values. Row i of head h of q starts at
-/// `q[i * q_stride + h * d_head]`; likewise for k and v with `kv_stride`. Query row i sits at
+/// `q[i * q_stride + h * d_head]`; of k and v at `k[i * kv_stride + h * kv_head_stride]`
+/// (keys of one head side by side in a fused q|k|v matrix, or each head's keys contiguous
+/// in a KV cache, which a decoding step then streams in order). Query row i sits at
 /// absolute position `start + i` and sees keys up to that position, so the keys hold at least
 /// `start + t` rows (a KV cache, or the same rows as the queries when `start` = 0).
 #[derive(Clone, Copy)]
@@ -155,6 +157,7 @@ pub struct AttnInputs<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
     pub kv_stride: usize,
+    pub kv_head_stride: usize,
     pub start: usize,
     pub t: usize,
 }
@@ -169,6 +172,7 @@ impl<'a> AttnInputs<'a> {
             k: &qkv[w..],
             v: &qkv[2 * w..],
             kv_stride: 3 * w,
+            kv_head_stride: s.d_head,
             start: 0,
             t: s.t,
         }
@@ -235,7 +239,7 @@ pub fn attend_into(
                         1,
                     );
                     let k_t = MatRef::strided(
-                        &inp.k[lo * inp.kv_stride + h * dh..],
+                        &inp.k[lo * inp.kv_stride + h * inp.kv_head_stride..],
                         dh,
                         nk,
                         1,
@@ -259,7 +263,7 @@ pub fn attend_into(
                     }
                     let p = MatRef::new(&scores[..nb * nk], nb, nk);
                     let v = MatRef::strided(
-                        &inp.v[lo * inp.kv_stride + h * dh..],
+                        &inp.v[lo * inp.kv_stride + h * inp.kv_head_stride..],
                         nk,
                         dh,
                         inp.kv_stride,
@@ -287,7 +291,7 @@ pub fn attend_into(
 }
 
 /// Keys visible to one query from which attention is worth spreading over threads by head.
-const PARALLEL_KEYS: usize = 256;
+const PARALLEL_KEYS: usize = 16;
 
 /// Attention of one query (a decoding step): per head, dot products with the visible keys, a
 /// softmax, and the values summed with those weights. Cheaper than matrix products of one row,
@@ -304,7 +308,7 @@ fn attend_one_query(
     let keys = first_key(i, opts)..i + 1;
     let head = |h: usize, out: &mut [f32]| -> f32 {
         let q = &inp.q[h * dh..(h + 1) * dh];
-        let at = |j: usize| j * inp.kv_stride + h * dh;
+        let at = |j: usize| j * inp.kv_stride + h * inp.kv_head_stride;
         let mut scores: Vec<f32> = keys
             .clone()
             .map(|j| crate::simd::dot(q, &inp.k[at(j)..at(j) + dh]))
@@ -824,6 +828,7 @@ mod tests {
                 k: &k,
                 v: &v,
                 kv_stride: w,
+                kv_head_stride: 3,
                 start: i,
                 t: 1,
             };

@@ -166,10 +166,13 @@ fn check_shapes(
     }
 }
 
-/// cells[i] = dots[i] + bias.
-fn put<const N: usize>(cells: &mut [f32], dots: [f32; N], bias: f32) {
+/// cells[i] = dots[i] + bias (or += with `Accumulate::Add`).
+fn put<const N: usize>(cells: &mut [f32], dots: [f32; N], bias: f32, acc: Accumulate) {
     for (c, d) in cells.iter_mut().zip(dots) {
-        *c = d + bias;
+        match acc {
+            Accumulate::Overwrite => *c = d + bias,
+            Accumulate::Add => *c += d + bias,
+        }
     }
 }
 
@@ -184,6 +187,10 @@ fn linear_each_row(
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
 ) {
+    // One row: y's layout is yt's, so the tasks write y itself (and `cell_acc` is the
+    // caller's); more rows are transposed into y at the end.
+    let one_row = t == 1;
+    let cell_acc = if one_row { acc } else { Accumulate::Overwrite };
     let x_row = |i: usize| &x[i * d_in..(i + 1) * d_in];
     // Rows ti.. of one output row's cells (all of them when ti = 0): eight, four, then one at
     // a time.
@@ -193,22 +200,34 @@ fn linear_each_row(
                 &mut cell[ti..ti + 8],
                 simd::dot8(std::array::from_fn(|k| x_row(ti + k)), row),
                 bias,
+                cell_acc,
             );
             ti += 8;
         }
         while ti + 4 <= t {
             let rows = [x_row(ti), x_row(ti + 1), x_row(ti + 2), x_row(ti + 3)];
-            put(&mut cell[ti..ti + 4], simd::dot4(rows, row), bias);
+            put(&mut cell[ti..ti + 4], simd::dot4(rows, row), bias, cell_acc);
             ti += 4;
         }
         for (i, c) in cell.iter_mut().enumerate().skip(ti) {
-            *c = simd::dot(x_row(i), row) + bias;
+            put(
+                std::slice::from_mut(c),
+                [simd::dot(x_row(i), row)],
+                bias,
+                cell_acc,
+            );
         }
     };
     // yt[out, t]: each task owns a range of output rows, contiguous in yt.
-    let mut yt = vec![0.0f32; d_out * t];
+    let mut yt = if one_row {
+        Vec::new()
+    } else {
+        vec![0.0f32; d_out * t]
+    };
+    let cells = if one_row { &mut *y } else { &mut yt[..] };
     parallel::install(|| {
-        yt.par_chunks_mut(ROWS_PER_TASK * t)
+        cells
+            .par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(chunk, out)| {
                 let o0 = chunk * ROWS_PER_TASK;
@@ -228,8 +247,8 @@ fn linear_each_row(
                             while ti + 8 <= t {
                                 let rows = std::array::from_fn(|k| x_row(ti + k));
                                 let [d1, d2] = simd::dot8x2(rows, [row, row2], ahead);
-                                put(&mut cell[ti..ti + 8], d1, bias);
-                                put(&mut next[ti..ti + 8], d2, bias2);
+                                put(&mut cell[ti..ti + 8], d1, bias, cell_acc);
+                                put(&mut next[ti..ti + 8], d2, bias2, cell_acc);
                                 ti += 8;
                             }
                             rest_of_row(next, ti, row2, bias2);
@@ -239,6 +258,9 @@ fn linear_each_row(
                 }
             })
     });
+    if one_row {
+        return;
+    }
     for o in 0..d_out {
         for ti in 0..t {
             let (dst, v) = (&mut y[ti * d_out + o], yt[o * t + ti]);

@@ -1,0 +1,153 @@
+//! Decode of GPT-3 Small against the machine's memory-bandwidth bound, measured in the same run.
+//!
+//! A decoding step reads every weight once (and the keys and values of every earlier position),
+//! so tokens/s × bytes read per token cannot exceed the rate at which the compute threads can
+//! read memory. This benchmark measures that rate itself: the compute threads sum a buffer of
+//! the weights' size (and one four times larger, past any cache) with wide loads, best of several
+//! passes. It then decodes greedily on a short context (16-token prompt) and a long one (prompt
+//! of 1984 tokens, so the steps run at positions 1984..2048), and prints each as a fraction of
+//! the bound.
+//!
+//! Usage: decode_bound [THREADS] (default: all hardware threads). Random weights; the figures
+//! do not depend on the values.
+
+use std::time::Instant;
+
+use pg_llm_engine::model::init::init_params;
+use pg_llm_engine::model::weights::packed_len;
+use pg_llm_engine::model::{Logits, MapSource, Model, ModelConfig, ModelWeights};
+use pg_llm_engine::{parallel, sample, Cancel};
+use rayon::prelude::*;
+
+const NEW_TOKENS: usize = 64;
+const ROUNDS: usize = 5;
+
+fn main() {
+    let threads: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(parallel::available_threads);
+    parallel::set_threads(threads);
+    let cfg = ModelConfig::gpt3(12, 768, 12, 64);
+    let weights_bytes = 4 * (packed_len(&cfg).expect("size") - cfg.n_positions * cfg.d_model);
+
+    // The bound is the best rate seen over a buffer of the weights' size and one four times
+    // larger (past any cache), measured before and after the decodes, so that a slow moment of
+    // the machine cannot lower it.
+    let sizes = [weights_bytes, 4 * weights_bytes];
+    let mut rates: Vec<f64> = sizes.iter().map(|&n| read_bandwidth(n)).collect();
+    let params = init_params(&cfg, 0).expect("init");
+    let weights = ModelWeights::load(&cfg, &mut MapSource::new(params)).expect("load");
+    let model = Model::new(cfg.clone(), weights).expect("model");
+    let mut decodes = Vec::new();
+    for prompt_len in [16, cfg.n_positions - NEW_TOKENS] {
+        let prompt: Vec<u32> = (0..prompt_len as u32)
+            .map(|i| (i * 7919) % 50000 + 100)
+            .collect();
+        let tokens_per_s = NEW_TOKENS as f64 / best_decode(&model, &prompt);
+        // Keys and values of every earlier position, read by each layer at each step.
+        let kv_values: usize = (prompt_len..prompt_len + NEW_TOKENS)
+            .map(|pos| 2 * cfg.n_layer * pos * cfg.d_attn())
+            .sum();
+        let bytes_per_token = (weights_bytes + 4 * kv_values / NEW_TOKENS) as f64;
+        decodes.push((prompt_len, tokens_per_s, bytes_per_token));
+    }
+    for (rate, &n) in rates.iter_mut().zip(&sizes) {
+        *rate = rate.max(read_bandwidth(n));
+    }
+    let bound = rates.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "threads {threads}: read bandwidth {:.1} GB/s over {} MB (the weights' size), {:.1} GB/s \
+         over {} MB: bound {:.1} GB/s",
+        rates[0] / 1e9,
+        sizes[0] >> 20,
+        rates[1] / 1e9,
+        sizes[1] >> 20,
+        bound / 1e9
+    );
+    for (prompt_len, tokens_per_s, bytes_per_token) in decodes {
+        println!(
+            "threads {threads}: decode at positions {prompt_len}..{}: {tokens_per_s:.1} tokens/s, \
+             {:.0} MB per token, {:.1} GB/s = {:.0} % of the bound",
+            prompt_len + NEW_TOKENS,
+            bytes_per_token / 1e6,
+            tokens_per_s * bytes_per_token / 1e9,
+            100.0 * tokens_per_s * bytes_per_token / bound
+        );
+    }
+}
+
+/// Best time of `ROUNDS` greedy decodes of `NEW_TOKENS` tokens after `prompt` (the prompt's own
+/// pass is not timed).
+fn best_decode(model: &Model, prompt: &[u32]) -> f64 {
+    let capacity = prompt.len() + NEW_TOKENS;
+    (0..=ROUNDS)
+        .map(|_| {
+            let mut cache = model.new_cache(capacity).expect("cache");
+            let mut logits = model
+                .forward(prompt, &mut cache, Logits::Last, Cancel::NEVER)
+                .expect("prompt");
+            let start = Instant::now();
+            for _ in 0..NEW_TOKENS {
+                let next = sample::argmax(&logits) as u32;
+                logits = model
+                    .forward(&[next], &mut cache, Logits::Last, Cancel::NEVER)
+                    .expect("step");
+            }
+            start.elapsed().as_secs_f64()
+        })
+        .skip(1)
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Bytes per second at which the compute threads read a buffer of `bytes`, each summing its own
+/// contiguous share with eight independent wide accumulators; best of `ROUNDS` passes after one
+/// that touches the pages.
+fn read_bandwidth(bytes: usize) -> f64 {
+    let buffer: Vec<f32> = (0..bytes / 4).map(|i| (i % 7) as f32).collect();
+    let share = buffer.len().div_ceil(parallel::threads());
+    let mut best = f64::INFINITY;
+    let mut total = 0.0;
+    for _ in 0..=ROUNDS {
+        let start = Instant::now();
+        total += parallel::install(|| {
+            buffer
+                .par_chunks(share)
+                .map(sum_wide)
+                .reduce(|| 0.0, |a, b| a + b)
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    // The sums are used, so no pass can be optimised away.
+    assert!(total > 0.0);
+    bytes as f64 / best
+}
+
+/// Σ x with eight independent wide accumulators: enough loads in flight to saturate memory.
+fn sum_wide(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected at run time.
+        return unsafe { sum_avx512(x) };
+    }
+    x.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_avx512(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 8];
+    let blocks = x.chunks_exact(128);
+    let tail: f32 = blocks.remainder().iter().sum();
+    for block in blocks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: block holds 128 values, so 16k..16k+16 is inside it.
+            *a = _mm512_add_ps(*a, _mm512_loadu_ps(block.as_ptr().add(16 * k)));
+        }
+    }
+    let sum = acc
+        .iter()
+        .fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a));
+    _mm512_reduce_add_ps(sum) + tail
+}
