@@ -40,6 +40,9 @@ CREATE TABLE llm_model_config (
     residual          text NOT NULL DEFAULT 'sequential' CHECK (residual IN ('sequential', 'parallel_two_norms', 'parallel_one_norm')),
     out_proj_bias     bool NOT NULL DEFAULT true,   -- attention output projection bias; GPT-J: false
     head_bias         bool NOT NULL DEFAULT false,  -- output layer bias; GPT-J: true
+    -- the precision the model is served in: 'float32', or its matrices in 'bfloat16' / 'float16'
+    -- (float32 accumulation; llm_param keeps the float32 master values; llm_set_weight_dtype)
+    weight_dtype      text NOT NULL DEFAULT 'float32' CHECK (weight_dtype IN ('float32', 'bfloat16', 'float16')),
     family            text NOT NULL DEFAULT 'gpt3' CHECK (family IN ('gpt3', 'gpt2', 'cerebras', 'opt', 'gpt-neo', 'megatron', 'megatron-v1', 'megatron-v0', 'gpt-neox', 'gptj')),
     version           bigint NOT NULL DEFAULT nextval('@extschema@.llm_model_version_seq'::regclass),  -- changes with every write; keys cached weights
     note              text,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use pg_llm_engine::memory::{self, Need};
 use pg_llm_engine::model::weights::packed_tensors;
-use pg_llm_engine::model::{Model, ModelConfig, ModelWeights, Storage};
+use pg_llm_engine::model::{DType, Model, ModelConfig, ModelWeights, Storage};
 use pg_llm_engine::Result;
 
 use crate::admission;
@@ -81,10 +81,10 @@ fn load(model: &str) -> Result<(i64, Rc<Model>)> {
     MODELS.with(|m| m.borrow_mut().remove(model));
     let mut tables = TableSource::new(model);
     let weights = if crate::guc::WEIGHT_FILES.get() {
-        let place = FilePlace::new(model, stored.version)?;
+        let place = FilePlace::new(model, stored.version, stored.dtype)?;
         weight_cache::open_or_write(&place, &stored.config, &mut tables)?
     } else {
-        ModelWeights::load(&stored.config, &mut tables)?
+        ModelWeights::load_as(&stored.config, &mut tables, stored.dtype)?
     };
     remember(model, stored, weights).map(|m| (version, m))
 }
@@ -100,7 +100,7 @@ pub fn loaded() -> Vec<(String, i64, bool, i64)> {
                     name.clone(),
                     *version,
                     storage.is_mapped(),
-                    (storage.as_slice().len() * 4) as i64,
+                    storage.image().len() as i64,
                 )
             })
             .collect()
@@ -152,7 +152,9 @@ impl Replacement {
     fn begin(&mut self) -> Result<()> {
         forget(&self.model);
         store::delete_params(&self.model)?;
-        self.file = weight_cache::start_file(&self.model, &self.cfg)?;
+        // A model registered to be served in half precision gets its file in it.
+        let dtype = store::load_config(&self.model).map_or(DType::Float32, |s| s.dtype);
+        self.file = weight_cache::start_file(&self.model, &self.cfg, dtype)?;
         self.started = true;
         Ok(())
     }
@@ -201,17 +203,43 @@ impl Replacement {
 /// them through the version's weight file.
 pub fn publish_packed(model: &str, weights: Vec<f32>) -> Result<()> {
     let stored = store::load_config(model)?;
-    let private = ModelWeights::from_storage(&stored.config, Arc::new(Storage::Owned(weights)))?;
+    let (cfg, dtype) = (&stored.config, stored.dtype);
     let weights = if crate::guc::WEIGHT_FILES.get() {
-        weight_cache::share(
-            &FilePlace::new(model, stored.version)?,
-            &stored.config,
-            private,
-        )?
+        weight_cache::share(&FilePlace::new(model, stored.version, dtype)?, cfg, weights)?
     } else {
-        private
+        weight_cache::private_weights(cfg, weights, dtype)?
     };
     remember(model, stored, weights).map(|_| ())
+}
+
+/// The float32 values of `loaded` (the model as this backend holds it), all packed; read from
+/// the tables when it is served in half precision (the tables keep the float32 master).
+pub fn float32_values(model: &str, loaded: &Model) -> Result<Vec<f32>> {
+    match loaded.weights.storage().as_f32() {
+        Some(values) => Ok(values.to_vec()),
+        None => {
+            let w = ModelWeights::load(&loaded.config, &mut TableSource::new(model))?;
+            Ok(w.storage().as_f32().expect("loaded as float32").to_vec())
+        }
+    }
+}
+
+/// `get_within` for work that needs the float32 weights (losses and gradients): a model
+/// served in half precision is read from the tables into a copy of this call's own.
+pub fn get_float32_within(
+    model: &str,
+    what: &str,
+    need: impl FnOnce(&ModelConfig) -> Result<Need>,
+) -> Result<Rc<Model>> {
+    let loaded = get_within(model, what, need)?;
+    if loaded.weights.storage().dtype() == DType::Float32 {
+        return Ok(loaded);
+    }
+    let values = float32_values(model, &loaded)?;
+    let cfg = loaded.config.clone();
+    drop(loaded);
+    let weights = ModelWeights::from_storage(&cfg, Arc::new(Storage::Owned(values)))?;
+    Ok(Rc::new(Model::new(cfg, weights)?))
 }
 
 /// Drops this backend's copy of `model` (a training call holds its own while it runs).

@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use pg_llm_engine::model::config::{Residual, Rotary, RotaryPairing};
-use pg_llm_engine::model::weights::packed_tensors;
-use pg_llm_engine::model::{Activation, AttnKind, LnPlacement, ModelConfig, TensorSource};
+use pg_llm_engine::model::weights::{packed_tensors, packing};
+use pg_llm_engine::model::{Activation, AttnKind, DType, LnPlacement, ModelConfig, TensorSource};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -28,6 +28,8 @@ pub struct StoredConfig {
     pub config: ModelConfig,
     pub family: String,
     pub version: i64,
+    /// The precision the model is served in.
+    pub dtype: DType,
 }
 
 pub fn load_config(model: &str) -> Result<StoredConfig> {
@@ -36,7 +38,7 @@ pub fn load_config(model: &str) -> Result<StoredConfig> {
         "SELECT n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab, activation, attention_pattern, \
          local_window, scale_attn, position_offset, qkv_bias, tied_head, padded_vocab, ln_placement, ln_eps, \
          d_embed, family, version, position_embedding, rotary_dim, rotary_base, rotary_pairing, residual, \
-         out_proj_bias, head_bias FROM llm_model_config WHERE model = $1",
+         out_proj_bias, head_bias, weight_dtype FROM llm_model_config WHERE model = $1",
         &[model.into()],
         |row| {
             stored = Some(config_from_row(row)?);
@@ -106,11 +108,13 @@ fn config_from_row(row: &crate::spi::Row) -> Result<StoredConfig> {
     };
     let family = text(19)?;
     let version = row.get::<i64>(20).map_err(spi_error)?.unwrap_or(0);
+    let dtype = DType::parse(&text(28)?)?;
     config.validate()?;
     Ok(StoredConfig {
         config,
         family,
         version,
+        dtype,
     })
 }
 
@@ -557,6 +561,61 @@ pub fn write_trained(
         }
     }
     Ok(())
+}
+
+/// Rounds every matrix (2-D tensor) `model` stores to `dtype`, chunk by chunk, rewriting the
+/// chunks whose values change; returns how many values changed. A matrix shared from another
+/// model is refused (55000): rounding it would change that model too.
+pub fn round_matrices(model: &str, cfg: &ModelConfig, dtype: DType) -> Result<i64> {
+    let mut changed = 0i64;
+    let mut at = 0;
+    for slot in packing(cfg) {
+        let numel: usize = slot.shape.iter().product();
+        let range = at..at + numel;
+        at += numel;
+        let (Some(name), 2) = (slot.name, slot.shape.len()) else {
+            continue;
+        };
+        let (stored_model, stored_name, chunks) = chunk_layout(model, &name, range.len())?;
+        if stored_model != model {
+            return Err(EngineError::NotReady(format!(
+                "\"{name}\" of model \"{model}\" is shared from model \"{stored_model}\": convert \
+                 that model instead"
+            )));
+        }
+        for (chunk, part) in chunks {
+            pgrx::check_for_interrupts!();
+            let mut values = read_range(model, &name, part.clone())?;
+            let before = values.clone();
+            dtype.round_checked(&mut values, &name)?;
+            let n = values
+                .iter()
+                .zip(&before)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            if n == 0 {
+                continue;
+            }
+            changed += n as i64;
+            wait::pace_to_wal_flush();
+            Spi::connect_mut(|client| {
+                client
+                    .update(
+                        "UPDATE llm_param SET data = $4 WHERE model = $1 AND name = $2 AND chunk = $3",
+                        None,
+                        &[
+                            model.into(),
+                            stored_name.as_str().into(),
+                            chunk.into(),
+                            tensor::le_bytes(&values).as_ref().into(),
+                        ],
+                    )
+                    .map(|_| ())
+            })
+            .map_err(spi_error)?;
+        }
+    }
+    Ok(changed)
 }
 
 /// Where a model's tensor of `numel` values is stored (model and name: another model's for a

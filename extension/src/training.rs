@@ -70,7 +70,7 @@ impl Session {
         }
         let (version, loaded) = model_cache::get_versioned(model)?;
         let config = loaded.config.clone();
-        let weights = loaded.weights.storage().as_slice().to_vec();
+        let weights = model_cache::float32_values(model, &loaded)?;
         drop(loaded);
         // This call's copy is the only one needed until it publishes the new weights.
         model_cache::forget(model);
@@ -170,7 +170,7 @@ impl Session {
 /// other, and a model written meanwhile (import, init, checkpoint load) waits or is waited
 /// for, since every write to its parameters updates that row. Several models are locked in
 /// name order, so two calls never wait for each other.
-fn lock(model: &str) -> Result<()> {
+pub(crate) fn lock(model: &str) -> Result<()> {
     Spi::connect_mut(|client| {
         client
             .update(

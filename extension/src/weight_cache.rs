@@ -27,8 +27,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use pg_llm_engine::model::weight_file::{self, FileId, Held, Rejected};
-use pg_llm_engine::model::weights::{packed_len, packed_tensors};
-use pg_llm_engine::model::{check_shapes, ModelConfig, ModelWeights, TensorSource};
+use pg_llm_engine::model::weights::packed_tensors;
+use pg_llm_engine::model::{
+    check_shapes, DType, Layout, ModelConfig, ModelWeights, Storage, TensorSource,
+};
 use pg_llm_engine::{EngineError, Result};
 use pgrx::{pg_guard, pg_sys};
 
@@ -49,10 +51,12 @@ pub struct FilePlace {
     path: PathBuf,
     id: FileId,
     param_table: u32,
+    /// The precision the file holds the weights in.
+    dtype: DType,
 }
 
 impl FilePlace {
-    pub fn new(model: &str, version: i64) -> Result<Self> {
+    pub fn new(model: &str, version: i64, dtype: DType) -> Result<Self> {
         sweep_once()?;
         let param_table = param_table_oid()?;
         let dir = root().join(current_database().to_string());
@@ -64,6 +68,7 @@ impl FilePlace {
                 version,
             },
             param_table,
+            dtype,
         })
     }
 }
@@ -81,16 +86,17 @@ pub fn open_or_write(
     cfg: &ModelConfig,
     src: &mut TableSource,
 ) -> Result<ModelWeights> {
-    if let Ok(mapped) = weight_file::open(&place.path, &place.id, cfg, cancel())? {
+    let dtype = place.dtype;
+    if let Ok(mapped) = weight_file::open(&place.path, &place.id, cfg, dtype, cancel())? {
         return Ok(mapped);
     }
-    if file_size(cfg)? > crate::guc::weight_cache_bytes() {
+    if file_size(cfg, dtype)? > crate::guc::weight_cache_bytes() {
         // Too large to share: every connection keeps its own copy anyway.
         return write_from(place, cfg, src);
     }
     let mut idle_since: Option<Instant> = None;
     loop {
-        let rejected = match weight_file::open(&place.path, &place.id, cfg, cancel())? {
+        let rejected = match weight_file::open(&place.path, &place.id, cfg, dtype, cancel())? {
             Ok(mapped) => return Ok(mapped),
             Err(rejected) => rejected,
         };
@@ -109,7 +115,7 @@ pub fn open_or_write(
         if writer_at_work(place) {
             idle_since = None;
         } else if idle_since.get_or_insert_with(Instant::now).elapsed() > CLAIM_PATIENCE {
-            return ModelWeights::load(cfg, src);
+            return ModelWeights::load_as(cfg, src, dtype);
         }
         nap(Duration::from_millis(10));
     }
@@ -154,7 +160,8 @@ fn write_from(place: &FilePlace, cfg: &ModelConfig, src: &mut TableSource) -> Re
         src,
         |src| {
             check_shapes(cfg, &src.shapes()?)?;
-            let mut file = weight_file::Writer::create(&place.path, &place.id.owner, cfg)?;
+            let mut file =
+                weight_file::Writer::create(&place.path, &place.id.owner, cfg, place.dtype)?;
             for (name, range) in packed_tensors(cfg) {
                 for start in (0..range.len()).step_by(CHUNK_ELEMS) {
                     let piece =
@@ -164,28 +171,30 @@ fn write_from(place: &FilePlace, cfg: &ModelConfig, src: &mut TableSource) -> Re
             }
             file.finish_mapped(place.id.version, cancel())
         },
-        |src| ModelWeights::load(cfg, src),
+        |src| ModelWeights::load_as(cfg, src, place.dtype),
     )
 }
 
-/// Writes `private` to its weight file and returns the weights mapped from it (the private
-/// copy is then freed), or keeps the private copy (see `write_or_keep_private`).
-pub fn share(place: &FilePlace, cfg: &ModelConfig, private: ModelWeights) -> Result<ModelWeights> {
+/// Writes `values` (all packed float32 values) to their weight file in the place's precision
+/// and returns the weights mapped from it (the values are then freed), or keeps a private
+/// copy (see `write_or_keep_private`).
+pub fn share(place: &FilePlace, cfg: &ModelConfig, values: Vec<f32>) -> Result<ModelWeights> {
     write_or_keep_private(
         place,
         cfg,
-        private,
-        |private| {
-            weight_file::write(
-                &place.path,
-                &place.id,
-                cfg,
-                private.storage().as_slice(),
-                cancel(),
-            )
-        },
-        Ok,
+        values,
+        |values| weight_file::write(&place.path, &place.id, cfg, place.dtype, values, cancel()),
+        |values| private_weights(cfg, values, place.dtype),
     )
+}
+
+/// This connection's own copy of `values` in `dtype` (without a weight file).
+pub fn private_weights(cfg: &ModelConfig, values: Vec<f32>, dtype: DType) -> Result<ModelWeights> {
+    let storage = match dtype {
+        DType::Float32 => Storage::Owned(values),
+        _ => Storage::image_of(&values, Layout::new(cfg, dtype)?)?,
+    };
+    ModelWeights::from_storage(cfg, std::sync::Arc::new(storage))
 }
 
 /// The weights mapped from `place`'s file, written by `write` from `state` (see `placed` for
@@ -199,7 +208,7 @@ fn write_or_keep_private<S>(
     write: impl FnOnce(&mut S) -> Result<(ModelWeights, Held)>,
     private: impl FnOnce(S) -> Result<ModelWeights>,
 ) -> Result<ModelWeights> {
-    let bytes = file_size(cfg)?;
+    let bytes = file_size(cfg, place.dtype)?;
     if !make_room(bytes, &place.path) {
         pgrx::log!(
             "pg_llm: the weights of \"{}\" ({bytes} bytes) exceed pg_llm.weight_cache_size; they stay private to this connection",
@@ -236,29 +245,31 @@ pub struct PendingFile {
     dir: PathBuf,
     owner: String,
     param_table: u32,
+    dtype: DType,
 }
 
 /// Starts the weight file of `model`'s next version, or None when weight files are off, the
 /// model does not fit `pg_llm.weight_cache_size`, or the file cannot be created (a WARNING:
 /// sharing is lost, not the query).
-pub fn start_file(model: &str, cfg: &ModelConfig) -> Result<Option<PendingFile>> {
+pub fn start_file(model: &str, cfg: &ModelConfig, dtype: DType) -> Result<Option<PendingFile>> {
     if !crate::guc::WEIGHT_FILES.get() {
         return Ok(None);
     }
     // Version 0 is never assigned (the sequence starts at 1): the name is a placeholder
     // until `finish` knows the version.
-    let place = FilePlace::new(model, 0)?;
-    if !make_room(file_size(cfg)?, &place.path) {
+    let place = FilePlace::new(model, 0, dtype)?;
+    if !make_room(file_size(cfg, dtype)?, &place.path) {
         return Ok(None);
     }
     let created = create_dir(&place.dir)
-        .and_then(|_| weight_file::Writer::create(&place.path, &place.id.owner, cfg));
+        .and_then(|_| weight_file::Writer::create(&place.path, &place.id.owner, cfg, dtype));
     match created {
         Ok(writer) => Ok(Some(PendingFile {
             writer,
             dir: place.dir,
             owner: place.id.owner,
             param_table: place.param_table,
+            dtype,
         })),
         Err(EngineError::Io(why)) => {
             pgrx::warning!("pg_llm: the new weights will not be shared: {why}");
@@ -283,6 +294,7 @@ impl PendingFile {
                 version,
             },
             param_table: self.param_table,
+            dtype: self.dtype,
         };
         let held = self.writer.finish(&place.path, version, cancel())?;
         placed(&place, held);
@@ -423,9 +435,9 @@ fn is_earlier_version(file: &FileId, written: &FileId) -> bool {
     file.owner == written.owner && file.version < written.version
 }
 
-/// A file's size is its values plus a header page or two.
-fn file_size(cfg: &ModelConfig) -> Result<u64> {
-    Ok((packed_len(cfg)? * 4 + 8192) as u64)
+/// A file's size is its image plus a header page or two.
+fn file_size(cfg: &ModelConfig, dtype: DType) -> Result<u64> {
+    Ok((Layout::new(cfg, dtype)?.bytes() + 8192) as u64)
 }
 
 /// `$PGDATA/pg_llm_cache`.

@@ -37,7 +37,8 @@ fn main() {
     let weights = ModelWeights::load(&cfg, &mut MapSource::new(init_params(&cfg, 1).unwrap()))
         .unwrap()
         .storage()
-        .as_slice()
+        .as_f32()
+        .unwrap()
         .to_vec();
     let mut trainer = Trainer::fresh(cfg.clone(), weights).unwrap();
     let tokens: Vec<u32> = (0..b * t).map(|i| (i * 7919 % 50257) as u32).collect();

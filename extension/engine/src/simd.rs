@@ -1,6 +1,8 @@
 //! Runtime CPU-feature dispatch for the few loops that the compiler vectorises well once it may
 //! use AVX2 and FMA. The binary stays portable: the baseline path runs on any x86-64.
 
+use crate::model::dtype::Half;
+
 /// Whether AVX2 and FMA are available (checked once; cached by std).
 #[inline]
 pub fn has_avx2_fma() -> bool {
@@ -442,9 +444,206 @@ pub fn dot8(x: [&[f32]; 8], y: &[f32]) -> [f32; 8] {
     [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
 }
 
+/// Σ x[i]·w[i] for float32 x and half-precision weights w (bits of `h`), widened exactly and
+/// accumulated in float32 in sixteen lanes of four partial sums each (the same arithmetic with
+/// or without AVX-512, so results do not depend on the machine's vector width).
+#[inline]
+pub fn dot_half(x: &[f32], w: &[u16], h: Half) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the features were detected at run time.
+        return unsafe {
+            match h {
+                Half::Bf16 => dot_widened_avx512::<true>(x, w),
+                Half::F16 => dot_widened_avx512::<false>(x, w),
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features were detected at run time.
+        return unsafe {
+            match h {
+                Half::Bf16 => dot_widened_avx2::<true>(x, w),
+                Half::F16 => dot_widened_avx2::<false>(x, w),
+            }
+        };
+    }
+    dot_widened_body(x, w, h)
+}
+
+/// Partial sums acc[k][lane] over blocks of 64 values (value 16k + lane of each block), then
+/// whole 16-value chunks into acc[0], the four summed pairwise, the lanes by `sum16`, and the
+/// last values one by one.
+#[inline(always)]
+fn dot_widened_body(x: &[f32], w: &[u16], h: Half) -> f32 {
+    let n = x.len().min(w.len());
+    let mut acc = [[0.0f32; 16]; 4];
+    let blocks = n / 64;
+    for b in 0..blocks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let at = b * 64 + k * 16;
+            for (lane, s) in a.iter_mut().enumerate() {
+                *s = x[at + lane].mul_add(h.widen(w[at + lane]), *s);
+            }
+        }
+    }
+    let chunks = n / 16;
+    for c in blocks * 4..chunks {
+        for (lane, s) in acc[0].iter_mut().enumerate() {
+            let at = c * 16 + lane;
+            *s = x[at].mul_add(h.widen(w[at]), *s);
+        }
+    }
+    let lanes: [f32; 16] =
+        std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+    let mut sum = sum16(lanes);
+    for i in chunks * 16..n {
+        sum += x[i] * h.widen(w[i]);
+    }
+    sum
+}
+
+/// `dot_widened_body` with each sixteen-lane partial sum in two 256-bit registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_widened_avx2<const BF16: bool>(x: &[f32], w: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn widen8<const BF16: bool>(p: *const u16) -> __m256 {
+        let bits = _mm_loadu_si128(p as *const __m128i);
+        if BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+        } else {
+            _mm256_cvtph_ps(bits)
+        }
+    }
+    #[inline(always)]
+    unsafe fn fma16<const BF16: bool>(acc: &mut [__m256; 2], xp: *const f32, wp: *const u16) {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp), widen8::<BF16>(wp), acc[0]);
+        acc[1] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(xp.add(8)),
+            widen8::<BF16>(wp.add(8)),
+            acc[1],
+        );
+    }
+    let n = x.len().min(w.len());
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+    let blocks = n / 64;
+    for b in 0..blocks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let at = b * 64 + k * 16;
+            // SAFETY: at + 16 <= n.
+            fma16::<BF16>(a, xp.add(at), wp.add(at));
+        }
+    }
+    let chunks = n / 16;
+    for c in blocks * 4..chunks {
+        fma16::<BF16>(&mut acc[0], xp.add(c * 16), wp.add(c * 16));
+    }
+    let half = |i: usize| {
+        _mm256_add_ps(
+            _mm256_add_ps(acc[0][i], acc[1][i]),
+            _mm256_add_ps(acc[2][i], acc[3][i]),
+        )
+    };
+    let mut lanes = [0.0f32; 16];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), half(0));
+    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), half(1));
+    let mut sum = sum16(lanes);
+    let h = if BF16 { Half::Bf16 } else { Half::F16 };
+    for i in chunks * 16..n {
+        sum += x[i] * h.widen(w[i]);
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_widened_avx512<const BF16: bool>(x: &[f32], w: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn widen16<const BF16: bool>(p: *const u16) -> __m512 {
+        let bits = _mm256_loadu_si256(p as *const __m256i);
+        if BF16 {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+        } else {
+            _mm512_cvtph_ps(bits)
+        }
+    }
+    let n = x.len().min(w.len());
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let blocks = n / 64;
+    for b in 0..blocks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let at = b * 64 + k * 16;
+            // SAFETY: at + 16 <= n.
+            *a = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(at)), widen16::<BF16>(wp.add(at)), *a);
+        }
+    }
+    let chunks = n / 16;
+    for c in blocks * 4..chunks {
+        let at = c * 16;
+        acc[0] = _mm512_fmadd_ps(
+            _mm512_loadu_ps(xp.add(at)),
+            widen16::<BF16>(wp.add(at)),
+            acc[0],
+        );
+    }
+    let lanes = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let mut sum = sum16_avx512(lanes);
+    let h = if BF16 { Half::Bf16 } else { Half::F16 };
+    for i in chunks * 16..n {
+        sum += x[i] * h.widen(w[i]);
+    }
+    sum
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn half_dots_are_the_same_bits_with_and_without_avx512() {
+        for n in [0, 5, 16, 63, 64, 200, 768] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7 % 19) as f32 - 9.0) * 0.173)
+                .collect();
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 5 % 23) as f32 - 11.0) * 0.0917)
+                .collect();
+            for h in [Half::Bf16, Half::F16] {
+                let w: Vec<u16> = v.iter().map(|&f| h.narrow(f)).collect();
+                let exact: f64 = x
+                    .iter()
+                    .zip(&w)
+                    .map(|(&a, &b)| a as f64 * h.widen(b) as f64)
+                    .sum();
+                let fast = dot_half(&x, &w, h);
+                assert_eq!(
+                    fast.to_bits(),
+                    dot_widened_body(&x, &w, h).to_bits(),
+                    "n={n}"
+                );
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+                    let avx2 = unsafe {
+                        match h {
+                            Half::Bf16 => dot_widened_avx2::<true>(&x, &w),
+                            Half::F16 => dot_widened_avx2::<false>(&x, &w),
+                        }
+                    };
+                    assert_eq!(fast.to_bits(), avx2.to_bits(), "n={n}");
+                }
+                assert!(
+                    (fast as f64 - exact).abs() < 1e-4,
+                    "n={n}: {fast} vs {exact}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn dot_and_axpy_agree_with_scalar_code() {

@@ -253,7 +253,7 @@ mod tests {
         let cfg = tiny_gpt3();
         let tensors = init_params(&cfg, seed).unwrap();
         let w = ModelWeights::load(&cfg, &mut MapSource::new(tensors)).unwrap();
-        let weights = w.storage().as_slice().to_vec();
+        let weights = w.storage().as_f32().unwrap().to_vec();
         Trainer::fresh(cfg, weights).unwrap()
     }
 

@@ -127,7 +127,7 @@ fn names_of(m: &Model) -> TensorMap {
             .1;
         map.insert(
             name,
-            (shape, m.weights.storage().as_slice()[range].to_vec()),
+            (shape, m.weights.storage().as_f32().unwrap()[range].to_vec()),
         );
     }
     map
@@ -253,7 +253,7 @@ fn packed_weights_export_like_the_tensor_map() {
     let cfg = gpt3_config(true);
     let canonical = read_map(export_dir("local").join("canonical.safetensors"));
     let weights = ModelWeights::load(&cfg, &mut MapSource::new(canonical.clone())).unwrap();
-    let mut packed = Packed::new(&cfg, weights.storage().as_slice());
+    let mut packed = Packed::new(&cfg, weights.storage().as_f32().unwrap());
     let plan = export::plan(Family::Gpt3, &cfg, &mut packed).unwrap();
     assert_eq!(
         export_bytes(&plan, &mut packed, &cfg),

@@ -177,7 +177,7 @@ fn estimates_bound_the_memory_the_engine_allocates() {
         check(&format!("{name}: loss"), measured, need, 3.0);
 
         for (micro, recompute) in [(0, false), (1, false), (0, true)] {
-            let weights = model.weights.storage().as_slice().to_vec();
+            let weights = model.weights.storage().as_f32().unwrap().to_vec();
             let settings = StepSettings {
                 adamw: AdamW {
                     lr: 1e-3,

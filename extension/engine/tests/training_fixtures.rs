@@ -75,7 +75,7 @@ impl Reference {
         }
         let canonical = names::to_canonical(family, &model.config, map).unwrap();
         let weights = ModelWeights::load(&model.config, &mut MapSource::new(canonical)).unwrap();
-        weights.storage().as_slice().to_vec()
+        weights.storage().as_f32().unwrap().to_vec()
     }
 }
 
@@ -97,7 +97,7 @@ fn with_weights(model: &Model, values: Vec<f32>) -> Model {
 fn check_family(name: &str) {
     let (model, family) = load(name);
     let r = reference(name);
-    let n = model.weights.storage().as_slice().len();
+    let n = model.weights.storage().len();
 
     let mut grads = vec![0.0; n];
     let loss = model
@@ -127,7 +127,7 @@ fn check_family(name: &str) {
         weight_decay: 0.0,
         ..decay
     };
-    let mut w = model.weights.storage().as_slice().to_vec();
+    let mut w = model.weights.storage().as_f32().unwrap().to_vec();
     let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
     let mut current = with_weights(&model, w.clone());
     for (step, want_loss) in (1..=3).zip(&r.losses) {

@@ -8,7 +8,7 @@ use pg_llm_engine::formats::hf_config::{self, Family};
 use pg_llm_engine::formats::{export, manifest, names, pg_gpt2};
 use pg_llm_engine::memory;
 use pg_llm_engine::model::init::init_each;
-use pg_llm_engine::model::ModelConfig;
+use pg_llm_engine::model::{DType, ModelConfig};
 use pg_llm_engine::{tensor, EngineError, Result};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -119,6 +119,40 @@ fn import_npz(model: &str, bytes: &[u8]) -> Result<i64> {
     })?;
     replacement.finish()?;
     Ok(n as i64)
+}
+
+/// Sets the precision `model` is served in: 'float32', or 'bfloat16' / 'float16' for its
+/// matrices (kernels widen them and accumulate in float32; vectors stay float32). Converting
+/// to half precision rounds the stored matrices to it, as `model.to(torch.bfloat16)` would,
+/// so that exports give what is served; training keeps float32 master weights in
+/// `llm_param`, and the served copy is rounded from them. The model's owner. Returns how
+/// many stored values the rounding changed.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn llm_set_weight_dtype(model: Option<&str>, dtype: Option<&str>) -> i64 {
+    run("llm_set_weight_dtype", || {
+        crate::privileges::require_writer(model)?;
+        let model = args::model_name(model, "model")?;
+        let dtype = DType::parse(required(dtype, "dtype")?)?;
+        crate::training::lock(model)?;
+        let stored = store::load_config(model)?;
+        let changed = match dtype {
+            DType::Float32 => 0,
+            _ => store::round_matrices(model, &stored.config, dtype)?,
+        };
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE llm_model_config SET weight_dtype = $2 WHERE model = $1",
+                    None,
+                    &[model.into(), dtype.name().into()],
+                )
+                .map(|_| ())
+        })
+        .map_err(crate::errors::spi_error)?;
+        model_cache::forget(model);
+        Ok(changed)
+    })
 }
 
 /// Imports one of pg_gpt2's checkpoint archives (its `.npz`: a gzip stream of GPT-2's arrays,

@@ -97,7 +97,7 @@ fn llm_loss(model: Option<&str>, tokens: Option<Array<i32>>, targets: Option<Arr
         let model = args::model_name(model, "model")?;
         let (t, y, sequences, len) = batch_arrays(tokens, targets)?;
         let what = format!("a loss over {sequences} × {len} tokens of \"{model}\"");
-        let loaded = model_cache::get_within(model, &what, |cfg| {
+        let loaded = model_cache::get_float32_within(model, &what, |cfg| {
             memory::loss(cfg, sequences * len, guc::threads())
         })?;
         loaded.loss_and_grads(
@@ -134,7 +134,7 @@ fn llm_grads(
         let model = args::model_name(model, "model")?;
         let (t, y, sequences, len) = batch_arrays(tokens, targets)?;
         let what = format!("gradients over {sequences} × {len} tokens of \"{model}\"");
-        let loaded = model_cache::get_within(model, &what, |cfg| {
+        let loaded = model_cache::get_float32_within(model, &what, |cfg| {
             memory::training(cfg, sequences * len, false, guc::threads())
         })?;
         let cfg = &loaded.config;
@@ -481,7 +481,7 @@ fn llm_eval(
         let split = required(split, "split")?;
         let what = format!("evaluating \"{model}\"");
         // Rows are evaluated in windows of at most the model's context.
-        let loaded = model_cache::get_within(model, &what, |cfg| {
+        let loaded = model_cache::get_float32_within(model, &what, |cfg| {
             memory::loss(cfg, cfg.n_positions, guc::threads())
         })?;
         let ctx = loaded.config.n_positions;

@@ -3,8 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_sliced, Accumulate, MatRef, FLOPS_PER_SLICE};
+use super::matmul::{gemm_into, gemm_sliced, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
 use crate::error::Result;
+use crate::model::dtype::Half;
 use crate::parallel::{self, Cancel};
 use crate::{simd, tensor};
 
@@ -258,9 +259,13 @@ fn linear_each_row(
                 }
             })
     });
-    if one_row {
-        return;
+    if !one_row {
+        transpose_into(y, &yt, (t, d_out), acc);
     }
+}
+
+/// y[t, out] = yt[out, t]ᵀ (or += with `Accumulate::Add`).
+fn transpose_into(y: &mut [f32], yt: &[f32], (t, d_out): (usize, usize), acc: Accumulate) {
     for o in 0..d_out {
         for ti in 0..t {
             let (dst, v) = (&mut y[ti * d_out + o], yt[o * t + ti]);
@@ -269,6 +274,103 @@ fn linear_each_row(
                 Accumulate::Add => *dst += v,
             }
         }
+    }
+}
+
+/// `linear_into` for half-precision weights (bits of `h`, widened exactly, accumulated in
+/// float32). With few rows, or `each_row`, every output row is computed on its own, one
+/// `simd::dot_half` per cell (the same bits whatever rows run beside it); with more, slices of
+/// weight rows are widened to float32 and multiplied as `linear_many_rows` does.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_half_into(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[u16],
+    h: Half,
+    b: Option<&[f32]>,
+    (t, d_in, d_out): (usize, usize, usize),
+    acc: Accumulate,
+    each_row: bool,
+    cancel: Cancel,
+) -> Result<()> {
+    assert_eq!(x.len(), t * d_in, "linear: x");
+    assert_eq!(w.len(), d_out * d_in, "linear: w");
+    assert_eq!(y.len(), t * d_out, "linear: y");
+    if let Some(b) = b {
+        assert_eq!(b.len(), d_out, "linear: b");
+    }
+    if t <= SMALL_T || each_row {
+        half_each_row(y, x, w, h, b, (t, d_in, d_out), acc);
+        return Ok(());
+    }
+    let acc = match b {
+        Some(b) => {
+            parallel::for_rows(y, d_out, |_, rows| {
+                for row in rows.chunks_exact_mut(d_out) {
+                    match acc {
+                        Accumulate::Overwrite => row.copy_from_slice(b),
+                        Accumulate::Add => row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
+                    }
+                }
+            });
+            Accumulate::Add
+        }
+        None => acc,
+    };
+    let xs = MatRef::new(x, t, d_in);
+    // Weight rows per slice: a slice's products stay within FLOPS_PER_SLICE (cancel is
+    // checked between slices) and its widened copy within a few megabytes.
+    let cols = (FLOPS_PER_SLICE / (2 * t * d_in).max(1)).clamp(48, 1024) / 48 * 48;
+    let mut wide = Vec::new();
+    for c0 in (0..d_out).step_by(cols) {
+        cancel.check()?;
+        let c1 = (c0 + cols).min(d_out);
+        wide.clear();
+        wide.extend(w[c0 * d_in..c1 * d_in].iter().map(|&v| h.widen(v)));
+        let wt = MatRef::transposed(&wide, d_in, c1 - c0);
+        gemm_into(&mut y[c0..], d_out, xs, wt, acc, Threads::Pool);
+    }
+    Ok(())
+}
+
+/// The memory-bound half-precision case: tasks own ranges of output rows; each weight row is
+/// read once (from memory) and dotted with every row of x (from the cache).
+fn half_each_row(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[u16],
+    h: Half,
+    b: Option<&[f32]>,
+    (t, d_in, d_out): (usize, usize, usize),
+    acc: Accumulate,
+) {
+    let one_row = t == 1;
+    let cell_acc = if one_row { acc } else { Accumulate::Overwrite };
+    let mut yt = if one_row {
+        Vec::new()
+    } else {
+        vec![0.0f32; d_out * t]
+    };
+    let cells = if one_row { &mut *y } else { &mut yt[..] };
+    parallel::install(|| {
+        cells
+            .par_chunks_mut(ROWS_PER_TASK * t)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let o0 = chunk * ROWS_PER_TASK;
+                for (r, cell) in out.chunks_exact_mut(t).enumerate() {
+                    let o = o0 + r;
+                    let row = &w[o * d_in..(o + 1) * d_in];
+                    let bias = b.map_or(0.0, |b| b[o]);
+                    for (ti, c) in cell.iter_mut().enumerate() {
+                        let dot = simd::dot_half(&x[ti * d_in..(ti + 1) * d_in], row, h);
+                        put(std::slice::from_mut(c), [dot], bias, cell_acc);
+                    }
+                }
+            })
+    });
+    if !one_row {
+        transpose_into(y, &yt, (t, d_out), acc);
     }
 }
 

@@ -95,7 +95,7 @@ pub fn gemm(dst: &mut [f32], a: MatRef, b: MatRef, acc: Accumulate, threads: Thr
 
 /// Like `gemm`, with row r of the result at dst[r * dst_stride..] (a column block of a wider
 /// row-major matrix).
-fn gemm_into(
+pub(crate) fn gemm_into(
     dst: &mut [f32],
     dst_stride: usize,
     a: MatRef,

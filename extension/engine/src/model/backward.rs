@@ -165,6 +165,14 @@ impl Model {
     ) -> Result<f32> {
         let cfg = &self.config;
         batch.check(cfg)?;
+        let dtype = self.weights.storage().dtype();
+        if dtype != crate::model::DType::Float32 {
+            return Err(EngineError::NotReady(format!(
+                "gradients need the float32 weights; this copy of the model holds its matrices \
+                 in {}",
+                dtype.name()
+            )));
+        }
         if !(0.0..1.0).contains(&opts.dropout_p) {
             return Err(EngineError::invalid(format!(
                 "dropout_p must be in [0, 1), got {}",
@@ -173,7 +181,7 @@ impl Model {
         }
         let dropout = Dropout::new(opts);
         if let Some(g) = grads.as_deref() {
-            if g.len() != self.weights.storage().as_slice().len() {
+            if g.len() != self.weights.storage().len() {
                 return Err(EngineError::Internal(
                     "gradient buffer of the wrong size".into(),
                 ));

@@ -5,11 +5,12 @@
 use rayon::prelude::*;
 
 use super::config::{Activation, AttnKind, LnPlacement, ModelConfig, Residual};
+use super::dtype::Matrix;
 use super::weights::{LayerWeights, ModelWeights, Norm};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attend_into, AttnInputs, AttnOptions, AttnShape};
 use crate::kernels::layernorm::{layernorm_forward, layernorm_into};
-use crate::kernels::linear::{linear_each_row_into, linear_into};
+use crate::kernels::linear::{linear_each_row_into, linear_half_into, linear_into};
 use crate::kernels::matmul::Accumulate;
 use crate::kernels::rotary::RotaryTable;
 use crate::parallel::{self, Cancel};
@@ -208,7 +209,7 @@ impl Model {
             // Attention sub-layer.
             let input = self.sublayer_input(&mut h, &x, &layer.ln_1)?;
             let dims = (t, d, 3 * da);
-            let (w, b) = (&layer.w_qkv, Some(&layer.b_qkv[..]));
+            let (w, b) = (layer.w_qkv.matrix(), Some(&layer.b_qkv[..]));
             kernel.linear_into(&mut qkv, input, w, b, dims, OVERWRITE, cancel)?;
             // Queries and keys turn by their absolute positions; the cache keeps turned keys.
             if let Some(r) = &rotary {
@@ -251,7 +252,7 @@ impl Model {
                 }
             }
             let o_dims = (t, da, d);
-            let (w_o, b_o) = (&layer.w_o, Some(&layer.b_o[..]));
+            let (w_o, b_o) = (layer.w_o.matrix(), Some(&layer.b_o[..]));
             if cfg.residual == Residual::Sequential {
                 kernel.linear_into(&mut x, &attn, w_o, b_o, o_dims, ADD, cancel)?;
                 self.post_norm(&mut x, &mut h, &layer.ln_1)?;
@@ -267,7 +268,7 @@ impl Model {
                 kernel.linear_into(&mut x, &attn, w_o, b_o, o_dims, ADD, cancel)?;
             }
             let dims = (t, cfg.d_ff, d);
-            let (w, b) = (&layer.w_proj, Some(&layer.b_proj[..]));
+            let (w, b) = (layer.w_proj.matrix(), Some(&layer.b_proj[..]));
             kernel.linear_into(&mut x, &f, w, b, dims, ADD, cancel)?;
             self.post_norm(&mut x, &mut h, mlp_norm(layer))?;
         }
@@ -286,7 +287,7 @@ impl Model {
     ) -> Result<()> {
         let cfg = &self.config;
         let dims = (input.len() / cfg.d_model, cfg.d_model, cfg.d_ff);
-        let (w, b) = (&layer.w_fc, Some(&layer.b_fc[..]));
+        let (w, b) = (layer.w_fc.matrix(), Some(&layer.b_fc[..]));
         kernel.linear_into(f, input, w, b, dims, OVERWRITE, cancel)?;
         activate(f, cfg.activation);
         Ok(())
@@ -317,8 +318,9 @@ impl Model {
         let mut tok = Vec::new();
         tok.try_reserve_exact(tokens.len() * e)
             .map_err(|_| EngineError::too_large("the token embeddings do not fit in memory"))?;
+        let wte = self.weights.wte.matrix();
         for &id in tokens {
-            tok.extend_from_slice(&self.weights.wte[id as usize * e..(id as usize + 1) * e]);
+            wte.extend_f32(id as usize * e..(id as usize + 1) * e, &mut tok);
         }
         Ok(tok)
     }
@@ -345,16 +347,17 @@ impl Model {
         let (d, e) = (cfg.d_model, cfg.d_embed());
         let rows = tok.len() / e;
         let mut x = match &self.weights.project_in {
-            Some(p) => kernel.linear(tok, p, (rows, e, d), cancel)?,
+            Some(p) => kernel.linear(tok, p.matrix(), (rows, e, d), cancel)?,
             None => tok.to_vec(),
         };
         // Rotary models have no position table: positions enter through q and k.
         if let Some(wpe) = &self.weights.wpe {
+            let (wpe, mut at) = (wpe.matrix(), Vec::with_capacity(d));
             for (r, row) in x.chunks_exact_mut(d).enumerate() {
                 let pos = position(r) + cfg.position_offset;
-                row.iter_mut()
-                    .zip(&wpe[pos * d..(pos + 1) * d])
-                    .for_each(|(v, p)| *v += p);
+                at.clear();
+                wpe.extend_f32(pos * d..(pos + 1) * d, &mut at);
+                row.iter_mut().zip(&at).for_each(|(v, p)| *v += p);
             }
         }
         Ok(x)
@@ -383,13 +386,15 @@ impl Model {
         let projected;
         let h = match &w.project_out {
             Some(p) => {
-                projected = kernel.linear(h, p, (rows, cfg.d_model, cfg.d_embed()), cancel)?;
+                let dims = (rows, cfg.d_model, cfg.d_embed());
+                projected = kernel.linear(h, p.matrix(), dims, cancel)?;
                 &projected[..]
             }
             None => h,
         };
         let e = cfg.d_embed();
-        let table = &w.lm_head.as_ref().unwrap_or(&w.wte)[..cfg.vocab * e];
+        let table = w.lm_head.as_ref().unwrap_or(&w.wte).matrix();
+        let table = table.first(cfg.vocab * e);
         let bias = w.lm_head_bias.as_ref().map(|b| &b[..cfg.vocab]);
         let dims = (rows, e, cfg.vocab);
         kernel.linear_into(out, h, table, bias, dims, OVERWRITE, cancel)
@@ -486,18 +491,20 @@ impl Kernel {
         self,
         y: &mut [f32],
         x: &[f32],
-        w: &[f32],
+        w: Matrix,
         b: Option<&[f32]>,
         dims: (usize, usize, usize),
         acc: Accumulate,
         cancel: Cancel,
     ) -> Result<()> {
-        match self {
-            Kernel::Auto => linear_into(y, x, w, b, dims, acc, cancel),
-            Kernel::EachRow => {
+        let each_row = matches!(self, Kernel::EachRow);
+        match w {
+            Matrix::F32(w) if each_row => {
                 linear_each_row_into(y, x, w, b, dims, acc);
                 Ok(())
             }
+            Matrix::F32(w) => linear_into(y, x, w, b, dims, acc, cancel),
+            Matrix::Half(w, h) => linear_half_into(y, x, w, h, b, dims, acc, each_row, cancel),
         }
     }
 
@@ -505,7 +512,7 @@ impl Kernel {
     fn linear(
         self,
         x: &[f32],
-        w: &[f32],
+        w: Matrix,
         dims: (usize, usize, usize),
         cancel: Cancel,
     ) -> Result<Vec<f32>> {
@@ -683,5 +690,78 @@ mod tests {
                 .forward(&[1, 2, 3], &mut cache, Logits::Last, Cancel::NEVER)
                 .is_err());
         }
+    }
+
+    /// A model served in bfloat16 or float16 computes what the float32 model computes from
+    /// the rounded weights (float32 accumulation either way) on every path: one pass (many
+    /// rows), cached one-token steps, and a batched step, bitwise its one-token steps.
+    #[test]
+    fn half_precision_matches_float32_of_the_rounded_weights() {
+        use crate::model::DType;
+        for cfg in pre_and_post_ln() {
+            let params = init_params(&cfg, 3).unwrap();
+            for dtype in [DType::Bfloat16, DType::Float16] {
+                let rounded: crate::formats::TensorMap = params
+                    .iter()
+                    .map(|(name, (shape, v))| {
+                        let v = match shape.len() {
+                            2 => v.iter().map(|&x| dtype.round(x)).collect(),
+                            _ => v.clone(),
+                        };
+                        (name.clone(), (shape.clone(), v))
+                    })
+                    .collect();
+                let reference = model_from(&cfg, rounded, DType::Float32);
+                let half = model_from(&cfg, params.clone(), dtype);
+                assert_eq!(half.weights.storage().dtype(), dtype);
+                let tokens: Vec<u32> = (0..9).map(|i| (i * 7 % 11) as u32).collect();
+                let close = |a: &[f32], b: &[f32]| {
+                    let worst = a
+                        .iter()
+                        .zip(b)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0, f32::max);
+                    assert!(a.len() == b.len() && worst < 2e-5, "{dtype:?}: {worst}");
+                };
+                close(
+                    &half.logits(&tokens, Cancel::NEVER).unwrap(),
+                    &reference.logits(&tokens, Cancel::NEVER).unwrap(),
+                );
+                let (mut c_half, mut c_ref) = (
+                    half.new_cache(12).unwrap(),
+                    reference.new_cache(12).unwrap(),
+                );
+                for &t in &tokens[..4] {
+                    let a = half
+                        .forward(&[t], &mut c_half, Logits::Last, Cancel::NEVER)
+                        .unwrap();
+                    let b = reference
+                        .forward(&[t], &mut c_ref, Logits::Last, Cancel::NEVER)
+                        .unwrap();
+                    close(&a, &b);
+                }
+                let mut caches = vec![c_half.clone(), c_half.clone(), c_half];
+                let alone: Vec<f32> = (0..3u32)
+                    .flat_map(|t| {
+                        let mut c = caches[0].clone();
+                        half.forward(&[t], &mut c, Logits::Last, Cancel::NEVER)
+                            .unwrap()
+                    })
+                    .collect();
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                let together = half.decode(&[0, 1, 2], &mut refs, Cancel::NEVER).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&together), bits(&alone));
+            }
+        }
+    }
+
+    fn model_from(
+        cfg: &ModelConfig,
+        params: crate::formats::TensorMap,
+        dtype: crate::model::DType,
+    ) -> Model {
+        let weights = ModelWeights::load_as(cfg, &mut MapSource::new(params), dtype).unwrap();
+        Model::new(cfg.clone(), weights).unwrap()
     }
 }

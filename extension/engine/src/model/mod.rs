@@ -2,6 +2,7 @@
 
 pub mod backward;
 pub mod config;
+pub mod dtype;
 pub mod forward;
 pub mod init;
 pub mod storage;
@@ -10,6 +11,7 @@ pub mod weights;
 
 pub use backward::Batch;
 pub use config::{Activation, AttnKind, LnPlacement, ModelConfig};
+pub use dtype::{DType, Half, Layout, Matrix};
 pub(crate) use forward::check_ids;
 pub use forward::{KvCache, Logits, Model};
 pub use storage::{Param, Storage};

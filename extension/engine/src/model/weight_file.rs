@@ -7,9 +7,10 @@
 //! ```text
 //! 0   8 bytes  magic "PGLLMW\0" + format version (1)
 //! 8   u64      length of the JSON header that follows
-//! 16  JSON     {"owner", "version", "config", "values", "checksum"}
+//! 16  JSON     {"owner", "version", "config", "values", "dtype", "checksum"}
 //!          (padded with spaces so that it ends at a multiple of 4096)
-//!     float32 × values, in packing order
+//!     the weight image: for float32, float32 × values in packing order; for bfloat16 /
+//!     float16, matrices in half precision and vectors in float32 (`dtype::Layout`)
 //! ```
 //!
 //! A file is written under a temporary name (`<name>.tmp<pid>`) and renamed into place once
@@ -34,6 +35,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::config::ModelConfig;
+use super::dtype::{DType, Layout};
 use super::storage::Storage;
 use super::weights::{packed_len, ModelWeights};
 use crate::error::{EngineError, Result};
@@ -58,6 +60,9 @@ struct Header {
     id: FileId,
     config: ModelConfig,
     values: usize,
+    /// Files written before half precision have no dtype: float32.
+    #[serde(default)]
+    dtype: DType,
     /// XXH3-64 of the values (see `checksum`), as 16 hex digits.
     checksum: String,
 }
@@ -72,11 +77,13 @@ pub enum Rejected {
     Corrupt(String),
 }
 
-/// Maps the weights at `path` when the file exists and holds `id`'s weights for `cfg` intact.
+/// Maps the weights at `path` when the file exists and holds `id`'s weights for `cfg`, in
+/// `dtype`, intact.
 pub fn open(
     path: &Path,
     id: &FileId,
     cfg: &ModelConfig,
+    dtype: DType,
     cancel: Cancel,
 ) -> Result<std::result::Result<ModelWeights, Rejected>> {
     let mut file = match File::open(path) {
@@ -88,18 +95,23 @@ pub fn open(
         Ok(h) => h,
         Err(why) => return Ok(Err(Rejected::Corrupt(why))),
     };
-    if header.id != *id || header.config != *cfg || header.values != packed_len(cfg)? {
+    if header.id != *id
+        || header.config != *cfg
+        || header.dtype != dtype
+        || header.values != packed_len(cfg)?
+    {
         return Ok(Err(Rejected::Stale));
     }
+    let layout = Layout::new(cfg, dtype)?;
     let size = file.metadata().map_err(|e| io(path, "stat", e))?.len();
-    if size != (offset + header.values * 4) as u64 {
+    if size != (offset + layout.bytes()) as u64 {
         return Ok(Err(Rejected::Corrupt(format!(
             "{size} bytes where {} were expected",
-            offset + header.values * 4
+            offset + layout.bytes()
         ))));
     }
-    let storage = map_values(&file, path, offset, header.values)?;
-    if checksum(storage.as_slice(), cancel)? != header.checksum {
+    let storage = map_image(&file, path, offset, layout)?;
+    if checksum(storage.image(), cancel)? != header.checksum {
         return Ok(Err(Rejected::Corrupt("checksum mismatch".into())));
     }
     // The modification time records the last use: clean-ups remove least recently used files.
@@ -107,13 +119,18 @@ pub fn open(
     Ok(Ok(ModelWeights::from_storage(cfg, Arc::new(storage))?))
 }
 
-/// Maps `len` values starting `offset` bytes into `file`, faulting every page in now.
-fn map_values(file: &File, path: &Path, offset: usize, len: usize) -> Result<Storage> {
+/// Maps the image laid out by `layout` starting `offset` bytes into `file`, faulting every
+/// page in now.
+fn map_image(file: &File, path: &Path, offset: usize, layout: Layout) -> Result<Storage> {
     // SAFETY: weight files are only ever replaced by rename, never modified or truncated in
     // place, so the mapped bytes stay valid for the mapping's lifetime.
     let map = unsafe { memmap2::MmapOptions::new().populate().map(file) }
         .map_err(|e| io(path, "map", e))?;
-    Ok(Storage::Mapped { map, offset, len })
+    Ok(Storage::Mapped {
+        map,
+        offset,
+        layout,
+    })
 }
 
 /// The owner and version recorded in the file at `path`, if it is a weight file.
@@ -122,13 +139,14 @@ pub fn read_id(path: &Path) -> Option<FileId> {
     read_header(&mut file).ok().map(|(h, _)| h.id)
 }
 
-/// Writes `values` (packed for `cfg`) as a weight file at `path`, under a temporary name and
-/// then renamed into place, and returns the weights mapped from it (the caller can free its
-/// copy) and the file's lock.
+/// Writes `values` (packed for `cfg`) as a weight file at `path` in `dtype`, under a
+/// temporary name and then renamed into place, and returns the weights mapped from it (the
+/// caller can free its copy) and the file's lock.
 pub fn write(
     path: &Path,
     id: &FileId,
     cfg: &ModelConfig,
+    dtype: DType,
     values: &[f32],
     cancel: Cancel,
 ) -> Result<(ModelWeights, Held)> {
@@ -138,7 +156,7 @@ pub fn write(
             values.len()
         )));
     }
-    let mut writer = Writer::create(path, &id.owner, cfg)?;
+    let mut writer = Writer::create(path, &id.owner, cfg, dtype)?;
     // In blocks, each a moment's work, so a cancel is served between them.
     for (k, block) in values.chunks(CHECKSUM_BLOCK / 4).enumerate() {
         cancel.check()?;
@@ -156,17 +174,18 @@ pub struct Writer {
     path: PathBuf,
     owner: String,
     cfg: ModelConfig,
-    values: usize,
-    /// Where the values start; the header, written last, is padded to fill the space before.
+    layout: Layout,
+    /// Where the image starts; the header, written last, is padded to fill the space before.
     offset: usize,
 }
 
 impl Writer {
-    /// A temporary file sized for `cfg`'s packed values, locked (see `is_abandoned`).
-    pub fn create(path: &Path, owner: &str, cfg: &ModelConfig) -> Result<Self> {
-        let values = packed_len(cfg)?;
+    /// A temporary file sized for `cfg`'s packed values in `dtype`, locked (see
+    /// `is_abandoned`).
+    pub fn create(path: &Path, owner: &str, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
+        let layout = Layout::new(cfg, dtype)?;
         // The longest header this file can get: the version and checksum have fixed maxima.
-        let longest = header_json(owner, i64::MIN, cfg, values, &"f".repeat(16))?;
+        let longest = header_json(owner, i64::MIN, cfg, &layout, &"f".repeat(16))?;
         let offset = (16 + longest.len()).div_ceil(ALIGN) * ALIGN;
         let tmp_path = temp_path(path);
         let file = OpenOptions::new()
@@ -180,35 +199,36 @@ impl Writer {
         let tmp = TempFile::new(tmp_path, file);
         lock(tmp.file(), false).map_err(|e| io(&tmp.path, "lock", e))?;
         tmp.file()
-            .set_len((offset + values * 4) as u64)
+            .set_len((offset + layout.bytes()) as u64)
             .map_err(|e| io(&tmp.path, "size", e))?;
         Ok(Self {
             tmp,
             path: path.to_path_buf(),
             owner: owner.to_string(),
             cfg: cfg.clone(),
-            values,
+            layout,
             offset,
         })
     }
 
-    /// Writes `values` at packed position `start`.
+    /// Writes `values` at packed position `start` (rounded to half precision where the layout
+    /// holds matrices in it).
     pub fn write_at(&mut self, start: usize, values: &[f32]) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        if start + values.len() > self.values {
+        if start + values.len() > self.layout.values() {
             return Err(EngineError::Internal(format!(
                 "values {start}..{} lie outside a packed buffer of {}",
                 start + values.len(),
-                self.values
+                self.layout.values()
             )));
         }
-        self.tmp
-            .file()
-            .write_all_at(
-                &crate::tensor::le_bytes(values),
-                (self.offset + start * 4) as u64,
-            )
-            .map_err(|e| io(&self.tmp.path, "write", e))
+        for (byte, bytes) in self.layout.encode(start, values) {
+            self.tmp
+                .file()
+                .write_all_at(&bytes, (self.offset + byte) as u64)
+                .map_err(|e| io(&self.tmp.path, "write", e))?;
+        }
+        Ok(())
     }
 
     /// Checksums what was written (read back block by block), writes the header naming
@@ -227,7 +247,7 @@ impl Writer {
         // Mapped through a descriptor of its own: a mapping keeps its descriptor's `flock`
         // alive, and the lock must go when `Held` drops.
         let reader = File::open(&self.tmp.path).map_err(|e| io(&self.tmp.path, "open", e))?;
-        let storage = map_values(&reader, &self.tmp.path, self.offset, self.values)?;
+        let storage = map_image(&reader, &self.tmp.path, self.offset, self.layout.clone())?;
         let cfg = self.cfg.clone();
         let held = self.rename()?;
         Ok((ModelWeights::from_storage(&cfg, Arc::new(storage))?, held))
@@ -237,7 +257,7 @@ impl Writer {
         use std::os::unix::fs::FileExt;
         let mut hashes = Vec::new();
         let mut block = vec![0u8; CHECKSUM_BLOCK];
-        let total = self.values * 4;
+        let total = self.layout.bytes();
         for at in (0..total).step_by(CHECKSUM_BLOCK) {
             cancel.check()?;
             let n = CHECKSUM_BLOCK.min(total - at);
@@ -248,7 +268,7 @@ impl Writer {
             hashes.push(xxhash_rust::xxh3::xxh3_64(&block[..n]));
         }
         let checksum = combine(&hashes);
-        let mut json = header_json(&self.owner, version, &self.cfg, self.values, &checksum)?;
+        let mut json = header_json(&self.owner, version, &self.cfg, &self.layout, &checksum)?;
         // JSON allows trailing spaces: padded to fill its reserved space, the header ends
         // where the values start, as `read_header` computes.
         json.resize(self.offset - 16, b' ');
@@ -277,7 +297,7 @@ fn header_json(
     owner: &str,
     version: i64,
     cfg: &ModelConfig,
-    values: usize,
+    layout: &Layout,
     checksum: &str,
 ) -> Result<Vec<u8>> {
     let header = Header {
@@ -286,7 +306,8 @@ fn header_json(
             version,
         },
         config: cfg.clone(),
-        values,
+        values: layout.values(),
+        dtype: layout.dtype,
         checksum: checksum.to_string(),
     };
     serde_json::to_vec(&header).map_err(json)
@@ -308,11 +329,9 @@ fn read_header(file: &mut File) -> std::result::Result<(Header, usize), String> 
     Ok((header, (16 + len as usize).div_ceil(ALIGN) * ALIGN))
 }
 
-/// XXH3-64 of each 16 MiB block, combined by XXH3-64 over the block hashes; blocks are hashed
-/// in parallel.
-fn checksum(values: &[f32], cancel: Cancel) -> Result<String> {
-    // SAFETY: reading f32s as bytes is always valid.
-    let (_, bytes, _) = unsafe { values.align_to::<u8>() };
+/// XXH3-64 of each 16 MiB block of the image, combined by XXH3-64 over the block hashes;
+/// blocks are hashed in parallel.
+fn checksum(bytes: &[u8], cancel: Cancel) -> Result<String> {
     let blocks: Vec<u64> = crate::parallel::install(|| {
         bytes
             .par_chunks(CHECKSUM_BLOCK)
@@ -443,8 +462,15 @@ fn json(e: serde_json::Error) -> EngineError {
 mod tests {
     use super::*;
     use crate::model::config::tiny_gpt3;
+    use crate::model::dtype::Matrix;
     use crate::model::init::init_params;
     use crate::model::MapSource;
+
+    const F32: DType = DType::Float32;
+
+    fn floats(w: &ModelWeights) -> &[f32] {
+        w.storage().as_f32().unwrap()
+    }
 
     fn dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -466,28 +492,22 @@ mod tests {
             version: 1,
         };
         assert_eq!(
-            open(&path, &id, &cfg, Cancel::NEVER).unwrap().err(),
+            open(&path, &id, &cfg, F32, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Missing)
         );
 
         let in_memory = ModelWeights::load(&cfg, &mut MapSource::new(params)).unwrap();
-        let (written, held) = write(
-            &path,
-            &id,
-            &cfg,
-            in_memory.storage().as_slice(),
-            Cancel::NEVER,
-        )
-        .unwrap();
+        let (written, held) =
+            write(&path, &id, &cfg, F32, floats(&in_memory), Cancel::NEVER).unwrap();
         // The writer holds the placed file until it lets it go.
         assert!(is_held(&path));
         drop(held);
         assert!(!is_held(&path));
-        let mapped = open(&path, &id, &cfg, Cancel::NEVER).unwrap().unwrap();
+        let mapped = open(&path, &id, &cfg, F32, Cancel::NEVER).unwrap().unwrap();
         assert!(mapped.storage().is_mapped() && !in_memory.storage().is_mapped());
         assert!(written.storage().is_mapped());
-        assert_eq!(written.storage().as_slice(), in_memory.storage().as_slice());
-        assert_eq!(mapped.storage().as_slice(), in_memory.storage().as_slice());
+        assert_eq!(floats(&written), floats(&in_memory));
+        assert_eq!(floats(&mapped), floats(&in_memory));
         assert_eq!(&mapped.layers[1].w_qkv[..], &in_memory.layers[1].w_qkv[..]);
         assert_eq!(read_id(&path), Some(id.clone()));
 
@@ -497,13 +517,21 @@ mod tests {
             ..id.clone()
         };
         assert_eq!(
-            open(&path, &newer, &cfg, Cancel::NEVER).unwrap().err(),
+            open(&path, &newer, &cfg, F32, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Stale)
         );
         let mut other_cfg = cfg.clone();
         other_cfg.ln_eps = 1e-6;
         assert_eq!(
-            open(&path, &id, &other_cfg, Cancel::NEVER).unwrap().err(),
+            open(&path, &id, &other_cfg, F32, Cancel::NEVER)
+                .unwrap()
+                .err(),
+            Some(Rejected::Stale)
+        );
+        assert_eq!(
+            open(&path, &id, &cfg, DType::Bfloat16, Cancel::NEVER)
+                .unwrap()
+                .err(),
             Some(Rejected::Stale)
         );
 
@@ -519,22 +547,72 @@ mod tests {
         bytes[last] ^= 0x40;
         replace(&bytes);
         assert!(matches!(
-            open(&path, &id, &cfg, Cancel::NEVER).unwrap().err(),
+            open(&path, &id, &cfg, F32, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Corrupt(_))
         ));
         replace(&bytes[..bytes.len() - 4]);
         assert!(matches!(
-            open(&path, &id, &cfg, Cancel::NEVER).unwrap().err(),
+            open(&path, &id, &cfg, F32, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Corrupt(_))
         ));
         replace(b"garbage");
         assert!(matches!(
-            open(&path, &id, &cfg, Cancel::NEVER).unwrap().err(),
+            open(&path, &id, &cfg, F32, Cancel::NEVER).unwrap().err(),
             Some(Rejected::Corrupt(_))
         ));
         // The mapping made before the file was replaced still reads the original weights.
-        assert_eq!(mapped.storage().as_slice(), in_memory.storage().as_slice());
+        assert_eq!(floats(&mapped), floats(&in_memory));
         fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// A half-precision file holds half the bytes, maps back as the rounded matrices and the
+    /// float32 vectors, and is stale for a reader that wants another dtype.
+    #[test]
+    fn half_precision_files() {
+        let cfg = tiny_gpt3();
+        let params = init_params(&cfg, 3).unwrap();
+        let in_memory = ModelWeights::load(&cfg, &mut MapSource::new(params)).unwrap();
+        let d = dir();
+        let id = FileId {
+            owner: "m".into(),
+            version: 4,
+        };
+        for dtype in [DType::Bfloat16, DType::Float16] {
+            let path = d.join(format!("{}.weights", dtype.name()));
+            let (written, _held) =
+                write(&path, &id, &cfg, dtype, floats(&in_memory), Cancel::NEVER).unwrap();
+            let mapped = open(&path, &id, &cfg, dtype, Cancel::NEVER)
+                .unwrap()
+                .unwrap();
+            assert_eq!(mapped.storage().dtype(), dtype);
+            assert!(mapped.storage().as_f32().is_none());
+            assert_eq!(written.storage().image(), mapped.storage().image());
+            let size = fs::metadata(&path).unwrap().len() as f64;
+            let f32_bytes = (4 * packed_len(&cfg).unwrap()) as f64;
+            assert!(size < 0.6 * f32_bytes + 8192.0, "{size} bytes");
+            let h = dtype.half().unwrap();
+            let Matrix::Half(bits, kind) = mapped.layers[0].w_fc.matrix() else {
+                panic!("w_fc is not half precision");
+            };
+            assert_eq!(kind, h);
+            let widened: Vec<f32> = bits.iter().map(|&b| h.widen(b)).collect();
+            let rounded: Vec<f32> = in_memory.layers[0]
+                .w_fc
+                .iter()
+                .map(|&v| dtype.round(v))
+                .collect();
+            assert_eq!(widened, rounded);
+            assert_eq!(&mapped.layers[0].b_fc[..], &in_memory.layers[0].b_fc[..]);
+            assert_eq!(
+                &mapped.layers[1].ln_2.as_ref().unwrap().weight[..],
+                &in_memory.layers[1].ln_2.as_ref().unwrap().weight[..]
+            );
+            assert_eq!(
+                open(&path, &id, &cfg, F32, Cancel::NEVER).unwrap().err(),
+                Some(Rejected::Stale)
+            );
+        }
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -566,9 +644,9 @@ mod tests {
             owner: "m".into(),
             version: 9,
         };
-        write(&a, &id, &cfg, whole.storage().as_slice(), Cancel::NEVER).unwrap();
+        write(&a, &id, &cfg, F32, floats(&whole), Cancel::NEVER).unwrap();
         // Tensor by tensor, last first, as an import hands them over.
-        let mut writer = Writer::create(&b, &id.owner, &cfg).unwrap();
+        let mut writer = Writer::create(&b, &id.owner, &cfg, F32).unwrap();
         for (name, range) in crate::model::weights::packed_tensors(&cfg)
             .into_iter()
             .rev()
@@ -579,11 +657,11 @@ mod tests {
         assert!(!b.exists(), "nothing at the final name before finish");
         drop(writer.finish(&b, id.version, Cancel::NEVER).unwrap());
         assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
-        let mapped = open(&b, &id, &cfg, Cancel::NEVER).unwrap().unwrap();
-        assert_eq!(mapped.storage().as_slice(), whole.storage().as_slice());
+        let mapped = open(&b, &id, &cfg, F32, Cancel::NEVER).unwrap().unwrap();
+        assert_eq!(floats(&mapped), floats(&whole));
         // Dropped unfinished: no file, no temporary.
         let c = d.join("c.weights");
-        drop(Writer::create(&c, "m", &cfg).unwrap());
+        drop(Writer::create(&c, "m", &cfg, F32).unwrap());
         assert!(fs::read_dir(&d)
             .unwrap()
             .flatten()
@@ -600,7 +678,7 @@ mod tests {
             version: 2,
         };
         // Values that do not fit the model: refused before any file is created.
-        let err = write(&path, &id, &cfg, &[0.0; 10], Cancel::NEVER)
+        let err = write(&path, &id, &cfg, F32, &[0.0; 10], Cancel::NEVER)
             .err()
             .unwrap();
         assert!(matches!(err, EngineError::Internal(_)), "{err}");
@@ -608,7 +686,7 @@ mod tests {
         let missing = d.join("no such dir").join("3.weights");
         let values = vec![0.0; packed_len(&cfg).unwrap()];
         assert!(matches!(
-            write(&missing, &id, &cfg, &values, Cancel::NEVER),
+            write(&missing, &id, &cfg, F32, &values, Cancel::NEVER),
             Err(EngineError::Io(_))
         ));
         assert_eq!(fs::read_dir(&d).unwrap().count(), 0);

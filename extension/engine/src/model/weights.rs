@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::config::{LnPlacement, ModelConfig};
+use super::dtype::{DType, Layout};
 use super::storage::{Cursor, Param, Storage};
 use crate::error::{EngineError, Result};
 use crate::formats::TensorMap;
@@ -193,13 +194,25 @@ impl ModelWeights {
         Self::from_storage(cfg, Arc::new(Storage::Owned(buf)))
     }
 
+    /// `load` into an image with the matrices in `dtype` (rounded; float32 is `load` itself).
+    pub fn load_as(cfg: &ModelConfig, src: &mut dyn TensorSource, dtype: DType) -> Result<Self> {
+        let float32 = Self::load(cfg, src)?;
+        if dtype == DType::Float32 {
+            return Ok(float32);
+        }
+        let values = float32.storage().as_f32().expect("loaded as float32");
+        let image = Storage::image_of(values, Layout::new(cfg, dtype)?)?;
+        drop(float32);
+        Self::from_storage(cfg, Arc::new(image))
+    }
+
     /// Views over a packed buffer laid out by `packing(cfg)`.
     pub fn from_storage(cfg: &ModelConfig, storage: Arc<Storage>) -> Result<Self> {
         let expected = packed_len(cfg)?;
-        if storage.as_slice().len() != expected {
+        if storage.len() != expected {
             return Err(EngineError::data(format!(
                 "a packed buffer of {} values does not fit a model of {expected}",
-                storage.as_slice().len()
+                storage.len()
             )));
         }
         let (d, da, ff) = (cfg.d_model, cfg.d_attn(), cfg.d_ff);
@@ -384,7 +397,7 @@ mod tests {
             assert_eq!(&l1.w_proj[..], &get("layers.1.mlp.fc_out.weight")[..]);
             assert_eq!(&w.ln_f.as_ref().unwrap().bias[..], &get("ln_f.bias")[..]);
             assert_eq!(&w.wpe.as_ref().unwrap()[..], &get("wpe.weight")[..]);
-            assert_eq!(w.storage().as_slice().len(), packed_len(&cfg).unwrap());
+            assert_eq!(w.storage().len(), packed_len(&cfg).unwrap());
         }
     }
 

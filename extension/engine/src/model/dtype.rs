@@ -1,0 +1,355 @@
+//! The precision a model's weights are served in, and the layout of a weight image that holds
+//! its matrices in half precision.
+//!
+//! A half-precision model keeps every matrix (the 2-D tensors: embeddings, projections, the
+//! head) in bfloat16 or float16 and every vector (LayerNorm gains and biases, biases) in
+//! float32; kernels widen the halves to float32 and accumulate in float32. The float32 master
+//! values stay in the tables: serving in half precision rounds them when the image is written.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::ModelConfig;
+use super::weights::packing;
+use crate::error::{EngineError, Result};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    #[default]
+    Float32,
+    Bfloat16,
+    Float16,
+}
+
+impl DType {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "float32" | "fp32" | "f32" => Ok(Self::Float32),
+            "bfloat16" | "bf16" => Ok(Self::Bfloat16),
+            "float16" | "fp16" | "f16" => Ok(Self::Float16),
+            other => Err(EngineError::invalid(format!(
+                "unknown weight dtype \"{other}\" (float32, bfloat16 or float16)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float32 => "float32",
+            Self::Bfloat16 => "bfloat16",
+            Self::Float16 => "float16",
+        }
+    }
+
+    /// The half-precision kind of the matrices, None for float32.
+    pub fn half(self) -> Option<Half> {
+        match self {
+            Self::Float32 => None,
+            Self::Bfloat16 => Some(Half::Bf16),
+            Self::Float16 => Some(Half::F16),
+        }
+    }
+
+    /// `v` rounded to the nearest value this dtype holds (round to nearest even), as float32.
+    /// A finite float32 beyond float16's range becomes an infinity: `round_checked` refuses it.
+    pub fn round(self, v: f32) -> f32 {
+        match self.half() {
+            None => v,
+            Some(h) => h.widen(h.narrow(v)),
+        }
+    }
+
+    /// Rounds every value of `values` in place; a value that is finite in float32 but not in
+    /// this dtype (float16 beyond ±65504) is `OutOfRange`, naming `what`.
+    pub fn round_checked(self, values: &mut [f32], what: &str) -> Result<()> {
+        for (i, v) in values.iter_mut().enumerate() {
+            let r = self.round(*v);
+            if v.is_finite() && !r.is_finite() {
+                return Err(EngineError::OutOfRange(format!(
+                    "{what}[{i}] = {v} does not fit in {}",
+                    self.name()
+                )));
+            }
+            *v = r;
+        }
+        Ok(())
+    }
+}
+
+/// A 16-bit float format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    Bf16,
+    F16,
+}
+
+impl Half {
+    /// The bits of `v` rounded to this format (nearest, ties to even).
+    #[inline]
+    pub fn narrow(self, v: f32) -> u16 {
+        match self {
+            Half::Bf16 => half::bf16::from_f32(v).to_bits(),
+            Half::F16 => half::f16::from_f32(v).to_bits(),
+        }
+    }
+
+    /// The float32 value of `bits` (exact).
+    #[inline]
+    pub fn widen(self, bits: u16) -> f32 {
+        match self {
+            Half::Bf16 => f32::from_bits((bits as u32) << 16),
+            Half::F16 => half::f16::from_bits(bits).to_f32(),
+        }
+    }
+}
+
+/// A weight matrix as the kernels read it: float32, or half-precision bits widened on the fly.
+#[derive(Clone, Copy)]
+pub enum Matrix<'a> {
+    F32(&'a [f32]),
+    Half(&'a [u16], Half),
+}
+
+impl<'a> Matrix<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Matrix::F32(v) => v.len(),
+            Matrix::Half(v, _) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends values `range` (rows of the matrix) to `out` as float32.
+    pub fn extend_f32(&self, range: Range<usize>, out: &mut Vec<f32>) {
+        match self {
+            Matrix::F32(v) => out.extend_from_slice(&v[range]),
+            Matrix::Half(v, h) => out.extend(v[range].iter().map(|&b| h.widen(b))),
+        }
+    }
+
+    /// The first `n` values (leading rows of the matrix).
+    pub fn first(self, n: usize) -> Self {
+        match self {
+            Matrix::F32(v) => Matrix::F32(&v[..n]),
+            Matrix::Half(v, h) => Matrix::Half(&v[..n], h),
+        }
+    }
+}
+
+/// Where each run of the packed values lies in a weight image: runs of consecutive matrices
+/// in half precision, runs of vectors in float32, each starting at a multiple of 64 bytes (so
+/// that float32 runs are aligned and rows start on cache lines as often as the shapes allow).
+/// For float32 the image is the packed buffer itself: one run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub dtype: DType,
+    runs: Vec<Run>,
+    bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Run {
+    values: Range<usize>,
+    byte: usize,
+    half: bool,
+}
+
+const RUN_ALIGN: usize = 64;
+
+impl Layout {
+    pub fn new(cfg: &ModelConfig, dtype: DType) -> Result<Self> {
+        let mut runs: Vec<Run> = Vec::new();
+        let mut at = 0usize;
+        for slot in packing(cfg) {
+            let n = crate::tensor::numel(&slot.shape, "model")?;
+            let half = dtype != DType::Float32 && slot.shape.len() == 2;
+            match runs.last_mut() {
+                Some(run) if run.half == half => run.values.end += n,
+                _ => runs.push(Run {
+                    values: at..at + n,
+                    byte: 0,
+                    half,
+                }),
+            }
+            at = at
+                .checked_add(n)
+                .ok_or_else(|| EngineError::too_large("the model is too large"))?;
+        }
+        let mut bytes = 0usize;
+        for run in &mut runs {
+            run.byte = bytes.next_multiple_of(RUN_ALIGN);
+            let size = if run.half { 2 } else { 4 };
+            bytes = run
+                .values
+                .len()
+                .checked_mul(size)
+                .and_then(|b| b.checked_add(run.byte))
+                .ok_or_else(|| EngineError::too_large("the model is too large"))?;
+        }
+        Ok(Self { dtype, runs, bytes })
+    }
+
+    /// Bytes of the whole image.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Number of packed values.
+    pub fn values(&self) -> usize {
+        self.runs.last().map_or(0, |r| r.values.end)
+    }
+
+    /// The run holding `range` (which never straddles two: a tensor is one slot, and q|k|v or
+    /// any other multi-slot view joins slots of one kind).
+    fn run(&self, range: &Range<usize>) -> &Run {
+        let i = self.runs.partition_point(|r| r.values.end <= range.start);
+        let run = &self.runs[i];
+        assert!(
+            range.end <= run.values.end,
+            "values {range:?} straddle two runs of a weight image"
+        );
+        run
+    }
+
+    /// Byte offset and element size of packed value `at` (which lies in run `run`).
+    fn place(run: &Run, at: usize) -> (usize, usize) {
+        let size = if run.half { 2 } else { 4 };
+        (run.byte + (at - run.values.start) * size, size)
+    }
+
+    /// The bytes of packed values `start..start + values.len()` in this layout, as (byte
+    /// offset in the image, bytes) pieces, one per run they touch: the matrices' values rounded
+    /// to the half format.
+    pub fn encode(&self, start: usize, values: &[f32]) -> Vec<(usize, Vec<u8>)> {
+        let mut pieces = Vec::new();
+        let (mut pos, mut rest) = (start, values);
+        while !rest.is_empty() {
+            let run = self.run(&(pos..pos + 1));
+            let n = rest.len().min(run.values.end - pos);
+            let (byte, _) = Self::place(run, pos);
+            let bytes = match self.dtype.half().filter(|_| run.half) {
+                Some(h) => rest[..n]
+                    .iter()
+                    .flat_map(|&v| h.narrow(v).to_le_bytes())
+                    .collect(),
+                None => crate::tensor::le_bytes(&rest[..n]).into_owned(),
+            };
+            pieces.push((byte, bytes));
+            pos += n;
+            rest = &rest[n..];
+        }
+        pieces
+    }
+
+    /// The whole image of `values` (all packed values) in this layout.
+    pub fn encode_all(&self, values: &[f32]) -> Vec<u8> {
+        let mut image = vec![0u8; self.bytes];
+        for (byte, bytes) in self.encode(0, values) {
+            image[byte..byte + bytes.len()].copy_from_slice(&bytes);
+        }
+        image
+    }
+
+    /// Float32 values `range` of `image` (a vector, or any range of a float32 image).
+    pub fn f32s<'a>(&self, image: &'a [u8], range: Range<usize>) -> &'a [f32] {
+        let run = self.run(&range);
+        assert!(!run.half, "a half-precision matrix read as float32");
+        let (byte, _) = Self::place(run, range.start);
+        let bytes = &image[byte..byte + range.len() * 4];
+        // SAFETY: every bit pattern is a valid f32; alignment is checked below.
+        let (head, floats, tail) = unsafe { bytes.align_to::<f32>() };
+        assert!(
+            head.is_empty() && tail.is_empty(),
+            "weight image misaligned"
+        );
+        floats
+    }
+
+    /// Values `range` of `image` as the kernels read a matrix.
+    pub fn matrix<'a>(&self, image: &'a [u8], range: Range<usize>) -> Matrix<'a> {
+        let run = self.run(&range);
+        match self.dtype.half().filter(|_| run.half) {
+            None => Matrix::F32(self.f32s(image, range)),
+            Some(h) => {
+                let (byte, _) = Self::place(run, range.start);
+                let bytes = &image[byte..byte + range.len() * 2];
+                // SAFETY: every bit pattern is a valid u16; alignment is checked below.
+                let (head, bits, tail) = unsafe { bytes.align_to::<u16>() };
+                assert!(
+                    head.is_empty() && tail.is_empty(),
+                    "weight image misaligned"
+                );
+                Matrix::Half(bits, h)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_to_half_formats() {
+        // bf16 keeps 8 significant bits: 1 + 2⁻⁸ is a tie and goes to the even 1.0.
+        assert_eq!(DType::Bfloat16.round(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(DType::Bfloat16.round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(DType::Float16.round(1.0 + 1.0 / 4096.0), 1.0);
+        assert_eq!(DType::Float32.round(0.1), 0.1);
+        let mut big = [1.0, 70000.0];
+        assert!(matches!(
+            DType::Float16.round_checked(&mut big, "w"),
+            Err(EngineError::OutOfRange(_))
+        ));
+        let mut fine = [1e30f32, -3.5];
+        DType::Bfloat16.round_checked(&mut fine, "w").unwrap();
+        assert_eq!(fine[1], -3.5);
+        for s in ["float32", "bfloat16", "float16"] {
+            assert_eq!(DType::parse(s).unwrap().name(), s);
+        }
+        assert!(DType::parse("int8").is_err());
+    }
+
+    #[test]
+    fn layout_keeps_vectors_in_float32_and_round_trips() {
+        let cfg = ModelConfig::gpt3(2, 16, 2, 64);
+        let n = crate::model::weights::packed_len(&cfg).unwrap();
+        let values: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01 - 0.4).collect();
+        for dtype in [DType::Float32, DType::Bfloat16, DType::Float16] {
+            let layout = Layout::new(&cfg, dtype).unwrap();
+            assert_eq!(layout.values(), n);
+            let mut image = vec![0u8; layout.bytes()];
+            // Written in uneven pieces, as an import writes.
+            for (k, piece) in values.chunks(1000).enumerate() {
+                for (byte, bytes) in layout.encode(k * 1000, piece) {
+                    image[byte..byte + bytes.len()].copy_from_slice(&bytes);
+                }
+            }
+            assert_eq!(image, layout.encode_all(&values));
+            for (name, range) in crate::model::weights::packed_tensors(&cfg) {
+                let is_matrix = !name.contains("ln_") && !name.ends_with("bias");
+                let got: Vec<f32> = match layout.matrix(&image, range.clone()) {
+                    Matrix::F32(v) => v.to_vec(),
+                    Matrix::Half(v, h) => {
+                        assert!(is_matrix, "{name} should be float32");
+                        v.iter().map(|&b| h.widen(b)).collect()
+                    }
+                };
+                let want: Vec<f32> = values[range]
+                    .iter()
+                    .map(|&v| if is_matrix { dtype.round(v) } else { v })
+                    .collect();
+                assert_eq!(got, want, "{name} in {dtype:?}");
+            }
+        }
+        let f32_layout = Layout::new(&cfg, DType::Float32).unwrap();
+        assert_eq!(f32_layout.bytes(), 4 * n);
+        let half = Layout::new(&cfg, DType::Bfloat16).unwrap();
+        assert!(half.bytes() < 4 * n * 6 / 10);
+    }
+}
