@@ -6,7 +6,8 @@
 //! the weights' size (and one four times larger, past any cache) with wide loads, best of several
 //! passes. It then decodes greedily on a short context (16-token prompt) and a long one (prompt
 //! of 1984 tokens, so the steps run at positions 1984..2048), and prints each as a fraction of
-//! the bound.
+//! the bound, for the weights in float32 and with the matrices in bfloat16 and float16 (with
+//! each one's ratio to float32).
 //!
 //! Usage: decode_bound [THREADS] (default: all hardware threads). Random weights; the figures
 //! do not depend on the values.
@@ -15,7 +16,7 @@ use std::time::Instant;
 
 use pg_llm_engine::model::init::init_params;
 use pg_llm_engine::model::weights::packed_len;
-use pg_llm_engine::model::{Logits, MapSource, Model, ModelConfig, ModelWeights};
+use pg_llm_engine::model::{DType, Logits, MapSource, Model, ModelConfig, ModelWeights};
 use pg_llm_engine::{parallel, sample, Cancel};
 use rayon::prelude::*;
 
@@ -30,6 +31,7 @@ fn main() {
     parallel::set_threads(threads);
     let cfg = ModelConfig::gpt3(12, 768, 12, 64);
     let weights_bytes = 4 * (packed_len(&cfg).expect("size") - cfg.n_positions * cfg.d_model);
+    // Decoded in float32, bfloat16 and float16 (matrices; widened to float32 in the kernels).
 
     // The bound is the best rate seen over a buffer of the weights' size and one four times
     // larger (past any cache), measured before and after the decodes, so that a slow moment of
@@ -37,20 +39,26 @@ fn main() {
     let sizes = [weights_bytes, 4 * weights_bytes];
     let mut rates: Vec<f64> = sizes.iter().map(|&n| read_bandwidth(n)).collect();
     let params = init_params(&cfg, 0).expect("init");
-    let weights = ModelWeights::load(&cfg, &mut MapSource::new(params)).expect("load");
-    let model = Model::new(cfg.clone(), weights).expect("model");
     let mut decodes = Vec::new();
-    for prompt_len in [16, cfg.n_positions - NEW_TOKENS] {
-        let prompt: Vec<u32> = (0..prompt_len as u32)
-            .map(|i| (i * 7919) % 50000 + 100)
-            .collect();
-        let tokens_per_s = NEW_TOKENS as f64 / best_decode(&model, &prompt);
-        // Keys and values of every earlier position, read by each layer at each step.
-        let kv_values: usize = (prompt_len..prompt_len + NEW_TOKENS)
-            .map(|pos| 2 * cfg.n_layer * pos * cfg.d_attn())
-            .sum();
-        let bytes_per_token = (weights_bytes + 4 * kv_values / NEW_TOKENS) as f64;
-        decodes.push((prompt_len, tokens_per_s, bytes_per_token));
+    for dtype in [DType::Float32, DType::Bfloat16, DType::Float16] {
+        let mut src = MapSource::new(params.clone());
+        let weights = ModelWeights::load_as(&cfg, &mut src, dtype).expect("load");
+        // Bytes a step reads: the image less the position table (one row of it is read).
+        let wpe_bytes = cfg.n_positions * cfg.d_model * if dtype == DType::Float32 { 4 } else { 2 };
+        let image_bytes = weights.storage().image().len() - wpe_bytes;
+        let model = Model::new(cfg.clone(), weights).expect("model");
+        for prompt_len in [16, cfg.n_positions - NEW_TOKENS] {
+            let prompt: Vec<u32> = (0..prompt_len as u32)
+                .map(|i| (i * 7919) % 50000 + 100)
+                .collect();
+            let tokens_per_s = NEW_TOKENS as f64 / best_decode(&model, &prompt);
+            // Keys and values of every earlier position, read by each layer at each step.
+            let kv_values: usize = (prompt_len..prompt_len + NEW_TOKENS)
+                .map(|pos| 2 * cfg.n_layer * pos * cfg.d_attn())
+                .sum();
+            let bytes_per_token = (image_bytes + 4 * kv_values / NEW_TOKENS) as f64;
+            decodes.push((dtype, prompt_len, tokens_per_s, bytes_per_token));
+        }
     }
     for (rate, &n) in rates.iter_mut().zip(&sizes) {
         *rate = rate.max(read_bandwidth(n));
@@ -65,11 +73,17 @@ fn main() {
         sizes[1] >> 20,
         bound / 1e9
     );
-    for (prompt_len, tokens_per_s, bytes_per_token) in decodes {
+    for &(dtype, prompt_len, tokens_per_s, bytes_per_token) in &decodes {
+        let float32 = decodes
+            .iter()
+            .find(|d| d.0 == DType::Float32 && d.1 == prompt_len)
+            .map_or(f64::NAN, |d| d.2);
         println!(
-            "threads {threads}: decode at positions {prompt_len}..{}: {tokens_per_s:.1} tokens/s, \
-             {:.0} MB per token, {:.1} GB/s = {:.0} % of the bound",
+            "threads {threads}: {:8} decode at positions {prompt_len}..{}: {tokens_per_s:.1} \
+             tokens/s ({:.2}x float32), {:.0} MB per token, {:.1} GB/s = {:.0} % of the bound",
+            dtype.name(),
             prompt_len + NEW_TOKENS,
+            tokens_per_s / float32,
             bytes_per_token / 1e6,
             tokens_per_s * bytes_per_token / 1e9,
             100.0 * tokens_per_s * bytes_per_token / bound

@@ -123,13 +123,15 @@ fn dot_body<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
-    use std::arch::x86_64::{_mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps};
+    use std::arch::x86_64::*;
     let n = x.len().min(y.len());
     let chunks = n / 16;
     let (xp, yp) = (x.as_ptr(), y.as_ptr());
     let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for c in 0..chunks {
         let at = c * 16;
+        // y is a row of a weight matrix or of a head's keys: the rows after it follow.
+        _mm_prefetch::<_MM_HINT_T0>(yp.wrapping_add(at + PREFETCH_AHEAD) as *const i8);
         // SAFETY: at + 16 <= n.
         lo = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(yp.add(at)), lo);
         hi = _mm256_fmadd_ps(
@@ -445,17 +447,24 @@ pub fn dot8(x: [&[f32]; 8], y: &[f32]) -> [f32; 8] {
 }
 
 /// Σ x[i]·w[i] for float32 x and half-precision weights w (bits of `h`), widened exactly and
-/// accumulated in float32 in sixteen lanes of four partial sums each (the same arithmetic with
-/// or without AVX-512, so results do not depend on the machine's vector width).
+/// accumulated in float32 as `dot` accumulates: sixteen lanes over 16-value chunks, summed by
+/// `sum16`, then the last values one by one. The same bits on every machine and whichever
+/// rows `dot_half_rows` computes beside it.
 #[inline]
 pub fn dot_half(x: &[f32], w: &[u16], h: Half) -> f32 {
+    dot_half_rows(x, [w], h)[0]
+}
+
+/// `dot_half` of x with R weight rows at once: each chunk of x is loaded once for all R.
+#[inline]
+pub fn dot_half_rows<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     if has_avx512f() {
         // SAFETY: the features were detected at run time.
         return unsafe {
             match h {
-                Half::Bf16 => dot_widened_avx512::<true>(x, w),
-                Half::F16 => dot_widened_avx512::<false>(x, w),
+                Half::Bf16 => dot_widened_avx512::<true, R>(x, w),
+                Half::F16 => dot_widened_avx512::<false, R>(x, w),
             }
         };
     }
@@ -464,141 +473,120 @@ pub fn dot_half(x: &[f32], w: &[u16], h: Half) -> f32 {
         // SAFETY: the features were detected at run time.
         return unsafe {
             match h {
-                Half::Bf16 => dot_widened_avx2::<true>(x, w),
-                Half::F16 => dot_widened_avx2::<false>(x, w),
+                Half::Bf16 => dot_widened_avx2::<true, R>(x, w),
+                Half::F16 => dot_widened_avx2::<false, R>(x, w),
             }
         };
     }
     dot_widened_body(x, w, h)
 }
 
-/// Partial sums acc[k][lane] over blocks of 64 values (value 16k + lane of each block), then
-/// whole 16-value chunks into acc[0], the four summed pairwise, the lanes by `sum16`, and the
-/// last values one by one.
-#[inline(always)]
-fn dot_widened_body(x: &[f32], w: &[u16], h: Half) -> f32 {
-    let n = x.len().min(w.len());
-    let mut acc = [[0.0f32; 16]; 4];
-    let blocks = n / 64;
-    for b in 0..blocks {
-        for (k, a) in acc.iter_mut().enumerate() {
-            let at = b * 64 + k * 16;
+/// Common length of x and the rows, its whole 16-value chunks, and the scalar tail of row r
+/// added to its lane sum.
+fn widened_tail(x: &[f32], w: &[u16], h: Half, from: usize, n: usize, mut sum: f32) -> f32 {
+    for i in from..n {
+        sum += x[i] * h.widen(w[i]);
+    }
+    sum
+}
+
+fn dot_widened_body<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32; R] {
+    let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
+    let chunks = n / 16;
+    let mut acc = [[0.0f32; 16]; R];
+    for c in 0..chunks {
+        for (a, row) in acc.iter_mut().zip(&w) {
             for (lane, s) in a.iter_mut().enumerate() {
-                *s = x[at + lane].mul_add(h.widen(w[at + lane]), *s);
+                let at = c * 16 + lane;
+                *s = x[at].mul_add(h.widen(row[at]), *s);
             }
         }
     }
-    let chunks = n / 16;
-    for c in blocks * 4..chunks {
-        for (lane, s) in acc[0].iter_mut().enumerate() {
-            let at = c * 16 + lane;
-            *s = x[at].mul_add(h.widen(w[at]), *s);
-        }
-    }
-    let lanes: [f32; 16] =
-        std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
-    let mut sum = sum16(lanes);
-    for i in chunks * 16..n {
-        sum += x[i] * h.widen(w[i]);
-    }
-    sum
+    std::array::from_fn(|r| widened_tail(x, w[r], h, chunks * 16, n, sum16(acc[r])))
 }
 
-/// `dot_widened_body` with each sixteen-lane partial sum in two 256-bit registers.
+/// `dot_widened_body` with each row's sixteen lanes in two 256-bit registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_widened_avx2<const BF16: bool>(x: &[f32], w: &[u16]) -> f32 {
+unsafe fn dot_widened_avx2<const BF16: bool, const R: usize>(
+    x: &[f32],
+    w: [&[u16]; R],
+) -> [f32; R] {
     use std::arch::x86_64::*;
-    #[inline(always)]
-    unsafe fn widen8<const BF16: bool>(p: *const u16) -> __m256 {
-        let bits = _mm_loadu_si128(p as *const __m128i);
-        if BF16 {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
-        } else {
-            _mm256_cvtph_ps(bits)
-        }
+    // A macro rather than a helper function: a nested function would not inherit this
+    // function's target features, and its intrinsics would become calls.
+    macro_rules! widen8 {
+        ($p:expr) => {{
+            let bits = _mm_loadu_si128($p as *const __m128i);
+            if BF16 {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+            } else {
+                _mm256_cvtph_ps(bits)
+            }
+        }};
     }
-    #[inline(always)]
-    unsafe fn fma16<const BF16: bool>(acc: &mut [__m256; 2], xp: *const f32, wp: *const u16) {
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp), widen8::<BF16>(wp), acc[0]);
-        acc[1] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(xp.add(8)),
-            widen8::<BF16>(wp.add(8)),
-            acc[1],
-        );
-    }
-    let n = x.len().min(w.len());
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-    let blocks = n / 64;
-    for b in 0..blocks {
-        for (k, a) in acc.iter_mut().enumerate() {
-            let at = b * 64 + k * 16;
-            // SAFETY: at + 16 <= n.
-            fma16::<BF16>(a, xp.add(at), wp.add(at));
-        }
-    }
+    let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
     let chunks = n / 16;
-    for c in blocks * 4..chunks {
-        fma16::<BF16>(&mut acc[0], xp.add(c * 16), wp.add(c * 16));
+    let (xp, wp) = (x.as_ptr(), w.map(|r| r.as_ptr()));
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for c in 0..chunks {
+        let at = c * 16;
+        // SAFETY: at + 16 <= n, which every slice's length bounds.
+        let (x_lo, x_hi) = (_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(xp.add(at + 8)));
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(at + PREFETCH_AHEAD) as *const i8);
+            acc[r][0] = _mm256_fmadd_ps(x_lo, widen8!(wp[r].add(at)), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x_hi, widen8!(wp[r].add(at + 8)), acc[r][1]);
+        }
     }
-    let half = |i: usize| {
-        _mm256_add_ps(
-            _mm256_add_ps(acc[0][i], acc[1][i]),
-            _mm256_add_ps(acc[2][i], acc[3][i]),
-        )
-    };
-    let mut lanes = [0.0f32; 16];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), half(0));
-    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), half(1));
-    let mut sum = sum16(lanes);
     let h = if BF16 { Half::Bf16 } else { Half::F16 };
-    for i in chunks * 16..n {
-        sum += x[i] * h.widen(w[i]);
-    }
-    sum
+    std::array::from_fn(|r| {
+        let mut lanes = [0.0f32; 16];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][0]);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[r][1]);
+        widened_tail(x, w[r], h, chunks * 16, n, sum16(lanes))
+    })
 }
 
+/// How far ahead of the values being multiplied the widening kernels prefetch weights: the
+/// rows of a weight matrix are one contiguous stream, and half-precision rows are read faster
+/// than the hardware prefetcher ramps up on its own.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// `dot_widened_body` with each row's sixteen lanes in one 512-bit register.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot_widened_avx512<const BF16: bool>(x: &[f32], w: &[u16]) -> f32 {
+unsafe fn dot_widened_avx512<const BF16: bool, const R: usize>(
+    x: &[f32],
+    w: [&[u16]; R],
+) -> [f32; R] {
     use std::arch::x86_64::*;
-    #[inline(always)]
-    unsafe fn widen16<const BF16: bool>(p: *const u16) -> __m512 {
-        let bits = _mm256_loadu_si256(p as *const __m256i);
-        if BF16 {
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
-        } else {
-            _mm512_cvtph_ps(bits)
-        }
+    // A macro, as in `dot_widened_avx2`.
+    macro_rules! widen16 {
+        ($p:expr) => {{
+            let bits = _mm256_loadu_si256($p as *const __m256i);
+            if BF16 {
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+            } else {
+                _mm512_cvtph_ps(bits)
+            }
+        }};
     }
-    let n = x.len().min(w.len());
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let blocks = n / 64;
-    for b in 0..blocks {
-        for (k, a) in acc.iter_mut().enumerate() {
-            let at = b * 64 + k * 16;
-            // SAFETY: at + 16 <= n.
-            *a = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(at)), widen16::<BF16>(wp.add(at)), *a);
-        }
-    }
+    let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
     let chunks = n / 16;
-    for c in blocks * 4..chunks {
+    let (xp, wp) = (x.as_ptr(), w.map(|r| r.as_ptr()));
+    let mut acc = [_mm512_setzero_ps(); R];
+    for c in 0..chunks {
         let at = c * 16;
-        acc[0] = _mm512_fmadd_ps(
-            _mm512_loadu_ps(xp.add(at)),
-            widen16::<BF16>(wp.add(at)),
-            acc[0],
-        );
+        // SAFETY: at + 16 <= n, which every slice's length bounds.
+        let xv = _mm512_loadu_ps(xp.add(at));
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(at + PREFETCH_AHEAD) as *const i8);
+            acc[r] = _mm512_fmadd_ps(xv, widen16!(wp[r].add(at)), acc[r]);
+        }
     }
-    let lanes = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    let mut sum = sum16_avx512(lanes);
     let h = if BF16 { Half::Bf16 } else { Half::F16 };
-    for i in chunks * 16..n {
-        sum += x[i] * h.widen(w[i]);
-    }
-    sum
+    std::array::from_fn(|r| widened_tail(x, w[r], h, chunks * 16, n, sum16_avx512(acc[r])))
 }
 
 #[cfg(test)]
@@ -606,41 +594,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn half_dots_are_the_same_bits_with_and_without_avx512() {
+    fn half_dots_are_the_same_bits_on_every_path() {
         for n in [0, 5, 16, 63, 64, 200, 768] {
             let x: Vec<f32> = (0..n)
                 .map(|i| ((i * 7 % 19) as f32 - 9.0) * 0.173)
                 .collect();
-            let v: Vec<f32> = (0..n)
-                .map(|i| ((i * 5 % 23) as f32 - 11.0) * 0.0917)
+            let rows: Vec<Vec<f32>> = (0..4)
+                .map(|r| {
+                    (0..n)
+                        .map(|i| ((i * 5 + r) % 23) as f32 * 0.0917 - 1.0)
+                        .collect()
+                })
                 .collect();
             for h in [Half::Bf16, Half::F16] {
-                let w: Vec<u16> = v.iter().map(|&f| h.narrow(f)).collect();
-                let exact: f64 = x
+                let w: Vec<Vec<u16>> = rows
                     .iter()
-                    .zip(&w)
-                    .map(|(&a, &b)| a as f64 * h.widen(b) as f64)
-                    .sum();
-                let fast = dot_half(&x, &w, h);
-                assert_eq!(
-                    fast.to_bits(),
-                    dot_widened_body(&x, &w, h).to_bits(),
-                    "n={n}"
-                );
+                    .map(|r| r.iter().map(|&f| h.narrow(f)).collect())
+                    .collect();
+                let ws: [&[u16]; 4] = std::array::from_fn(|r| &w[r][..]);
+                let four = dot_half_rows(&x, ws, h);
+                let portable = dot_widened_body(&x, ws, h);
+                for r in 0..4 {
+                    let exact: f64 = x
+                        .iter()
+                        .zip(&w[r])
+                        .map(|(&a, &b)| a as f64 * h.widen(b) as f64)
+                        .sum();
+                    let one = dot_half(&x, &w[r], h);
+                    assert_eq!(one.to_bits(), four[r].to_bits(), "n={n} row {r}");
+                    assert_eq!(one.to_bits(), portable[r].to_bits(), "n={n} row {r}");
+                    assert!((one as f64 - exact).abs() < 1e-4, "n={n}: {one} vs {exact}");
+                }
                 #[cfg(target_arch = "x86_64")]
                 if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+                    // SAFETY: the features were detected.
                     let avx2 = unsafe {
                         match h {
-                            Half::Bf16 => dot_widened_avx2::<true>(&x, &w),
-                            Half::F16 => dot_widened_avx2::<false>(&x, &w),
+                            Half::Bf16 => dot_widened_avx2::<true, 4>(&x, ws),
+                            Half::F16 => dot_widened_avx2::<false, 4>(&x, ws),
                         }
                     };
-                    assert_eq!(fast.to_bits(), avx2.to_bits(), "n={n}");
+                    assert_eq!(avx2.map(f32::to_bits), four.map(f32::to_bits), "n={n}");
                 }
-                assert!(
-                    (fast as f64 - exact).abs() < 1e-4,
-                    "n={n}: {fast} vs {exact}"
-                );
             }
         }
     }

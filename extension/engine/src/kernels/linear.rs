@@ -358,13 +358,29 @@ fn half_each_row(
             .enumerate()
             .for_each(|(chunk, out)| {
                 let o0 = chunk * ROWS_PER_TASK;
-                for (r, cell) in out.chunks_exact_mut(t).enumerate() {
-                    let o = o0 + r;
-                    let row = &w[o * d_in..(o + 1) * d_in];
-                    let bias = b.map_or(0.0, |b| b[o]);
+                let w_row = |o: usize| &w[o * d_in..(o + 1) * d_in];
+                let bias = |o: usize| b.map_or(0.0, |b| b[o]);
+                // Four weight rows share each load of x (the same bits as one at a time).
+                let whole_quads = out.len() / (4 * t);
+                let mut quads = out.chunks_exact_mut(4 * t);
+                for (q, cells) in quads.by_ref().enumerate() {
+                    let o = o0 + 4 * q;
+                    let rows = [w_row(o), w_row(o + 1), w_row(o + 2), w_row(o + 3)];
+                    for ti in 0..t {
+                        let dots = simd::dot_half_rows(&x[ti * d_in..(ti + 1) * d_in], rows, h);
+                        for (k, dot) in dots.into_iter().enumerate() {
+                            let cell = &mut cells[k * t + ti..k * t + ti + 1];
+                            put(cell, [dot], bias(o + k), cell_acc);
+                        }
+                    }
+                }
+                let rest = quads.into_remainder();
+                let o1 = o0 + 4 * whole_quads;
+                for (r, cell) in rest.chunks_exact_mut(t).enumerate() {
+                    let o = o1 + r;
                     for (ti, c) in cell.iter_mut().enumerate() {
-                        let dot = simd::dot_half(&x[ti * d_in..(ti + 1) * d_in], row, h);
-                        put(std::slice::from_mut(c), [dot], bias, cell_acc);
+                        let dot = simd::dot_half(&x[ti * d_in..(ti + 1) * d_in], w_row(o), h);
+                        put(std::slice::from_mut(c), [dot], bias(o), cell_acc);
                     }
                 }
             })
