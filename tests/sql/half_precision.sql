@@ -79,4 +79,24 @@ SELECT pg_temp.err($$SELECT llm_set_weight_dtype('hp-tiny', NULL)$$) AS null_dty
 SELECT pg_temp.err($$SELECT llm_set_weight_dtype('no-such-model', 'bfloat16')$$) AS unknown_model;
 SELECT pg_temp.err($$UPDATE llm_model_config SET weight_dtype = 'float8' WHERE model = 'hp-tiny'$$) AS bad_column;
 
-DELETE FROM llm_model_config WHERE model IN ('hp-tiny', 'hp-f16');
+-- Importing a bfloat16 checkpoint (the GPT-2 fixture saved by transformers in bfloat16) with
+-- keep_dtype serves it in bfloat16 from the start; without, in float32 (the same values).
+\getenv srcdir PG_ABS_SRCDIR
+\set fixtures :srcdir/fixtures
+\set cfg `cat :fixtures/models/gpt2_bf16/config.json`
+\set st `base64 -w0 :fixtures/models/gpt2_bf16/model.safetensors`
+SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'hp-kept', :'cfg'::jsonb, keep_dtype => true) AS kept,
+       pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'hp-widened', :'cfg'::jsonb) AS widened;
+SELECT model, weight_dtype FROM llm_model_config WHERE model IN ('hp-kept', 'hp-widened') ORDER BY model;
+SELECT pg_temp.max_diff(llm_logits('{5,17,3,88,42,9,60}', 'hp-kept'), llm_logits('{5,17,3,88,42,9,60}', 'hp-widened')) < 1e-5 AS kept_equals_widened,
+       llm_generate_ids('{5,17,3}', 12, 0, 50, 1, 'hp-kept', NULL) = llm_generate_ids('{5,17,3}', 12, 0, 50, 1, 'hp-widened', NULL) AS same_greedy_tokens;
+SELECT (SELECT bytes FROM llm_loaded_models() WHERE model = 'hp-widened')::numeric
+       / (SELECT bytes FROM llm_loaded_models() WHERE model = 'hp-kept') > 1.5 AS kept_holds_fewer_bytes;
+-- A float32 checkpoint with keep_dtype stays float32.
+\set cfg `cat :fixtures/models/gpt2/config.json`
+\set st `base64 -w0 :fixtures/models/gpt2/model.safetensors`
+SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'hp-fp32', :'cfg'::jsonb, keep_dtype => true) AS fp32;
+SELECT weight_dtype FROM llm_model_config WHERE model = 'hp-fp32';
+SELECT pg_temp.err($$SELECT pg_llm_import_safetensors_bytes(decode('00', 'hex'), 'hp-fp32', NULL, keep_dtype => NULL)$$) AS null_keep;
+
+DELETE FROM llm_model_config WHERE model IN ('hp-tiny', 'hp-f16', 'hp-kept', 'hp-widened', 'hp-fp32');

@@ -50,7 +50,9 @@ fn check(name: &str, dtype: DType, half_tolerance: f32) {
     let ids = ints(&expected, "input_ids");
     let got = model.logits(&ids, Cancel::NEVER).unwrap();
 
-    let widened = safetensors::read_one(&expected, "logits_widened").unwrap().1;
+    let widened = safetensors::read_one(&expected, "logits_widened")
+        .unwrap()
+        .1;
     let worst = max_diff(&got, &widened);
     assert!(worst < 1e-5, "{name}: {worst} from transformers in float32");
     let half = safetensors::read_one(&expected, "logits_half").unwrap().1;
@@ -71,10 +73,18 @@ fn check(name: &str, dtype: DType, half_tolerance: f32) {
     for _ in 0..greedy.len() {
         out.push(argmax(&last) as u32);
         last = model
-            .forward(&out[out.len() - 1..], &mut cache, Logits::Last, Cancel::NEVER)
+            .forward(
+                &out[out.len() - 1..],
+                &mut cache,
+                Logits::Last,
+                Cancel::NEVER,
+            )
             .unwrap();
     }
-    assert_eq!(out, greedy, "{name}: greedy tokens differ from transformers");
+    assert_eq!(
+        out, greedy,
+        "{name}: greedy tokens differ from transformers"
+    );
     assert_eq!(out, ints(&expected, "greedy_half"));
 }
 

@@ -62,11 +62,18 @@ fn resolve(model: &str, config: Option<JsonB>) -> Result<(ModelConfig, Family)> 
 fn import(
     model: &str,
     config: Option<JsonB>,
+    keep_dtype: Option<bool>,
     files: &mut dyn Files,
     tensors: impl FnOnce(&mut dyn Files) -> Result<Vec<Stored>>,
 ) -> Result<i64> {
+    let keep_dtype = required(keep_dtype, "keep_dtype")?;
     let (cfg, family) = resolve(model, config)?;
     let tensors = tensors(files)?;
+    if keep_dtype {
+        // Served from the start in the checkpoint's precision: the new weight file is
+        // written in it as the tensors arrive.
+        set_weight_dtype(model, checkpoint::matrix_dtype(&tensors)?)?;
+    }
     let family = exported_layout(family, &cfg, &tensors);
     let mut replacement = Replacement::new(model, &cfg)?;
     let n = checkpoint::import(
@@ -78,6 +85,20 @@ fn import(
     )?;
     replacement.finish()?;
     Ok(n as i64)
+}
+
+/// Records the precision `model` is served in (a change of its registry row: a new version).
+fn set_weight_dtype(model: &str, dtype: DType) -> Result<()> {
+    Spi::connect_mut(|client| {
+        client
+            .update(
+                "UPDATE llm_model_config SET weight_dtype = $2 WHERE model = $1",
+                None,
+                &[model.into(), dtype.name().into()],
+            )
+            .map(|_| ())
+    })
+    .map_err(crate::errors::spi_error)
 }
 
 /// The names a checkpoint for a model of `family` uses. A dense model registered with
@@ -140,16 +161,7 @@ fn llm_set_weight_dtype(model: Option<&str>, dtype: Option<&str>) -> i64 {
             DType::Float32 => 0,
             _ => store::round_matrices(model, &stored.config, dtype)?,
         };
-        Spi::connect_mut(|client| {
-            client
-                .update(
-                    "UPDATE llm_model_config SET weight_dtype = $2 WHERE model = $1",
-                    None,
-                    &[model.into(), dtype.name().into()],
-                )
-                .map(|_| ())
-        })
-        .map_err(crate::errors::spi_error)?;
+        set_weight_dtype(model, dtype)?;
         model_cache::forget(model);
         Ok(changed)
     })
@@ -189,14 +201,19 @@ fn pg_llm_import_safetensors_bytes(
     data: Option<&[u8]>,
     model: Option<&str>,
     config: default!(Option<JsonB>, "NULL"),
+    keep_dtype: default!(Option<bool>, false),
 ) -> i64 {
     run("pg_llm_import_safetensors_bytes", || {
         crate::privileges::require_writer(model)?;
         let data = required(data, "data")?;
         let mut blobs = Blobs(HashMap::from([("data".to_string(), data)]));
-        import(args::model_name(model, "model")?, config, &mut blobs, |f| {
-            checkpoint::safetensors_tensors(f, "data")
-        })
+        import(
+            args::model_name(model, "model")?,
+            config,
+            keep_dtype,
+            &mut blobs,
+            |f| checkpoint::safetensors_tensors(f, "data"),
+        )
     })
 }
 
@@ -210,6 +227,7 @@ fn pg_llm_import_safetensors(
     path: Option<&str>,
     model: Option<&str>,
     config: default!(Option<JsonB>, "NULL"),
+    keep_dtype: default!(Option<bool>, false),
 ) -> i64 {
     run("pg_llm_import_safetensors", || {
         files::require_read_privilege("pg_llm_import_safetensors")?;
@@ -220,14 +238,14 @@ fn pg_llm_import_safetensors(
         if path.to_string_lossy().ends_with(".jsonl") {
             let entries = manifest::parse(&files::read_text(&path.to_string_lossy())?)?;
             let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-            return import(model, config, &mut server, |_| {
+            return import(model, config, keep_dtype, &mut server, |_| {
                 Ok(checkpoint::manifest_tensors(entries, |f| {
                     dir.join(f).to_string_lossy().into_owned()
                 }))
             });
         }
         let shards = shard_files(&path)?;
-        import(model, config, &mut server, |f| {
+        import(model, config, keep_dtype, &mut server, |f| {
             let mut parts = Vec::new();
             for shard in &shards {
                 parts.push(checkpoint::safetensors_tensors(
@@ -307,6 +325,7 @@ fn pg_llm_import_safetensors_lo(
     files: Option<Vec<Option<String>>>,
     model: Option<&str>,
     config: default!(Option<JsonB>, "NULL"),
+    keep_dtype: default!(Option<bool>, false),
 ) -> i64 {
     run("pg_llm_import_safetensors_lo", || {
         crate::privileges::require_writer(model)?;
@@ -343,7 +362,7 @@ fn pg_llm_import_safetensors_lo(
             {
                 return Err(missing(&format!("manifest \"{manifest_file}\""), &e.file));
             }
-            return import(model, config, &mut objects, |_| {
+            return import(model, config, keep_dtype, &mut objects, |_| {
                 Ok(checkpoint::manifest_tensors(entries, |f| {
                     sibling(&manifest_file, f)
                 }))
@@ -374,7 +393,7 @@ fn pg_llm_import_safetensors_lo(
                 names.join(", ")
             )));
         }
-        import(model, config, &mut objects, |f| {
+        import(model, config, keep_dtype, &mut objects, |f| {
             let mut parts = Vec::new();
             for shard in &shards {
                 parts.push(checkpoint::safetensors_tensors(f, shard)?);

@@ -8,6 +8,8 @@ use std::ops::Range;
 
 use safetensors::tensor::Metadata;
 use safetensors::Dtype;
+
+use crate::model::DType;
 use sha2::{Digest, Sha256};
 
 use super::hf_config::Family;
@@ -285,6 +287,31 @@ fn check_digest(s: &Stored, hasher: Sha256) -> Result<()> {
     )))
 }
 
+/// The precision a checkpoint holds its matrices (2-D tensors) in; 22023 when they are in
+/// several, or in one pg_llm cannot serve.
+pub fn matrix_dtype(tensors: &[Stored]) -> Result<DType> {
+    let mut kinds: Vec<Dtype> = tensors
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .map(|t| t.dtype)
+        .collect();
+    kinds.sort_by_key(|d| d.to_string());
+    kinds.dedup();
+    match kinds.as_slice() {
+        [Dtype::F32] => Ok(DType::Float32),
+        [Dtype::BF16] => Ok(DType::Bfloat16),
+        [Dtype::F16] => Ok(DType::Float16),
+        other => Err(EngineError::invalid(format!(
+            "keep_dtype: the checkpoint's matrices are in {}, not one of F32, BF16 or F16",
+            other
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::safetensors::blob;
@@ -349,5 +376,39 @@ mod tests {
         let mut files = Blobs(HashMap::from([("x".to_string(), &other[..])]));
         let err = verify(&mut files, &[a]).unwrap_err().to_string();
         assert!(err.contains("sha256"), "{err}");
+    }
+
+    #[test]
+    fn the_dtype_of_a_checkpoints_matrices() {
+        let t = |dtype: Dtype, shape: &[usize]| Stored {
+            name: "t".into(),
+            dtype,
+            shape: shape.to_vec(),
+            file: "f".into(),
+            offset: 0,
+            length: 0,
+            sha256: None,
+        };
+        // Vectors do not count: a half checkpoint may keep its LayerNorms in float32.
+        let bf16 = [
+            t(Dtype::BF16, &[4, 4]),
+            t(Dtype::F32, &[4]),
+            t(Dtype::BF16, &[8, 4]),
+        ];
+        assert_eq!(matrix_dtype(&bf16).unwrap(), DType::Bfloat16);
+        assert_eq!(
+            matrix_dtype(&[t(Dtype::F16, &[2, 2])]).unwrap(),
+            DType::Float16
+        );
+        assert_eq!(
+            matrix_dtype(&[t(Dtype::F32, &[2, 2])]).unwrap(),
+            DType::Float32
+        );
+        let mixed = [t(Dtype::BF16, &[4, 4]), t(Dtype::F16, &[4, 4])];
+        assert!(matches!(
+            matrix_dtype(&mixed),
+            Err(EngineError::InvalidParameter(_))
+        ));
+        assert!(matrix_dtype(&[t(Dtype::F64, &[2, 2])]).is_err());
     }
 }
