@@ -158,6 +158,47 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     dot_body::<false>(x, y)
 }
 
+/// `dot(x, w[r])` for R weight rows at once (a one-row product streaming a weight matrix):
+/// each row's result has exactly `dot`'s arithmetic, while each chunk of x is loaded once for
+/// all R and the weights after them are prefetched.
+#[inline]
+pub fn dot_rows<const R: usize>(x: &[f32], w: [&[f32]; R]) -> [f32; R] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { dot_rows_avx2(x, w) };
+    }
+    w.map(|row| dot_body::<false>(x, row))
+}
+
+/// `dot_avx2` for R rows: lanes 0-7 and 8-15 of each row's partial sums in one register each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_avx2<const R: usize>(x: &[f32], w: [&[f32]; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
+    let chunks = n / 16;
+    let (xp, wp) = (x.as_ptr(), w.map(|r| r.as_ptr()));
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for c in 0..chunks {
+        let at = c * 16;
+        // SAFETY: at + 16 <= n, which every slice's length bounds.
+        let (x_lo, x_hi) = (_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(xp.add(at + 8)));
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(at + PREFETCH_AHEAD) as *const i8);
+            acc[r][0] = _mm256_fmadd_ps(x_lo, _mm256_loadu_ps(wp[r].add(at)), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x_hi, _mm256_loadu_ps(wp[r].add(at + 8)), acc[r][1]);
+        }
+    }
+    std::array::from_fn(|r| {
+        let mut sum = sum16_avx2(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for i in chunks * 16..n {
+            sum += x[i] * w[r][i];
+        }
+        sum
+    })
+}
+
 /// `dot(x[r], y)` for four rows x at once: each row's result has exactly `dot`'s arithmetic
 /// (the same sixteen partial sums, summed by the same tree), so it does not depend on which rows
 /// are computed beside it, while each chunk of y is loaded once for the four.
@@ -534,7 +575,7 @@ unsafe fn dot_widened_avx2<const BF16: bool, const R: usize>(
         // SAFETY: at + 16 <= n, which every slice's length bounds.
         let (x_lo, x_hi) = (_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(xp.add(at + 8)));
         for r in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(at + PREFETCH_AHEAD) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(at + PREFETCH_AHEAD_HALF) as *const i8);
             acc[r][0] = _mm256_fmadd_ps(x_lo, widen8!(wp[r].add(at)), acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(x_hi, widen8!(wp[r].add(at + 8)), acc[r][1]);
         }
@@ -548,10 +589,12 @@ unsafe fn dot_widened_avx2<const BF16: bool, const R: usize>(
     })
 }
 
-/// How far ahead of the values being multiplied the widening kernels prefetch weights: the
-/// rows of a weight matrix are one contiguous stream, and half-precision rows are read faster
-/// than the hardware prefetcher ramps up on its own.
+/// How far ahead of the values being multiplied the streaming kernels prefetch weights, in
+/// values (8 KB): the rows of a weight matrix are one contiguous stream, read faster than the
+/// hardware prefetcher ramps up on its own within each 4 KB page.
 const PREFETCH_AHEAD: usize = 2048;
+/// The same 8 KB in half-precision values.
+const PREFETCH_AHEAD_HALF: usize = 2 * PREFETCH_AHEAD;
 
 /// `dot_widened_body` with each row's sixteen lanes in one 512-bit register.
 #[cfg(target_arch = "x86_64")]
@@ -580,8 +623,14 @@ unsafe fn dot_widened_avx512<const BF16: bool, const R: usize>(
         let at = c * 16;
         // SAFETY: at + 16 <= n, which every slice's length bounds.
         let xv = _mm512_loadu_ps(xp.add(at));
+        // One prefetch per 64-byte line: every other chunk of 16 half values.
+        let fetch = c % 2 == 0;
         for r in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(at + PREFETCH_AHEAD) as *const i8);
+            if fetch {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    wp[r].wrapping_add(at + PREFETCH_AHEAD_HALF) as *const i8
+                );
+            }
             acc[r] = _mm512_fmadd_ps(xv, widen16!(wp[r].add(at)), acc[r]);
         }
     }
@@ -660,6 +709,26 @@ mod tests {
 
     /// Batched decoding relies on it: a row's dot product is the same bits with or without
     /// three other rows beside it, for lengths with and without a tail.
+    #[test]
+    fn dot_rows_are_single_dots_bit_for_bit() {
+        for n in [0, 7, 16, 100, 768] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7 % 19) as f32 - 9.0) * 0.173)
+                .collect();
+            let w: Vec<Vec<f32>> = (0..4)
+                .map(|r| {
+                    (0..n)
+                        .map(|i| ((i * 5 + r) % 23) as f32 * 0.0917 - 1.0)
+                        .collect()
+                })
+                .collect();
+            let four = dot_rows(&x, std::array::from_fn::<_, 4, _>(|r| &w[r][..]));
+            for r in 0..4 {
+                assert_eq!(four[r].to_bits(), dot(&x, &w[r]).to_bits(), "n={n} row {r}");
+            }
+        }
+    }
+
     #[test]
     fn dot4_and_dot8_are_single_dots_bit_for_bit() {
         for n in [0, 5, 16, 101, 768] {

@@ -14,6 +14,8 @@ use crate::{simd, tensor};
 const SMALL_T: usize = 4;
 /// Output rows per task in the small-t path.
 const ROWS_PER_TASK: usize = 64;
+/// The same bytes of half-precision weights per task.
+const HALF_ROWS_PER_TASK: usize = 2 * ROWS_PER_TASK;
 
 /// y[t, out] = x[t, in] · w[out, in]ᵀ (+ b), checking `cancel` between slices.
 pub fn linear(
@@ -232,6 +234,27 @@ fn linear_each_row(
             .enumerate()
             .for_each(|(chunk, out)| {
                 let o0 = chunk * ROWS_PER_TASK;
+                let w_row = |o: usize| &w[o * d_in..(o + 1) * d_in];
+                let bias = |o: usize| b.map_or(0.0, |b| b[o]);
+                if one_row {
+                    // Four weight rows per load of x, in the order they lie in memory.
+                    let mut quads = out.chunks_exact_mut(4);
+                    let whole = quads.len();
+                    for (q, cells) in quads.by_ref().enumerate() {
+                        let o = o0 + 4 * q;
+                        let rows = [w_row(o), w_row(o + 1), w_row(o + 2), w_row(o + 3)];
+                        let dots = simd::dot_rows(x, rows);
+                        for (k, (cell, dot)) in cells.iter_mut().zip(dots).enumerate() {
+                            put(std::slice::from_mut(cell), [dot], bias(o + k), cell_acc);
+                        }
+                    }
+                    let o1 = o0 + 4 * whole;
+                    for (k, cell) in quads.into_remainder().iter_mut().enumerate() {
+                        let dot = simd::dot(x, w_row(o1 + k));
+                        put(std::slice::from_mut(cell), [dot], bias(o1 + k), cell_acc);
+                    }
+                    return;
+                }
                 let mut cells = out.chunks_exact_mut(t).enumerate();
                 while let Some((r, cell)) = cells.next() {
                     let o = o0 + r;
@@ -354,10 +377,10 @@ fn half_each_row(
     let cells = if one_row { &mut *y } else { &mut yt[..] };
     parallel::install(|| {
         cells
-            .par_chunks_mut(ROWS_PER_TASK * t)
+            .par_chunks_mut(HALF_ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(chunk, out)| {
-                let o0 = chunk * ROWS_PER_TASK;
+                let o0 = chunk * HALF_ROWS_PER_TASK;
                 let w_row = |o: usize| &w[o * d_in..(o + 1) * d_in];
                 let bias = |o: usize| b.map_or(0.0, |b| b[o]);
                 // Four weight rows share each load of x (the same bits as one at a time).
