@@ -12,6 +12,10 @@ same thread count, measured alternately in one run. Reports:
   rss      resident memory of the measuring backend (VmRSS: private memory plus the mapped
            weight file, which all connections share) / float32 weight bytes
 
+With --dtype bfloat16 or float16 both sides run the model's matrices in that dtype: pg_llm a
+copy of gpt3-125m served in it (llm_set_weight_dtype; kernels widen the weights and accumulate
+in float32), PyTorch the model converted with .to(dtype) (it computes in that dtype).
+
 Usage (a server with pg_llm, e.g. scripts/cluster.sh start):
   PG_GPT3_DSN="host=/tmp/pg_gpt3_cluster/sock port=54329 user=postgres dbname=bench" \\
       python3 extension/engine/benches/inference_vs_torch.py --threads 2
@@ -64,22 +68,34 @@ def cancel_latency(dsn, threads, sql, params, delay):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = ap.parse_args()
+    name = "gpt3-125m" if args.dtype == "float32" else f"gpt3-125m-{args.dtype}"
     dsn = os.environ.get("PG_GPT3_DSN")
     if not dsn:
         raise SystemExit("set PG_GPT3_DSN to a database where pg_llm can be created")
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("CREATE EXTENSION IF NOT EXISTS pg_llm")
-        if c.execute("SELECT count(*) FROM llm_param WHERE model = 'gpt3-125m'").fetchone()[0] == 0:
-            print("initialising gpt3-125m in the database ...")
-            c.execute("SELECT llm_init_params('gpt3-125m', 0)")
-        weight_bytes = c.execute("SELECT sum(length(data)) FROM llm_param WHERE model = 'gpt3-125m'").fetchone()[0]
+        if name != "gpt3-125m" and not c.execute("SELECT 1 FROM llm_model_config WHERE model = %s",
+                                                  (name,)).fetchone():
+            # A copy of the registry row under its own name, served in the dtype.
+            cols = [r[0] for r in c.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'llm_model_config' "
+                "AND column_name NOT IN ('model', 'version', 'owner', 'weight_dtype')")]
+            c.execute(f"INSERT INTO llm_model_config (model, {', '.join(cols)}) "
+                      f"SELECT %s, {', '.join(cols)} FROM llm_model_config WHERE model = 'gpt3-125m'", (name,))
+        if c.execute("SELECT count(*) FROM llm_param WHERE model = %s", (name,)).fetchone()[0] == 0:
+            print(f"initialising {name} in the database ...")
+            c.execute("SELECT llm_init_params(%s, 0)", (name,))
+            if args.dtype != "float32":
+                c.execute("SELECT llm_set_weight_dtype(%s, %s)", (name, args.dtype))
+        weight_bytes = c.execute("SELECT sum(length(data)) FROM llm_param WHERE model = %s", (name,)).fetchone()[0]
 
     prompt = [(i * 7919) % 50000 + 100 for i in range(PROMPT)]
     long_input = [(i * 104729) % 50000 + 100 for i in range(PREFILL)]
 
-    gen_sql = "SELECT llm_generate_ids(%s, %s, 0, 0, 1, 'gpt3-125m', NULL)"
+    gen_sql = f"SELECT llm_generate_ids(%s, %s, 0, 0, 1, '{name}', NULL)"
 
     def first_call():
         conn = psycopg.connect(dsn, autocommit=True)
@@ -91,7 +107,7 @@ def main():
     # The first call after a write reads the weights from llm_param and writes the shared
     # weight file; a no-op update of one parameter gives the model a new version.
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("UPDATE llm_param SET data = data WHERE model = 'gpt3-125m' AND name = 'ln_f.bias'")
+        c.execute("UPDATE llm_param SET data = data WHERE model = %s AND name = 'ln_f.bias'", (name,))
     c, after_write = first_call()
     c.close()
     # Every later new connection maps that file. This connection then measures warm calls.
@@ -103,11 +119,12 @@ def main():
         assert len(ids) == NEW
 
     def pg_prefill():
-        conn.execute("SELECT length(llm_logits(%s, 'gpt3-125m'))", (long_input,)).fetchone()
+        conn.execute(f"SELECT length(llm_logits(%s, '{name}'))", (long_input,)).fetchone()
 
     # transformers + PyTorch on the same shape (GPT-3 Small = GPT-2 small with 2048 positions).
     torch.set_num_threads(args.threads)
     model = GPT2LMHeadModel(GPT2Config(n_positions=2048, n_embd=768, n_layer=12, n_head=12, vocab_size=50257)).eval()
+    model = model.to(getattr(torch, args.dtype))
     tp = torch.tensor([prompt])
     tl = torch.tensor([long_input])
 
@@ -130,12 +147,13 @@ def main():
         pt_p = min(pt_p, best(torch_prefill, 1))
 
     status = {l.split(":")[0]: int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith(("VmRSS", "Rss"))}
-    print(f"threads = {args.threads}, torch {torch.__version__}, best of {ROUNDS} alternating rounds")
+    print(f"threads = {args.threads}, dtype {args.dtype}, torch {torch.__version__}, "
+          f"best of {ROUNDS} alternating rounds")
     print(f"{'':28} {'pg_llm':>12} {'PyTorch':>12} {'ratio':>7}")
     print(f"{'decode tokens/s (16+64)':28} {NEW / pg_d:12.1f} {NEW / pt_d:12.1f} {pt_d / pg_d:7.2f}")
     print(f"{'prefill tokens/s (512)':28} {PREFILL / pg_p:12.1f} {PREFILL / pt_p:12.1f} {pt_p / pg_p:7.2f}")
-    decode_sql = "SELECT llm_generate_ids(%s, 1900, 0, 0, 1, 'gpt3-125m', NULL)"
-    prefill_sql = "SELECT length(llm_logits(%s, 'gpt3-125m'))"
+    decode_sql = f"SELECT llm_generate_ids(%s, 1900, 0, 0, 1, '{name}', NULL)"
+    prefill_sql = f"SELECT length(llm_logits(%s, '{name}'))"
     prefill_input = [(i * 104729) % 50000 + 100 for i in range(2048)]
     cancel_decode = max(cancel_latency(dsn, args.threads, decode_sql, (prompt,), 0.5 + 0.2 * i) for i in range(5))
     cancel_prefill = max(cancel_latency(dsn, args.threads, prefill_sql, (prefill_input,), 0.3 + 0.37 * i) for i in range(5))
