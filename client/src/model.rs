@@ -65,6 +65,16 @@ impl Client {
         Ok(row.try_get(0)?)
     }
 
+    /// Serves `model` in `dtype`: "float32", or "bfloat16" / "float16" for its matrices
+    /// (`llm_set_weight_dtype`: the stored matrices are rounded to a half dtype; decoding reads
+    /// half the bytes). Returns how many stored values the rounding changed.
+    pub async fn set_weight_dtype(&self, model: &str, dtype: &str) -> Result<i64, Error> {
+        let row = self
+            .query_one("SELECT llm_set_weight_dtype($1, $2)", &[&model, &dtype])
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
     /// [m, k] · [k, n] computed by the server's `pg_llm_matmul`.
     pub async fn matmul(
         &self,

@@ -246,6 +246,28 @@ async fn in_database_checkpoints_save_list_load_and_prune() {
 }
 
 #[tokio::test]
+async fn a_model_served_in_bfloat16_decodes_like_float32_of_its_rounded_weights() {
+    let client = connect().await;
+    let model = "api-bf16";
+    fresh_model(&client, model, "1, 2, 32, 16, 64, 32, 64", 3).await;
+    let float32 = client.logits(&[1, 2, 3], model).await.unwrap();
+    assert!(client.set_weight_dtype(model, "bfloat16").await.unwrap() > 0);
+    let bf16 = client.logits(&[1, 2, 3], model).await.unwrap();
+    assert_eq!(client.set_weight_dtype(model, "float32").await.unwrap(), 0);
+    let rounded = client.logits(&[1, 2, 3], model).await.unwrap();
+    let max_diff = |a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>| {
+        a.iter()
+            .zip(b.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    assert!(max_diff(&bf16, &rounded) < 1e-5);
+    assert!(max_diff(&bf16, &float32) > 1e-5);
+    let err = client.set_weight_dtype(model, "int4").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
+}
+
+#[tokio::test]
 async fn hugging_face_checkpoints_travel_between_disk_and_server() {
     let mut client = connect().await;
     let (source, copy) = ("api-export", "api-import");

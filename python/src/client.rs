@@ -555,6 +555,15 @@ impl Client {
         self.call(py, |c| Box::pin(async move { c.models().await }))
     }
 
+    /// Serves the model in `dtype`: "float32", or "bfloat16" / "float16" for its matrices
+    /// (llm_set_weight_dtype rounds the stored matrices); returns how many values changed.
+    #[pyo3(signature = (dtype, model=DEFAULT_MODEL.to_string()))]
+    fn set_weight_dtype(&self, py: Python<'_>, dtype: String, model: String) -> PyResult<i64> {
+        self.call(py, move |c| {
+            Box::pin(async move { c.set_weight_dtype(&model, &dtype).await })
+        })
+    }
+
     /// Fresh GPT-2/3 initialisation of every parameter (llm_init_params); returns the count.
     #[pyo3(signature = (model=DEFAULT_MODEL.to_string(), seed=0))]
     fn init_params(&self, py: Python<'_>, model: String, seed: i64) -> PyResult<i64> {

@@ -178,6 +178,18 @@ def test_in_database_checkpoints(db):
     np.testing.assert_array_equal(db.logits([1, 2], model="py-ckpt"), before)
 
 
+def test_half_precision_serving(db):
+    register(db, "py-bf16", "1, 2, 32, 16, 64, 32, 64")
+    float32 = db.logits([1, 2, 3], model="py-bf16")
+    assert db.set_weight_dtype("bfloat16", model="py-bf16") > 0
+    bf16 = db.logits([1, 2, 3], model="py-bf16")
+    assert db.set_weight_dtype("float32", model="py-bf16") == 0
+    np.testing.assert_allclose(db.logits([1, 2, 3], model="py-bf16"), bf16, atol=1e-5)
+    assert np.abs(bf16 - float32).max() > 1e-5
+    with pytest.raises(BadInputError):
+        db.set_weight_dtype("int4", model="py-bf16")
+
+
 def test_registry(db):
     cfg = db.model_config()
     assert (cfg["model"], cfg["n_layer"], cfg["d_model"]) == ("gpt3-125m", 12, 768)
