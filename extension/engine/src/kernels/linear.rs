@@ -97,7 +97,7 @@ pub fn linear_into(
     acc: Accumulate,
     cancel: Cancel,
 ) -> Result<()> {
-    check_shapes(y, x, w, b, (t, d_in, d_out));
+    check_shapes(y, x, w.len(), b, (t, d_in, d_out));
     if t <= SMALL_T {
         linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
         return Ok(());
@@ -119,20 +119,7 @@ fn linear_many_rows(
     flops_per_slice: usize,
     cancel: Cancel,
 ) -> Result<()> {
-    let acc = match b {
-        Some(b) => {
-            parallel::for_rows(y, d_out, |_, rows| {
-                for row in rows.chunks_exact_mut(d_out) {
-                    match acc {
-                        Accumulate::Overwrite => row.copy_from_slice(b),
-                        Accumulate::Add => row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
-                    }
-                }
-            });
-            Accumulate::Add
-        }
-        None => acc,
-    };
+    let acc = place_bias(y, b, d_out, acc);
     let xs = MatRef::new(x, t, d_in);
     let wt = MatRef::transposed(w, d_in, d_out);
     gemm_sliced(y, xs, wt, acc, flops_per_slice, cancel)
@@ -149,20 +136,37 @@ pub fn linear_each_row_into(
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
 ) {
-    check_shapes(y, x, w, b, (t, d_in, d_out));
+    check_shapes(y, x, w.len(), b, (t, d_in, d_out));
     linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
 }
 
-/// The callers' contract: x [t, in], w [out, in], y [t, out], b [out].
+/// Puts the bias in each row of y (or adds it, with `Accumulate::Add`) before products
+/// accumulate onto it; returns how the products must then be accumulated.
+fn place_bias(y: &mut [f32], b: Option<&[f32]>, d_out: usize, acc: Accumulate) -> Accumulate {
+    let Some(b) = b else {
+        return acc;
+    };
+    parallel::for_rows(y, d_out, |_, rows| {
+        for row in rows.chunks_exact_mut(d_out) {
+            match acc {
+                Accumulate::Overwrite => row.copy_from_slice(b),
+                Accumulate::Add => row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
+            }
+        }
+    });
+    Accumulate::Add
+}
+
+/// The callers' contract: x [t, in], w [out, in] (`w_len` values), y [t, out], b [out].
 fn check_shapes(
     y: &[f32],
     x: &[f32],
-    w: &[f32],
+    w_len: usize,
     b: Option<&[f32]>,
     (t, d_in, d_out): (usize, usize, usize),
 ) {
     assert_eq!(x.len(), t * d_in, "linear: x");
-    assert_eq!(w.len(), d_out * d_in, "linear: w");
+    assert_eq!(w_len, d_out * d_in, "linear: w");
     assert_eq!(y.len(), t * d_out, "linear: y");
     if let Some(b) = b {
         assert_eq!(b.len(), d_out, "linear: b");
@@ -316,30 +320,12 @@ pub fn linear_half_into(
     each_row: bool,
     cancel: Cancel,
 ) -> Result<()> {
-    assert_eq!(x.len(), t * d_in, "linear: x");
-    assert_eq!(w.len(), d_out * d_in, "linear: w");
-    assert_eq!(y.len(), t * d_out, "linear: y");
-    if let Some(b) = b {
-        assert_eq!(b.len(), d_out, "linear: b");
-    }
+    check_shapes(y, x, w.len(), b, (t, d_in, d_out));
     if t <= SMALL_T || each_row {
         half_each_row(y, x, w, h, b, (t, d_in, d_out), acc);
         return Ok(());
     }
-    let acc = match b {
-        Some(b) => {
-            parallel::for_rows(y, d_out, |_, rows| {
-                for row in rows.chunks_exact_mut(d_out) {
-                    match acc {
-                        Accumulate::Overwrite => row.copy_from_slice(b),
-                        Accumulate::Add => row.iter_mut().zip(b).for_each(|(v, b)| *v += b),
-                    }
-                }
-            });
-            Accumulate::Add
-        }
-        None => acc,
-    };
+    let acc = place_bias(y, b, d_out, acc);
     let xs = MatRef::new(x, t, d_in);
     // Weight rows per slice: a slice's products stay within FLOPS_PER_SLICE (cancel is
     // checked between slices) and its widened copy within a few megabytes.

@@ -740,7 +740,7 @@ mod tests {
                         .unwrap();
                     close(&a, &b);
                 }
-                let mut caches = vec![c_half.clone(), c_half.clone(), c_half];
+                let mut caches = [c_half.clone(), c_half.clone(), c_half];
                 let alone: Vec<f32> = (0..3u32)
                     .flat_map(|t| {
                         let mut c = caches[0].clone();
