@@ -16,7 +16,7 @@ use pg_gpt3_client::Client;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Small enough to create in a second, slow enough per token (a 50257-row output layer) that
-/// 2000 generated tokens take several seconds.
+/// 2000 generated tokens take a few seconds.
 const MODEL: &str = "client-interrupt-test";
 const DIMS: &str = "2, 4, 256, 64, 1024, 2048, 50257";
 
@@ -48,7 +48,10 @@ async fn harmless_interrupts_do_not_end_a_call() {
         worker
             .raw()
             .query_one(
-                "SELECT cardinality(llm_generate_ids(ARRAY[1, 2, 3], 2000, 0, 0, 1, $1, NULL))",
+                // Four generations in one statement: several seconds even as decoding gets
+                // faster, so the interrupts below all land inside it.
+                "SELECT sum(cardinality(llm_generate_ids(ARRAY[1, 2, 3], 2000, 0, 0, 1, $1, NULL)))::int \
+                 FROM generate_series(1, 4)",
                 &[&MODEL],
             )
             .await
@@ -80,7 +83,7 @@ async fn harmless_interrupts_do_not_end_a_call() {
         .unwrap();
     let still_running = is_active(&observer, pid).await;
     let outcome = call.await.unwrap().map_err(|e| e.to_string());
-    assert_eq!(outcome, Ok(2000));
+    assert_eq!(outcome, Ok(8000));
     // The interrupts above were raised while the call ran (otherwise this proves nothing).
     assert!(
         still_running,
