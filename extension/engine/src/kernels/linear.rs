@@ -194,14 +194,10 @@ fn linear_each_row(
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
 ) {
-    // One row: y's layout is yt's, so the tasks write y itself (and `cell_acc` is the
-    // caller's); more rows are transposed into y at the end.
-    let one_row = t == 1;
-    let cell_acc = if one_row { acc } else { Accumulate::Overwrite };
     let x_row = |i: usize| &x[i * d_in..(i + 1) * d_in];
     // Rows ti.. of one output row's cells (all of them when ti = 0): eight, four, then one at
     // a time.
-    let rest_of_row = |cell: &mut [f32], mut ti: usize, row: &[f32], bias: f32| {
+    let rest_of_row = |cell: &mut [f32], mut ti: usize, row: &[f32], bias: f32, cell_acc| {
         while ti + 8 <= t {
             put(
                 &mut cell[ti..ti + 8],
@@ -225,70 +221,83 @@ fn linear_each_row(
             );
         }
     };
-    // yt[out, t]: each task owns a range of output rows, contiguous in yt.
-    let mut yt = if one_row {
-        Vec::new()
-    } else {
-        vec![0.0f32; d_out * t]
-    };
-    let cells = if one_row { &mut *y } else { &mut yt[..] };
-    parallel::install(|| {
-        cells
-            .par_chunks_mut(ROWS_PER_TASK * t)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                let o0 = chunk * ROWS_PER_TASK;
-                let w_row = |o: usize| &w[o * d_in..(o + 1) * d_in];
-                let bias = |o: usize| b.map_or(0.0, |b| b[o]);
-                if one_row {
-                    // Four weight rows per load of x, in the order they lie in memory.
-                    let mut quads = out.chunks_exact_mut(4);
-                    let whole = quads.len();
-                    for (q, cells) in quads.by_ref().enumerate() {
-                        let o = o0 + 4 * q;
-                        let rows = [w_row(o), w_row(o + 1), w_row(o + 2), w_row(o + 3)];
-                        let dots = simd::dot_rows(x, rows);
-                        for (k, (cell, dot)) in cells.iter_mut().zip(dots).enumerate() {
-                            put(std::slice::from_mut(cell), [dot], bias(o + k), cell_acc);
-                        }
-                    }
-                    let o1 = o0 + 4 * whole;
-                    for (k, cell) in quads.into_remainder().iter_mut().enumerate() {
-                        let dot = simd::dot(x, w_row(o1 + k));
-                        put(std::slice::from_mut(cell), [dot], bias(o1 + k), cell_acc);
-                    }
-                    return;
+    let one_row = t == 1;
+    by_output_rows(y, (t, d_out), acc, ROWS_PER_TASK, |o0, out, cell_acc| {
+        let w_row = |o: usize| &w[o * d_in..(o + 1) * d_in];
+        let bias = |o: usize| b.map_or(0.0, |b| b[o]);
+        if one_row {
+            // Four weight rows per load of x, in the order they lie in memory.
+            let mut quads = out.chunks_exact_mut(4);
+            let whole = quads.len();
+            for (q, cells) in quads.by_ref().enumerate() {
+                let o = o0 + 4 * q;
+                let rows = [w_row(o), w_row(o + 1), w_row(o + 2), w_row(o + 3)];
+                let dots = simd::dot_rows(x, rows);
+                for (k, (cell, dot)) in cells.iter_mut().zip(dots).enumerate() {
+                    put(std::slice::from_mut(cell), [dot], bias(o + k), cell_acc);
                 }
-                let mut cells = out.chunks_exact_mut(t).enumerate();
-                while let Some((r, cell)) = cells.next() {
-                    let o = o0 + r;
-                    let row = &w[o * d_in..(o + 1) * d_in];
-                    let bias = b.map_or(0.0, |b| b[o]);
-                    let mut ti = 0;
-                    // Two weight rows share each load of eight rows of x, while the two
-                    // after them (the next pair's) are prefetched.
-                    if t >= 8 {
-                        if let Some((_, next)) = cells.next() {
-                            let row2 = &w[(o + 1) * d_in..(o + 2) * d_in];
-                            let bias2 = b.map_or(0.0, |b| b[o + 1]);
-                            let ahead = w.get((o + 2) * d_in..(o + 4) * d_in).unwrap_or(&[]);
-                            while ti + 8 <= t {
-                                let rows = std::array::from_fn(|k| x_row(ti + k));
-                                let [d1, d2] = simd::dot8x2(rows, [row, row2], ahead);
-                                put(&mut cell[ti..ti + 8], d1, bias, cell_acc);
-                                put(&mut next[ti..ti + 8], d2, bias2, cell_acc);
-                                ti += 8;
-                            }
-                            rest_of_row(next, ti, row2, bias2);
-                        }
+            }
+            let o1 = o0 + 4 * whole;
+            for (k, cell) in quads.into_remainder().iter_mut().enumerate() {
+                let dot = simd::dot(x, w_row(o1 + k));
+                put(std::slice::from_mut(cell), [dot], bias(o1 + k), cell_acc);
+            }
+            return;
+        }
+        let mut cells = out.chunks_exact_mut(t).enumerate();
+        while let Some((r, cell)) = cells.next() {
+            let o = o0 + r;
+            let row = &w[o * d_in..(o + 1) * d_in];
+            let bias = b.map_or(0.0, |b| b[o]);
+            let mut ti = 0;
+            // Two weight rows share each load of eight rows of x, while the two
+            // after them (the next pair's) are prefetched.
+            if t >= 8 {
+                if let Some((_, next)) = cells.next() {
+                    let row2 = &w[(o + 1) * d_in..(o + 2) * d_in];
+                    let bias2 = b.map_or(0.0, |b| b[o + 1]);
+                    let ahead = w.get((o + 2) * d_in..(o + 4) * d_in).unwrap_or(&[]);
+                    while ti + 8 <= t {
+                        let rows = std::array::from_fn(|k| x_row(ti + k));
+                        let [d1, d2] = simd::dot8x2(rows, [row, row2], ahead);
+                        put(&mut cell[ti..ti + 8], d1, bias, cell_acc);
+                        put(&mut next[ti..ti + 8], d2, bias2, cell_acc);
+                        ti += 8;
                     }
-                    rest_of_row(cell, ti, row, bias);
+                    rest_of_row(next, ti, row2, bias2, cell_acc);
                 }
-            })
+            }
+            rest_of_row(cell, ti, row, bias, cell_acc);
+        }
     });
-    if !one_row {
-        transpose_into(y, &yt, (t, d_out), acc);
+}
+
+/// Runs `fill(first_row, cells, cell_acc)` on the compute pool over tasks of `rows_per_task`
+/// output rows, whose cells are [rows, t]. With one row of x that is y's own layout: the tasks
+/// write y, accumulating as the caller asked (`cell_acc` = `acc`); with more they overwrite a
+/// transposed buffer that is then put into y.
+fn by_output_rows(
+    y: &mut [f32],
+    (t, d_out): (usize, usize),
+    acc: Accumulate,
+    rows_per_task: usize,
+    fill: impl Fn(usize, &mut [f32], Accumulate) + Sync + Send,
+) {
+    if t == 1 {
+        parallel::install(|| {
+            y.par_chunks_mut(rows_per_task)
+                .enumerate()
+                .for_each(|(chunk, out)| fill(chunk * rows_per_task, out, acc))
+        });
+        return;
     }
+    let mut yt = vec![0.0f32; d_out * t];
+    parallel::install(|| {
+        yt.par_chunks_mut(rows_per_task * t)
+            .enumerate()
+            .for_each(|(chunk, out)| fill(chunk * rows_per_task, out, Accumulate::Overwrite))
+    });
+    transpose_into(y, &yt, (t, d_out), acc);
 }
 
 /// y[t, out] = yt[out, t]ᵀ (or += with `Accumulate::Add`).
@@ -353,50 +362,39 @@ fn half_each_row(
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
 ) {
-    let one_row = t == 1;
-    let cell_acc = if one_row { acc } else { Accumulate::Overwrite };
-    let mut yt = if one_row {
-        Vec::new()
-    } else {
-        vec![0.0f32; d_out * t]
-    };
-    let cells = if one_row { &mut *y } else { &mut yt[..] };
-    parallel::install(|| {
-        cells
-            .par_chunks_mut(HALF_ROWS_PER_TASK * t)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                let o0 = chunk * HALF_ROWS_PER_TASK;
-                let w_row = |o: usize| &w[o * d_in..(o + 1) * d_in];
-                let bias = |o: usize| b.map_or(0.0, |b| b[o]);
-                // Four weight rows share each load of x (the same bits as one at a time).
-                let whole_quads = out.len() / (4 * t);
-                let mut quads = out.chunks_exact_mut(4 * t);
-                for (q, cells) in quads.by_ref().enumerate() {
-                    let o = o0 + 4 * q;
-                    let rows = [w_row(o), w_row(o + 1), w_row(o + 2), w_row(o + 3)];
-                    for ti in 0..t {
-                        let dots = simd::dot_half_rows(&x[ti * d_in..(ti + 1) * d_in], rows, h);
-                        for (k, dot) in dots.into_iter().enumerate() {
-                            let cell = &mut cells[k * t + ti..k * t + ti + 1];
-                            put(cell, [dot], bias(o + k), cell_acc);
-                        }
+    by_output_rows(
+        y,
+        (t, d_out),
+        acc,
+        HALF_ROWS_PER_TASK,
+        |o0, out, cell_acc| {
+            let w_row = |o: usize| &w[o * d_in..(o + 1) * d_in];
+            let bias = |o: usize| b.map_or(0.0, |b| b[o]);
+            // Four weight rows share each load of x (the same bits as one at a time).
+            let whole_quads = out.len() / (4 * t);
+            let mut quads = out.chunks_exact_mut(4 * t);
+            for (q, cells) in quads.by_ref().enumerate() {
+                let o = o0 + 4 * q;
+                let rows = [w_row(o), w_row(o + 1), w_row(o + 2), w_row(o + 3)];
+                for ti in 0..t {
+                    let dots = simd::dot_half_rows(&x[ti * d_in..(ti + 1) * d_in], rows, h);
+                    for (k, dot) in dots.into_iter().enumerate() {
+                        let cell = &mut cells[k * t + ti..k * t + ti + 1];
+                        put(cell, [dot], bias(o + k), cell_acc);
                     }
                 }
-                let rest = quads.into_remainder();
-                let o1 = o0 + 4 * whole_quads;
-                for (r, cell) in rest.chunks_exact_mut(t).enumerate() {
-                    let o = o1 + r;
-                    for (ti, c) in cell.iter_mut().enumerate() {
-                        let dot = simd::dot_half(&x[ti * d_in..(ti + 1) * d_in], w_row(o), h);
-                        put(std::slice::from_mut(c), [dot], bias(o), cell_acc);
-                    }
+            }
+            let rest = quads.into_remainder();
+            let o1 = o0 + 4 * whole_quads;
+            for (r, cell) in rest.chunks_exact_mut(t).enumerate() {
+                let o = o1 + r;
+                for (ti, c) in cell.iter_mut().enumerate() {
+                    let dot = simd::dot_half(&x[ti * d_in..(ti + 1) * d_in], w_row(o), h);
+                    put(std::slice::from_mut(c), [dot], bias(o), cell_acc);
                 }
-            })
-    });
-    if !one_row {
-        transpose_into(y, &yt, (t, d_out), acc);
-    }
+            }
+        },
+    );
 }
 
 #[cfg(test)]
