@@ -12,11 +12,10 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use pg_llm_engine::memory::{self, Need};
 use pg_llm_engine::model::weights::packed_tensors;
-use pg_llm_engine::model::{DType, Model, ModelConfig, ModelWeights, Storage};
+use pg_llm_engine::model::{DType, Model, ModelConfig, ModelWeights};
 use pg_llm_engine::Result;
 
 use crate::admission;
@@ -207,7 +206,7 @@ pub fn publish_packed(model: &str, weights: Vec<f32>) -> Result<()> {
     let weights = if crate::guc::WEIGHT_FILES.get() {
         weight_cache::share(&FilePlace::new(model, stored.version, dtype)?, cfg, weights)?
     } else {
-        weight_cache::private_weights(cfg, weights, dtype)?
+        ModelWeights::from_values(cfg, weights, dtype)?
     };
     remember(model, stored, weights).map(|_| ())
 }
@@ -231,15 +230,16 @@ pub fn get_float32_within(
     what: &str,
     need: impl FnOnce(&ModelConfig) -> Result<Need>,
 ) -> Result<Rc<Model>> {
-    let loaded = get_within(model, what, need)?;
-    if loaded.weights.storage().dtype() == DType::Float32 {
-        return Ok(loaded);
-    }
-    let values = float32_values(model, &loaded)?;
-    let cfg = loaded.config.clone();
-    drop(loaded);
-    let weights = ModelWeights::from_storage(&cfg, Arc::new(Storage::Owned(values)))?;
-    Ok(Rc::new(Model::new(cfg, weights)?))
+    admit(model, what, need)?;
+    spi::consistent(|| {
+        let stored = store::load_config(model)?;
+        if stored.dtype == DType::Float32 {
+            return load(model).map(|(_, m)| m);
+        }
+        // Straight from the tables: the served half-precision copy is not needed.
+        let weights = ModelWeights::load(&stored.config, &mut TableSource::new(model))?;
+        Ok(Rc::new(Model::new(stored.config, weights)?))
+    })
 }
 
 /// Drops this backend's copy of `model` (a training call holds its own while it runs).

@@ -28,9 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pg_llm_engine::model::weight_file::{self, FileId, Held, Rejected};
 use pg_llm_engine::model::weights::packed_tensors;
-use pg_llm_engine::model::{
-    check_shapes, DType, Layout, ModelConfig, ModelWeights, Storage, TensorSource,
-};
+use pg_llm_engine::model::{check_shapes, DType, Layout, ModelConfig, ModelWeights, TensorSource};
 use pg_llm_engine::{EngineError, Result};
 use pgrx::{pg_guard, pg_sys};
 
@@ -184,17 +182,8 @@ pub fn share(place: &FilePlace, cfg: &ModelConfig, values: Vec<f32>) -> Result<M
         cfg,
         values,
         |values| weight_file::write(&place.path, &place.id, cfg, place.dtype, values, cancel()),
-        |values| private_weights(cfg, values, place.dtype),
+        |values| ModelWeights::from_values(cfg, values, place.dtype),
     )
-}
-
-/// This connection's own copy of `values` in `dtype` (without a weight file).
-pub fn private_weights(cfg: &ModelConfig, values: Vec<f32>, dtype: DType) -> Result<ModelWeights> {
-    let storage = match dtype {
-        DType::Float32 => Storage::Owned(values),
-        _ => Storage::image_of(&values, Layout::new(cfg, dtype)?)?,
-    };
-    ModelWeights::from_storage(cfg, std::sync::Arc::new(storage))
 }
 
 /// The weights mapped from `place`'s file, written by `write` from `state` (see `placed` for

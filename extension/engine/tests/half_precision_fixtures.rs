@@ -9,7 +9,7 @@ mod common;
 
 use common::{fixture_dir, load};
 use pg_llm_engine::formats::safetensors;
-use pg_llm_engine::model::{DType, Logits, Model, ModelWeights, Storage};
+use pg_llm_engine::model::{DType, Logits, Model, ModelWeights};
 use pg_llm_engine::sample::argmax;
 use pg_llm_engine::Cancel;
 
@@ -34,9 +34,7 @@ fn served_in(name: &str, dtype: DType) -> Model {
     let (model, _) = load(name);
     let cfg = model.config.clone();
     let values = model.weights.storage().as_f32().unwrap().to_vec();
-    let layout = pg_llm_engine::model::Layout::new(&cfg, dtype).unwrap();
-    let storage = Storage::image_of(&values, layout).unwrap();
-    let weights = ModelWeights::from_storage(&cfg, std::sync::Arc::new(storage)).unwrap();
+    let weights = ModelWeights::from_values(&cfg, values, dtype).unwrap();
     Model::new(cfg, weights).unwrap()
 }
 

@@ -113,17 +113,6 @@ pub enum Matrix<'a> {
 }
 
 impl<'a> Matrix<'a> {
-    pub fn len(&self) -> usize {
-        match self {
-            Matrix::F32(v) => v.len(),
-            Matrix::Half(v, _) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Appends values `range` (rows of the matrix) to `out` as float32.
     pub fn extend_f32(&self, range: Range<usize>, out: &mut Vec<f32>) {
         match self {
@@ -246,13 +235,11 @@ impl Layout {
         pieces
     }
 
-    /// The whole image of `values` (all packed values) in this layout.
-    pub fn encode_all(&self, values: &[f32]) -> Vec<u8> {
-        let mut image = vec![0u8; self.bytes];
+    /// Writes the image of `values` (all packed values) into `image` (`bytes()` long).
+    pub fn encode_into(&self, image: &mut [u8], values: &[f32]) {
         for (byte, bytes) in self.encode(0, values) {
             image[byte..byte + bytes.len()].copy_from_slice(&bytes);
         }
-        image
     }
 
     /// Float32 values `range` of `image` (a vector, or any range of a float32 image).
@@ -330,7 +317,9 @@ mod tests {
                     image[byte..byte + bytes.len()].copy_from_slice(&bytes);
                 }
             }
-            assert_eq!(image, layout.encode_all(&values));
+            let mut whole = vec![0u8; layout.bytes()];
+            layout.encode_into(&mut whole, &values);
+            assert_eq!(image, whole);
             for (name, range) in crate::model::weights::packed_tensors(&cfg) {
                 let is_matrix = !name.contains("ln_") && !name.ends_with("bias");
                 let got: Vec<f32> = match layout.matrix(&image, range.clone()) {

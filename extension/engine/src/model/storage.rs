@@ -34,9 +34,7 @@ impl Storage {
         words.resize(layout.bytes().div_ceil(8), 0);
         // SAFETY: u64 words viewed as bytes.
         let (_, bytes, _) = unsafe { words.align_to_mut::<u8>() };
-        for (byte, piece) in layout.encode(0, values) {
-            bytes[byte..byte + piece.len()].copy_from_slice(&piece);
-        }
+        layout.encode_into(&mut bytes[..layout.bytes()], values);
         Ok(Storage::Image { words, layout })
     }
 

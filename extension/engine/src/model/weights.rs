@@ -188,22 +188,25 @@ fn fill(cfg: &ModelConfig, src: &mut dyn TensorSource, out: &mut [f32]) -> Resul
 impl ModelWeights {
     /// Reads every canonical tensor of `cfg` from `src` into one private buffer.
     pub fn load(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Self> {
+        Self::load_as(cfg, src, DType::Float32)
+    }
+
+    /// `load` with the matrices in `dtype` (rounded; see `from_values`).
+    pub fn load_as(cfg: &ModelConfig, src: &mut dyn TensorSource, dtype: DType) -> Result<Self> {
         cfg.validate()?;
         let mut buf = crate::tensor::alloc_zeroed(packed_len(cfg)?)?;
         fill(cfg, src, &mut buf)?;
-        Self::from_storage(cfg, Arc::new(Storage::Owned(buf)))
+        Self::from_values(cfg, buf, dtype)
     }
 
-    /// `load` into an image with the matrices in `dtype` (rounded; float32 is `load` itself).
-    pub fn load_as(cfg: &ModelConfig, src: &mut dyn TensorSource, dtype: DType) -> Result<Self> {
-        let float32 = Self::load(cfg, src)?;
-        if dtype == DType::Float32 {
-            return Ok(float32);
-        }
-        let values = float32.storage().as_f32().expect("loaded as float32");
-        let image = Storage::image_of(values, Layout::new(cfg, dtype)?)?;
-        drop(float32);
-        Self::from_storage(cfg, Arc::new(image))
+    /// Weights from all packed float32 `values`, kept as they are for float32 or made into an
+    /// image with the matrices in a half `dtype` (the float32 values are then freed).
+    pub fn from_values(cfg: &ModelConfig, values: Vec<f32>, dtype: DType) -> Result<Self> {
+        let storage = match dtype {
+            DType::Float32 => Storage::Owned(values),
+            _ => Storage::image_of(&values, Layout::new(cfg, dtype)?)?,
+        };
+        Self::from_storage(cfg, Arc::new(storage))
     }
 
     /// Views over a packed buffer laid out by `packing(cfg)`.
