@@ -218,6 +218,58 @@ pub fn grad_norm(g: &[f32]) -> f64 {
     partial.iter().sum::<f64>().sqrt()
 }
 
+/// Dynamic loss scaling for float16 training, with `torch.amp.GradScaler`'s policy: the loss's
+/// gradient is multiplied by `scale` so that small gradients survive float16's range; a step
+/// whose gradient overflows is skipped and the scale halved; after `GROWTH_INTERVAL` steps in a
+/// row without overflow the scale doubles.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaler {
+    pub scale: f32,
+    /// Steps without overflow since the scale last changed.
+    pub good_steps: u32,
+}
+
+impl LossScaler {
+    pub const INITIAL_SCALE: f32 = 65536.0;
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    pub fn new(scale: f32) -> Result<Self> {
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(EngineError::invalid(format!(
+                "the loss scale must be a positive finite number, got {scale}"
+            )));
+        }
+        Ok(Self {
+            scale,
+            good_steps: 0,
+        })
+    }
+
+    /// The state after a step that used `self.scale`.
+    pub fn update(&mut self, overflowed: bool) {
+        if overflowed {
+            // Never down to zero: a scale that small means the gradient itself is not finite.
+            self.scale = (self.scale * 0.5).max(f32::MIN_POSITIVE);
+            self.good_steps = 0;
+        } else {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale = (self.scale * 2.0).min(f32::MAX);
+                self.good_steps = 0;
+            }
+        }
+    }
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self {
+            scale: Self::INITIAL_SCALE,
+            good_steps: 0,
+        }
+    }
+}
+
 /// The factor `clip_grad_norm` scales a gradient of L2 norm `norm` by (PyTorch's
 /// max_norm / (norm + 1e-6), never above 1).
 pub fn clip_coefficient(norm: f64, max_norm: f32) -> f64 {

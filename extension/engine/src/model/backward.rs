@@ -13,7 +13,7 @@
 use super::config::{Activation, AttnKind, LnPlacement, ModelConfig, Residual};
 use super::forward::{activate, check_ids, Model};
 use super::weights::{LayerWeights, Norm};
-use super::Param;
+use super::{DType, Param};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{
     attend_into, attention_backward, AttnInputs, AttnOptions, AttnShape,
@@ -25,6 +25,7 @@ use crate::kernels::matmul::Accumulate;
 use crate::kernels::rotary::RotaryTable;
 use crate::parallel::{self, Cancel};
 use crate::tensor;
+use std::borrow::Cow;
 
 /// B sequences of T tokens with their next-token targets, row-major [B, T].
 #[derive(Clone, Copy, Debug)]
@@ -122,6 +123,12 @@ pub struct TrainOptions {
     /// fraction f of the step's tokens uses f, so the accumulated gradient is the whole
     /// batch's. 0 is taken as 1.
     pub grad_scale: f32,
+    /// Precision of the linear layers' operands (mixed precision, as `torch.autocast`): with
+    /// a half dtype each product's input and, in the backward, its incoming gradient are
+    /// rounded to it, while products accumulate, and LayerNorm, softmax, the activations and
+    /// the loss compute, in float32. The weights' rounded copy is the trainer's. With float16
+    /// a gradient beyond its range becomes infinite, which loss scaling detects.
+    pub operands: DType,
 }
 
 /// What the backward gets back from a layer's forward.
@@ -179,7 +186,11 @@ impl Model {
                 opts.dropout_p
             )));
         }
-        let dropout = Dropout::new(opts);
+        let pass = Pass {
+            dropout: Dropout::new(opts),
+            operands: opts.operands,
+        };
+        let dropout = &pass.dropout;
         if let Some(g) = grads.as_deref() {
             if g.len() != self.weights.storage().len() {
                 return Err(EngineError::Internal(
@@ -195,7 +206,7 @@ impl Model {
         let mut saved = Vec::with_capacity(cfg.n_layer);
         for (i, layer) in self.weights.layers.iter().enumerate() {
             cancel.check()?;
-            let (layer_acts, out) = self.layer_forward(i, layer, x, batch, &dropout, cancel)?;
+            let (layer_acts, out) = self.layer_forward(i, layer, x, batch, &pass, cancel)?;
             // Without a gradient to compute nothing needs keeping.
             if grads.is_some() {
                 saved.push(if opts.recompute {
@@ -214,7 +225,7 @@ impl Model {
         };
         let hf_d = hf.as_deref().unwrap_or(&x);
         let he = match &w.project_out {
-            Some(p) => Some(linear(hf_d, p, None, n, d, e, cancel)?),
+            Some(p) => Some(linear(&pass.operand(hf_d), p, None, n, d, e, cancel)?),
             None => None,
         };
         let h_out = he.as_deref().unwrap_or(hf_d);
@@ -223,7 +234,7 @@ impl Model {
         let mut logits = tensor::alloc_zeroed(tensor::numel(&[n, cfg.vocab], "logits")?)?;
         linear_into(
             &mut logits,
-            h_out,
+            &pass.operand(h_out),
             &table[..cfg.vocab * e],
             head_bias,
             (n, e, cfg.vocab),
@@ -249,22 +260,24 @@ impl Model {
         // Output layer: table [vocab, e] (wte when tied; padding rows get no gradient).
         let rows = range(table).start..range(table).start + cfg.vocab * e;
         let mut dh = tensor::alloc_zeroed(n * e)?;
+        let dlogits = pass.operand(&logits);
         linear_backward(
             Some(&mut dh),
             &mut grads[rows],
-            h_out,
+            &pass.operand(h_out),
             &table[..cfg.vocab * e],
-            &logits,
+            &dlogits,
             (n, e, cfg.vocab),
         );
         if let Some(b) = &w.lm_head_bias {
             let at = range(b).start;
-            bias_backward(&mut grads[at..at + cfg.vocab], &logits, cfg.vocab);
+            bias_backward(&mut grads[at..at + cfg.vocab], &dlogits, cfg.vocab);
         }
+        drop(dlogits);
         drop(logits);
         if let Some(p) = &w.project_out {
             let mut dhd = tensor::alloc_zeroed(n * d)?;
-            linear_grads(grads, p, None, Some(&mut dhd), hf_d, &dh, (n, d, e));
+            pass.linear_grads(grads, p, None, Some(&mut dhd), hf_d, &dh, (n, d, e));
             dh = dhd;
         }
         let mut dx = match &w.ln_f {
@@ -278,11 +291,11 @@ impl Model {
             let a = match saved.pop().expect("one activation set per layer") {
                 Saved::All(a) => a,
                 Saved::Input(x_in) => {
-                    self.layer_forward(i, layer, x_in, batch, &dropout, cancel)?
+                    self.layer_forward(i, layer, x_in, batch, &pass, cancel)?
                         .0
                 }
             };
-            dx = self.layer_backward(i, layer, &a, dx, batch, &dropout, grads, cancel)?;
+            dx = self.layer_backward(i, layer, &a, dx, batch, &pass, grads, cancel)?;
         }
         dropout.apply(&mut dx, d, EMBEDDING_SITE);
 
@@ -298,7 +311,9 @@ impl Model {
         let dtok = match &w.project_in {
             Some(p) => {
                 let mut dt = tensor::alloc_zeroed(n * e)?;
-                linear_grads(grads, p, None, Some(&mut dt), &tok, &dx, (n, e, d));
+                // The projection of the token embeddings runs in float32 in the forward
+                // (`embed_rows`, shared with inference), so its backward does too.
+                linear_backward(Some(&mut dt), &mut grads[range(p)], &tok, p, &dx, (n, e, d));
                 dt
             }
             None => dx,
@@ -348,9 +363,10 @@ impl Model {
         layer: &LayerWeights,
         x_in: Vec<f32>,
         batch: Batch,
-        dropout: &Dropout,
+        pass: &Pass,
         cancel: Cancel,
     ) -> Result<(LayerActs, Vec<f32>)> {
+        let dropout = &pass.dropout;
         let cfg = &self.config;
         let (n, d, da, ff, t) = (batch.rows(), cfg.d_model, cfg.d_attn(), cfg.d_ff, batch.len);
         let pre = cfg.ln_placement == LnPlacement::Pre;
@@ -363,7 +379,7 @@ impl Model {
         let input = h1.as_deref().unwrap_or(&x_in);
         linear_into(
             &mut qkv,
-            input,
+            &pass.operand(input),
             &layer.w_qkv,
             Some(&layer.b_qkv),
             (n, d, 3 * da),
@@ -390,7 +406,7 @@ impl Model {
         let s1 = residual_branch(&x_in, d, dropout, attn_site(i), |out, acc| {
             linear_into(
                 out,
-                &attn,
+                &pass.operand(&attn),
                 &layer.w_o,
                 Some(&layer.b_o),
                 (n, da, d),
@@ -417,7 +433,7 @@ impl Model {
         let input = h2.as_deref().unwrap_or(mid);
         linear_into(
             &mut f_pre,
-            input,
+            &pass.operand(input),
             &layer.w_fc,
             Some(&layer.b_fc),
             (n, d, ff),
@@ -433,7 +449,7 @@ impl Model {
         let s2 = residual_branch(base, d, dropout, mlp_site(i), |out, acc| {
             linear_into(
                 out,
-                &f_act,
+                &pass.operand(&f_act),
                 &layer.w_proj,
                 Some(&layer.b_proj),
                 (n, ff, d),
@@ -472,10 +488,11 @@ impl Model {
         a: &LayerActs,
         d_out: Vec<f32>,
         batch: Batch,
-        dropout: &Dropout,
+        pass: &Pass,
         grads: &mut [f32],
         cancel: Cancel,
     ) -> Result<Vec<f32>> {
+        let dropout = &pass.dropout;
         let cfg = &self.config;
         let (n, d, da, ff, t) = (batch.rows(), cfg.d_model, cfg.d_attn(), cfg.d_ff, batch.len);
         let pre = cfg.ln_placement == LnPlacement::Pre;
@@ -486,7 +503,7 @@ impl Model {
         };
         let mut df = tensor::alloc_zeroed(n * ff)?;
         let dbranch = dropout.masked(&ds2, d, mlp_site(i));
-        linear_grads(
+        pass.linear_grads(
             grads,
             &layer.w_proj,
             Some(&layer.b_proj),
@@ -498,7 +515,7 @@ impl Model {
         drop(dbranch);
         scale_by_activation_grad(&mut df, &a.f_pre, cfg.activation);
         let mut dh2 = tensor::alloc_zeroed(n * d)?;
-        linear_grads(
+        pass.linear_grads(
             grads,
             &layer.w_fc,
             Some(&layer.b_fc),
@@ -537,7 +554,7 @@ impl Model {
         };
         let mut dattn = tensor::alloc_zeroed(n * da)?;
         let dbranch = dropout.masked(&ds1, d, attn_site(i));
-        linear_grads(
+        pass.linear_grads(
             grads,
             &layer.w_o,
             cfg.out_proj_bias.then_some(&layer.b_o),
@@ -570,7 +587,7 @@ impl Model {
         // Models without q/k/v biases keep a zero slot there: it gets no gradient.
         let b_qkv = cfg.qkv_bias.then_some(&layer.b_qkv);
         let mut dh1 = tensor::alloc_zeroed(n * d)?;
-        linear_grads(
+        pass.linear_grads(
             grads,
             &layer.w_qkv,
             b_qkv,
@@ -610,20 +627,41 @@ fn range(p: &Param) -> std::ops::Range<usize> {
     p.range()
 }
 
-/// Backward of y = x · wᵀ (+ b): the gradients of `w` (and `b`) added into `grads`, and dx
-/// when asked.
-fn linear_grads(
-    grads: &mut [f32],
-    w: &Param,
-    b: Option<&Param>,
-    dx: Option<&mut [f32]>,
-    x: &[f32],
-    dy: &[f32],
-    dims: (usize, usize, usize),
-) {
-    linear_backward(dx, &mut grads[range(w)], x, w, dy, dims);
-    if let Some(b) = b {
-        bias_backward(&mut grads[range(b)], dy, dims.2);
+/// What a training pass does besides the plain forward: dropout, and the precision of the
+/// linear layers' operands.
+struct Pass {
+    dropout: Dropout,
+    operands: DType,
+}
+
+impl Pass {
+    /// `x` as a linear layer's operand: itself in float32, else a copy rounded to the
+    /// operands' precision.
+    fn operand<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        match self.operands {
+            DType::Float32 => Cow::Borrowed(x),
+            dtype => Cow::Owned(x.iter().map(|&v| dtype.round(v)).collect()),
+        }
+    }
+
+    /// Backward of y = x · wᵀ (+ b): the gradients of `w` (and `b`) added into `grads`, and
+    /// dx when asked; x (as the forward saw it) and dy are operands.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_grads(
+        &self,
+        grads: &mut [f32],
+        w: &Param,
+        b: Option<&Param>,
+        dx: Option<&mut [f32]>,
+        x: &[f32],
+        dy: &[f32],
+        dims: (usize, usize, usize),
+    ) {
+        let (x, dy) = (self.operand(x), self.operand(dy));
+        linear_backward(dx, &mut grads[range(w)], &x, w, &dy, dims);
+        if let Some(b) = b {
+            bias_backward(&mut grads[range(b)], &dy, dims.2);
+        }
     }
 }
 
