@@ -2,7 +2,7 @@
 //! split into forward, forward + backward, and the optimizer, to see where a step's time
 //! goes. The SQL-level comparison with PyTorch is training_vs_torch.py.
 //!
-//!   cargo run --release -p pg_llm_engine --example bench_train -- [threads] [batch] [len] [recompute] [350m]
+//!   cargo run --release -p pg_llm_engine --example bench_train -- [threads] [batch] [len] [recompute] [350m] [bfloat16|float16]
 //!
 //! Ends with the process's peak resident memory (VmHWM): weights, gradient, both moments and
 //! the activations, i.e. what a backend needs for the same step.
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use pg_llm_engine::model::init::init_params;
 use pg_llm_engine::model::weights::packed_len;
-use pg_llm_engine::model::{Batch, MapSource, ModelConfig, ModelWeights};
+use pg_llm_engine::model::{Batch, DType, MapSource, ModelConfig, ModelWeights};
 use pg_llm_engine::optim::AdamW;
 use pg_llm_engine::parallel::{self, Cancel};
 use pg_llm_engine::train::{StepSettings, Trainer};
@@ -29,6 +29,11 @@ fn main() {
     let recompute = args.get(3).copied().unwrap_or(0) == 1;
     parallel::set_threads(threads);
     let medium = std::env::args().any(|a| a == "350m");
+    // float32 (default), bfloat16 or float16 passes (float32 masters either way).
+    let precision = std::env::args()
+        .skip(1)
+        .find_map(|a| DType::parse(&a).ok())
+        .unwrap_or(DType::Float32);
     let cfg = if medium {
         ModelConfig::gpt3(24, 1024, 16, 64)
     } else {
@@ -64,11 +69,13 @@ fn main() {
         dropout_p: 0.0,
         dropout_seed: 0,
         recompute,
+        precision,
     };
     println!(
-        "{} shape, {} parameters, batch {b} × {t}, {threads} threads, recompute {recompute}",
+        "{} shape, {} parameters, batch {b} × {t}, {threads} threads, recompute {recompute}, {} passes",
         if medium { "gpt3-350m" } else { "gpt3-125m" },
-        packed_len(&cfg).unwrap()
+        packed_len(&cfg).unwrap(),
+        precision.name()
     );
     trainer.step(batch, &settings, Cancel::NEVER).unwrap();
     // Steps back to back, as llm_train runs them; then one eval-mode forward.

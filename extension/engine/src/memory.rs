@@ -9,7 +9,7 @@
 
 use crate::error::Result;
 use crate::model::weights::packed_len;
-use crate::model::ModelConfig;
+use crate::model::{DType, ModelConfig};
 
 /// Bytes a call needs: the weights it reads and the working memory it allocates.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,11 +95,14 @@ pub fn loss(cfg: &ModelConfig, rows: usize, threads: usize) -> Result<Need> {
 
 /// A training call: the private weights, gradient and AdamW moments it holds for all its
 /// steps (four copies of the model), plus one pass over `pass_rows` tokens (a micro-batch),
-/// keeping every layer's activations or, with `recompute`, only each layer's input.
+/// keeping every layer's activations or, with `recompute`, only each layer's input. Passes in
+/// half `precision` add the rounded copy of the weights and the rounded operands of a layer
+/// and of the head.
 pub fn training(
     cfg: &ModelConfig,
     pass_rows: usize,
     recompute: bool,
+    precision: DType,
     threads: usize,
 ) -> Result<Need> {
     let w = weights(cfg)?;
@@ -116,8 +119,13 @@ pub fn training(
     let backward = layer;
     // Logits, which become their own gradient, and the head's input and gradient.
     let head = head_working(cfg, n).saturating_add(n * 2 * width(cfg) * F32);
+    let (copies, operands) = match precision {
+        DType::Float32 => (4, 0),
+        _ => (5, layer.saturating_add(head_working(cfg, n))),
+    };
     let working = w
-        .saturating_mul(4)
+        .saturating_mul(copies)
+        .saturating_add(operands)
         .saturating_add(layers)
         .saturating_add(backward)
         .saturating_add(head)

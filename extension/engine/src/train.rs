@@ -199,7 +199,16 @@ impl Trainer {
                     grad_scale: count as f32 / sequences as f32 * loss_scale.unwrap_or(1.0),
                     operands: precision,
                 };
-                let loss = model.train_pass(part, Some(grads), &opts, cancel)?;
+                let loss = match model.train_pass(part, Some(&mut *grads), &opts, cancel) {
+                    // A float16 gradient beyond float16's range (or float32's, after it) is
+                    // what loss scaling skips the step on, not an error: the part's loss
+                    // comes from its forward alone, and the gradient is marked non-finite.
+                    Err(EngineError::OutOfRange(_)) if loss_scale.is_some() => {
+                        grads[0] = f32::NAN;
+                        model.train_pass(part, None, &opts, cancel)?
+                    }
+                    result => result?,
+                };
                 loss_sum += loss as f64 * count as f64;
             }
             Ok((loss_sum / sequences as f64) as f32)
@@ -429,8 +438,9 @@ mod tests {
     }
 
     /// The loss curve of 40 steps in bfloat16 and in float16 follows float32's from the same
-    /// weights and data: within 0.05 at every step (the losses run from about 4.2 to 0.5),
-    /// while the half-precision passes do differ from the float32 ones.
+    /// weights and data: within 0.01 at every step (measured: 0.0014 in bfloat16, 0.0011 in
+    /// float16, on losses falling to 0.46), while the half-precision passes do differ from the
+    /// float32 ones.
     #[test]
     fn mixed_precision_follows_float32() {
         let (t, y) = data(&tiny_gpt3(), 4, 8);
@@ -459,10 +469,14 @@ mod tests {
                 .zip(&half)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
-            assert!(gap < 0.05, "{precision:?}: {gap}\n{float32:?}\n{half:?}");
+            assert!(gap < 0.01, "{precision:?}: {gap}\n{float32:?}\n{half:?}");
             assert!(half[0] != float32[0], "{precision:?} computed in float32");
             // The masters stay float32: not every weight sits on the half-precision grid.
-            let off_grid = tr.state().weights.iter().filter(|&&w| precision.round(w) != w);
+            let off_grid = tr
+                .state()
+                .weights
+                .iter()
+                .filter(|&&w| precision.round(w) != w);
             assert!(off_grid.count() > 0);
             assert_eq!(tr.state().step, 40);
         }
@@ -488,7 +502,11 @@ mod tests {
         assert!(tr.state().m.iter().all(|&m| m == 0.0));
         assert_eq!(tr.loss_scaler().scale, 5e29);
         let mut skipped = 1;
-        while tr.step(batch(&t, &y, 2, 6), &s, Cancel::NEVER).unwrap().skipped {
+        while tr
+            .step(batch(&t, &y, 2, 6), &s, Cancel::NEVER)
+            .unwrap()
+            .skipped
+        {
             skipped += 1;
             assert!(skipped < 200, "never recovered");
         }
@@ -507,7 +525,10 @@ mod tests {
         }
         assert_eq!(s.scale, LossScaler::INITIAL_SCALE);
         s.update(false);
-        assert_eq!((s.scale, s.good_steps), (2.0 * LossScaler::INITIAL_SCALE, 0));
+        assert_eq!(
+            (s.scale, s.good_steps),
+            (2.0 * LossScaler::INITIAL_SCALE, 0)
+        );
         s.update(false);
         s.update(true);
         assert_eq!((s.scale, s.good_steps), (LossScaler::INITIAL_SCALE, 0));

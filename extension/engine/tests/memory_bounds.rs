@@ -13,7 +13,7 @@ use pg_llm_engine::generate::{beam_search, generate, GenerateOptions};
 use pg_llm_engine::memory::{self, Need};
 use pg_llm_engine::model::init::init_params;
 use pg_llm_engine::model::weights::MapSource;
-use pg_llm_engine::model::{AttnKind, Batch, LnPlacement, Model, ModelConfig, ModelWeights};
+use pg_llm_engine::model::{AttnKind, Batch, DType, LnPlacement, Model, ModelConfig, ModelWeights};
 use pg_llm_engine::optim::AdamW;
 use pg_llm_engine::parallel::{self, Cancel};
 use pg_llm_engine::sample::SamplingParams;
@@ -176,7 +176,12 @@ fn estimates_bound_the_memory_the_engine_allocates() {
         let need = memory::loss(&cfg, sequences * len, threads).unwrap();
         check(&format!("{name}: loss"), measured, need, 3.0);
 
-        for (micro, recompute) in [(0, false), (1, false), (0, true)] {
+        for (micro, recompute, precision) in [
+            (0, false, DType::Float32),
+            (1, false, DType::Float32),
+            (0, true, DType::Float32),
+            (0, false, DType::Bfloat16),
+        ] {
             let weights = model.weights.storage().as_f32().unwrap().to_vec();
             let settings = StepSettings {
                 adamw: AdamW {
@@ -191,6 +196,7 @@ fn estimates_bound_the_memory_the_engine_allocates() {
                 dropout_p: 0.1,
                 dropout_seed: 3,
                 recompute,
+                precision,
             };
             // The training call's own copy of the weights counts (the estimate includes it).
             let trained = cfg.clone();
@@ -200,9 +206,12 @@ fn estimates_bound_the_memory_the_engine_allocates() {
                 trainer
             });
             let pass = if micro == 0 { sequences } else { micro } * len;
-            let need = memory::training(&cfg, pass, recompute, threads).unwrap();
+            let need = memory::training(&cfg, pass, recompute, precision, threads).unwrap();
             check(
-                &format!("{name}: training step (micro-batch {micro}, recompute {recompute})"),
+                &format!(
+                    "{name}: training step (micro-batch {micro}, recompute {recompute}, {})",
+                    precision.name()
+                ),
                 measured,
                 need,
                 2.0,

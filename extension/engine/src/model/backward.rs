@@ -290,10 +290,7 @@ impl Model {
             cancel.check()?;
             let a = match saved.pop().expect("one activation set per layer") {
                 Saved::All(a) => a,
-                Saved::Input(x_in) => {
-                    self.layer_forward(i, layer, x_in, batch, &pass, cancel)?
-                        .0
-                }
+                Saved::Input(x_in) => self.layer_forward(i, layer, x_in, batch, &pass, cancel)?.0,
             };
             dx = self.layer_backward(i, layer, &a, dx, batch, &pass, grads, cancel)?;
         }
