@@ -40,7 +40,8 @@ $$;
 CREATE TRIGGER llm_dataset_fill_target BEFORE INSERT ON llm_dataset
     FOR EACH ROW EXECUTE FUNCTION llm_dataset_fill_target();
 
--- One row per optimizer step of llm_train_step, llm_train and llm_train_run.
+-- One row per step of llm_train_step, llm_train and llm_train_run. A skipped float16 step
+-- (its scaled gradient overflowed) changed nothing: its step is the count it did not advance.
 CREATE TABLE llm_train_log (
     id           bigserial PRIMARY KEY,
     model        text   NOT NULL REFERENCES llm_model_config (model) ON DELETE CASCADE ON UPDATE CASCADE,
@@ -50,7 +51,10 @@ CREATE TABLE llm_train_log (
     grad_norm    float4 NOT NULL,   -- global gradient norm before clipping
     tokens_per_s float4 NOT NULL,   -- the step's compute only
     tokens       int    NOT NULL,   -- tokens in the batch
-    logged_at    timestamptz NOT NULL DEFAULT clock_timestamp()   -- when the step ended
+    logged_at    timestamptz NOT NULL DEFAULT clock_timestamp(),  -- when the step ended
+    precision    text   NOT NULL DEFAULT 'float32',  -- pg_llm.train_precision of the step
+    loss_scale   float4,            -- the loss scale a float16 step used (NULL otherwise)
+    skipped      boolean NOT NULL DEFAULT false   -- float16 overflow: nothing was updated
 );
 CREATE INDEX llm_train_log_model_step ON llm_train_log (model, step);
 

@@ -1,6 +1,8 @@
 //! Configuration parameters (GUCs) of the extension.
 
+use pg_llm_engine::model::DType;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::PostgresGucEnum;
 
 /// `pg_llm.threads`: compute threads per backend for kernels and models (0 = all cores),
 /// at most `pg_llm.max_threads`.
@@ -28,6 +30,35 @@ pub static TRAIN_RECOMPUTE: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// `pg_llm.train_micro_batch`: sequences per forward/backward pass of a training step; the
 /// gradients of the passes are accumulated into the step's (0 = the whole batch at once).
 pub static TRAIN_MICRO_BATCH: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `pg_llm.train_precision`: the precision of a training step's passes (mixed precision);
+/// the weights and AdamW moments stay float32.
+pub static TRAIN_PRECISION: GucSetting<TrainPrecision> =
+    GucSetting::<TrainPrecision>::new(TrainPrecision::Float32);
+
+/// `pg_llm.train_loss_scale`: the loss scale a float16 run starts from when the model's
+/// training log holds no float16 step to continue from.
+pub static TRAIN_LOSS_SCALE: GucSetting<f64> =
+    GucSetting::<f64>::new(pg_llm_engine::optim::LossScaler::INITIAL_SCALE as f64);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TrainPrecision {
+    #[name = c"float32"]
+    Float32,
+    #[name = c"bfloat16"]
+    Bfloat16,
+    #[name = c"float16"]
+    Float16,
+}
+
+/// The precision `pg_llm.train_precision` asks for.
+pub fn train_precision() -> DType {
+    match TRAIN_PRECISION.get() {
+        TrainPrecision::Float32 => DType::Float32,
+        TrainPrecision::Bfloat16 => DType::Bfloat16,
+        TrainPrecision::Float16 => DType::Float16,
+    }
+}
 
 /// `pg_llm.autograd`: tensor kernels record their calls on this session's tape (tape.rs).
 pub static AUTOGRAD: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -79,6 +110,31 @@ pub fn register() {
           the layer during the backward: activation memory of one layer instead of all, for \
           about a third more arithmetic. The update is the same.",
         &TRAIN_RECOMPUTE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_llm.train_precision",
+        c"Precision of training passes: float32, bfloat16 or float16 (mixed precision).",
+        c"With bfloat16 or float16 a step's forward and backward run on a copy of the weights \
+          whose matrices and embeddings are rounded to it, with the linear layers' inputs and \
+          incoming gradients rounded too (as torch.autocast); LayerNorm, softmax, activations \
+          and the loss compute in float32, and the update applies to the float32 weights and \
+          moments. float16 adds dynamic loss scaling: a step whose gradient overflows is \
+          skipped and logged as such in llm_train_log.",
+        &TRAIN_PRECISION,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"pg_llm.train_loss_scale",
+        c"Loss scale a float16 training run starts from.",
+        c"Used when the model's llm_train_log holds no float16 step; otherwise a run continues \
+          from the logged scale (halved after an overflow, doubled after 2000 steps without \
+          one).",
+        &TRAIN_LOSS_SCALE,
+        f32::MIN_POSITIVE as f64,
+        f32::MAX as f64,
         GucContext::Userset,
         GucFlags::default(),
     );

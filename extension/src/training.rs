@@ -12,7 +12,8 @@ use std::cell::RefCell;
 use std::time::Instant;
 
 use pg_llm_engine::memory;
-use pg_llm_engine::model::Batch;
+use pg_llm_engine::model::{Batch, DType};
+use pg_llm_engine::optim::LossScaler;
 use pg_llm_engine::train::{StepSettings, StepStats, TrainState, Trainer};
 use pg_llm_engine::{EngineError, Result};
 use pgrx::prelude::*;
@@ -42,6 +43,9 @@ pub struct StepLog {
     pub tokens: i32,
     /// When the step ended, in seconds since the Unix epoch.
     pub ended_at: f64,
+    pub precision: DType,
+    pub loss_scale: Option<f32>,
+    pub skipped: bool,
 }
 
 pub struct Session {
@@ -93,6 +97,10 @@ impl Session {
             )?,
             None => Trainer::fresh(config, weights)?,
         };
+        let mut trainer = trainer;
+        if crate::guc::train_precision() == DType::Float16 {
+            trainer.set_loss_scaler(logged_loss_scaler(model)?);
+        }
         Ok(Self {
             model: model.to_string(),
             trainer,
@@ -130,6 +138,9 @@ impl Session {
             ended_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            precision: settings.precision,
+            loss_scale: stats.loss_scale,
+            skipped: stats.skipped,
         };
         self.log.push(entry);
         Ok((stats, entry))
@@ -191,11 +202,16 @@ fn write_log(model: &str, log: &[StepLog]) -> Result<()> {
     let steps: Vec<i32> = log.iter().map(|l| l.step as i32).collect();
     let tokens: Vec<i32> = log.iter().map(|l| l.tokens).collect();
     let ended: Vec<f64> = log.iter().map(|l| l.ended_at).collect();
+    let precision: Vec<&str> = log.iter().map(|l| l.precision.name()).collect();
+    let scales: Vec<Option<f32>> = log.iter().map(|l| l.loss_scale).collect();
+    let skipped: Vec<bool> = log.iter().map(|l| l.skipped).collect();
     Spi::run_with_args(
-        "INSERT INTO llm_train_log (model, step, loss, lr, grad_norm, tokens_per_s, tokens, logged_at) \
-         SELECT $1, s, l, r, g, t, n, to_timestamp(e) \
-           FROM unnest($2::int[], $3::real[], $4::real[], $5::real[], $6::real[], $7::int[], $8::float8[]) \
-                AS u(s, l, r, g, t, n, e)",
+        "INSERT INTO llm_train_log (model, step, loss, lr, grad_norm, tokens_per_s, tokens, \
+                                    logged_at, precision, loss_scale, skipped) \
+         SELECT $1, s, l, r, g, t, n, to_timestamp(e), p, c, k \
+           FROM unnest($2::int[], $3::real[], $4::real[], $5::real[], $6::real[], $7::int[], \
+                       $8::float8[], $9::text[], $10::real[], $11::bool[]) \
+                AS u(s, l, r, g, t, n, e, p, c, k)",
         &[
             model.into(),
             steps.into(),
@@ -205,9 +221,47 @@ fn write_log(model: &str, log: &[StepLog]) -> Result<()> {
             col(&|l| l.tokens_per_s).into(),
             tokens.into(),
             ended.into(),
+            precision.into(),
+            scales.into(),
+            skipped.into(),
         ],
     )
     .map_err(spi_error)
+}
+
+/// The loss scaling a float16 run of `model` continues with: replayed from the model's last
+/// float16 steps in llm_train_log (the scale of the last one, and how many steps in a row
+/// used it without overflow), or `pg_llm.train_loss_scale` when there are none.
+fn logged_loss_scaler(model: &str) -> Result<LossScaler> {
+    let recent: Vec<(f32, bool)> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT loss_scale, skipped FROM llm_train_log \
+                  WHERE model = $1 AND loss_scale IS NOT NULL ORDER BY id DESC LIMIT $2",
+                None,
+                &[model.into(), (LossScaler::GROWTH_INTERVAL as i64).into()],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<f32>(1)?.unwrap_or(0.0),
+                    row.get::<bool>(2)?.unwrap_or(false),
+                ))
+            })
+            .collect::<std::result::Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .map_err(spi_error)?;
+    let Some(&(scale, skipped)) = recent.first() else {
+        return LossScaler::new(crate::guc::TRAIN_LOSS_SCALE.get() as f32);
+    };
+    // The state before the last step, then that step's update.
+    let run = recent
+        .iter()
+        .take_while(|&&(s, k)| s == scale && !k)
+        .count() as u32;
+    let mut scaler = LossScaler::new(scale)?;
+    scaler.good_steps = run.saturating_sub(1);
+    scaler.update(skipped);
+    Ok(scaler)
 }
 
 /// Refuses a training call on `model` whose passes run `pass_rows` tokens when its memory
@@ -217,7 +271,13 @@ pub fn admit(model: &str, pass_rows: usize) -> Result<()> {
     let recompute = crate::guc::TRAIN_RECOMPUTE.get();
     let what = format!("training \"{model}\" in passes of {pass_rows} tokens");
     model_cache::admit(model, &what, |cfg| {
-        memory::training(cfg, pass_rows, recompute, crate::guc::threads())
+        memory::training(
+            cfg,
+            pass_rows,
+            recompute,
+            crate::guc::train_precision(),
+            crate::guc::threads(),
+        )
     })
     .map_err(|e| match e {
         EngineError::OutOfMemory(msg) => EngineError::OutOfMemory(format!(

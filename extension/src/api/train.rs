@@ -5,7 +5,7 @@
 
 use pg_llm_engine::memory;
 use pg_llm_engine::model::weights::{packed_len, packed_tensors, packing};
-use pg_llm_engine::model::Batch;
+use pg_llm_engine::model::{Batch, DType};
 use pg_llm_engine::optim::{lr_schedule, AdamW};
 use pg_llm_engine::train::StepSettings;
 use pg_llm_engine::{EngineError, Result};
@@ -59,6 +59,7 @@ fn step_settings(adamw: AdamW, grad_clip: f32, dropout_p: f32, dropout_seed: u64
         dropout_p,
         dropout_seed,
         recompute: guc::TRAIN_RECOMPUTE.get(),
+        precision: guc::train_precision(),
     }
 }
 
@@ -135,7 +136,7 @@ fn llm_grads(
         let (t, y, sequences, len) = batch_arrays(tokens, targets)?;
         let what = format!("gradients over {sequences} × {len} tokens of \"{model}\"");
         let loaded = model_cache::get_float32_within(model, &what, |cfg| {
-            memory::training(cfg, sequences * len, false, guc::threads())
+            memory::training(cfg, sequences * len, false, DType::Float32, guc::threads())
         })?;
         let cfg = &loaded.config;
         let mut grads = pg_llm_engine::tensor::alloc_zeroed(packed_len(cfg)?)?;
