@@ -277,6 +277,19 @@ impl Client {
         rows.iter().map(TrainStep::from_row).collect()
     }
 
+    /// Precision of this connection's training steps (`pg_llm.train_precision`): "float32",
+    /// or "bfloat16" / "float16" for mixed precision (the passes on a rounded copy of the
+    /// weights, float32 weights and moments updated; float16 with loss scaling, its overflowing
+    /// steps skipped and logged).
+    pub async fn set_train_precision(&self, precision: &str) -> Result<(), Error> {
+        self.query_one(
+            "SELECT set_config('pg_llm.train_precision', $1, false)",
+            &[&precision],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// The model's mean loss and perplexity over a split of its dataset (`llm_eval`).
     pub async fn eval(&self, model: &str, split: &str) -> Result<Evaluation, Error> {
         let row = self

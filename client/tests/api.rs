@@ -148,6 +148,42 @@ async fn single_steps_losses_and_evaluation() {
 }
 
 #[tokio::test]
+async fn mixed_precision_steps_are_logged_with_their_precision() {
+    let client = connect().await;
+    model_with_data(&client, "api-mixed", 2).await;
+    let tokens = ndarray::Array2::from_shape_fn((2, 8), |(i, j)| (i * 100 + j * 7) as i32);
+    let targets = ndarray::Array2::from_shape_fn((2, 8), |(i, j)| (i * 100 + j * 7 + 1) as i32);
+    let before = client.loss(&tokens, &targets, "api-mixed").await.unwrap();
+    let opts = StepOptions::default().model("api-mixed").lr(1e-2);
+    for precision in ["bfloat16", "float16"] {
+        client.set_train_precision(precision).await.unwrap();
+        client.train_step(&tokens, &targets, &opts).await.unwrap();
+    }
+    let logged: Vec<(String, Option<f32>, bool)> = client
+        .raw()
+        .query(
+            "SELECT precision, loss_scale, skipped FROM llm_train_log \
+             WHERE model = 'api-mixed' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(logged.len(), 2);
+    assert_eq!(
+        (logged[0].0.as_str(), logged[0].1, logged[0].2),
+        ("bfloat16", None, false)
+    );
+    assert_eq!((logged[1].0.as_str(), logged[1].2), ("float16", false));
+    assert!(logged[1].1.is_some());
+    assert!(client.loss(&tokens, &targets, "api-mixed").await.unwrap() < before);
+    let err = client.set_train_precision("float8").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BadInput, "{err}");
+}
+
+#[tokio::test]
 async fn tokenizers_and_datasets_come_from_the_clients_disk() {
     let client = connect().await;
     let model = "api-data";

@@ -564,6 +564,14 @@ impl Client {
         })
     }
 
+    /// Precision of this connection's training steps (pg_llm.train_precision): "float32", or
+    /// "bfloat16" / "float16" for mixed precision (float32 weights and moments either way).
+    fn set_train_precision(&self, py: Python<'_>, precision: String) -> PyResult<()> {
+        self.call(py, move |c| {
+            Box::pin(async move { c.set_train_precision(&precision).await })
+        })
+    }
+
     /// Fresh GPT-2/3 initialisation of every parameter (llm_init_params); returns the count.
     #[pyo3(signature = (model=DEFAULT_MODEL.to_string(), seed=0))]
     fn init_params(&self, py: Python<'_>, model: String, seed: i64) -> PyResult<i64> {

@@ -102,6 +102,26 @@ def test_loss_and_a_training_step(db):
         db.loss([[1, 2], [3]], [[2, 3], [4]], model="py-step")
 
 
+def test_mixed_precision_training_steps(db):
+    register(db, "py-mixed", "1, 2, 32, 16, 64, 32, 64")
+    tokens = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+    targets = [[2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    before = db.loss(tokens, targets, model="py-mixed")
+    try:
+        for precision in ("bfloat16", "float16"):
+            db.set_train_precision(precision)
+            db.train_step(tokens, targets, lr=1e-2, model="py-mixed")
+        logged = db.query("SELECT precision, loss_scale, skipped FROM llm_train_log "
+                          "WHERE model = 'py-mixed' ORDER BY id")
+        assert [(r["precision"], r["loss_scale"] is None, r["skipped"]) for r in logged] == [
+            ("bfloat16", True, False), ("float16", False, False)]
+        assert db.loss(tokens, targets, model="py-mixed") < before
+        with pytest.raises(BadInputError):
+            db.set_train_precision("float8")
+    finally:
+        db.set_train_precision("float32")
+
+
 def test_train_reports_progress_and_returns_records(db, capsys):
     register(db, "py-train", "1, 2, 32, 16, 64, 32, 64")
     db.dataset_upload_tokens([[i % 64 for i in range(k, k + 17)] for k in range(8)],

@@ -15,13 +15,17 @@ no dropout. Reports:
   memory     peak resident memory: the backend's VmHWM (a fresh connection per configuration)
              vs ru_maxrss of a separate Python process that only runs the PyTorch side
 With --recompute pg_llm also runs with pg_llm.train_recompute = on (activations recomputed in
-the backward pass), reported as a second column. Before the measured calls one priming step
+the backward pass), reported as a second column. With --precision bfloat16 or float16 both
+sides also run a mixed-precision step, side by side with their float32 one: pg_llm with
+pg_llm.train_precision, PyTorch with torch.autocast on the CPU for the forward and the loss
+(plus torch.amp.GradScaler for float16); float32 weights and AdamW state on both. Before the measured calls one priming step
 stores AdamW moments, so that every measured call reads and writes the same state (a model's
 first call has no moments to read) whichever configuration runs first.
 
 Usage (a server with pg_llm on this machine, e.g. scripts/cluster.sh start):
   PG_GPT3_DSN="host=/tmp/pg_gpt3_cluster/sock port=54329 user=postgres dbname=bench" \\
-      python3 extension/engine/benches/training_vs_torch.py --threads 2 [--steps 5] [--recompute] [--json out.json]
+      python3 extension/engine/benches/training_vs_torch.py --threads 2 [--steps 5] [--recompute]
+          [--precision bfloat16|float16] [--json out.json]
   python3 extension/engine/benches/training_vs_torch.py --torch-only --threads 2   # PyTorch side alone, JSON
   (--no-torch: the pg_llm side alone)
 Needs: torch, transformers, psycopg. Initialises gpt3-125m in that database if it has no weights
@@ -43,7 +47,7 @@ LR, BETAS, EPS, WD, CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 TOKENS_PER_STEP = BATCH * SEQ
 
 
-def torch_side(threads, steps):
+def torch_side(threads, steps, precision="float32"):
     """Time PyTorch training steps in this process; returns a dict (run it in its own process)."""
     import torch
     import torch.nn.functional as F
@@ -63,15 +67,26 @@ def torch_side(threads, steps):
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=g) for _ in range(steps + 1)]
 
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cpu") if precision == "float16" else None
+
     def step():
         rows = batches.pop()
         tokens, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         opt.zero_grad(set_to_none=True)
-        logits = model(tokens).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
+        with torch.autocast("cpu", dtype=half, enabled=half is not None):
+            logits = model(tokens).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            scaler.step(opt)
+            scaler.update()
         return loss.item()
 
     losses = [step()]  # warm-up
@@ -81,16 +96,16 @@ def torch_side(threads, steps):
         losses.append(step())
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    return {"threads": threads, "steps": steps, "step_s": step_s, "tokens_per_s": TOKENS_PER_STEP / step_s,
+    return {"precision": precision, "threads": threads, "steps": steps, "step_s": step_s, "tokens_per_s": TOKENS_PER_STEP / step_s,
             "best_step_s": min(times), "step_times": times, "losses": losses,
             "maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 
-def run_torch_subprocess(threads, steps):
+def run_torch_subprocess(threads, steps, precision):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-only",
-                          "--threads", str(threads), "--steps", str(steps)],
+                          "--threads", str(threads), "--steps", str(steps), "--precision", precision],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -141,7 +156,7 @@ def vm_status(pid):
         return {}
 
 
-def pg_side(dsn, threads, steps, recompute):
+def pg_side(dsn, threads, steps, recompute, precision="float32"):
     """One llm_train call of steps+1 steps in a fresh connection; returns a dict."""
     import psycopg
 
@@ -154,6 +169,7 @@ def pg_side(dsn, threads, steps, recompute):
             pass
         conn.execute(f"SET pg_llm.threads = {int(threads)}")
         conn.execute(f"SET pg_llm.train_recompute = {'on' if recompute else 'off'}")
+        conn.execute(f"SET pg_llm.train_precision = '{precision}'")
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         sql = train_sql(steps + 1)
         t = time.perf_counter()
@@ -165,7 +181,7 @@ def pg_side(dsn, threads, steps, recompute):
     rates = [float(r[4]) for r in rows]
     compute = sum(TOKENS_PER_STEP / r for r in rates)
     tokens_per_s = statistics.median(rates[1:])
-    return {"recompute": recompute, "threads": threads, "steps": steps + 1,
+    return {"recompute": recompute, "precision": precision, "threads": threads, "steps": steps + 1,
             "step_s": TOKENS_PER_STEP / tokens_per_s, "tokens_per_s": tokens_per_s,
             "call_wall_s": wall, "compute_s": compute, "overhead_s": wall - compute,
             "vmhwm_gib": status["VmHWM"] / 2**20 if "VmHWM" in status else None,
@@ -179,12 +195,14 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=5, help="timed steps K (pg_llm runs K+1, the first a warm-up)")
     ap.add_argument("--recompute", action="store_true", help="also run pg_llm with pg_llm.train_recompute = on")
+    ap.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="also run both sides in this mixed precision (the PyTorch side alone: only it)")
     ap.add_argument("--json", metavar="PATH", help="write the numbers to PATH")
     ap.add_argument("--torch-only", action="store_true", help="run only the PyTorch side here, print JSON")
     ap.add_argument("--no-torch", action="store_true", help="measure only pg_llm")
     args = ap.parse_args()
     if args.torch_only:
-        print(json.dumps(torch_side(args.threads, args.steps)))
+        print(json.dumps(torch_side(args.threads, args.steps, args.precision)))
         return
     dsn = os.environ.get("PG_GPT3_DSN")
     if not dsn:
@@ -195,36 +213,46 @@ def main():
     pg = [pg_side(dsn, args.threads, args.steps, False)]
     if args.recompute:
         pg.append(pg_side(dsn, args.threads, args.steps, True))
-    pt = None if args.no_torch else run_torch_subprocess(args.threads, args.steps)
+    mixed = args.precision != "float32"
+    if mixed:
+        pg.append(pg_side(dsn, args.threads, args.steps, False, args.precision))
+    precisions = ["float32"] + ([args.precision] if mixed else [])
+    torch_runs = [] if args.no_torch else [run_torch_subprocess(args.threads, args.steps, p) for p in precisions]
 
-    names = [("pg_llm+recompute" if r["recompute"] else "pg_llm") for r in pg] + (["PyTorch"] if pt else [])
-    print(f"threads = {args.threads}, batch {BATCH} x {SEQ} tokens, fp32"
+    short = {"float32": "", "bfloat16": " bf16", "float16": " fp16"}
+    names = ([("pg_llm+recompute" if r["recompute"] else "pg_llm") + short[r["precision"]] for r in pg]
+             + ["PyTorch" + short[t["precision"]] for t in torch_runs])
+    pt = torch_runs[0] if torch_runs else None
+    print(f"threads = {args.threads}, batch {BATCH} x {SEQ} tokens, float32 weights and moments"
           + (f", torch {pt['torch']}, transformers {pt['transformers']}" if pt else "")
           + f"; median of steps 2..{args.steps + 1} (pg_llm)"
           + (f" / {args.steps} steps after a warm-up (PyTorch)" if pt else ""))
-    print(f"{'':26}" + "".join(f"{n:>18}" for n in names))
+    print(f"{'':30}" + "".join(f"{n:>18}" for n in names))
+    runs = pg + torch_runs
 
-    def row(label, pg_values, torch_value):
-        values = pg_values + ([torch_value] if pt else [])
-        print(f"{label:26}" + "".join(f"{v:>18}" for v in values))
+    def row(label, cell):
+        print(f"{label:30}" + "".join(f"{cell(r):>18}" for r in runs))
+
+    def same_precision(runs_, r):
+        return next((t for t in runs_ if t["precision"] == r["precision"]), None)
 
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"
-    t = pt or {}
-    row("step (s)", [f"{r['step_s']:.3f}" for r in pg], pt and f"{t['step_s']:.3f}")
-    row("tokens/s", [f"{r['tokens_per_s']:.1f}" for r in pg], pt and f"{t['tokens_per_s']:.1f}")
-    if pt:
-        row("tokens/s ratio pg/torch", [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}" for r in pg], "1.00")
-    row("per-call overhead (s)", [f"{r['overhead_s']:.2f}" for r in pg], "-")
-    row("peak RSS (GiB)", [gib(r["vmhwm_gib"]) for r in pg], pt and gib(t["maxrss_gib"]))
-    row("first / last loss", [f"{r['rows'][0]['loss']:.3f}/{r['rows'][-1]['loss']:.3f}" for r in pg],
-        pt and f"{t['losses'][0]:.3f}/{t['losses'][-1]:.3f}")
+    row("step (s)", lambda r: f"{r['step_s']:.3f}")
+    row("tokens/s", lambda r: f"{r['tokens_per_s']:.1f}")
+    if torch_runs:
+        row("ratio pg/torch (same prec.)", lambda r: f"{r['tokens_per_s'] / same_precision(torch_runs, r)['tokens_per_s']:.2f}")
+    if mixed:
+        row("ratio to own float32", lambda r: f"{r['tokens_per_s'] / (pg[0] if r in pg else torch_runs[0])['tokens_per_s']:.2f}")
+    row("per-call overhead (s)", lambda r: f"{r['overhead_s']:.2f}" if "overhead_s" in r else "-")
+    row("peak RSS (GiB)", lambda r: gib(r["vmhwm_gib"]) if "vmhwm_gib" in r else gib(r["maxrss_gib"]))
+    row("first / last loss", lambda r: (f"{r['rows'][0]['loss']:.3f}/{r['rows'][-1]['loss']:.3f}" if "rows" in r
+                                        else f"{r['losses'][0]:.3f}/{r['losses'][-1]:.3f}"))
     print("peak RSS: pg_llm = backend VmHWM, PyTorch = ru_maxrss of its own process")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "batch": BATCH, "seq_len": SEQ, "lr": LR,
-                       "pg_llm": pg, "torch": pt}, f, indent=1)
+                       "pg_llm": pg, "torch": torch_runs}, f, indent=1)
             f.write("\n")
-
 
 if __name__ == "__main__":
     main()

@@ -260,20 +260,20 @@ impl Model {
         // Output layer: table [vocab, e] (wte when tied; padding rows get no gradient).
         let rows = range(table).start..range(table).start + cfg.vocab * e;
         let mut dh = tensor::alloc_zeroed(n * e)?;
-        let dlogits = pass.operand(&logits);
+        // The logits' gradient is an operand of the head's backward: rounded in place.
+        pass.operands.round_slice(&mut logits);
         linear_backward(
             Some(&mut dh),
             &mut grads[rows],
             &pass.operand(h_out),
             &table[..cfg.vocab * e],
-            &dlogits,
+            &logits,
             (n, e, cfg.vocab),
         );
         if let Some(b) = &w.lm_head_bias {
             let at = range(b).start;
-            bias_backward(&mut grads[at..at + cfg.vocab], &dlogits, cfg.vocab);
+            bias_backward(&mut grads[at..at + cfg.vocab], &logits, cfg.vocab);
         }
-        drop(dlogits);
         drop(logits);
         if let Some(p) = &w.project_out {
             let mut dhd = tensor::alloc_zeroed(n * d)?;
@@ -637,7 +637,11 @@ impl Pass {
     fn operand<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
         match self.operands {
             DType::Float32 => Cow::Borrowed(x),
-            dtype => Cow::Owned(x.iter().map(|&v| dtype.round(v)).collect()),
+            dtype => {
+                let mut rounded = x.to_vec();
+                dtype.round_slice(&mut rounded);
+                Cow::Owned(rounded)
+            }
         }
     }
 
