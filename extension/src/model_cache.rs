@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pg_llm_engine::memory::{self, Need};
+use pg_llm_engine::model::dtype::Layout;
 use pg_llm_engine::model::weights::packed_tensors;
 use pg_llm_engine::model::{DType, Model, ModelConfig, ModelWeights};
 use pg_llm_engine::Result;
@@ -43,7 +44,14 @@ pub fn get_within(
     what: &str,
     need: impl FnOnce(&ModelConfig) -> Result<Need>,
 ) -> Result<Rc<Model>> {
-    admit(model, what, need)?;
+    let stored = store::load_config(model)?;
+    let mut need = need(&stored.config)?;
+    // The served copy holds the matrices in the model's weight dtype (half the bytes in
+    // bfloat16 or float16), not the float32 the estimates count.
+    if stored.dtype != DType::Float32 {
+        need.weights = Layout::new(&stored.config, stored.dtype)?.bytes() as u64;
+    }
+    admission::admit(what, need)?;
     get(model)
 }
 

@@ -567,6 +567,16 @@ pub fn write_trained(
 /// chunks whose values change; returns how many values changed. A matrix shared from another
 /// model is refused (55000): rounding it would change that model too.
 pub fn round_matrices(model: &str, cfg: &ModelConfig, dtype: DType) -> Result<i64> {
+    let has_params: Option<bool> = spi::read_one(
+        "SELECT EXISTS (SELECT 1 FROM llm_param_resolved WHERE model = $1)",
+        &[model.into()],
+    )?;
+    if has_params != Some(true) {
+        return Err(EngineError::UndefinedObject(format!(
+            "model \"{model}\" has no parameters; create them with llm_init_params or \
+             pg_llm_import_safetensors"
+        )));
+    }
     let mut changed = 0i64;
     let mut at = 0;
     for slot in packing(cfg) {

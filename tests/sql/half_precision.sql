@@ -78,6 +78,9 @@ SELECT pg_temp.err($$SELECT llm_set_weight_dtype('hp-tiny', 'int8')$$) AS unknow
 SELECT pg_temp.err($$SELECT llm_set_weight_dtype('hp-tiny', NULL)$$) AS null_dtype;
 SELECT pg_temp.err($$SELECT llm_set_weight_dtype('no-such-model', 'bfloat16')$$) AS unknown_model;
 SELECT pg_temp.err($$UPDATE llm_model_config SET weight_dtype = 'float8' WHERE model = 'hp-tiny'$$) AS bad_column;
+INSERT INTO llm_model_config (model, n_layer, n_head, d_model, d_head, d_ff, n_positions, vocab)
+VALUES ('hp-empty', 1, 2, 32, 16, 128, 32, 96);
+SELECT pg_temp.err($$SELECT llm_set_weight_dtype('hp-empty', 'bfloat16')$$) AS no_parameters;
 
 -- Importing a bfloat16 checkpoint (the GPT-2 fixture saved by transformers in bfloat16) with
 -- keep_dtype serves it in bfloat16 from the start; without, in float32 (the same values).
@@ -99,4 +102,4 @@ SELECT pg_llm_import_safetensors_bytes(decode(:'st', 'base64'), 'hp-fp32', :'cfg
 SELECT weight_dtype FROM llm_model_config WHERE model = 'hp-fp32';
 SELECT pg_temp.err($$SELECT pg_llm_import_safetensors_bytes(decode('00', 'hex'), 'hp-fp32', NULL, keep_dtype => NULL)$$) AS null_keep;
 
-DELETE FROM llm_model_config WHERE model IN ('hp-tiny', 'hp-f16', 'hp-kept', 'hp-widened', 'hp-fp32');
+DELETE FROM llm_model_config WHERE model IN ('hp-tiny', 'hp-f16', 'hp-kept', 'hp-widened', 'hp-fp32', 'hp-empty');
