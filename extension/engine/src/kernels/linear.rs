@@ -105,6 +105,59 @@ pub fn linear_into(
     linear_many_rows(y, x, w, b, (t, d_in, d_out), acc, FLOPS_PER_SLICE, cancel)
 }
 
+/// Whether `linear_bf16_into` / `linear_backward_bf16` run here (AMX tiles, `kernels::amx`).
+pub fn bf16_products_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `linear_into` with x and w rounded to bfloat16 and the products accumulated in float32
+/// (mixed precision), on AMX tiles; only where `bf16_products_available()`.
+#[cfg(target_arch = "x86_64")]
+pub fn linear_bf16_into(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (t, d_in, d_out): (usize, usize, usize),
+    acc: Accumulate,
+    cancel: Cancel,
+) -> Result<()> {
+    check_shapes(y, x, w.len(), b, (t, d_in, d_out));
+    cancel.check()?;
+    let acc = place_bias(y, b, d_out, acc);
+    let (x, wt) = (MatRef::new(x, t, d_in), MatRef::transposed(w, d_in, d_out));
+    super::amx::gemm_bf16(y, x, wt, acc);
+    Ok(())
+}
+
+/// `linear_backward` with x, w and dy rounded to bfloat16 and the products accumulated in
+/// float32, on AMX tiles; only where `bf16_products_available()`.
+#[cfg(target_arch = "x86_64")]
+pub fn linear_backward_bf16(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (t, d_in, d_out): (usize, usize, usize),
+) {
+    use super::amx::gemm_bf16;
+    assert_eq!(x.len(), t * d_in, "linear_backward: x");
+    assert_eq!(w.len(), d_out * d_in, "linear_backward: w");
+    assert_eq!(dy.len(), t * d_out, "linear_backward: dy");
+    assert_eq!(dw.len(), d_out * d_in, "linear_backward: dw");
+    let dy_t = MatRef::transposed(dy, d_out, t);
+    gemm_bf16(dw, dy_t, MatRef::new(x, t, d_in), Accumulate::Add);
+    if let Some(dx) = dx {
+        assert_eq!(dx.len(), t * d_in, "linear_backward: dx");
+        let (dy, w) = (MatRef::new(dy, t, d_out), MatRef::new(w, d_out, d_in));
+        gemm_bf16(dx, dy, w, Accumulate::Overwrite);
+    }
+}
+
 /// The compute-bound case: slices of output columns (weight rows), each packed and multiplied
 /// once (`gemm_sliced`), so cancel is checked every `flops_per_slice`. The bias is placed in
 /// (or added to) y first and the products accumulate onto it.

@@ -56,6 +56,27 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    pub fn col_stride(&self) -> usize {
+        self.col_stride
+    }
+
+    /// The values the view reads (element (r, c) at r·row_stride + c·col_stride).
+    pub fn data(&self) -> &'a [f32] {
+        self.data
+    }
+
     /// Columns `start..end` of this view.
     pub fn col_range(&self, start: usize, end: usize) -> Self {
         assert!(start <= end && end <= self.cols);

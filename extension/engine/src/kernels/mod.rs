@@ -1,6 +1,8 @@
 //! Tensor kernels. Each forward sits next to its backward; shapes are stated at the top of
 //! each file.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;

@@ -20,7 +20,7 @@ use crate::kernels::attention::{
 };
 use crate::kernels::elementwise::gelu_new_grad;
 use crate::kernels::layernorm::{layernorm_backward, layernorm_into};
-use crate::kernels::linear::{bias_backward, linear, linear_backward, linear_into};
+use crate::kernels::linear::{self, bias_backward, linear_backward, linear_into};
 use crate::kernels::matmul::Accumulate;
 use crate::kernels::rotary::RotaryTable;
 use crate::parallel::{self, Cancel};
@@ -225,16 +225,21 @@ impl Model {
         };
         let hf_d = hf.as_deref().unwrap_or(&x);
         let he = match &w.project_out {
-            Some(p) => Some(linear(&pass.operand(hf_d), p, None, n, d, e, cancel)?),
+            Some(p) => {
+                let mut he = tensor::alloc_zeroed(n * e)?;
+                let dims = (n, d, e);
+                pass.linear_into(&mut he, hf_d, p, None, dims, Accumulate::Overwrite, cancel)?;
+                Some(he)
+            }
             None => None,
         };
         let h_out = he.as_deref().unwrap_or(hf_d);
         let table = w.lm_head.as_ref().unwrap_or(&w.wte);
         let head_bias = w.lm_head_bias.as_ref().map(|b| &b[..cfg.vocab]);
         let mut logits = tensor::alloc_zeroed(tensor::numel(&[n, cfg.vocab], "logits")?)?;
-        linear_into(
+        pass.linear_into(
             &mut logits,
-            &pass.operand(h_out),
+            h_out,
             &table[..cfg.vocab * e],
             head_bias,
             (n, e, cfg.vocab),
@@ -262,10 +267,10 @@ impl Model {
         let mut dh = tensor::alloc_zeroed(n * e)?;
         // The logits' gradient is an operand of the head's backward: rounded in place.
         pass.operands.round_slice(&mut logits);
-        linear_backward(
+        pass.linear_backward(
             Some(&mut dh),
             &mut grads[rows],
-            &pass.operand(h_out),
+            h_out,
             &table[..cfg.vocab * e],
             &logits,
             (n, e, cfg.vocab),
@@ -374,9 +379,9 @@ impl Model {
         };
         let mut qkv = tensor::alloc_zeroed(n * 3 * da)?;
         let input = h1.as_deref().unwrap_or(&x_in);
-        linear_into(
+        pass.linear_into(
             &mut qkv,
-            &pass.operand(input),
+            input,
             &layer.w_qkv,
             Some(&layer.b_qkv),
             (n, d, 3 * da),
@@ -401,9 +406,9 @@ impl Model {
             )?);
         }
         let s1 = residual_branch(&x_in, d, dropout, attn_site(i), |out, acc| {
-            linear_into(
+            pass.linear_into(
                 out,
-                &pass.operand(&attn),
+                &attn,
                 &layer.w_o,
                 Some(&layer.b_o),
                 (n, da, d),
@@ -428,9 +433,9 @@ impl Model {
         };
         let mut f_pre = tensor::alloc_zeroed(n * ff)?;
         let input = h2.as_deref().unwrap_or(mid);
-        linear_into(
+        pass.linear_into(
             &mut f_pre,
-            &pass.operand(input),
+            input,
             &layer.w_fc,
             Some(&layer.b_fc),
             (n, d, ff),
@@ -444,9 +449,9 @@ impl Model {
             _ => &s1,
         };
         let s2 = residual_branch(base, d, dropout, mlp_site(i), |out, acc| {
-            linear_into(
+            pass.linear_into(
                 out,
-                &pass.operand(&f_act),
+                &f_act,
                 &layer.w_proj,
                 Some(&layer.b_proj),
                 (n, ff, d),
@@ -632,6 +637,47 @@ struct Pass {
 }
 
 impl Pass {
+    /// Whether the products run on bfloat16 tiles (which round their operands themselves).
+    fn tiles(&self) -> bool {
+        self.operands == DType::Bfloat16 && linear::bf16_products_available()
+    }
+
+    /// y (+)= x · wᵀ + b with x and w as operands (w is the rounded copy already).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_into(
+        &self,
+        y: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        dims: (usize, usize, usize),
+        acc: Accumulate,
+        cancel: Cancel,
+    ) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if self.tiles() {
+            return linear::linear_bf16_into(y, x, w, b, dims, acc, cancel);
+        }
+        linear_into(y, &self.operand(x), w, b, dims, acc, cancel)
+    }
+
+    /// `linear_backward` with x, w and dy as operands.
+    fn linear_backward(
+        &self,
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dims: (usize, usize, usize),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.tiles() {
+            return linear::linear_backward_bf16(dx, dw, x, w, dy, dims);
+        }
+        linear_backward(dx, dw, &self.operand(x), w, &self.operand(dy), dims);
+    }
+
     /// `x` as a linear layer's operand: itself in float32, else a copy rounded to the
     /// operands' precision.
     fn operand<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
@@ -658,10 +704,9 @@ impl Pass {
         dy: &[f32],
         dims: (usize, usize, usize),
     ) {
-        let (x, dy) = (self.operand(x), self.operand(dy));
-        linear_backward(dx, &mut grads[range(w)], &x, w, &dy, dims);
+        self.linear_backward(dx, &mut grads[range(w)], x, w, dy, dims);
         if let Some(b) = b {
-            bias_backward(&mut grads[range(b)], &dy, dims.2);
+            bias_backward(&mut grads[range(b)], &self.operand(dy), dims.2);
         }
     }
 }
