@@ -47,31 +47,34 @@ pub fn linear_backward(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    (t, d_in, d_out): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) {
     use super::matmul::{gemm, Threads};
+    backward_products(dx, dw, x, w, dy, dims, |dst, a, b, acc| {
+        gemm(dst, a, b, acc, Threads::Pool)
+    });
+}
+
+/// The two products of `linear_backward`, computed by `product(dst, a, b, acc)`.
+fn backward_products(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (t, d_in, d_out): (usize, usize, usize),
+    product: impl Fn(&mut [f32], MatRef, MatRef, Accumulate),
+) {
     assert_eq!(x.len(), t * d_in, "linear_backward: x");
     assert_eq!(w.len(), d_out * d_in, "linear_backward: w");
     assert_eq!(dy.len(), t * d_out, "linear_backward: dy");
     assert_eq!(dw.len(), d_out * d_in, "linear_backward: dw");
     let dy_t = MatRef::transposed(dy, d_out, t);
-    gemm(
-        dw,
-        dy_t,
-        MatRef::new(x, t, d_in),
-        Accumulate::Add,
-        Threads::Pool,
-    );
+    product(dw, dy_t, MatRef::new(x, t, d_in), Accumulate::Add);
     if let Some(dx) = dx {
         assert_eq!(dx.len(), t * d_in, "linear_backward: dx");
-        let dy = MatRef::new(dy, t, d_out);
-        gemm(
-            dx,
-            dy,
-            MatRef::new(w, d_out, d_in),
-            Accumulate::Overwrite,
-            Threads::Pool,
-        );
+        let (dy, w) = (MatRef::new(dy, t, d_out), MatRef::new(w, d_out, d_in));
+        product(dx, dy, w, Accumulate::Overwrite);
     }
 }
 
@@ -142,20 +145,9 @@ pub fn linear_backward_bf16(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    (t, d_in, d_out): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) {
-    use super::amx::gemm_bf16;
-    assert_eq!(x.len(), t * d_in, "linear_backward: x");
-    assert_eq!(w.len(), d_out * d_in, "linear_backward: w");
-    assert_eq!(dy.len(), t * d_out, "linear_backward: dy");
-    assert_eq!(dw.len(), d_out * d_in, "linear_backward: dw");
-    let dy_t = MatRef::transposed(dy, d_out, t);
-    gemm_bf16(dw, dy_t, MatRef::new(x, t, d_in), Accumulate::Add);
-    if let Some(dx) = dx {
-        assert_eq!(dx.len(), t * d_in, "linear_backward: dx");
-        let (dy, w) = (MatRef::new(dy, t, d_out), MatRef::new(w, d_out, d_in));
-        gemm_bf16(dx, dy, w, Accumulate::Overwrite);
-    }
+    backward_products(dx, dw, x, w, dy, dims, super::amx::gemm_bf16);
 }
 
 /// The compute-bound case: slices of output columns (weight rows), each packed and multiplied
