@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::matmul::{Accumulate, MatRef};
+use crate::model::dtype::bf16_bits;
 use crate::parallel;
 
 /// Rows and columns of a result block, and values of the inner dimension per tile step.
@@ -165,30 +166,20 @@ fn pack(m: MatRef, by_column: bool, blocks: usize, chunks: usize, pairs: bool) -
                     for row in 0..outers {
                         let from = &data[base + row * outer_stride..][..inners];
                         for (i, &v) in from.iter().enumerate() {
-                            tile[place(row, i)] = to_bf16(v);
+                            tile[place(row, i)] = bf16_bits(v);
                         }
                     }
                 } else {
                     for i in 0..inners {
                         for row in 0..outers {
                             let v = data[base + i * inner_stride + row * outer_stride];
-                            tile[place(row, i)] = to_bf16(v);
+                            tile[place(row, i)] = bf16_bits(v);
                         }
                     }
                 }
             }
         });
     packed
-}
-
-/// `v` rounded to bfloat16 (nearest, ties to even; a NaN stays a NaN), as `Half::Bf16.narrow`.
-#[inline]
-fn to_bf16(v: f32) -> u16 {
-    let b = v.to_bits();
-    if (b & 0x7fff_ffff) > 0x7f80_0000 {
-        return ((b >> 16) | 0x0040) as u16;
-    }
-    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// The 64-byte tile configuration: every tile 16 rows of 64 bytes. Loaded on construction,

@@ -265,7 +265,7 @@ impl Model {
         // Output layer: table [vocab, e] (wte when tied; padding rows get no gradient).
         let rows = range(table).start..range(table).start + cfg.vocab * e;
         let mut dh = tensor::alloc_zeroed(n * e)?;
-        // The logits' gradient is an operand of the head's backward: rounded in place.
+        // The logits' gradient is the head's dy operand: rounded in place, not copied.
         pass.operands.round_slice(&mut logits);
         pass.linear_backward(
             Some(&mut dh),
@@ -661,7 +661,7 @@ impl Pass {
         linear_into(y, &self.operand(x), w, b, dims, acc, cancel)
     }
 
-    /// `linear_backward` with x, w and dy as operands.
+    /// `linear_backward` with x and w as operands; dy is one already (`operand`).
     fn linear_backward(
         &self,
         dx: Option<&mut [f32]>,
@@ -675,7 +675,7 @@ impl Pass {
         if self.tiles() {
             return linear::linear_backward_bf16(dx, dw, x, w, dy, dims);
         }
-        linear_backward(dx, dw, &self.operand(x), w, &self.operand(dy), dims);
+        linear_backward(dx, dw, &self.operand(x), w, dy, dims);
     }
 
     /// `x` as a linear layer's operand: itself in float32, else a copy rounded to the
@@ -704,9 +704,10 @@ impl Pass {
         dy: &[f32],
         dims: (usize, usize, usize),
     ) {
-        self.linear_backward(dx, &mut grads[range(w)], x, w, dy, dims);
+        let dy = self.operand(dy);
+        self.linear_backward(dx, &mut grads[range(w)], x, w, &dy, dims);
         if let Some(b) = b {
-            bias_backward(&mut grads[range(b)], &self.operand(dy), dims.2);
+            bias_backward(&mut grads[range(b)], &dy, dims.2);
         }
     }
 }
