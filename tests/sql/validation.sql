@@ -54,6 +54,10 @@ SELECT label, pg_temp.err(q) AS outcome FROM (VALUES
   -- NaN / infinity policy: rejected in every tensor; -Infinity allowed only in logits
   -- (pg_llm_from_array converts faithfully, NaN included; the kernels validate)
   ('NaN in matmul a',     $$SELECT pg_llm_matmul(pg_llm_from_array('{1,NaN}'), pg_llm_from_array('{1,1}'), 1, 2, 1)$$),
+  -- (a product's operands are checked through its result: infinity times zero is still found)
+  ('Infinity in matmul b', $$SELECT pg_llm_matmul(pg_llm_from_array('{0,0,0,0}'), pg_llm_from_array('{0,0,0,-Infinity}'), 2, 2, 2)$$),
+  ('NaN in linear w',     $$SELECT pg_llm_linear(pg_llm_from_array('{1,2}'), pg_llm_from_array('{0,0,NaN,0}'), NULL, 1, 2, 2)$$),
+  ('Infinity in linear b', $$SELECT pg_llm_linear(pg_llm_from_array('{1,2}'), pg_llm_from_array('{0,0,0,0}'), pg_llm_from_array('{0,Infinity}'), 1, 2, 2)$$),
   ('NaN as raw bytes',    $$SELECT pg_llm_gelu('\x0000803f0000c07f'::bytea)$$),
   ('Infinity in weight',  $$SELECT pg_llm_layernorm(pg_llm_from_array('{1,2}'), pg_llm_from_array('{Infinity,1}'), pg_llm_from_array('{0,0}'), 1e-5)$$),
   ('-Infinity in weight', $$SELECT pg_llm_add(pg_llm_from_array('{1,2}'), pg_llm_from_array('{-Infinity}'))$$),
@@ -63,6 +67,7 @@ SELECT label, pg_temp.err(q) AS outcome FROM (VALUES
   ('NaN scalar',          $$SELECT pg_llm_layernorm(pg_llm_from_array('{1,2}'), pg_llm_from_array('{1,1}'), pg_llm_from_array('{0,0}'), 'NaN')$$),
   ('overflowing result',  $$SELECT pg_llm_add(pg_llm_from_array('{3e38}'), pg_llm_from_array('{3e38}'))$$),
   ('overflowing matmul',  $$SELECT pg_llm_matmul(pg_llm_from_array('{1e30}'), pg_llm_from_array('{1e30}'), 1, 1, 1)$$),
+  ('overflowing linear',  $$SELECT pg_llm_linear(pg_llm_from_array('{3e38,3e38}'), pg_llm_from_array('{3e38,3e38}'), NULL, 1, 2, 1)$$),
   -- NULLs are errors, not silent NULL results
   ('NULL tensor',         $$SELECT pg_llm_matmul(NULL, pg_llm_from_array('{1}'), 1, 1, 1)$$),
   ('NULL dimension',      $$SELECT pg_llm_matmul(pg_llm_from_array('{1}'), pg_llm_from_array('{1}'), 1, NULL, 1)$$),

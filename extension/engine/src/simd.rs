@@ -16,6 +16,27 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
+/// The largest `key` of the values' bits: the block scan of every finiteness check, a max
+/// reduction that needs AVX2's unsigned 32-bit max to vectorise (SSE2 has none).
+#[inline]
+pub fn max_key(values: &[f32], key: &impl Fn(u32) -> u32) -> u32 {
+    #[inline(always)]
+    fn body(values: &[f32], key: &impl Fn(u32) -> u32) -> u32 {
+        values.iter().fold(0, |m, v| m.max(key(v.to_bits())))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn body_avx2(values: &[f32], key: &impl Fn(u32) -> u32) -> u32 {
+        body(values, key)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the feature was detected at run time.
+        return unsafe { body_avx2(values, key) };
+    }
+    body(values, key)
+}
+
 /// y[j] += a · x[j]. Fused multiply-add only where the CPU has it (it is slow in software).
 #[inline(always)]
 fn axpy_body<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {

@@ -20,6 +20,9 @@ pub enum Finite {
     Required,
     /// −infinity is accepted as a mask value (logits); NaN and +infinity are rejected.
     AllowNegInf,
+    /// Not checked here: the operands of a product, checked through its result
+    /// (`blame_operands`).
+    ThroughProduct,
 }
 
 /// Decodes a little-endian float32 blob, rejecting a byte length that is not a multiple of 4
@@ -134,6 +137,7 @@ pub fn check_finite(values: &[f32], arg: &str, finite: Finite) -> Result<()> {
         Finite::AllowNegInf => {
             first_bad(values, |bits| (bits & !SIGN) + (1 - (bits >> 31)), EXPONENT)
         }
+        Finite::ThroughProduct => None,
     };
     match bad {
         None => Ok(()),
@@ -155,6 +159,29 @@ pub fn check_result(values: &[f32], what: &str) -> Result<()> {
     }
 }
 
+/// The outcome of a product whose operands were viewed with `Finite::ThroughProduct`, with a
+/// non-finite result traced back to its operands. Every term of a product is computed, and
+/// NaN·x, ±∞·0 and ±∞·x are all non-finite, so a non-finite operand value makes its whole row
+/// (of the left operand) or column (of the right one, or of a bias) of the result non-finite:
+/// a finite result proves finite operands, which are then never read a second time (for a
+/// decode-shaped product that halves the memory traffic). Only a result that failed its
+/// overflow check (`OutOfRange`) has them scanned, and the first non-finite operand is reported
+/// as `check_finite` reports it, so callers see the same error as with operands checked
+/// beforehand; finite operands leave the overflow error. An empty result (`result_len` 0)
+/// proves nothing, so then the operands are always scanned.
+pub fn blame_operands<T>(
+    outcome: Result<T>,
+    result_len: usize,
+    operands: &[(&[f32], &str)],
+) -> Result<T> {
+    if result_len == 0 || matches!(outcome, Err(EngineError::OutOfRange(_))) {
+        for (values, arg) in operands {
+            check_finite(values, arg, Finite::Required)?;
+        }
+    }
+    outcome
+}
+
 const SIGN: u32 = 0x8000_0000;
 /// The magnitude bits of +infinity; any magnitude above is a NaN.
 const EXPONENT: u32 = 0x7f80_0000;
@@ -167,7 +194,7 @@ fn first_bad(values: &[f32], key: impl Fn(u32) -> u32 + Sync, limit: u32) -> Opt
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 16;
     let bad = |v: &f32| key(v.to_bits()) > limit;
-    let any_bad = |block: &[f32]| block.iter().fold(0, |m, v| m.max(key(v.to_bits()))) > limit;
+    let any_bad = |block: &[f32]| crate::simd::max_key(block, &key) > limit;
     let block = if values.len() <= BLOCK {
         any_bad(values).then_some(0)
     } else {

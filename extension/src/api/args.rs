@@ -40,6 +40,23 @@ pub fn tensor_exact<'a>(
     tensor::view_exact(required(value, name)?, name, numel, shape, Finite::Required)
 }
 
+/// `tensor_exact` for an operand of a product, whose finiteness the product's result proves
+/// (`tensor::blame_operands` must see the outcome): a finite result needs no second read.
+pub fn operand_exact<'a>(
+    value: Option<&'a [u8]>,
+    name: &str,
+    numel: usize,
+    shape: &str,
+) -> Result<Cow<'a, [f32]>> {
+    tensor::view_exact(
+        required(value, name)?,
+        name,
+        numel,
+        shape,
+        Finite::ThroughProduct,
+    )
+}
+
 /// A dimension argument: present, positive, not absurd.
 pub fn dim(value: Option<i32>, name: &str) -> Result<usize> {
     tensor::dim(required(value, name)? as i64, name)

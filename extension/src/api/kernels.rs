@@ -10,7 +10,9 @@ use std::borrow::Cow;
 
 use pgrx::prelude::*;
 
-use super::args::{dim, finite, logits as logits_arg, required, tensor, tensor_exact};
+use super::args::{
+    dim, finite, logits as logits_arg, operand_exact, required, tensor, tensor_exact,
+};
 use super::float32_bytea::Float32Bytea;
 use crate::errors::{cancel, run};
 use crate::tape;
@@ -28,12 +30,14 @@ fn pg_llm_matmul(
         let (m, k, n) = (dim(m, "m")?, dim(k, "k")?, dim(n, "n")?);
         let a_len = tensor::numel(&[m, k], "a")?;
         let b_len = tensor::numel(&[k, n], "b")?;
-        let a = tensor_exact(a, "a", a_len, &format!("[m={m}, k={k}]"))?;
-        let b = tensor_exact(b, "b", b_len, &format!("[k={k}, n={n}]"))?;
+        let a = operand_exact(a, "a", a_len, &format!("[m={m}, k={k}]"))?;
+        let b = operand_exact(b, "b", b_len, &format!("[k={k}, n={n}]"))?;
         let len = tensor::numel(&[m, n], "matmul result")?;
-        // Computed in the result value; matmul checks it (22003 beyond float32's range).
+        // Computed in the result value; matmul checks it (22003 beyond float32's range), and a
+        // non-finite result is traced to a non-finite operand (22000) where there is one.
         Float32Bytea::computed(len, cancel(), |y| {
-            matmul::matmul_into(y, &a, &b, m, k, n, cancel())?;
+            let product = matmul::matmul_into(y, &a, &b, m, k, n, cancel());
+            tensor::blame_operands(product, len, &[(&a, "a"), (&b, "b")])?;
             tape::record(Op::MatMul { m, k, n }, &[&a, &b], y, vec![m, n])
         })
     })

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 
 use pgrx::prelude::*;
 
-use super::args::{dim, required, tensor as tensor_arg, tensor_exact};
+use super::args::{dim, operand_exact, required, tensor as tensor_arg, tensor_exact};
 use super::float32_bytea::Float32Bytea;
 use crate::errors::{cancel, run};
 use crate::tape;
@@ -33,13 +33,14 @@ fn linear_args<'a>(
     rows: Option<i32>,
     d_in: Option<i32>,
     d_out: Option<i32>,
+    view: impl Fn(Option<&'a [u8]>, &str, usize, &str) -> Result<Cow<'a, [f32]>>,
 ) -> Result<LinearArgs<'a>> {
     let (rows, d_in, d_out) = (dim(rows, "rows")?, dim(d_in, "d_in")?, dim(d_out, "d_out")?);
     let x_len = tensor::numel(&[rows, d_in], "x")?;
     let w_len = tensor::numel(&[d_out, d_in], "w")?;
     Ok(LinearArgs {
-        x: tensor_exact(x, "x", x_len, &format!("[rows={rows}, d_in={d_in}]"))?,
-        w: tensor_exact(w, "w", w_len, &format!("[d_out={d_out}, d_in={d_in}]"))?,
+        x: view(x, "x", x_len, &format!("[rows={rows}, d_in={d_in}]"))?,
+        w: view(w, "w", w_len, &format!("[d_out={d_out}, d_in={d_in}]"))?,
         rows,
         d_in,
         d_out,
@@ -58,15 +59,19 @@ fn pg_llm_linear(
     d_out: Option<i32>,
 ) -> Float32Bytea {
     run("pg_llm_linear", || {
-        let a = linear_args(x, w, rows, d_in, d_out)?;
+        let a = linear_args(x, w, rows, d_in, d_out, operand_exact)?;
         let b = b
-            .map(|b| tensor_exact(Some(b), "b", a.d_out, &format!("[d_out={}]", a.d_out)))
+            .map(|b| operand_exact(Some(b), "b", a.d_out, &format!("[d_out={}]", a.d_out)))
             .transpose()?;
         let dims = (a.rows, a.d_in, a.d_out);
         let len = tensor::numel(&[a.rows, a.d_out], "pg_llm_linear result")?;
         Float32Bytea::computed(len, cancel(), |y| {
-            linear_into(y, &a.x, &a.w, b.as_deref(), dims, Overwrite, cancel())?;
-            tensor::check_result(y, "pg_llm_linear")?;
+            // A non-finite result is traced to a non-finite operand (22000) where there is one.
+            let product = linear_into(y, &a.x, &a.w, b.as_deref(), dims, Overwrite, cancel())
+                .and_then(|()| tensor::check_result(y, "pg_llm_linear"));
+            let mut operands = vec![(&*a.x, "x"), (&*a.w, "w")];
+            operands.extend(b.as_deref().map(|b| (b, "b")));
+            tensor::blame_operands(product, len, &operands)?;
             let op = Op::Linear {
                 t: a.rows,
                 d_in: a.d_in,
@@ -92,7 +97,7 @@ fn pg_llm_linear_backward(
     d_out: Option<i32>,
 ) -> pgrx::composite_type!('static, "linear_grads") {
     let (dx, dw, db) = run("pg_llm_linear_backward", || {
-        let a = linear_args(x, w, rows, d_in, d_out)?;
+        let a = linear_args(x, w, rows, d_in, d_out, tensor_exact)?;
         let dy_len = a.rows * a.d_out;
         let dy = tensor_exact(
             dy,

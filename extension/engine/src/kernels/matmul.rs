@@ -444,4 +444,116 @@ mod tests {
         let err = matmul(&[1.0; 4], &[1.0; 4], 2, 2, 2, Cancel::new(&stop)).unwrap_err();
         assert_eq!(err, EngineError::Cancelled);
     }
+
+    /// A non-finite operand value always shows in the result of `matmul_into` and
+    /// `linear_into`, whatever the product's path (few rows, k ≤ 2, small, general) and even
+    /// against zeros, so `blame_operands` reports it as checking the operands first would.
+    #[test]
+    fn a_non_finite_operand_is_traced_through_the_result() {
+        use crate::kernels::linear::linear_into;
+        use crate::tensor::{blame_operands, check_finite, Finite};
+        let expect = |values: &[f32], arg: &str| {
+            check_finite(values, arg, Finite::Required)
+                .unwrap_err()
+                .to_string()
+        };
+        for (m, k, n) in [(1, 3, 5), (3, 2, 7), (5, 1, 3), (16, 16, 16), (70, 33, 90)] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for zeros in [false, true] {
+                    let fill = |len: usize| -> Vec<f32> {
+                        if zeros {
+                            vec![0.0; len]
+                        } else {
+                            seq(len, 0.1)
+                        }
+                    };
+                    for (which, at) in [
+                        (0, 0),
+                        (0, m * k - 1),
+                        (1, 0),
+                        (1, k * n / 2),
+                        (1, k * n - 1),
+                    ] {
+                        let (mut a, mut b) = (fill(m * k), fill(k * n));
+                        if which == 0 {
+                            a[at] = bad
+                        } else {
+                            b[at] = bad
+                        }
+                        let mut c = vec![0.0; m * n];
+                        let got = blame_operands(
+                            matmul_into(&mut c, &a, &b, m, k, n, Cancel::NEVER),
+                            m * n,
+                            &[(&a, "a"), (&b, "b")],
+                        );
+                        let want = if which == 0 {
+                            expect(&a, "a")
+                        } else {
+                            expect(&b, "b")
+                        };
+                        assert_eq!(got.unwrap_err().to_string(), want, "{m}x{k}x{n} {bad}");
+
+                        // The same operands as a linear layer: x [m, k], w [n, k], bias [n].
+                        let (x, w, bias) = (&a, &b, fill(n));
+                        let mut y = vec![0.0; m * n];
+                        let got = blame_operands(
+                            linear_into(
+                                &mut y,
+                                x,
+                                w,
+                                Some(&bias),
+                                (m, k, n),
+                                Accumulate::Overwrite,
+                                Cancel::NEVER,
+                            )
+                            .and_then(|()| crate::tensor::check_result(&y, "y")),
+                            m * n,
+                            &[(x, "x"), (w, "w"), (&bias, "b")],
+                        );
+                        let want = if which == 0 {
+                            expect(x, "x")
+                        } else {
+                            expect(w, "w")
+                        };
+                        assert_eq!(
+                            got.unwrap_err().to_string(),
+                            want,
+                            "linear {m}x{k}x{n} {bad}"
+                        );
+                    }
+                    let (a, b, mut bias) = (fill(m * k), fill(k * n), fill(n));
+                    bias[n - 1] = bad;
+                    let mut y = vec![0.0; m * n];
+                    let got = blame_operands(
+                        linear_into(
+                            &mut y,
+                            &a,
+                            &b,
+                            Some(&bias),
+                            (m, k, n),
+                            Accumulate::Overwrite,
+                            Cancel::NEVER,
+                        )
+                        .and_then(|()| crate::tensor::check_result(&y, "y")),
+                        m * n,
+                        &[(&a, "x"), (&b, "w"), (&bias, "b")],
+                    );
+                    assert_eq!(got.unwrap_err().to_string(), expect(&bias, "b"));
+                }
+            }
+        }
+        // Finite operands whose product overflows keep the overflow error; an empty result
+        // has its operands checked directly.
+        let (a, b) = (vec![3e38f32; 4], vec![3e38f32; 4]);
+        let mut c = vec![0.0; 4];
+        let got = blame_operands(
+            matmul_into(&mut c, &a, &b, 2, 2, 2, Cancel::NEVER),
+            4,
+            &[(&a, "a"), (&b, "b")],
+        );
+        assert!(matches!(got, Err(EngineError::OutOfRange(_))));
+        let b = vec![f32::NAN; 3];
+        let got = blame_operands(Ok(()), 0, &[(&[], "a"), (&b, "b")]);
+        assert_eq!(got.unwrap_err().to_string(), expect(&b, "b"));
+    }
 }
