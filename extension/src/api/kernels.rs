@@ -35,7 +35,7 @@ fn pg_llm_matmul(
         let len = tensor::numel(&[m, n], "matmul result")?;
         // Computed in the result value; matmul checks it (22003 beyond float32's range), and a
         // non-finite result is traced to a non-finite operand (22000) where there is one.
-        Float32Bytea::computed(len, cancel(), |y| {
+        Float32Bytea::overwritten(len, |y| {
             let product = matmul::matmul_into(y, &a, &b, m, k, n, cancel());
             tensor::blame_operands(product, len, &[(&a, "a"), (&b, "b")])?;
             tape::record(Op::MatMul { m, k, n }, &[&a, &b], y, vec![m, n])

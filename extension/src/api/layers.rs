@@ -65,7 +65,7 @@ fn pg_llm_linear(
             .transpose()?;
         let dims = (a.rows, a.d_in, a.d_out);
         let len = tensor::numel(&[a.rows, a.d_out], "pg_llm_linear result")?;
-        Float32Bytea::computed(len, cancel(), |y| {
+        Float32Bytea::overwritten(len, |y| {
             // A non-finite result is traced to a non-finite operand (22000) where there is one.
             let product = linear_into(y, &a.x, &a.w, b.as_deref(), dims, Overwrite, cancel())
                 .and_then(|()| tensor::check_result(y, "pg_llm_linear"));

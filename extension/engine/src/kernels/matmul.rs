@@ -198,8 +198,11 @@ pub fn gemm_sliced(
     cancel: Cancel,
 ) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    // A multiple of 48 keeps slice edges on whole micro-kernel tiles.
-    let cols = (flops_per_slice / (2 * m * k).max(1))
+    // Slices of equal width (one slice of 2544 columns and one of 528 would leave a thread
+    // idle in the short one), a multiple of 48 to keep slice edges on whole micro-kernel tiles.
+    let most_cols = (flops_per_slice / (2 * m * k).max(1)).max(1);
+    let cols = n
+        .div_ceil(n.div_ceil(most_cols).max(1))
         .max(1)
         .next_multiple_of(48);
     for c0 in (0..n).step_by(cols) {
