@@ -42,10 +42,10 @@ pub fn get(model: &str) -> Result<Rc<Model>> {
 pub fn get_within(
     model: &str,
     what: &str,
-    need: impl FnOnce(&ModelConfig) -> Result<Need>,
+    need: impl FnOnce(&ModelConfig, DType) -> Result<Need>,
 ) -> Result<Rc<Model>> {
     let stored = store::load_config(model)?;
-    let mut need = need(&stored.config)?;
+    let mut need = need(&stored.config, stored.dtype)?;
     // The served copy holds the matrices in the model's weight dtype (half the bytes in
     // bfloat16 or float16), not the float32 the estimates count.
     if stored.dtype != DType::Float32 {

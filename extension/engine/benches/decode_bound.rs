@@ -7,7 +7,7 @@
 //! passes. It then decodes greedily on a short context (16-token prompt) and a long one (prompt
 //! of 1984 tokens, so the steps run at positions 1984..2048), and prints each as a fraction of
 //! the bound, for the weights in float32 and with the matrices in bfloat16 and float16 (with
-//! each one's ratio to float32).
+//! each one's ratio to float32; their KV caches hold keys and values in the same precision).
 //!
 //! Usage: decode_bound [THREADS] (default: all hardware threads). Random weights; the figures
 //! do not depend on the values.
@@ -44,7 +44,8 @@ fn main() {
         let mut src = MapSource::new(params.clone());
         let weights = ModelWeights::load_as(&cfg, &mut src, dtype).expect("load");
         // Bytes a step reads: the image less the position table (one row of it is read).
-        let wpe_bytes = cfg.n_positions * cfg.d_model * if dtype == DType::Float32 { 4 } else { 2 };
+        let value_bytes = if dtype == DType::Float32 { 4 } else { 2 };
+        let wpe_bytes = cfg.n_positions * cfg.d_model * value_bytes;
         let image_bytes = weights.storage().image().len() - wpe_bytes;
         let model = Model::new(cfg.clone(), weights).expect("model");
         for prompt_len in [16, cfg.n_positions - NEW_TOKENS] {
@@ -52,11 +53,12 @@ fn main() {
                 .map(|i| (i * 7919) % 50000 + 100)
                 .collect();
             let tokens_per_s = NEW_TOKENS as f64 / best_decode(&model, &prompt);
-            // Keys and values of every earlier position, read by each layer at each step.
+            // Keys and values of every earlier position, read by each layer at each step (the
+            // cache holds them in the weights' precision).
             let kv_values: usize = (prompt_len..prompt_len + NEW_TOKENS)
                 .map(|pos| 2 * cfg.n_layer * pos * cfg.d_attn())
                 .sum();
-            let bytes_per_token = (image_bytes + 4 * kv_values / NEW_TOKENS) as f64;
+            let bytes_per_token = (image_bytes + value_bytes * kv_values / NEW_TOKENS) as f64;
             decodes.push((dtype, prompt_len, tokens_per_s, bytes_per_token));
         }
     }

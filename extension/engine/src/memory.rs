@@ -38,45 +38,53 @@ pub fn weights(cfg: &ModelConfig) -> Result<u64> {
     Ok(packed_len(cfg)? as u64 * F32)
 }
 
-/// A forward pass over `tokens` positions returning `logits_rows` rows of logits, with a KV
-/// cache of `kv_positions` positions (0 = none), on `threads` compute threads.
+/// A forward pass over `tokens` positions returning `logits_rows` rows of logits, without a
+/// KV cache, on `threads` compute threads.
 pub fn inference(
     cfg: &ModelConfig,
     tokens: usize,
     logits_rows: usize,
-    kv_positions: usize,
     threads: usize,
 ) -> Result<Need> {
     Ok(Need {
         weights: weights(cfg)?,
         working: forward_working(cfg, tokens as u64, threads as u64)
             .saturating_add(head_working(cfg, logits_rows as u64))
-            .saturating_add(kv_cache(cfg, kv_positions as u64))
             .saturating_add(margin(threads)),
     })
 }
 
 /// Generation of up to `max_new` tokens after a `prompt`-token prompt, keeping `caches` KV
-/// caches at once (1 for sampling; beam search holds each beam's and its successors').
+/// caches at once (1 for sampling; beam search holds each beam's and its successors'), whose
+/// keys and values are in `kv` (the precision the model is served in).
 pub fn generation(
     cfg: &ModelConfig,
     prompt: usize,
     max_new: usize,
     caches: usize,
+    kv: DType,
     threads: usize,
 ) -> Result<Need> {
     let positions = (prompt as u64).saturating_add(max_new as u64);
-    let mut need = inference(cfg, prompt, 1, 0, threads)?;
+    let mut need = inference(cfg, prompt, 1, threads)?;
     // Per cache: its keys and values, the tokens so far and the last logits of its beam.
-    let per_cache = kv_cache(cfg, positions)
+    let per_cache = kv_cache(cfg, positions, kv)
         .saturating_add(positions * 4)
         .saturating_add(cfg.vocab as u64 * F32);
     // Sampling sorts the candidates of one row (value and index per token).
     let sampling = cfg.vocab as u64 * 16;
+    // A prompt reading a half-precision cache widens one head's keys and values per thread.
+    let widened = match kv {
+        DType::Float32 => 0,
+        _ => (threads.max(1) as u64)
+            .saturating_mul(2 * positions * cfg.d_head as u64)
+            .saturating_mul(F32),
+    };
     need.working = need
         .working
         .saturating_add(per_cache.saturating_mul(caches as u64))
-        .saturating_add(sampling);
+        .saturating_add(sampling)
+        .saturating_add(widened);
     Ok(need)
 }
 
@@ -171,11 +179,12 @@ fn head_working(cfg: &ModelConfig, rows: u64) -> u64 {
         .saturating_mul(F32)
 }
 
-/// Keys and values of `positions` positions in every layer.
-fn kv_cache(cfg: &ModelConfig, positions: u64) -> u64 {
+/// Keys and values of `positions` positions in every layer, in `kv`.
+fn kv_cache(cfg: &ModelConfig, positions: u64, kv: DType) -> u64 {
+    let value_bytes = if kv == DType::Float32 { F32 } else { 2 };
     positions
         .saturating_mul(2 * cfg.n_layer as u64 * cfg.d_attn() as u64)
-        .saturating_mul(F32)
+        .saturating_mul(value_bytes)
 }
 
 /// `bytes` for messages: "1.5 GB", "640 MB", "12 kB" (powers of 1024, PostgreSQL's units).

@@ -567,6 +567,86 @@ fn dot_widened_body<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32;
     std::array::from_fn(|r| widened_tail(x, w[r], h, chunks * 16, n, sum16(acc[r])))
 }
 
+/// out[c] += Σ_j p[j] · widen(rows[j·n + c]) for half-precision rows [p.len(), n] (bits of
+/// `h`, n = out.len()), each column summed in row order: the bits of `axpy` of each widened row
+/// in turn. Attention's weighted sum of a half-precision KV cache's values: 64 columns at a time
+/// stay in registers while the rows stream past, instead of out being loaded and stored per row.
+pub fn weighted_rows_half(out: &mut [f32], p: &[f32], rows: &[u16], h: Half) {
+    assert!(
+        rows.len() >= p.len() * out.len(),
+        "weighted_rows_half: rows"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features were detected at run time; rows holds p.len() rows of n.
+        return unsafe {
+            match h {
+                Half::Bf16 => weighted_rows_half_avx2::<true>(out, p, rows),
+                Half::F16 => weighted_rows_half_avx2::<false>(out, p, rows),
+            }
+        };
+    }
+    let n = out.len();
+    for (j, &pj) in p.iter().enumerate() {
+        for (o, &b) in out.iter_mut().zip(&rows[j * n..(j + 1) * n]) {
+            *o += pj * h.widen(b);
+        }
+    }
+}
+
+/// `weighted_rows_half` with fused multiply-adds, eight 256-bit accumulators per 64 columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_rows_half_avx2<const BF16: bool>(out: &mut [f32], p: &[f32], rows: &[u16]) {
+    use std::arch::x86_64::*;
+    // A macro, as in `dot_widened_avx2`.
+    macro_rules! widen8 {
+        ($p:expr) => {{
+            let bits = _mm_loadu_si128($p as *const __m128i);
+            if BF16 {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+            } else {
+                _mm256_cvtph_ps(bits)
+            }
+        }};
+    }
+    // Columns c0.. in B blocks of eight, their sums in registers over all rows.
+    macro_rules! columns {
+        ($c0:expr, $b:literal) => {{
+            let (c0, n, o) = ($c0, out.len(), out.as_mut_ptr());
+            let mut acc = [_mm256_setzero_ps(); $b];
+            for (b, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(o.add(c0 + 8 * b));
+            }
+            for (j, &pj) in p.iter().enumerate() {
+                let (pv, row) = (_mm256_set1_ps(pj), rows.as_ptr().add(j * n + c0));
+                for (b, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(pv, widen8!(row.add(8 * b)), *a);
+                }
+            }
+            for (b, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.add(c0 + 8 * b), *a);
+            }
+        }};
+    }
+    let n = out.len();
+    let mut c0 = 0;
+    while c0 + 64 <= n {
+        columns!(c0, 8);
+        c0 += 64;
+    }
+    while c0 + 8 <= n {
+        columns!(c0, 1);
+        c0 += 8;
+    }
+    let h = if BF16 { Half::Bf16 } else { Half::F16 };
+    for c in c0..n {
+        for (j, &pj) in p.iter().enumerate() {
+            out[c] = h.widen(rows[j * n + c]).mul_add(pj, out[c]);
+        }
+    }
+}
+
 /// `dot_widened_body` with each row's sixteen lanes in two 256-bit registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -666,6 +746,34 @@ unsafe fn dot_widened_avx512<const BF16: bool, const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighted_half_rows_are_axpy_of_each_widened_row() {
+        for n in [5, 8, 64, 80, 128, 200] {
+            let rows = 37;
+            let p: Vec<f32> = (0..rows)
+                .map(|j| ((j * 13 % 17) as f32 - 8.0) * 0.061)
+                .collect();
+            let start: Vec<f32> = (0..n).map(|c| (c % 7) as f32 * 0.5 - 1.0).collect();
+            for h in [Half::Bf16, Half::F16] {
+                let bits: Vec<u16> = (0..rows * n)
+                    .map(|i| h.narrow(((i * 11 % 29) as f32 - 14.0) * 0.0771))
+                    .collect();
+                let mut want = start.clone();
+                for (j, &pj) in p.iter().enumerate() {
+                    let wide: Vec<f32> = bits[j * n..(j + 1) * n]
+                        .iter()
+                        .map(|&b| h.widen(b))
+                        .collect();
+                    axpy(&mut want, pj, &wide);
+                }
+                let mut got = start.clone();
+                weighted_rows_half(&mut got, &p, &bits, h);
+                let b = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(b(&got), b(&want), "{h:?}, {n} columns");
+            }
+        }
+    }
 
     #[test]
     fn half_dots_are_the_same_bits_on_every_path() {

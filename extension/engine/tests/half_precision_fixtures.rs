@@ -61,12 +61,23 @@ fn check(name: &str, dtype: DType, half_tolerance: f32) {
         dtype.name()
     );
 
-    // Greedy decoding with the KV cache, one token per step.
+    // Greedy decoding with the KV cache, one token per step. The cache holds keys and values
+    // in the half precision, so the prompt's last logits move from transformers' float32
+    // computation by that rounding: less than its distance to transformers in the half dtype.
     let greedy = ints(&expected, "greedy_widened");
     let mut cache = model.new_cache(ids.len() + greedy.len()).unwrap();
     let mut last = model
         .forward(&ids, &mut cache, Logits::Last, Cancel::NEVER)
         .unwrap();
+    let vocab = last.len();
+    let last_row = |all: &[f32]| all[all.len() - vocab..].to_vec();
+    let cached = max_diff(&last, &last_row(&widened));
+    let half_last = max_diff(&last_row(&half), &last_row(&widened));
+    eprintln!("{name}: cached keys and values move the last logits by {cached} (transformers in the half dtype: {half_last})");
+    assert!(
+        cached < half_last,
+        "{name}: {cached} from transformers in float32 with a half KV cache"
+    );
     let mut out = Vec::new();
     for _ in 0..greedy.len() {
         out.push(argmax(&last) as u32);

@@ -128,7 +128,7 @@ fn estimates_bound_the_memory_the_engine_allocates() {
         for t in [1, 128, 512] {
             let tokens = ids(t);
             let measured = peak_of(|| model.logits(&tokens, Cancel::NEVER).unwrap());
-            let need = memory::inference(&cfg, t, t, 0, threads).unwrap();
+            let need = memory::inference(&cfg, t, t, threads).unwrap();
             check(
                 &format!("{name}: logits of {t} tokens"),
                 measured,
@@ -149,13 +149,27 @@ fn estimates_bound_the_memory_the_engine_allocates() {
         };
         let prompt = ids(256);
         let measured = peak_of(|| generate(&model, &prompt, opts, Cancel::NEVER).unwrap());
-        let need = memory::generation(&cfg, 256, 48, 1, threads).unwrap();
+        let need = memory::generation(&cfg, 256, 48, 1, DType::Float32, threads).unwrap();
         check(&format!("{name}: generation"), measured, need, 3.0);
+
+        // Served in bfloat16: a half-precision KV cache, widened per head for the prompt.
+        let params = init_params(&cfg, 7).unwrap();
+        let half = ModelWeights::load_as(&cfg, &mut MapSource::new(params), DType::Bfloat16);
+        let half = Model::new(cfg.clone(), half.unwrap()).unwrap();
+        let measured = peak_of(|| generate(&half, &prompt, opts, Cancel::NEVER).unwrap());
+        let need = memory::generation(&cfg, 256, 48, 1, DType::Bfloat16, threads).unwrap();
+        check(
+            &format!("{name}: generation in bfloat16"),
+            measured,
+            need,
+            3.0,
+        );
 
         let width = 3;
         let measured =
             peak_of(|| beam_search(&model, &prompt, width, 48, 1.0, None, Cancel::NEVER).unwrap());
-        let need = memory::generation(&cfg, 256, 48, 2 * width + 1, threads).unwrap();
+        let need =
+            memory::generation(&cfg, 256, 48, 2 * width + 1, DType::Float32, threads).unwrap();
         check(
             &format!("{name}: beam search of width {width}"),
             measured,

@@ -67,9 +67,9 @@ fn model_for(
     max_new: usize,
     caches: usize,
 ) -> Result<Rc<Model>> {
-    model_cache::get_within(model, what, |cfg| {
+    model_cache::get_within(model, what, |cfg, dtype| {
         check_fits(cfg, prompt, max_new)?;
-        memory::generation(cfg, prompt, max_new, caches, guc::threads())
+        memory::generation(cfg, prompt, max_new, caches, dtype, guc::threads())
     })
 }
 

@@ -414,7 +414,7 @@ fn llm_logits(
         let ids = args::token_ids(token_ids, "token_ids")?;
         let name = args::model_name(model_name, "model_name")?;
         let what = format!("a forward pass over {} tokens of \"{name}\"", ids.len());
-        let model = model_cache::get_within(name, &what, |cfg| {
+        let model = model_cache::get_within(name, &what, |cfg, _| {
             if ids.len() > cfg.n_positions {
                 return Err(EngineError::invalid(format!(
                     "{} tokens exceed the model's context of {} tokens",
@@ -422,7 +422,7 @@ fn llm_logits(
                     cfg.n_positions
                 )));
             }
-            memory::inference(cfg, ids.len(), ids.len(), 0, guc::threads())
+            memory::inference(cfg, ids.len(), ids.len(), guc::threads())
         })?;
         let len = tensor::numel(&[ids.len(), model.config.vocab], "logits")?;
         Float32Bytea::computed(len, cancel(), |out| model.logits_into(out, &ids, cancel()))

@@ -198,9 +198,9 @@ fn start(w: Waiting) -> Result<Option<Running>, ApiError> {
             Prompt::Text(t) => bpe.encode(t)?,
             Prompt::Tokens(ids) => ids.clone(),
         };
-        let need = |cfg: &_| {
+        let need = |cfg: &_, dtype| {
             check_fits(cfg, prompt.len(), req.max_tokens)?;
-            memory::generation(cfg, prompt.len(), req.max_tokens, 1, guc::threads())
+            memory::generation(cfg, prompt.len(), req.max_tokens, 1, dtype, guc::threads())
         };
         let model = model_cache::get_within(&req.model, "POST /v1/completions", need)?;
         Ok((model, bpe, prompt))

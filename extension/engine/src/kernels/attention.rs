@@ -7,10 +7,13 @@
 //! block against its visible keys are formed, softmaxed and consumed at once, and only the
 //! per-row log-sum-exp is kept for the backward pass (which recomputes the scores the same way).
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::matmul::{gemm, Accumulate, MatRef, Threads};
 use crate::error::{EngineError, Result};
+use crate::model::dtype::{Half, Matrix};
 use crate::parallel::{self, Cancel};
 use crate::tensor;
 
@@ -147,15 +150,17 @@ fn block_probs(
 /// Where attention reads its queries, keys and values. Row i of head h of q starts at
 /// `q[i * q_stride + h * d_head]`; of k and v at `k[i * kv_stride + h * kv_head_stride]`
 /// (keys of one head side by side in a fused q|k|v matrix, or each head's keys contiguous
-/// in a KV cache, which a decoding step then streams in order). Query row i sits at
+/// in a KV cache, which a decoding step then streams in order). A KV cache of a model served
+/// in half precision holds its keys and values in that precision (`Matrix::Half`, rows of one
+/// head contiguous: `kv_stride` = d_head), widened as attention reads them. Query row i sits at
 /// absolute position `start + i` and sees keys up to that position, so the keys hold at least
 /// `start + t` rows (a KV cache, or the same rows as the queries when `start` = 0).
 #[derive(Clone, Copy)]
 pub struct AttnInputs<'a> {
     pub q: &'a [f32],
     pub q_stride: usize,
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: Matrix<'a>,
+    pub v: Matrix<'a>,
     pub kv_stride: usize,
     pub kv_head_stride: usize,
     pub start: usize,
@@ -169,8 +174,8 @@ impl<'a> AttnInputs<'a> {
         Self {
             q: qkv,
             q_stride: 3 * w,
-            k: &qkv[w..],
-            v: &qkv[2 * w..],
+            k: Matrix::F32(&qkv[w..]),
+            v: Matrix::F32(&qkv[2 * w..]),
             kv_stride: 3 * w,
             kv_head_stride: s.d_head,
             start: 0,
@@ -225,6 +230,7 @@ pub fn attend_into(
                 let mut out = vec![0.0f32; t * dh];
                 let mut lse = vec![0.0f32; t];
                 let mut scores = vec![0.0f32; Q_BLOCK.min(t) * n_kv];
+                let (k, v, kv_stride, head_at) = head_keys_values(&inp, h, n_kv, dh);
                 for i0 in (0..t).step_by(Q_BLOCK) {
                     cancel.check()?;
                     let i1 = (i0 + Q_BLOCK).min(t);
@@ -238,13 +244,7 @@ pub fn attend_into(
                         inp.q_stride,
                         1,
                     );
-                    let k_t = MatRef::strided(
-                        &inp.k[lo * inp.kv_stride + h * inp.kv_head_stride..],
-                        dh,
-                        nk,
-                        1,
-                        inp.kv_stride,
-                    );
+                    let k_t = MatRef::strided(&k[lo * kv_stride + head_at..], dh, nk, 1, kv_stride);
                     gemm(
                         &mut scores[..nb * nk],
                         q,
@@ -262,13 +262,7 @@ pub fn attend_into(
                         lse[i0 + r] = crate::simd::softmax_scaled_inplace(live, scale);
                     }
                     let p = MatRef::new(&scores[..nb * nk], nb, nk);
-                    let v = MatRef::strided(
-                        &inp.v[lo * inp.kv_stride + h * inp.kv_head_stride..],
-                        nk,
-                        dh,
-                        inp.kv_stride,
-                        1,
-                    );
+                    let v = MatRef::strided(&v[lo * kv_stride + head_at..], nk, dh, kv_stride, 1);
                     gemm(
                         &mut out[i0 * dh..i1 * dh],
                         p,
@@ -290,6 +284,38 @@ pub fn attend_into(
     Ok(lse_all)
 }
 
+/// The keys and values of head `h` for the first `n_kv` positions, as float32 rows: in place
+/// (returned with their row stride and head `h`'s offset), or widened from a half-precision
+/// cache once for all of a call's query blocks (then rows of `dh`, from offset 0).
+fn head_keys_values<'a>(
+    inp: &AttnInputs<'a>,
+    h: usize,
+    n_kv: usize,
+    dh: usize,
+) -> (Cow<'a, [f32]>, Cow<'a, [f32]>, usize, usize) {
+    let widen = |m: Matrix<'a>| -> Cow<'a, [f32]> {
+        match m {
+            Matrix::F32(values) => Cow::Borrowed(values),
+            half => {
+                assert_eq!(
+                    inp.kv_stride, dh,
+                    "half-precision keys are rows of one head"
+                );
+                let at = h * inp.kv_head_stride;
+                let mut rows = Vec::with_capacity(n_kv * dh);
+                half.extend_f32(at..at + n_kv * dh, &mut rows);
+                Cow::Owned(rows)
+            }
+        }
+    };
+    let (k, v) = (widen(inp.k), widen(inp.v));
+    match (&k, &v) {
+        (Cow::Borrowed(_), Cow::Borrowed(_)) => (k, v, inp.kv_stride, h * inp.kv_head_stride),
+        (Cow::Owned(_), Cow::Owned(_)) => (k, v, dh, 0),
+        _ => unreachable!("keys and values in different precisions"),
+    }
+}
+
 /// Keys visible to one query from which attention is worth spreading over threads by head.
 const PARALLEL_KEYS: usize = 16;
 
@@ -309,14 +335,24 @@ fn attend_one_query(
     let head = |h: usize, out: &mut [f32]| -> f32 {
         let q = &inp.q[h * dh..(h + 1) * dh];
         let at = |j: usize| j * inp.kv_stride + h * inp.kv_head_stride;
-        let mut scores: Vec<f32> = keys
-            .clone()
-            .map(|j| crate::simd::dot(q, &inp.k[at(j)..at(j) + dh]))
-            .collect();
+        // A half-precision cache's rows of this head are contiguous (kv_stride = dh).
+        let span = at(keys.start)..at(keys.end - 1) + dh;
+        let mut scores: Vec<f32> = match inp.k {
+            Matrix::F32(k) => keys
+                .clone()
+                .map(|j| crate::simd::dot(q, &k[at(j)..at(j) + dh]))
+                .collect(),
+            Matrix::Half(k, hf) => half_scores(q, &k[span.clone()], dh, hf),
+        };
         let lse = crate::simd::softmax_scaled_inplace(&mut scores, scale);
         out.fill(0.0);
-        for (p, j) in scores.iter().zip(keys.clone()) {
-            crate::simd::axpy(out, *p, &inp.v[at(j)..at(j) + dh]);
+        match inp.v {
+            Matrix::F32(v) => {
+                for (&p, j) in scores.iter().zip(keys.clone()) {
+                    crate::simd::axpy(out, p, &v[at(j)..at(j) + dh]);
+                }
+            }
+            Matrix::Half(v, hf) => crate::simd::weighted_rows_half(out, &scores, &v[span], hf),
         }
         lse
     };
@@ -333,6 +369,21 @@ fn attend_one_query(
                 .collect()
         })
     }
+}
+
+/// q · k for each of the consecutive half-precision key rows `keys` ([n, dh] bits of `h`),
+/// eight rows per pass so that q is loaded once for all eight (each the bits `dot_half` gives).
+fn half_scores(q: &[f32], keys: &[u16], dh: usize, h: Half) -> Vec<f32> {
+    let mut scores = Vec::with_capacity(keys.len() / dh);
+    let mut blocks = keys.chunks_exact(8 * dh);
+    for block in &mut blocks {
+        let r: [&[u16]; 8] = std::array::from_fn(|i| &block[i * dh..(i + 1) * dh]);
+        scores.extend(crate::simd::dot_half_rows(q, r, h));
+    }
+    for row in blocks.remainder().chunks_exact(dh) {
+        scores.push(crate::simd::dot_half(q, row, h));
+    }
+    scores
 }
 
 /// Causal self-attention over a fused qkv matrix.
@@ -825,8 +876,8 @@ mod tests {
             let inp = AttnInputs {
                 q: &q[i * w..],
                 q_stride: w,
-                k: &k,
-                v: &v,
+                k: Matrix::F32(&k),
+                v: Matrix::F32(&v),
                 kv_stride: w,
                 kv_head_stride: 3,
                 start: i,

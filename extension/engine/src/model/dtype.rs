@@ -122,6 +122,38 @@ impl Half {
         }
     }
 
+    /// `narrow` of each value of `values` into `bits` (the common length).
+    pub fn narrow_into(self, values: &[f32], bits: &mut [u16]) {
+        match self {
+            Half::Bf16 => bits
+                .iter_mut()
+                .zip(values)
+                .for_each(|(b, &v)| *b = bf16_bits(v)),
+            Half::F16 => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let n = bits.len().min(values.len());
+                let bits: &mut [half::f16] = bits[..n].reinterpret_cast_mut();
+                bits.convert_from_f32_slice(&values[..n]);
+            }
+        }
+    }
+
+    /// `widen` of each of `bits` into `values` (the common length).
+    pub fn widen_into(self, bits: &[u16], values: &mut [f32]) {
+        match self {
+            Half::Bf16 => values
+                .iter_mut()
+                .zip(bits)
+                .for_each(|(v, &b)| *v = f32::from_bits((b as u32) << 16)),
+            Half::F16 => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let n = bits.len().min(values.len());
+                let bits: &[half::f16] = bits[..n].reinterpret_cast();
+                bits.convert_to_f32_slice(&mut values[..n]);
+            }
+        }
+    }
+
     /// Each value of `x` rounded to this format and widened back, as `widen(narrow(v))`
     /// (bfloat16 in branch-free integer code the compiler vectorises, float16 through the
     /// `half` crate's slice conversions, which use F16C where the CPU has it).
@@ -168,7 +200,11 @@ impl<'a> Matrix<'a> {
     pub fn extend_f32(&self, range: Range<usize>, out: &mut Vec<f32>) {
         match self {
             Matrix::F32(v) => out.extend_from_slice(&v[range]),
-            Matrix::Half(v, h) => out.extend(v[range].iter().map(|&b| h.widen(b))),
+            Matrix::Half(v, h) => {
+                let from = out.len();
+                out.resize(from + range.len(), 0.0);
+                h.widen_into(&v[range], &mut out[from..]);
+            }
         }
     }
 
@@ -359,6 +395,20 @@ mod tests {
                     one.to_bits() == r.to_bits() || (one.is_nan() && r.is_nan()),
                     "{dtype:?}: {v:e} -> {r:e}, one at a time {one:e}"
                 );
+            }
+            // The slice conversions of a half KV cache: bit for bit `narrow` and `widen`.
+            let h = dtype.half().unwrap();
+            let mut bits = vec![0u16; values.len()];
+            h.narrow_into(&values, &mut bits);
+            let mut wide = vec![0.0f32; values.len()];
+            h.widen_into(&bits, &mut wide);
+            for ((v, b), w) in values.iter().zip(&bits).zip(&wide) {
+                let one = h.narrow(*v);
+                assert!(
+                    *b == one || (v.is_nan() && h.widen(*b).is_nan()),
+                    "{dtype:?}: {v:e}"
+                );
+                assert_eq!(w.to_bits(), h.widen(*b).to_bits(), "{dtype:?}: {b:#x}");
             }
         }
     }

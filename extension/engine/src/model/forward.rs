@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::config::{Activation, AttnKind, LnPlacement, ModelConfig, Residual};
-use super::dtype::Matrix;
+use super::dtype::{DType, Half, Matrix};
 use super::weights::{LayerWeights, ModelWeights, Norm};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attend_into, AttnInputs, AttnOptions, AttnShape};
@@ -25,11 +25,12 @@ pub struct Model {
 /// Keys and values of the positions processed so far, per layer, each [n_head, capacity,
 /// d_head]: one head's keys are contiguous, so a decoding step reads them as one stream
 /// (position-major rows would make it gather 256 bytes every 3 KB, which the hardware
-/// prefetchers do not follow).
+/// prefetchers do not follow). A model served in half precision keeps them in that precision
+/// (`new_cache`): half the bytes a decoding step reads from a long context.
 #[derive(Clone)]
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<KvRows>,
+    values: Vec<KvRows>,
     len: usize,
     capacity: usize,
     d_head: usize,
@@ -50,8 +51,14 @@ impl Model {
         Ok(Self { config, weights })
     }
 
-    /// An empty cache for up to `capacity` positions (at most the model's context).
+    /// An empty cache for up to `capacity` positions (at most the model's context), in the
+    /// precision the model's weights are served in.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        self.new_cache_as(capacity, self.weights.storage().dtype())
+    }
+
+    /// `new_cache` holding keys and values in `dtype`.
+    pub fn new_cache_as(&self, capacity: usize, dtype: DType) -> Result<KvCache> {
         let cfg = &self.config;
         if capacity > cfg.n_positions {
             return Err(EngineError::invalid(format!(
@@ -63,8 +70,8 @@ impl Model {
         let mut keys = Vec::with_capacity(cfg.n_layer);
         let mut values = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
-            keys.push(tensor::alloc_zeroed(per_layer)?);
-            values.push(tensor::alloc_zeroed(per_layer)?);
+            keys.push(KvRows::new(per_layer, dtype)?);
+            values.push(KvRows::new(per_layer, dtype)?);
         }
         Ok(KvCache {
             keys,
@@ -544,8 +551,8 @@ impl KvCache {
             let (k, v) = (&row[da..2 * da], &row[2 * da..]);
             for (h, (k, v)) in k.chunks_exact(dh).zip(v.chunks_exact(dh)).enumerate() {
                 let at = h * head_stride + (start + r) * dh;
-                keys[at..at + dh].copy_from_slice(k);
-                values[at..at + dh].copy_from_slice(v);
+                keys.write(at, k);
+                values.write(at, v);
             }
         }
     }
@@ -555,12 +562,52 @@ impl KvCache {
         AttnInputs {
             q: qkv,
             q_stride: 3 * da,
-            k: &self.keys[layer],
-            v: &self.values[layer],
+            k: self.keys[layer].matrix(),
+            v: self.values[layer].matrix(),
             kv_stride: self.d_head,
             kv_head_stride: self.capacity * self.d_head,
             start: self.len,
             t,
+        }
+    }
+}
+
+/// One layer's cached keys (or values): float32, or the bits of a half precision.
+#[derive(Clone)]
+enum KvRows {
+    F32(Vec<f32>),
+    Half(Vec<u16>, Half),
+}
+
+impl KvRows {
+    fn new(len: usize, dtype: DType) -> Result<Self> {
+        Ok(match dtype.half() {
+            None => KvRows::F32(tensor::alloc_zeroed(len)?),
+            Some(h) => {
+                let mut bits = Vec::new();
+                bits.try_reserve_exact(len).map_err(|_| {
+                    EngineError::OutOfMemory(format!(
+                        "out of memory allocating a KV cache of {len} values"
+                    ))
+                })?;
+                bits.resize(len, 0);
+                KvRows::Half(bits, h)
+            }
+        })
+    }
+
+    /// Stores `values` from index `at` on (rounded to the half precision, if any).
+    fn write(&mut self, at: usize, values: &[f32]) {
+        match self {
+            KvRows::F32(rows) => rows[at..at + values.len()].copy_from_slice(values),
+            KvRows::Half(bits, h) => h.narrow_into(values, &mut bits[at..at + values.len()]),
+        }
+    }
+
+    fn matrix(&self) -> Matrix<'_> {
+        match self {
+            KvRows::F32(rows) => Matrix::F32(rows),
+            KvRows::Half(bits, h) => Matrix::Half(bits, *h),
         }
     }
 }
@@ -727,9 +774,10 @@ mod tests {
                     &half.logits(&tokens, Cancel::NEVER).unwrap(),
                     &reference.logits(&tokens, Cancel::NEVER).unwrap(),
                 );
+                // The half model's cache holds keys and values in its precision.
                 let (mut c_half, mut c_ref) = (
                     half.new_cache(12).unwrap(),
-                    reference.new_cache(12).unwrap(),
+                    reference.new_cache_as(12, dtype).unwrap(),
                 );
                 for &t in &tokens[..4] {
                     let a = half
@@ -740,6 +788,16 @@ mod tests {
                         .unwrap();
                     close(&a, &b);
                 }
+                // Several positions at once read the cached half keys widened.
+                let (mut more_half, mut more_ref) = (c_half.clone(), c_ref.clone());
+                close(
+                    &half
+                        .forward(&tokens[4..8], &mut more_half, Logits::All, Cancel::NEVER)
+                        .unwrap(),
+                    &reference
+                        .forward(&tokens[4..8], &mut more_ref, Logits::All, Cancel::NEVER)
+                        .unwrap(),
+                );
                 let mut caches = [c_half.clone(), c_half.clone(), c_half];
                 let alone: Vec<f32> = (0..3u32)
                     .flat_map(|t| {
