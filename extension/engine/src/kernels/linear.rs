@@ -388,8 +388,8 @@ pub fn linear_half_into(
     for c0 in (0..d_out).step_by(cols) {
         cancel.check()?;
         let c1 = (c0 + cols).min(d_out);
-        wide.clear();
-        wide.extend(w[c0 * d_in..c1 * d_in].iter().map(|&v| h.widen(v)));
+        wide.resize((c1 - c0) * d_in, 0.0);
+        h.widen_into(&w[c0 * d_in..c1 * d_in], &mut wide);
         let wt = MatRef::transposed(&wide, d_in, c1 - c0);
         gemm_into(&mut y[c0..], d_out, xs, wt, acc, Threads::Pool);
     }
