@@ -567,6 +567,101 @@ fn dot_widened_body<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32;
     std::array::from_fn(|r| widened_tail(x, w[r], h, chunks * 16, n, sum16(acc[r])))
 }
 
+/// dst[(c − c_range.start)·rows + r] = src[r·cols + c] for the columns `c_range` of a
+/// row-major [rows, cols] matrix: those columns transposed, in 8 × 8 blocks (whole cache lines
+/// read and written; AVX shuffles where the CPU has AVX2).
+pub fn transpose_cols(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    c_range: std::ops::Range<usize>,
+    dst: &mut [f32],
+) {
+    let (c_start, width) = (c_range.start, c_range.len());
+    assert!(
+        src.len() >= rows * cols && c_range.end <= cols && dst.len() >= rows * width,
+        "transpose: sizes"
+    );
+    let (r8, w8) = (rows / 8 * 8, width / 8 * 8);
+    #[cfg(target_arch = "x86_64")]
+    let fast = has_avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
+    for r0 in (0..r8).step_by(8) {
+        for c0 in (0..w8).step_by(8) {
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: AVX2 was detected; the block's 8 rows of 8 values lie inside src
+                // (r0 + 8 <= rows, c_start + c0 + 8 <= cols) and its transpose inside dst.
+                unsafe { transpose8_avx(&src[c_start..], cols, dst, rows, r0, c0) };
+                continue;
+            }
+            for r in r0..r0 + 8 {
+                for c in c0..c0 + 8 {
+                    dst[c * rows + r] = src[r * cols + c_start + c];
+                }
+            }
+        }
+    }
+    // The ragged right columns and bottom rows.
+    for r in 0..rows {
+        let from = if r < r8 { w8 } else { 0 };
+        for c in from..width {
+            dst[c * rows + r] = src[r * cols + c_start + c];
+        }
+    }
+    let _ = fast;
+}
+
+/// One 8 × 8 block of `transpose_cols` at (r0, c0) (src from the first column of the range),
+/// in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose8_avx(
+    src: &[f32],
+    cols: usize,
+    dst: &mut [f32],
+    rows: usize,
+    r0: usize,
+    c0: usize,
+) {
+    use std::arch::x86_64::*;
+    let (s, d) = (
+        src.as_ptr().add(r0 * cols + c0),
+        dst.as_mut_ptr().add(c0 * rows + r0),
+    );
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * cols)));
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+    let out = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (i, v) in out.iter().enumerate() {
+        _mm256_storeu_ps(d.add(i * rows), *v);
+    }
+}
+
 /// out[c] += Σ_j p[j] · widen(rows[j·n + c]) for half-precision rows [p.len(), n] (bits of
 /// `h`, n = out.len()), each column summed in row order: the bits of `axpy` of each widened row
 /// in turn. Attention's weighted sum of a half-precision KV cache's values: 64 columns at a time
@@ -746,6 +841,32 @@ unsafe fn dot_widened_avx512<const BF16: bool, const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transposes_any_shape() {
+        for (rows, cols) in [
+            (1, 1),
+            (3, 5),
+            (8, 8),
+            (16, 24),
+            (19, 13),
+            (64, 37),
+            (9, 130),
+        ] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            for c_range in [0..cols, cols / 3..cols, 1..cols.min(10)] {
+                let width = c_range.len();
+                let mut dst = vec![f32::NAN; rows * width];
+                transpose_cols(&src, rows, cols, c_range.clone(), &mut dst);
+                for r in 0..rows {
+                    for c in c_range.clone() {
+                        let got = dst[(c - c_range.start) * rows + r];
+                        assert_eq!(got, src[r * cols + c], "{rows}x{cols} at {r},{c}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn weighted_half_rows_are_axpy_of_each_widened_row() {

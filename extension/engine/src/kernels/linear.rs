@@ -3,19 +3,21 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_into, gemm_sliced, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
+use super::matmul::{gemm_into, slice_cols, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
 use crate::error::Result;
 use crate::model::dtype::Half;
 use crate::parallel::{self, Cancel};
 use crate::{simd, tensor};
 
 /// Up to this many rows of x, each weight row is streamed once and dotted with every row of x.
-/// Beyond a few rows that is compute-bound, but still faster than the matrix library up to
-/// about 64 rows: weights stored [out, in] make the library gather every weight matrix into
-/// its packed layout on each call (about 90 ms for gpt3-125m, the time of five decoding
-/// steps), which only a long prompt amortises. Measured on gpt3-125m, 2 threads: a 16-token
-/// prompt 111 → 39 ms in float32 and 143 → 42 ms in bfloat16; 64 tokens 128 → 105 ms.
-const SMALL_T: usize = 64;
+/// Beyond a few rows that is compute-bound, but it stays faster than packing the weights for
+/// the matrix library (a transpose of every weight matrix per call, `linear_many_rows`) up to
+/// about 48 rows. Measured on gpt3-125m, 2 threads, float32 prompt pass: 16 tokens 38 vs
+/// 70 ms, 32 tokens 58 vs 75 – 88 ms, 48 tokens 81 vs 89 – 95 ms, 64 tokens 110 vs 97 – 104 ms.
+const SMALL_T: usize = 48;
+/// The same for half-precision weights, which the library path widens as well: 64 rows (a
+/// 16-token prompt 42 vs 143 ms in bfloat16, 64 tokens 153 vs 180 ms).
+const HALF_SMALL_T: usize = 64;
 /// Output rows per task in the small-t path.
 const ROWS_PER_TASK: usize = 64;
 /// The same bytes of half-precision weights per task.
@@ -154,8 +156,8 @@ pub fn linear_backward_bf16(
     backward_products(dx, dw, x, w, dy, dims, super::amx::gemm_bf16);
 }
 
-/// The compute-bound case: slices of output columns (weight rows), each packed and multiplied
-/// once (`gemm_sliced`), so cancel is checked every `flops_per_slice`. The bias is placed in
+/// The compute-bound case: slices of output columns (weight rows), each transposed, packed and
+/// multiplied once, so cancel is checked every `flops_per_slice` at most. The bias is placed in
 /// (or added to) y first and the products accumulate onto it.
 #[allow(clippy::too_many_arguments)]
 fn linear_many_rows(
@@ -170,9 +172,38 @@ fn linear_many_rows(
 ) -> Result<()> {
     let acc = place_bias(y, b, d_out, acc);
     let xs = MatRef::new(x, t, d_in);
-    let wt = MatRef::transposed(w, d_in, d_out);
-    gemm_sliced(y, xs, wt, acc, flops_per_slice, cancel)
+    // The matrix library packs the weights along the output index, which [out, in] storage
+    // strides by a whole row: its packing then gathers one value per cache line (the rows'
+    // stride maps them to the same few cache sets), slower than the product itself for a
+    // 3072-wide input and ~90 ms per gpt3-125m pass whatever the rows. Each slice of weight
+    // rows is transposed to [in, cols] first (8 × 8 register blocks, on the compute pool),
+    // small enough (128 Ki values) to stay in L2 while the library packs its contiguous rows.
+    let cols = slice_cols(t, d_in, d_out, flops_per_slice).min(TRANSPOSED_SLICE / d_in);
+    let cols = cols.max(1).next_multiple_of(48);
+    let mut w_t = tensor::alloc_zeroed(d_in * cols.min(d_out))?;
+    for c0 in (0..d_out).step_by(cols) {
+        cancel.check()?;
+        let c1 = (c0 + cols).min(d_out);
+        let (w_t, rows) = (&mut w_t[..d_in * (c1 - c0)], c1 - c0);
+        let src = &w[c0 * d_in..c1 * d_in];
+        // Blocks of w_t's rows (src's columns) on the compute pool.
+        const BLOCK: usize = 64;
+        parallel::install(|| {
+            w_t.par_chunks_mut(BLOCK * rows)
+                .enumerate()
+                .for_each(|(i, block)| {
+                    let c = i * BLOCK..(i * BLOCK + BLOCK).min(d_in);
+                    simd::transpose_cols(src, rows, d_in, c, block);
+                })
+        });
+        let slice = MatRef::new(w_t, d_in, c1 - c0);
+        gemm_into(&mut y[c0..], d_out, xs, slice, acc, Threads::Pool);
+    }
+    Ok(())
 }
+
+/// Values of a weight slice transposed at once (512 KB: it stays in L2 until packed).
+const TRANSPOSED_SLICE: usize = 128 * 1024;
 
 /// `linear_into` with every output row computed on its own (`linear_each_row`), whatever the
 /// number of rows: row r of y is bit for bit what a one-row call on row r of x gives. Batched
@@ -379,7 +410,7 @@ pub fn linear_half_into(
     cancel: Cancel,
 ) -> Result<()> {
     check_shapes(y, x, w.len(), b, (t, d_in, d_out));
-    if t <= SMALL_T || each_row {
+    if t <= HALF_SMALL_T || each_row {
         half_each_row(y, x, w, h, b, (t, d_in, d_out), acc);
         return Ok(());
     }

@@ -185,6 +185,16 @@ pub(crate) fn gemm_into(
 /// 12 ms on two cores, so a cancel request is honoured well within 100 ms.
 pub const FLOPS_PER_SLICE: usize = 2_000_000_000;
 
+/// Columns per slice of an [m, k] · [k, n] product of at most `flops_per_slice` per slice: of
+/// equal widths (one slice of 2544 columns and one of 528 would leave a thread idle in the
+/// short one), a multiple of 48 to keep slice edges on whole micro-kernel tiles.
+pub(crate) fn slice_cols(m: usize, k: usize, n: usize, flops_per_slice: usize) -> usize {
+    let most = (flops_per_slice / (2 * m * k).max(1)).max(1);
+    n.div_ceil(n.div_ceil(most).max(1))
+        .max(1)
+        .next_multiple_of(48)
+}
+
 /// dst[m, n] (row-major, contiguous) = a · b, or += with `Accumulate::Add`, on the compute
 /// pool in slices of b's columns of at most `flops_per_slice` each, checking `cancel` before
 /// every slice. Each column block of b is packed once (slicing a's rows instead would pack all
@@ -198,13 +208,7 @@ pub fn gemm_sliced(
     cancel: Cancel,
 ) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    // Slices of equal width (one slice of 2544 columns and one of 528 would leave a thread
-    // idle in the short one), a multiple of 48 to keep slice edges on whole micro-kernel tiles.
-    let most_cols = (flops_per_slice / (2 * m * k).max(1)).max(1);
-    let cols = n
-        .div_ceil(n.div_ceil(most_cols).max(1))
-        .max(1)
-        .next_multiple_of(48);
+    let cols = slice_cols(m, k, n, flops_per_slice);
     for c0 in (0..n).step_by(cols) {
         cancel.check()?;
         let c1 = (c0 + cols).min(n);
