@@ -1,7 +1,7 @@
 //! Runtime CPU-feature dispatch for the few loops that the compiler vectorises well once it may
 //! use AVX2 and FMA. The binary stays portable: the baseline path runs on any x86-64.
 
-use crate::model::dtype::Half;
+use crate::model::dtype::{Half, Matrix};
 
 /// Whether AVX2 and FMA are available (checked once; cached by std).
 #[inline]
@@ -568,37 +568,61 @@ fn dot_widened_body<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32;
 }
 
 /// dst[(c − c_range.start)·rows + r] = src[r·cols + c] for the columns `c_range` of a
-/// row-major [rows, cols] matrix: those columns transposed, in 8 × 8 blocks (whole cache lines
-/// read and written; AVX shuffles where the CPU has AVX2).
+/// row-major [rows, cols] matrix, float32 or half-precision bits widened exactly: those
+/// columns transposed, in 8 × 8 blocks (whole cache lines read and written; AVX shuffles where
+/// the CPU has AVX2 and F16C).
 pub fn transpose_cols(
-    src: &[f32],
+    src: Matrix,
     rows: usize,
     cols: usize,
     c_range: std::ops::Range<usize>,
     dst: &mut [f32],
 ) {
     let (c_start, width) = (c_range.start, c_range.len());
+    let len = match src {
+        Matrix::F32(v) => v.len(),
+        Matrix::Half(v, _) => v.len(),
+    };
     assert!(
-        src.len() >= rows * cols && c_range.end <= cols && dst.len() >= rows * width,
+        len >= rows * cols && c_range.end <= cols && dst.len() >= rows * width,
         "transpose: sizes"
     );
     let (r8, w8) = (rows / 8 * 8, width / 8 * 8);
+    let value = |at: usize| match src {
+        Matrix::F32(v) => v[at],
+        Matrix::Half(v, h) => h.widen(v[at]),
+    };
     #[cfg(target_arch = "x86_64")]
-    let fast = has_avx2_fma();
+    let fast = has_avx2_fma() && std::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
     for r0 in (0..r8).step_by(8) {
         for c0 in (0..w8).step_by(8) {
             #[cfg(target_arch = "x86_64")]
             if fast {
-                // SAFETY: AVX2 was detected; the block's 8 rows of 8 values lie inside src
-                // (r0 + 8 <= rows, c_start + c0 + 8 <= cols) and its transpose inside dst.
-                unsafe { transpose8_avx(&src[c_start..], cols, dst, rows, r0, c0) };
+                let at = r0 * cols + c_start + c0;
+                let to = &mut dst[c0 * rows + r0..];
+                // SAFETY: AVX2 and F16C were detected; the block's 8 rows of 8 values lie
+                // inside src (r0 + 8 <= rows, c_start + c0 + 8 <= cols), their transpose
+                // inside dst (8 rows of `rows` from c0 · rows + r0).
+                unsafe {
+                    match src {
+                        Matrix::F32(v) => {
+                            transpose8_avx::<0>(v[at..].as_ptr().cast(), cols, to, rows)
+                        }
+                        Matrix::Half(v, Half::Bf16) => {
+                            transpose8_avx::<1>(v[at..].as_ptr().cast(), cols, to, rows)
+                        }
+                        Matrix::Half(v, Half::F16) => {
+                            transpose8_avx::<2>(v[at..].as_ptr().cast(), cols, to, rows)
+                        }
+                    }
+                };
                 continue;
             }
             for r in r0..r0 + 8 {
                 for c in c0..c0 + 8 {
-                    dst[c * rows + r] = src[r * cols + c_start + c];
+                    dst[c * rows + r] = value(r * cols + c_start + c);
                 }
             }
         }
@@ -607,30 +631,34 @@ pub fn transpose_cols(
     for r in 0..rows {
         let from = if r < r8 { w8 } else { 0 };
         for c in from..width {
-            dst[c * rows + r] = src[r * cols + c_start + c];
+            dst[c * rows + r] = value(r * cols + c_start + c);
         }
     }
     let _ = fast;
 }
 
-/// One 8 × 8 block of `transpose_cols` at (r0, c0) (src from the first column of the range),
-/// in registers.
+/// One 8 × 8 block of `transpose_cols`: 8 rows of 8 values from `s` (row stride `cols`
+/// values; float32 for KIND 0, bfloat16 bits for 1, float16 bits for 2) into 8 rows of `d`
+/// (row stride `rows`), in registers.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn transpose8_avx(
-    src: &[f32],
-    cols: usize,
-    dst: &mut [f32],
-    rows: usize,
-    r0: usize,
-    c0: usize,
-) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8_avx<const KIND: u8>(s: *const u8, cols: usize, d: &mut [f32], rows: usize) {
     use std::arch::x86_64::*;
-    let (s, d) = (
-        src.as_ptr().add(r0 * cols + c0),
-        dst.as_mut_ptr().add(c0 * rows + r0),
-    );
-    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * cols)));
+    debug_assert!(d.len() >= 7 * rows + 8);
+    let load = |i: usize| -> __m256 {
+        match KIND {
+            0 => _mm256_loadu_ps((s as *const f32).add(i * cols)),
+            _ => {
+                let bits = _mm_loadu_si128((s as *const u16).add(i * cols) as *const __m128i);
+                if KIND == 1 {
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+                } else {
+                    _mm256_cvtph_ps(bits)
+                }
+            }
+        }
+    };
+    let r: [__m256; 8] = std::array::from_fn(load);
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
     let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -658,7 +686,7 @@ unsafe fn transpose8_avx(
         _mm256_permute2f128_ps::<0x31>(u3, u7),
     ];
     for (i, v) in out.iter().enumerate() {
-        _mm256_storeu_ps(d.add(i * rows), *v);
+        _mm256_storeu_ps(d.as_mut_ptr().add(i * rows), *v);
     }
 }
 
@@ -854,14 +882,27 @@ mod tests {
             (9, 130),
         ] {
             let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let halves = [Half::Bf16, Half::F16].map(|h| {
+                let bits: Vec<u16> = src.iter().map(|&v| h.narrow(v * 0.37 - 3.0)).collect();
+                (h, bits)
+            });
             for c_range in [0..cols, cols / 3..cols, 1..cols.min(10)] {
                 let width = c_range.len();
-                let mut dst = vec![f32::NAN; rows * width];
-                transpose_cols(&src, rows, cols, c_range.clone(), &mut dst);
-                for r in 0..rows {
-                    for c in c_range.clone() {
-                        let got = dst[(c - c_range.start) * rows + r];
-                        assert_eq!(got, src[r * cols + c], "{rows}x{cols} at {r},{c}");
+                let sources = [(Matrix::F32(&src), "f32")]
+                    .into_iter()
+                    .chain(halves.iter().map(|(h, b)| (Matrix::Half(b, *h), "half")));
+                for (m, what) in sources {
+                    let mut dst = vec![f32::NAN; rows * width];
+                    transpose_cols(m, rows, cols, c_range.clone(), &mut dst);
+                    for r in 0..rows {
+                        for c in c_range.clone() {
+                            let want = match m {
+                                Matrix::F32(v) => v[r * cols + c],
+                                Matrix::Half(v, h) => h.widen(v[r * cols + c]),
+                            };
+                            let got = dst[(c - c_range.start) * rows + r];
+                            assert_eq!(got, want, "{what} {rows}x{cols} at {r},{c}");
+                        }
                     }
                 }
             }

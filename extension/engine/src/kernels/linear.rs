@@ -5,19 +5,20 @@ use rayon::prelude::*;
 
 use super::matmul::{gemm_into, slice_cols, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
 use crate::error::Result;
-use crate::model::dtype::Half;
+use crate::model::dtype::{Half, Matrix};
 use crate::parallel::{self, Cancel};
 use crate::{simd, tensor};
 
 /// Up to this many rows of x, each weight row is streamed once and dotted with every row of x.
 /// Beyond a few rows that is compute-bound, but it stays faster than packing the weights for
 /// the matrix library (a transpose of every weight matrix per call, `linear_many_rows`) up to
-/// about 48 rows. Measured on gpt3-125m, 2 threads, float32 prompt pass: 16 tokens 38 vs
-/// 70 ms, 32 tokens 58 vs 75 – 88 ms, 48 tokens 81 vs 89 – 95 ms, 64 tokens 110 vs 97 – 104 ms.
+/// about 48 rows. Measured on gpt3-125m, 2 threads, float32 prompt pass:
+/// 16 tokens 38 vs 70 ms, 32 tokens 58 vs 75 – 88 ms, 48 tokens 81 vs 89 – 95 ms, 64 tokens
+/// 110 vs 97 – 104 ms.
 const SMALL_T: usize = 48;
-/// The same for half-precision weights, which the library path widens as well: 64 rows (a
-/// 16-token prompt 42 vs 143 ms in bfloat16, 64 tokens 153 vs 180 ms).
-const HALF_SMALL_T: usize = 64;
+/// The same for half-precision weights, whose dots widen every value: 32 rows (bfloat16 at
+/// 48 tokens 104 – 122 ms streamed vs 89 – 92 ms at 49 through the library).
+const HALF_SMALL_T: usize = 32;
 /// Output rows per task in the small-t path.
 const ROWS_PER_TASK: usize = 64;
 /// The same bytes of half-precision weights per task.
@@ -111,7 +112,16 @@ pub fn linear_into(
         linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
         return Ok(());
     }
-    linear_many_rows(y, x, w, b, (t, d_in, d_out), acc, FLOPS_PER_SLICE, cancel)
+    linear_many_rows(
+        y,
+        x,
+        Matrix::F32(w),
+        b,
+        (t, d_in, d_out),
+        acc,
+        FLOPS_PER_SLICE,
+        cancel,
+    )
 }
 
 /// Whether `linear_bf16_into` / `linear_backward_bf16` run here (AMX tiles, `kernels::amx`).
@@ -163,7 +173,7 @@ pub fn linear_backward_bf16(
 fn linear_many_rows(
     y: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: Matrix,
     b: Option<&[f32]>,
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
@@ -185,7 +195,7 @@ fn linear_many_rows(
         cancel.check()?;
         let c1 = (c0 + cols).min(d_out);
         let (w_t, rows) = (&mut w_t[..d_in * (c1 - c0)], c1 - c0);
-        let src = &w[c0 * d_in..c1 * d_in];
+        let src = w.rows(c0 * d_in..c1 * d_in);
         // Blocks of w_t's rows (src's columns) on the compute pool.
         const BLOCK: usize = 64;
         parallel::install(|| {
@@ -414,21 +424,9 @@ pub fn linear_half_into(
         half_each_row(y, x, w, h, b, (t, d_in, d_out), acc);
         return Ok(());
     }
-    let acc = place_bias(y, b, d_out, acc);
-    let xs = MatRef::new(x, t, d_in);
-    // Weight rows per slice: a slice's products stay within FLOPS_PER_SLICE (cancel is
-    // checked between slices) and its widened copy within a few megabytes.
-    let cols = (FLOPS_PER_SLICE / (2 * t * d_in).max(1)).clamp(48, 1024) / 48 * 48;
-    let mut wide = Vec::new();
-    for c0 in (0..d_out).step_by(cols) {
-        cancel.check()?;
-        let c1 = (c0 + cols).min(d_out);
-        wide.resize((c1 - c0) * d_in, 0.0);
-        h.widen_into(&w[c0 * d_in..c1 * d_in], &mut wide);
-        let wt = MatRef::transposed(&wide, d_in, c1 - c0);
-        gemm_into(&mut y[c0..], d_out, xs, wt, acc, Threads::Pool);
-    }
-    Ok(())
+    // Each slice of weight rows widened as it is transposed for the library.
+    let w = Matrix::Half(w, h);
+    linear_many_rows(y, x, w, b, (t, d_in, d_out), acc, FLOPS_PER_SLICE, cancel)
 }
 
 /// The memory-bound half-precision case: tasks own ranges of output rows; each weight row is
@@ -548,7 +546,7 @@ mod tests {
                 linear_many_rows(
                     &mut sliced,
                     &x,
-                    &w,
+                    Matrix::F32(&w),
                     Some(&b),
                     dims,
                     overwrite,
@@ -561,7 +559,7 @@ mod tests {
                 linear_many_rows(
                     &mut no_bias,
                     &x,
-                    &w,
+                    Matrix::F32(&w),
                     None,
                     dims,
                     overwrite,
@@ -575,7 +573,17 @@ mod tests {
                     .collect();
                 assert!(max_diff(&biased, &y) < 1e-5);
                 let mut summed = residual.clone();
-                linear_many_rows(&mut summed, &x, &w, None, dims, add, 1, Cancel::NEVER).unwrap();
+                linear_many_rows(
+                    &mut summed,
+                    &x,
+                    Matrix::F32(&w),
+                    None,
+                    dims,
+                    add,
+                    1,
+                    Cancel::NEVER,
+                )
+                .unwrap();
                 let plus_bias: Vec<f32> = summed
                     .chunks(d_out)
                     .flat_map(|r| r.iter().zip(&b).map(|(v, b)| v + b))

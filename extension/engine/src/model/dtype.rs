@@ -208,11 +208,11 @@ impl<'a> Matrix<'a> {
         }
     }
 
-    /// The first `n` values (leading rows of the matrix).
-    pub fn first(self, n: usize) -> Self {
+    /// Values `range` (whole rows of the matrix).
+    pub fn rows(self, range: Range<usize>) -> Self {
         match self {
-            Matrix::F32(v) => Matrix::F32(&v[..n]),
-            Matrix::Half(v, h) => Matrix::Half(&v[..n], h),
+            Matrix::F32(v) => Matrix::F32(&v[range]),
+            Matrix::Half(v, h) => Matrix::Half(&v[range], h),
         }
     }
 }

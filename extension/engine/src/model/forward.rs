@@ -401,7 +401,7 @@ impl Model {
         };
         let e = cfg.d_embed();
         let table = w.lm_head.as_ref().unwrap_or(&w.wte).matrix();
-        let table = table.first(cfg.vocab * e);
+        let table = table.rows(0..cfg.vocab * e);
         let bias = w.lm_head_bias.as_ref().map(|b| &b[..cfg.vocab]);
         let dims = (rows, e, cfg.vocab);
         kernel.linear_into(out, h, table, bias, dims, OVERWRITE, cancel)
