@@ -567,6 +567,22 @@ fn dot_widened_body<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32;
     std::array::from_fn(|r| widened_tail(x, w[r], h, chunks * 16, n, sum16(acc[r])))
 }
 
+/// Eight half-precision values at `$p` (bfloat16 bits when `$bf16`, else float16) widened
+/// exactly into a 256-bit float32 vector. A macro rather than a helper function: a nested
+/// function would not inherit its caller's target features (AVX2, F16C), and its intrinsics
+/// would become calls.
+#[cfg(target_arch = "x86_64")]
+macro_rules! widen8 {
+    ($p:expr, $bf16:expr) => {{
+        let bits = _mm_loadu_si128($p as *const __m128i);
+        if $bf16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+        } else {
+            _mm256_cvtph_ps(bits)
+        }
+    }};
+}
+
 /// dst[(c − c_range.start)·rows + r] = src[r·cols + c] for the columns `c_range` of a
 /// row-major [rows, cols] matrix, float32 or half-precision bits widened exactly: those
 /// columns transposed, in 8 × 8 blocks (whole cache lines read and written; AVX shuffles where
@@ -648,14 +664,7 @@ unsafe fn transpose8_avx<const KIND: u8>(s: *const u8, cols: usize, d: &mut [f32
     let load = |i: usize| -> __m256 {
         match KIND {
             0 => _mm256_loadu_ps((s as *const f32).add(i * cols)),
-            _ => {
-                let bits = _mm_loadu_si128((s as *const u16).add(i * cols) as *const __m128i);
-                if KIND == 1 {
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
-                } else {
-                    _mm256_cvtph_ps(bits)
-                }
-            }
+            _ => widen8!((s as *const u16).add(i * cols), KIND == 1),
         }
     };
     let r: [__m256; 8] = std::array::from_fn(load);
@@ -722,17 +731,6 @@ pub fn weighted_rows_half(out: &mut [f32], p: &[f32], rows: &[u16], h: Half) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_rows_half_avx2<const BF16: bool>(out: &mut [f32], p: &[f32], rows: &[u16]) {
     use std::arch::x86_64::*;
-    // A macro, as in `dot_widened_avx2`.
-    macro_rules! widen8 {
-        ($p:expr) => {{
-            let bits = _mm_loadu_si128($p as *const __m128i);
-            if BF16 {
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
-            } else {
-                _mm256_cvtph_ps(bits)
-            }
-        }};
-    }
     // Columns c0.. in B blocks of eight, their sums in registers over all rows.
     macro_rules! columns {
         ($c0:expr, $b:literal) => {{
@@ -744,7 +742,7 @@ unsafe fn weighted_rows_half_avx2<const BF16: bool>(out: &mut [f32], p: &[f32], 
             for (j, &pj) in p.iter().enumerate() {
                 let (pv, row) = (_mm256_set1_ps(pj), rows.as_ptr().add(j * n + c0));
                 for (b, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(pv, widen8!(row.add(8 * b)), *a);
+                    *a = _mm256_fmadd_ps(pv, widen8!(row.add(8 * b), BF16), *a);
                 }
             }
             for (b, a) in acc.iter().enumerate() {
@@ -778,18 +776,6 @@ unsafe fn dot_widened_avx2<const BF16: bool, const R: usize>(
     w: [&[u16]; R],
 ) -> [f32; R] {
     use std::arch::x86_64::*;
-    // A macro rather than a helper function: a nested function would not inherit this
-    // function's target features, and its intrinsics would become calls.
-    macro_rules! widen8 {
-        ($p:expr) => {{
-            let bits = _mm_loadu_si128($p as *const __m128i);
-            if BF16 {
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
-            } else {
-                _mm256_cvtph_ps(bits)
-            }
-        }};
-    }
     let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
     let chunks = n / 16;
     let ahead = half_prefetch_distance(R, n);
@@ -801,8 +787,8 @@ unsafe fn dot_widened_avx2<const BF16: bool, const R: usize>(
         let (x_lo, x_hi) = (_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(xp.add(at + 8)));
         for r in 0..R {
             _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(ahead + at) as *const i8);
-            acc[r][0] = _mm256_fmadd_ps(x_lo, widen8!(wp[r].add(at)), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(x_hi, widen8!(wp[r].add(at + 8)), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(x_lo, widen8!(wp[r].add(at), BF16), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x_hi, widen8!(wp[r].add(at + 8), BF16), acc[r][1]);
         }
     }
     let h = if BF16 { Half::Bf16 } else { Half::F16 };
@@ -837,7 +823,7 @@ unsafe fn dot_widened_avx512<const BF16: bool, const R: usize>(
     w: [&[u16]; R],
 ) -> [f32; R] {
     use std::arch::x86_64::*;
-    // A macro, as in `dot_widened_avx2`.
+    // A macro, as `widen8`.
     macro_rules! widen16 {
         ($p:expr) => {{
             let bits = _mm256_loadu_si256($p as *const __m256i);

@@ -458,9 +458,28 @@ mod tests {
     #[test]
     fn a_non_finite_operand_is_traced_through_the_result() {
         use crate::kernels::linear::linear_into;
-        use crate::tensor::{blame_operands, check_finite, Finite};
+        use crate::tensor::{blame_operands, check_finite, check_result, Finite};
         let expect = |values: &[f32], arg: &str| {
             check_finite(values, arg, Finite::Required)
+                .unwrap_err()
+                .to_string()
+        };
+        // x [m, k] · w [n, k]ᵀ + bias [n] as a linear layer, its error traced.
+        let linear_error = |x: &[f32], w: &[f32], bias: &[f32], (m, k, n)| {
+            let mut y = vec![0.0; m * n];
+            let dims = (m, k, n);
+            let product = linear_into(
+                &mut y,
+                x,
+                w,
+                Some(bias),
+                dims,
+                Accumulate::Overwrite,
+                Cancel::NEVER,
+            )
+            .and_then(|()| check_result(&y, "y"));
+            let operands = [(x, "x"), (w, "w"), (bias, "b")];
+            blame_operands(product, m * n, &operands)
                 .unwrap_err()
                 .to_string()
         };
@@ -474,13 +493,14 @@ mod tests {
                             seq(len, 0.1)
                         }
                     };
-                    for (which, at) in [
+                    let places = [
                         (0, 0),
                         (0, m * k - 1),
                         (1, 0),
                         (1, k * n / 2),
                         (1, k * n - 1),
-                    ] {
+                    ];
+                    for (which, at) in places {
                         let (mut a, mut b) = (fill(m * k), fill(k * n));
                         if which == 0 {
                             a[at] = bad
@@ -500,52 +520,19 @@ mod tests {
                         };
                         assert_eq!(got.unwrap_err().to_string(), want, "{m}x{k}x{n} {bad}");
 
-                        // The same operands as a linear layer: x [m, k], w [n, k], bias [n].
-                        let (x, w, bias) = (&a, &b, fill(n));
-                        let mut y = vec![0.0; m * n];
-                        let got = blame_operands(
-                            linear_into(
-                                &mut y,
-                                x,
-                                w,
-                                Some(&bias),
-                                (m, k, n),
-                                Accumulate::Overwrite,
-                                Cancel::NEVER,
-                            )
-                            .and_then(|()| crate::tensor::check_result(&y, "y")),
-                            m * n,
-                            &[(x, "x"), (w, "w"), (&bias, "b")],
-                        );
+                        // The same operands as a linear layer's x [m, k] and w [n, k].
                         let want = if which == 0 {
-                            expect(x, "x")
+                            expect(&a, "x")
                         } else {
-                            expect(w, "w")
+                            expect(&b, "w")
                         };
-                        assert_eq!(
-                            got.unwrap_err().to_string(),
-                            want,
-                            "linear {m}x{k}x{n} {bad}"
-                        );
+                        let got = linear_error(&a, &b, &fill(n), (m, k, n));
+                        assert_eq!(got, want, "linear {m}x{k}x{n} {bad}");
                     }
-                    let (a, b, mut bias) = (fill(m * k), fill(k * n), fill(n));
+                    let mut bias = fill(n);
                     bias[n - 1] = bad;
-                    let mut y = vec![0.0; m * n];
-                    let got = blame_operands(
-                        linear_into(
-                            &mut y,
-                            &a,
-                            &b,
-                            Some(&bias),
-                            (m, k, n),
-                            Accumulate::Overwrite,
-                            Cancel::NEVER,
-                        )
-                        .and_then(|()| crate::tensor::check_result(&y, "y")),
-                        m * n,
-                        &[(&a, "x"), (&b, "w"), (&bias, "b")],
-                    );
-                    assert_eq!(got.unwrap_err().to_string(), expect(&bias, "b"));
+                    let got = linear_error(&fill(m * k), &fill(k * n), &bias, (m, k, n));
+                    assert_eq!(got, expect(&bias, "b"));
                 }
             }
         }
