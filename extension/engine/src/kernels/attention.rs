@@ -337,12 +337,16 @@ fn attend_one_query(
         let at = |j: usize| j * inp.kv_stride + h * inp.kv_head_stride;
         // A half-precision cache's rows of this head are contiguous (kv_stride = dh).
         let span = at(keys.start)..at(keys.end - 1) + dh;
+        let contiguous = || assert_eq!(inp.kv_stride, dh, "half keys are rows of one head");
         let mut scores: Vec<f32> = match inp.k {
             Matrix::F32(k) => keys
                 .clone()
                 .map(|j| crate::simd::dot(q, &k[at(j)..at(j) + dh]))
                 .collect(),
-            Matrix::Half(k, hf) => half_scores(q, &k[span.clone()], dh, hf),
+            Matrix::Half(k, hf) => {
+                contiguous();
+                half_scores(q, &k[span.clone()], dh, hf)
+            }
         };
         let lse = crate::simd::softmax_scaled_inplace(&mut scores, scale);
         out.fill(0.0);
