@@ -405,8 +405,8 @@ fn transpose_into(y: &mut [f32], yt: &[f32], (t, d_out): (usize, usize), acc: Ac
 
 /// `linear_into` for half-precision weights (bits of `h`, widened exactly, accumulated in
 /// float32). With few rows, or `each_row`, every output row is computed on its own, one
-/// `simd::dot_half` per cell (the same bits whatever rows run beside it); with more, slices of
-/// weight rows are widened to float32 and multiplied as `linear_many_rows` does.
+/// `simd::dot_half` per cell (the same bits whatever rows run beside it); with more,
+/// `linear_many_rows` widens each slice of weight rows as it transposes it.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_half_into(
     y: &mut [f32],
