@@ -44,7 +44,7 @@ fn main() {
         let mut src = MapSource::new(params.clone());
         let weights = ModelWeights::load_as(&cfg, &mut src, dtype).expect("load");
         // Bytes a step reads: the image less the position table (one row of it is read).
-        let value_bytes = if dtype == DType::Float32 { 4 } else { 2 };
+        let value_bytes = dtype.value_bytes();
         let wpe_bytes = cfg.n_positions * cfg.d_model * value_bytes;
         let image_bytes = weights.storage().image().len() - wpe_bytes;
         let model = Model::new(cfg.clone(), weights).expect("model");

@@ -181,10 +181,9 @@ fn head_working(cfg: &ModelConfig, rows: u64) -> u64 {
 
 /// Keys and values of `positions` positions in every layer, in `kv`.
 fn kv_cache(cfg: &ModelConfig, positions: u64, kv: DType) -> u64 {
-    let value_bytes = if kv == DType::Float32 { F32 } else { 2 };
     positions
         .saturating_mul(2 * cfg.n_layer as u64 * cfg.d_attn() as u64)
-        .saturating_mul(value_bytes)
+        .saturating_mul(kv.value_bytes() as u64)
 }
 
 /// `bytes` for messages: "1.5 GB", "640 MB", "12 kB" (powers of 1024, PostgreSQL's units).

@@ -16,6 +16,19 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
+/// Whether AVX2, FMA and F16C are available: what the half-precision AVX2 kernels use.
+#[inline]
+fn has_avx2_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2_fma() && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The largest `key` of the values' bits: the block scan of every finiteness check, a max
 /// reduction that needs AVX2's unsigned 32-bit max to vectorise (SSE2 has none).
 #[inline]
@@ -531,7 +544,7 @@ pub fn dot_half_rows<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32
         };
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+    if has_avx2_f16c() {
         // SAFETY: the features were detected at run time.
         return unsafe {
             match h {
@@ -595,23 +608,13 @@ pub fn transpose_cols(
     dst: &mut [f32],
 ) {
     let (c_start, width) = (c_range.start, c_range.len());
-    let len = match src {
-        Matrix::F32(v) => v.len(),
-        Matrix::Half(v, _) => v.len(),
-    };
     assert!(
-        len >= rows * cols && c_range.end <= cols && dst.len() >= rows * width,
+        src.len() >= rows * cols && c_range.end <= cols && dst.len() >= rows * width,
         "transpose: sizes"
     );
     let (r8, w8) = (rows / 8 * 8, width / 8 * 8);
-    let value = |at: usize| match src {
-        Matrix::F32(v) => v[at],
-        Matrix::Half(v, h) => h.widen(v[at]),
-    };
-    #[cfg(target_arch = "x86_64")]
-    let fast = has_avx2_fma() && std::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    let fast = false;
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let fast = has_avx2_f16c();
     for r0 in (0..r8).step_by(8) {
         for c0 in (0..w8).step_by(8) {
             #[cfg(target_arch = "x86_64")]
@@ -638,7 +641,7 @@ pub fn transpose_cols(
             }
             for r in r0..r0 + 8 {
                 for c in c0..c0 + 8 {
-                    dst[c * rows + r] = value(r * cols + c_start + c);
+                    dst[c * rows + r] = src.value(r * cols + c_start + c);
                 }
             }
         }
@@ -647,10 +650,9 @@ pub fn transpose_cols(
     for r in 0..rows {
         let from = if r < r8 { w8 } else { 0 };
         for c in from..width {
-            dst[c * rows + r] = value(r * cols + c_start + c);
+            dst[c * rows + r] = src.value(r * cols + c_start + c);
         }
     }
-    let _ = fast;
 }
 
 /// One 8 × 8 block of `transpose_cols`: 8 rows of 8 values from `s` (row stride `cols`
@@ -709,7 +711,7 @@ pub fn weighted_rows_half(out: &mut [f32], p: &[f32], rows: &[u16], h: Half) {
         "weighted_rows_half: rows"
     );
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+    if has_avx2_f16c() {
         // SAFETY: the features were detected at run time; rows holds p.len() rows of n.
         return unsafe {
             match h {
@@ -882,10 +884,7 @@ mod tests {
                     transpose_cols(m, rows, cols, c_range.clone(), &mut dst);
                     for r in 0..rows {
                         for c in c_range.clone() {
-                            let want = match m {
-                                Matrix::F32(v) => v[r * cols + c],
-                                Matrix::Half(v, h) => h.widen(v[r * cols + c]),
-                            };
+                            let want = m.value(r * cols + c);
                             let got = dst[(c - c_range.start) * rows + r];
                             assert_eq!(got, want, "{what} {rows}x{cols} at {r},{c}");
                         }
@@ -956,7 +955,7 @@ mod tests {
                     assert!((one as f64 - exact).abs() < 1e-4, "n={n}: {one} vs {exact}");
                 }
                 #[cfg(target_arch = "x86_64")]
-                if has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+                if has_avx2_f16c() {
                     // SAFETY: the features were detected.
                     let avx2 = unsafe {
                         match h {

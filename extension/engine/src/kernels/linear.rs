@@ -197,14 +197,9 @@ fn linear_many_rows(
         let (w_t, rows) = (&mut w_t[..d_in * (c1 - c0)], c1 - c0);
         let src = w.rows(c0 * d_in..c1 * d_in);
         // Blocks of w_t's rows (src's columns) on the compute pool.
-        const BLOCK: usize = 64;
-        parallel::install(|| {
-            w_t.par_chunks_mut(BLOCK * rows)
-                .enumerate()
-                .for_each(|(i, block)| {
-                    let c = i * BLOCK..(i * BLOCK + BLOCK).min(d_in);
-                    simd::transpose_cols(src, rows, d_in, c, block);
-                })
+        parallel::for_rows(w_t, rows, |first, block| {
+            let c = first..first + block.len() / rows;
+            simd::transpose_cols(src, rows, d_in, c, block);
         });
         let slice = MatRef::new(w_t, d_in, c1 - c0);
         gemm_into(&mut y[c0..], d_out, xs, slice, acc, Threads::Pool);

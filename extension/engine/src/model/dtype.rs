@@ -52,6 +52,14 @@ impl DType {
         }
     }
 
+    /// Bytes of one value in this dtype.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            Self::Float32 => 4,
+            Self::Bfloat16 | Self::Float16 => 2,
+        }
+    }
+
     /// `v` rounded to the nearest value this dtype holds (round to nearest even), as float32.
     /// A finite float32 beyond float16's range becomes an infinity: `round_checked` refuses it.
     pub fn round(self, v: f32) -> f32 {
@@ -165,12 +173,11 @@ impl Half {
                 }
             }
             Half::F16 => {
-                use half::slice::HalfFloatSliceExt;
-                let mut bits = [half::f16::ZERO; 1024];
+                let mut bits = [0u16; 1024];
                 for chunk in x.chunks_mut(bits.len()) {
                     let narrow = &mut bits[..chunk.len()];
-                    narrow.convert_from_f32_slice(chunk);
-                    narrow.convert_to_f32_slice(chunk);
+                    self.narrow_into(chunk, narrow);
+                    self.widen_into(narrow, chunk);
                 }
             }
         }
@@ -205,6 +212,27 @@ impl<'a> Matrix<'a> {
                 out.resize(from + range.len(), 0.0);
                 h.widen_into(&v[range], &mut out[from..]);
             }
+        }
+    }
+
+    /// The number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Matrix::F32(v) => v.len(),
+            Matrix::Half(v, _) => v.len(),
+        }
+    }
+
+    /// Whether the matrix holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Value `i` as float32.
+    pub fn value(&self, i: usize) -> f32 {
+        match self {
+            Matrix::F32(v) => v[i],
+            Matrix::Half(v, h) => h.widen(v[i]),
         }
     }
 
