@@ -4,12 +4,13 @@
 //! Usage: bench_model THREADS [prefill|decode|batch]. Prints prefill tokens/s on 512 tokens,
 //! greedy decode tokens/s (16-token prompt, 64 new tokens) and the tokens/s of 1, 4 and 8
 //! sequences decoded together (`Model::decode`), best of five rounds; one of them only when
-//! named (to profile it alone). BATCHES=8 (a comma-separated list) picks the batch sizes.
+//! named (to profile it alone). BATCHES=8 (a comma-separated list) picks the batch sizes;
+//! DTYPE=bfloat16 (or float16) serves the matrices in half precision.
 
 use std::time::Instant;
 
 use pg_llm_engine::model::init::init_params;
-use pg_llm_engine::model::{Logits, MapSource, Model, ModelConfig, ModelWeights};
+use pg_llm_engine::model::{DType, Logits, MapSource, Model, ModelConfig, ModelWeights};
 use pg_llm_engine::{parallel, Cancel};
 
 fn main() {
@@ -21,7 +22,10 @@ fn main() {
     parallel::set_threads(threads);
     let cfg = ModelConfig::gpt3(12, 768, 12, 64);
     let params = init_params(&cfg, 0).expect("init");
-    let weights = ModelWeights::load(&cfg, &mut MapSource::new(params)).expect("load");
+    let dtype = std::env::var("DTYPE").map_or(DType::Float32, |name| {
+        DType::parse(&name).expect("DTYPE: float32, bfloat16 or float16")
+    });
+    let weights = ModelWeights::load_as(&cfg, &mut MapSource::new(params), dtype).expect("load");
     let model = Model::new(cfg, weights).expect("model");
     let long: Vec<u32> = (0..512).map(|i| (i * 104729) % 50000 + 100).collect();
     let prompt: Vec<u32> = (0..16).map(|i| (i * 7919) % 50000 + 100).collect();
