@@ -14,7 +14,8 @@ same thread count, measured alternately in one run. Reports:
 
 With --dtype bfloat16 or float16 both sides run the model's matrices in that dtype: pg_llm a
 copy of gpt3-125m served in it (llm_set_weight_dtype; kernels widen the weights and accumulate
-in float32), PyTorch the model converted with .to(dtype) (it computes in that dtype).
+in float32), PyTorch the model converted with .to(dtype) (it computes in that dtype); pg_llm's
+float32 decode runs in the same rounds on a second connection, for the ratio of the two.
 
 Usage (a server with pg_llm, e.g. scripts/cluster.sh start):
   PG_GPT3_DSN="host=/tmp/pg_gpt3_cluster/sock port=54329 user=postgres dbname=bench" \\
@@ -85,11 +86,13 @@ def main():
                 "AND column_name NOT IN ('model', 'version', 'owner', 'weight_dtype')")]
             c.execute(f"INSERT INTO llm_model_config (model, {', '.join(cols)}) "
                       f"SELECT %s, {', '.join(cols)} FROM llm_model_config WHERE model = 'gpt3-125m'", (name,))
-        if c.execute("SELECT count(*) FROM llm_param WHERE model = %s", (name,)).fetchone()[0] == 0:
-            print(f"initialising {name} in the database ...")
-            c.execute("SELECT llm_init_params(%s, 0)", (name,))
-            if args.dtype != "float32":
-                c.execute("SELECT llm_set_weight_dtype(%s, %s)", (name, args.dtype))
+        # A half-precision run also decodes the float32 model, in the same rounds.
+        for model_name in dict.fromkeys(["gpt3-125m", name]):
+            if c.execute("SELECT count(*) FROM llm_param WHERE model = %s", (model_name,)).fetchone()[0] == 0:
+                print(f"initialising {model_name} in the database ...")
+                c.execute("SELECT llm_init_params(%s, 0)", (model_name,))
+                if model_name != "gpt3-125m":
+                    c.execute("SELECT llm_set_weight_dtype(%s, %s)", (model_name, args.dtype))
         weight_bytes = c.execute("SELECT sum(length(data)) FROM llm_param WHERE model = %s", (name,)).fetchone()[0]
 
     prompt = [(i * 7919) % 50000 + 100 for i in range(PROMPT)]
@@ -118,6 +121,13 @@ def main():
         ids = conn.execute(gen_sql, (prompt, NEW)).fetchone()[0]
         assert len(ids) == NEW
 
+    # Its own connection, so that the measuring backend's RSS holds one model.
+    conn_float32 = psycopg.connect(dsn, autocommit=True) if args.dtype != "float32" else None
+
+    def pg_decode_float32():
+        sql = "SELECT llm_generate_ids(%s, %s, 0, 0, 1, 'gpt3-125m', NULL)"
+        assert len(conn_float32.execute(sql, (prompt, NEW)).fetchone()[0]) == NEW
+
     def pg_prefill():
         conn.execute(f"SELECT length(llm_logits(%s, '{name}'))", (long_input,)).fetchone()
 
@@ -138,10 +148,15 @@ def main():
         with torch.no_grad():
             model(tl)
 
+    if conn_float32:
+        conn_float32.execute(f"SET pg_llm.threads = {args.threads}")
+        pg_decode_float32()  # warm-up
     pg_decode(), torch_decode(), pg_prefill(), torch_prefill()  # warm-up
-    pg_d = pt_d = pg_p = pt_p = float("inf")
+    pg_d = pt_d = pg_p = pt_p = pg_d32 = float("inf")
     for _ in range(ROUNDS):  # alternate the sides against a noisy machine
         pg_d = min(pg_d, best(pg_decode, 1))
+        if conn_float32:
+            pg_d32 = min(pg_d32, best(pg_decode_float32, 1))
         pt_d = min(pt_d, best(torch_decode, 1))
         pg_p = min(pg_p, best(pg_prefill, 1))
         pt_p = min(pt_p, best(torch_prefill, 1))
@@ -152,6 +167,10 @@ def main():
     print(f"{'':28} {'pg_llm':>12} {'PyTorch':>12} {'ratio':>7}")
     print(f"{'decode tokens/s (16+64)':28} {NEW / pg_d:12.1f} {NEW / pt_d:12.1f} {pt_d / pg_d:7.2f}")
     print(f"{'prefill tokens/s (512)':28} {PREFILL / pg_p:12.1f} {PREFILL / pt_p:12.1f} {pt_p / pg_p:7.2f}")
+    if conn_float32:
+        print(f"{'decode, pg_llm float32':28} {NEW / pg_d32:12.1f}   ({args.dtype} / float32 "
+              f"{pg_d32 / pg_d:.2f}, same rounds)")
+        conn_float32.close()
     decode_sql = f"SELECT llm_generate_ids(%s, 1900, 0, 0, 1, '{name}', NULL)"
     prefill_sql = f"SELECT length(llm_logits(%s, '{name}'))"
     prefill_input = [(i * 104729) % 50000 + 100 for i in range(2048)]
