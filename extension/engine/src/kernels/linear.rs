@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_into, slice_cols, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
+use super::matmul::{self, gemm_into, slice_cols, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
 use crate::error::Result;
 use crate::model::dtype::{Half, Matrix};
 use crate::parallel::{self, Cancel};
@@ -182,6 +182,12 @@ fn linear_many_rows(
 ) -> Result<()> {
     let acc = place_bias(y, b, d_out, acc);
     let xs = MatRef::new(x, t, d_in);
+    if let Matrix::F32(w) = w {
+        if matmul::packs_any_layout(t, d_out) {
+            let wt = MatRef::transposed(w, d_in, d_out);
+            return matmul::gemm_sliced(y, xs, wt, acc, flops_per_slice, cancel);
+        }
+    }
     // The matrix library packs the weights along the output index, which [out, in] storage
     // strides by a whole row: its packing then gathers one value per cache line (the rows'
     // stride maps them to the same few cache sets), slower than the product itself for a

@@ -141,6 +141,19 @@ pub(crate) fn gemm_into(
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm_avx2::suits(m, n) {
+        let n_threads = match threads {
+            Threads::Single => 1,
+            Threads::Pool => parallel::threads(),
+        };
+        let run = |dst: &mut [f32]| super::gemm_avx2::gemm(dst, dst_stride, a, b, acc, n_threads);
+        return if n_threads > 1 {
+            parallel::install(|| run(dst))
+        } else {
+            run(dst)
+        };
+    }
     let mut run = |parallelism| {
         // SAFETY: the views were bounds-checked at construction and dst holds m*n values;
         // gemm computes dst = alpha*dst + beta*a*b.
@@ -179,6 +192,15 @@ pub(crate) fn gemm_into(
             }
         }
     }
+}
+
+/// Whether `gemm_into` packs an [m, ·] · [·, n] product's operands from any layout at full
+/// speed here (its own AVX2 product), so a transposed weight view needs no copy first.
+pub(crate) fn packs_any_layout(m: usize, n: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::gemm_avx2::suits(m, n);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Work per uninterruptible slice of a large product (floating-point operations): about

@@ -8,6 +8,8 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
+#[cfg(target_arch = "x86_64")]
+mod gemm_avx2;
 pub mod layernorm;
 pub mod linear;
 pub mod matmul;

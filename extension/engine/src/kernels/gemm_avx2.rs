@@ -1,0 +1,472 @@
+//! Float32 matrix products for AVX2 + FMA processors without AVX-512 (AMD Zen, Intel before
+//! Skylake-X): BLIS-style cache blocking around a 6 × 16 register tile.
+//!
+//! Why not the `gemm` crate on these machines: on the project's 2-core AMD EPYC (Zen 3) its
+//! products ran at 55 – 65 % of the FMA units' peak, and a linear layer's weights, stored
+//! [out, in], had to be transposed slice by slice before it could pack them (its packing
+//! gathers one value per cache line from that layout). This product packs both layouts
+//! directly and keeps the tile's twelve accumulators in registers. Machines with AVX-512 keep
+//! the `gemm` crate, whose AVX-512 kernels were measured there (docs/performance.md).
+//!
+//! Loops, for C[m, n] (=|+=) A[m, k] · B[k, n] on one thread's block of C:
+//!   jc: NC columns of B → pc: KC of the inner dimension, B[pc.., jc..] packed (≤ 4 MB, L3)
+//!     → ic: MC rows of A, A[ic.., pc..] packed (144 KB, L2)
+//!       → jr: NR columns → ir: MR rows: one tile (B's KC × NR panel, 16 KB, stays in L1).
+//! Threads split C's columns (each packs only its own part of B, which is the larger
+//! operand in a model's layers), or its rows when there are too few columns.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::matmul::{Accumulate, MatRef};
+
+/// Rows and columns of the register tile: 6 × 2 vectors of 8 accumulators, 2 vectors of B
+/// and one broadcast of A make 15 of the 16 vector registers.
+const MR: usize = 6;
+const NR: usize = 16;
+/// Inner-dimension block: a KC × NR panel of B (16 KB) stays in the 32 KB L1.
+const KC: usize = 256;
+/// Rows of A packed at once: MC × KC values (144 KB) stay in L2 (512 KB on Zen 3).
+const MC: usize = 144;
+/// Columns of B packed at once (a multiple of NR): KC × NC values, about 4 MB.
+const NC: usize = 4080;
+/// Below this many multiply-adds a product runs on one thread.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// Whether this product serves the machine: AVX2 and FMA, and no AVX-512 (checked once).
+pub(crate) fn available() -> bool {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE
+        .get_or_init(|| crate::simd::has_avx2_fma() && !std::is_x86_feature_detected!("avx512f"))
+}
+
+/// Whether a product of this shape should run here: at least a whole tile (narrower products
+/// would spend most of each tile on padding; the `gemm` crate has vector paths for them).
+pub(crate) fn suits(m: usize, n: usize) -> bool {
+    m >= MR && n >= NR && available()
+}
+
+/// A destination shared by threads that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: every thread writes its own rows or columns of the destination (see `gemm`).
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+/// dst[r · dst_stride + c] = (or +=, with `Accumulate::Add`) Σ_p a(r, p) · b(p, c), on up to
+/// `threads` threads of the current rayon pool. Only where `available()`.
+pub(crate) fn gemm(
+    dst: &mut [f32],
+    dst_stride: usize,
+    a: MatRef,
+    b: MatRef,
+    acc: Accumulate,
+    threads: usize,
+) {
+    let (m, k, n) = (a.rows(), a.cols(), b.cols());
+    assert!(available(), "gemm_avx2 on a machine without AVX2 and FMA");
+    assert_eq!(k, b.rows(), "inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst_stride >= n && dst.len() >= (m - 1) * dst_stride + n);
+    let overwrite = acc == Accumulate::Overwrite;
+    let c = Dst(dst.as_mut_ptr());
+    // SAFETY (all three calls): the blocks handed out are disjoint and inside dst (checked
+    // above); a and b are bounds-checked views.
+    let threads = if m * n * k < PARALLEL_MIN_WORK {
+        1
+    } else {
+        threads
+    };
+    if threads <= 1 {
+        return unsafe { gemm_block(c, dst_stride, a, b, 0..m, 0..n, overwrite) };
+    }
+    let (col_tiles, row_tiles) = (n.div_ceil(NR), m.div_ceil(MR));
+    if col_tiles >= 2 * threads || col_tiles >= row_tiles {
+        let per = col_tiles.div_ceil(threads) * NR;
+        (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+            let cols = t * per..((t + 1) * per).min(n);
+            unsafe { gemm_block(c, dst_stride, a, b, 0..m, cols, overwrite) }
+        });
+    } else {
+        let per = row_tiles.div_ceil(threads) * MR;
+        (0..m.div_ceil(per)).into_par_iter().for_each(|t| {
+            let rows = t * per..((t + 1) * per).min(m);
+            unsafe { gemm_block(c, dst_stride, a, b, rows, 0..n, overwrite) }
+        });
+    }
+}
+
+thread_local! {
+    /// Each thread's packing buffers (A's block, B's block), kept between products: a fresh
+    /// 4 MB allocation per product would be fresh pages to fault in every time.
+    static PACKED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The rows × cols block of C, on the calling thread.
+///
+/// # Safety
+/// `c` must point at a matrix with row stride `ldc` that holds every element of the block,
+/// written by nobody else meanwhile.
+unsafe fn gemm_block(
+    c: Dst,
+    ldc: usize,
+    a: MatRef,
+    b: MatRef,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    overwrite: bool,
+) {
+    PACKED.with(|packed| {
+        let mut fresh = Default::default();
+        // A product inside a product on the same thread cannot happen today; if it ever does
+        // it gets buffers of its own rather than a panic.
+        let mut held = packed.try_borrow_mut();
+        let (a_buf, b_buf) = match held.as_mut() {
+            Ok(bufs) => &mut **bufs,
+            Err(_) => &mut fresh,
+        };
+        let k = a.cols();
+        let kc_max = k.min(KC);
+        let nc_max = cols.len().min(NC).next_multiple_of(NR);
+        let mc_max = rows.len().min(MC).next_multiple_of(MR);
+        let a_packed = aligned(a_buf, mc_max * kc_max);
+        let b_packed = aligned(b_buf, kc_max * nc_max);
+        for jc in cols.clone().step_by(NC) {
+            let nc = NC.min(cols.end - jc);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                pack_b(b_packed, b, pc, kc, jc, nc);
+                let first = overwrite && pc == 0;
+                for ic in rows.clone().step_by(MC) {
+                    let mc = MC.min(rows.end - ic);
+                    pack_a(a_packed, a, ic, mc, pc, kc);
+                    for jr in (0..nc).step_by(NR) {
+                        let b_panel = b_packed[jr * kc..].as_ptr();
+                        for ir in (0..mc).step_by(MR) {
+                            let a_panel = a_packed[ir * kc..].as_ptr();
+                            let tile = c.0.add((ic + ir) * ldc + jc + jr);
+                            let (mr, nr) = (MR.min(mc - ir), NR.min(nc - jr));
+                            if mr == MR && nr == NR {
+                                tile_6x16(kc, a_panel, b_panel, tile, ldc, first);
+                            } else {
+                                edge_tile(kc, a_panel, b_panel, tile, ldc, (mr, nr), first);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// `len` values of `buf` starting on a 64-byte boundary (whole-line vector loads).
+fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    const LANES: usize = 16;
+    if buf.len() < len + LANES {
+        *buf = vec![0.0; len + LANES];
+    }
+    let skip = buf.as_ptr().align_offset(64).min(LANES);
+    &mut buf[skip..skip + len]
+}
+
+/// A[ic..ic+mc, pc..pc+kc] as panels of MR rows: panel q holds value (q·MR + i, p) at
+/// q·MR·kc + p·MR + i; rows past mc are zeros.
+fn pack_a(packed: &mut [f32], a: MatRef, ic: usize, mc: usize, pc: usize, kc: usize) {
+    let (data, rs, cs) = (a.data(), a.row_stride(), a.col_stride());
+    for r0 in (0..mc).step_by(MR) {
+        let panel = &mut packed[r0 * kc..(r0 + MR) * kc];
+        if cs == 1 && r0 + MR <= mc {
+            // A cache line of each row in turn: six streams side by side, as in
+            // `pack_rows_transposed` (one whole row after another waits on memory).
+            let rows: [&[f32]; MR] = std::array::from_fn(|i| {
+                let start = (ic + r0 + i) * rs + pc;
+                &data[start..start + kc]
+            });
+            for p0 in (0..kc).step_by(16) {
+                for (i, row) in rows.iter().enumerate() {
+                    for (p, &v) in row[p0..kc.min(p0 + 16)].iter().enumerate() {
+                        panel[(p0 + p) * MR + i] = v;
+                    }
+                }
+            }
+            continue;
+        }
+        for i in 0..MR {
+            if r0 + i < mc {
+                let start = (ic + r0 + i) * rs + pc * cs;
+                if cs == 1 {
+                    let src = &data[start..start + kc];
+                    for (p, &v) in src.iter().enumerate() {
+                        panel[p * MR + i] = v;
+                    }
+                } else {
+                    for p in 0..kc {
+                        panel[p * MR + i] = data[start + p * cs];
+                    }
+                }
+            } else {
+                (0..kc).for_each(|p| panel[p * MR + i] = 0.0);
+            }
+        }
+    }
+}
+
+/// B[pc..pc+kc, jc..jc+nc] as panels of NR columns: panel q holds value (p, q·NR + j) at
+/// q·NR·kc + p·NR + j; columns past nc are zeros. Reads whole rows of either layout: B
+/// row-major ([k, n]), or B = Wᵀ with W stored [n, k] (a linear layer's weights), whose
+/// columns are W's contiguous rows.
+fn pack_b(packed: &mut [f32], b: MatRef, pc: usize, kc: usize, jc: usize, nc: usize) {
+    let (data, rs, cs) = (b.data(), b.row_stride(), b.col_stride());
+    for j0 in (0..nc).step_by(NR) {
+        let panel = &mut packed[j0 * kc..(j0 + NR) * kc];
+        let width = NR.min(nc - j0);
+        if cs == 1 {
+            for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
+                let start = (pc + p) * rs + jc + j0;
+                out[..width].copy_from_slice(&data[start..start + width]);
+                out[width..].fill(0.0);
+            }
+        } else if rs == 1 && width == NR {
+            // SAFETY: AVX2 is present (`available`); the panel's 16 rows of W hold kc values
+            // each from `pc` (the view was bounds-checked).
+            unsafe { pack_rows_transposed(panel, &data[pc + (jc + j0) * cs..], cs, kc) };
+        } else {
+            for j in 0..NR {
+                if j < width {
+                    let start = pc * rs + (jc + j0 + j) * cs;
+                    if rs == 1 {
+                        let src = &data[start..start + kc];
+                        for (p, &v) in src.iter().enumerate() {
+                            panel[p * NR + j] = v;
+                        }
+                    } else {
+                        for p in 0..kc {
+                            panel[p * NR + j] = data[start + p * rs];
+                        }
+                    }
+                } else {
+                    (0..kc).for_each(|p| panel[p * NR + j] = 0.0);
+                }
+            }
+        }
+    }
+}
+
+/// A B panel from 16 rows of W (B = Wᵀ), W's row j at `w[j · stride..][..kc]`: eight rows
+/// at a time, read side by side (eight streams the prefetchers follow; one row at a time
+/// waits on memory for every line of weights not in cache), transposed 8 × 8 in registers.
+///
+/// # Safety
+/// AVX2 present; `w` holds 15 · stride + kc values; `panel` holds kc · NR.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_rows_transposed(panel: &mut [f32], w: &[f32], stride: usize, kc: usize) {
+    debug_assert!(w.len() >= 15 * stride + kc && panel.len() >= kc * NR);
+    let (src, dst) = (w.as_ptr(), panel.as_mut_ptr());
+    for half in 0..2 {
+        let rows = src.add(half * 8 * stride);
+        let mut p = 0;
+        while p + 8 <= kc {
+            let r: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(rows.add(j * stride + p)));
+            let t = [
+                _mm256_unpacklo_ps(r[0], r[1]),
+                _mm256_unpackhi_ps(r[0], r[1]),
+                _mm256_unpacklo_ps(r[2], r[3]),
+                _mm256_unpackhi_ps(r[2], r[3]),
+                _mm256_unpacklo_ps(r[4], r[5]),
+                _mm256_unpackhi_ps(r[4], r[5]),
+                _mm256_unpacklo_ps(r[6], r[7]),
+                _mm256_unpackhi_ps(r[6], r[7]),
+            ];
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+            ];
+            // Column q of the 8 × 8 block (value p + q of each row), low halves then high.
+            let cols = [
+                _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+                _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+                _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+                _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+                _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+                _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+                _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+                _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+            ];
+            for (q, col) in cols.into_iter().enumerate() {
+                _mm256_storeu_ps(dst.add((p + q) * NR + half * 8), col);
+            }
+            p += 8;
+        }
+        for p in p..kc {
+            for j in 0..8 {
+                *dst.add(p * NR + half * 8 + j) = *rows.add(j * stride + p);
+            }
+        }
+    }
+}
+
+/// The 6 × 16 tile at `c` (row stride `ldc`) = (or +=, unless `overwrite`) the product of an
+/// A panel (kc × 6) and a B panel (kc × 16).
+///
+/// # Safety
+/// AVX2 and FMA present; the panels hold kc · MR and kc · NR values; the tile is writable.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_6x16(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
+    // The tile's rows of C are far apart (a row of C each): ask for them now, so the loads
+    // and stores after the loop do not wait on caches.
+    for i in 0..MR {
+        _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + NR - 1) as *const i8);
+    }
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    let step = |acc: &mut [[__m256; 2]; MR], p: usize| {
+        let b0 = _mm256_load_ps(b.add(p * NR));
+        let b1 = _mm256_load_ps(b.add(p * NR + 8));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm256_broadcast_ss(&*a.add(p * MR + i));
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+    };
+    let mut p = 0;
+    while p + 4 <= kc {
+        step(&mut acc, p);
+        step(&mut acc, p + 1);
+        step(&mut acc, p + 2);
+        step(&mut acc, p + 3);
+        p += 4;
+    }
+    while p < kc {
+        step(&mut acc, p);
+        p += 1;
+    }
+    for (i, row) in acc.iter().enumerate() {
+        let out = c.add(i * ldc);
+        let (mut lo, mut hi) = (row[0], row[1]);
+        if !overwrite {
+            lo = _mm256_add_ps(lo, _mm256_loadu_ps(out));
+            hi = _mm256_add_ps(hi, _mm256_loadu_ps(out.add(8)));
+        }
+        _mm256_storeu_ps(out, lo);
+        _mm256_storeu_ps(out.add(8), hi);
+    }
+}
+
+/// A tile cut by the edge of C (mr ≤ 6 rows, nr ≤ 16 columns): computed whole into a
+/// scratch tile (the panels are zero-padded), then its valid part written.
+///
+/// # Safety
+/// As `tile_6x16`, for the mr × nr part of the tile.
+unsafe fn edge_tile(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    (mr, nr): (usize, usize),
+    overwrite: bool,
+) {
+    let mut scratch = [0.0f32; MR * NR];
+    tile_6x16(kc, a, b, scratch.as_mut_ptr(), NR, true);
+    for i in 0..mr {
+        let out = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
+        let row = &scratch[i * NR..i * NR + nr];
+        if overwrite {
+            out.copy_from_slice(row);
+        } else {
+            out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * scale)
+            .collect()
+    }
+
+    fn at(v: &MatRef, r: usize, c: usize) -> f64 {
+        v.data()[r * v.row_stride() + c * v.col_stride()] as f64
+    }
+
+    /// Every layout (A and B each row-major or transposed), edges in every direction, several
+    /// KC / MC / NC blocks, overwrite and accumulate, one and several threads, a destination
+    /// wider than the product.
+    #[test]
+    fn matches_a_naive_product() {
+        if !available() {
+            return; // nothing of this module runs on such a machine
+        }
+        let shapes = [
+            (6, 1, 16),
+            (7, 3, 17),
+            (13, 300, 33),
+            (150, 520, 70),
+            (64, 96, 4100),
+        ];
+        for (m, k, n) in shapes {
+            let (a_vals, b_vals) = (seq(m * k, 0.01), seq(k * n, 0.02));
+            for a_t in [false, true] {
+                for b_t in [false, true] {
+                    let a = if a_t {
+                        MatRef::transposed(&a_vals, m, k)
+                    } else {
+                        MatRef::new(&a_vals, m, k)
+                    };
+                    let b = if b_t {
+                        MatRef::transposed(&b_vals, k, n)
+                    } else {
+                        MatRef::new(&b_vals, k, n)
+                    };
+                    let ldc = n + 3;
+                    for (acc, threads) in [(Accumulate::Overwrite, 1), (Accumulate::Add, 3)] {
+                        let mut dst = vec![0.5f32; m * ldc];
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap()
+                            .install(|| gemm(&mut dst, ldc, a, b, acc, threads));
+                        for r in 0..m {
+                            for c in 0..ldc {
+                                let got = dst[r * ldc + c] as f64;
+                                let want = if c >= n {
+                                    0.5
+                                } else {
+                                    let s: f64 = (0..k).map(|p| at(&a, r, p) * at(&b, p, c)).sum();
+                                    s + if acc == Accumulate::Add { 0.5 } else { 0.0 }
+                                };
+                                assert!(
+                                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                    "{m}x{k}x{n} a_t={a_t} b_t={b_t} {acc:?}: ({r}, {c}) {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
