@@ -12,8 +12,8 @@
 //!   jc: NC columns of B → pc: KC of the inner dimension, B[pc.., jc..] packed (≤ 4 MB, L3)
 //!     → ic: MC rows of A, A[ic.., pc..] packed (144 KB, L2)
 //!       → jr: NR columns → ir: MR rows: one tile (B's KC × NR panel, 16 KB, stays in L1).
-//! Threads split C's columns (each packs only its own part of B, which is the larger
-//! operand in a model's layers), or its rows when there are too few columns.
+//! Threads split C's columns (each packs only its own part of B, and all of A) or its rows
+//! (the other way round), whichever packs the smaller operand twice.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -87,7 +87,9 @@ pub(crate) fn gemm(
         return unsafe { gemm_block(c, dst_stride, a, b, 0..m, 0..n, overwrite) };
     }
     let (col_tiles, row_tiles) = (n.div_ceil(NR), m.div_ceil(MR));
-    if col_tiles >= 2 * threads || col_tiles >= row_tiles {
+    // Each thread packs all of the operand along the dimension not split: split so that the
+    // smaller of A [m, k] and B [k, n] is the one packed twice.
+    if col_tiles >= threads && (m <= n || row_tiles < threads) {
         let per = col_tiles.div_ceil(threads) * NR;
         (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
             let cols = t * per..((t + 1) * per).min(n);
@@ -182,18 +184,19 @@ fn pack_a(packed: &mut [f32], a: MatRef, ic: usize, mc: usize, pc: usize, kc: us
     for r0 in (0..mc).step_by(MR) {
         let panel = &mut packed[r0 * kc..(r0 + MR) * kc];
         if cs == 1 && r0 + MR <= mc {
-            // A cache line of each row in turn: six streams side by side, as in
-            // `pack_rows_transposed` (one whole row after another waits on memory).
             let rows: [&[f32]; MR] = std::array::from_fn(|i| {
                 let start = (ic + r0 + i) * rs + pc;
                 &data[start..start + kc]
             });
-            for p0 in (0..kc).step_by(16) {
-                for (i, row) in rows.iter().enumerate() {
-                    for (p, &v) in row[p0..kc.min(p0 + 16)].iter().enumerate() {
-                        panel[(p0 + p) * MR + i] = v;
-                    }
-                }
+            // SAFETY: AVX2 is present (`available`); six rows of kc values, a panel of kc · MR.
+            unsafe { pack_rows_6(panel, rows, kc) };
+            continue;
+        }
+        if rs == 1 && r0 + MR <= mc {
+            // A = Dᵀ with D stored [k, m] (a gradient's rows): six neighbours of each row of D.
+            for (p, group) in panel.chunks_exact_mut(MR).enumerate() {
+                let start = ic + r0 + (pc + p) * cs;
+                group.copy_from_slice(&data[start..start + MR]);
             }
             continue;
         }
@@ -258,6 +261,76 @@ fn pack_b(packed: &mut [f32], b: MatRef, pc: usize, kc: usize, jc: usize, nc: us
     }
 }
 
+/// An A panel from six rows of A: eight values of each row at a time, read side by side
+/// (six streams; one whole row after another waits on memory for every line) and transposed
+/// in registers to eight groups of six.
+///
+/// # Safety
+/// AVX2 present; each row holds kc values; `panel` holds kc · MR.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_rows_6(panel: &mut [f32], rows: [&[f32]; MR], kc: usize) {
+    debug_assert!(rows.iter().all(|r| r.len() >= kc) && panel.len() >= kc * MR);
+    let dst = panel.as_mut_ptr();
+    let six = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+    let mut p = 0;
+    while p + 8 <= kc {
+        let zero = _mm256_setzero_ps();
+        let r: [__m256; 8] = std::array::from_fn(|i| {
+            if i < MR {
+                _mm256_loadu_ps(rows[i].as_ptr().add(p))
+            } else {
+                zero
+            }
+        });
+        for (q, col) in transpose8(r).into_iter().enumerate() {
+            // Lanes 6 and 7 are padding: masked off (the next group starts there).
+            _mm256_maskstore_ps(dst.add((p + q) * MR), six, col);
+        }
+        p += 8;
+    }
+    for p in p..kc {
+        for (i, row) in rows.iter().enumerate() {
+            *dst.add(p * MR + i) = row[p];
+        }
+    }
+}
+
+/// The transpose of an 8 × 8 block held as eight rows: column q of the input as vector q.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+        _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+    ]
+}
+
 /// A B panel from 16 rows of W (B = Wᵀ), W's row j at `w[j · stride..][..kc]`: eight rows
 /// at a time, read side by side (eight streams the prefetchers follow; one row at a time
 /// waits on memory for every line of weights not in cache), transposed 8 × 8 in registers.
@@ -273,37 +346,8 @@ unsafe fn pack_rows_transposed(panel: &mut [f32], w: &[f32], stride: usize, kc: 
         let mut p = 0;
         while p + 8 <= kc {
             let r: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(rows.add(j * stride + p)));
-            let t = [
-                _mm256_unpacklo_ps(r[0], r[1]),
-                _mm256_unpackhi_ps(r[0], r[1]),
-                _mm256_unpacklo_ps(r[2], r[3]),
-                _mm256_unpackhi_ps(r[2], r[3]),
-                _mm256_unpacklo_ps(r[4], r[5]),
-                _mm256_unpackhi_ps(r[4], r[5]),
-                _mm256_unpacklo_ps(r[6], r[7]),
-                _mm256_unpackhi_ps(r[6], r[7]),
-            ];
-            let u = [
-                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
-                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
-                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
-                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
-                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
-                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
-                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
-                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
-            ];
-            // Column q of the 8 × 8 block (value p + q of each row), low halves then high.
-            let cols = [
-                _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
-                _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
-                _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
-                _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
-                _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
-                _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
-                _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
-                _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
-            ];
+            // Column q of the 8 × 8 block (value p + q of each row).
+            let cols = transpose8(r);
             for (q, col) in cols.into_iter().enumerate() {
                 _mm256_storeu_ps(dst.add((p + q) * NR + half * 8), col);
             }
