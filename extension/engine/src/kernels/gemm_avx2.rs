@@ -9,7 +9,7 @@
 //! the `gemm` crate, whose AVX-512 kernels were measured there (docs/performance.md).
 //!
 //! Loops, for C[m, n] (=|+=) A[m, k] · B[k, n] on one thread's block of C:
-//!   jc: NC columns of B → pc: KC of the inner dimension, B[pc.., jc..] packed (≤ 4 MB, L3)
+//!   jc: NC columns of B → pc: KC of the inner dimension, B[pc.., jc..] packed (≤ 2 MB, L3)
 //!     → ic: MC rows of A, A[ic.., pc..] packed (144 KB, L2)
 //!       → jr: NR columns → ir: MR rows: one tile (B's KC × NR panel, 16 KB, stays in L1).
 //! Threads split C's columns (each packs only its own part of B, and all of A) or its rows
@@ -31,8 +31,9 @@ const NR: usize = 16;
 const KC: usize = 256;
 /// Rows of A packed at once: MC × KC values (144 KB) stay in L2 (512 KB on Zen 3).
 const MC: usize = 144;
-/// Columns of B packed at once (a multiple of NR): KC × NC values, about 4 MB.
-const NC: usize = 4080;
+/// Columns of B packed at once (a multiple of NR): KC × NC values, 2 MB. Wider than any
+/// thread's share of a gpt3-125m product (A is packed once per NC columns).
+const NC: usize = 2048;
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -106,7 +107,7 @@ pub(crate) fn gemm(
 
 thread_local! {
     /// Each thread's packing buffers (A's block, B's block), kept between products: a fresh
-    /// 4 MB allocation per product would be fresh pages to fault in every time.
+    /// 2 MB allocation per product would be fresh pages to fault in every time.
     static PACKED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
