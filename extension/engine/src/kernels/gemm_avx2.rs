@@ -59,7 +59,8 @@ unsafe impl Send for Dst {}
 unsafe impl Sync for Dst {}
 
 /// dst[r · dst_stride + c] = (or +=, with `Accumulate::Add`) Σ_p a(r, p) · b(p, c), on up to
-/// `threads` threads of the current rayon pool. Only where `available()`.
+/// `threads` threads of the current rayon pool. Needs AVX2 and FMA (`available()` also
+/// leaves AVX-512 machines to the `gemm` crate, but the product runs there too: its tests do).
 pub(crate) fn gemm(
     dst: &mut [f32],
     dst_stride: usize,
@@ -69,12 +70,23 @@ pub(crate) fn gemm(
     threads: usize,
 ) {
     let (m, k, n) = (a.rows(), a.cols(), b.cols());
-    assert!(available(), "gemm_avx2 on a machine without AVX2 and FMA");
+    assert!(
+        crate::simd::has_avx2_fma(),
+        "gemm_avx2 on a machine without AVX2 and FMA"
+    );
     assert_eq!(k, b.rows(), "inner dimensions differ");
     if m == 0 || n == 0 {
         return;
     }
     assert!(dst_stride >= n && dst.len() >= (m - 1) * dst_stride + n);
+    if k == 0 {
+        // An empty sum: no block of the inner dimension would write the result.
+        if acc == Accumulate::Overwrite {
+            dst.chunks_mut(dst_stride)
+                .for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
     let overwrite = acc == Accumulate::Overwrite;
     let c = Dst(dst.as_mut_ptr());
     // SAFETY (all three calls): the blocks handed out are disjoint and inside dst (checked
@@ -189,7 +201,7 @@ fn pack_a(packed: &mut [f32], a: MatRef, ic: usize, mc: usize, pc: usize, kc: us
                 let start = (ic + r0 + i) * rs + pc;
                 &data[start..start + kc]
             });
-            // SAFETY: AVX2 is present (`available`); six rows of kc values, a panel of kc · MR.
+            // SAFETY: AVX2 is present (asserted in `gemm`); six rows of kc values, a panel of kc · MR.
             unsafe { pack_rows_6(panel, rows, kc) };
             continue;
         }
@@ -237,7 +249,7 @@ fn pack_b(packed: &mut [f32], b: MatRef, pc: usize, kc: usize, jc: usize, nc: us
                 out[width..].fill(0.0);
             }
         } else if rs == 1 && width == NR {
-            // SAFETY: AVX2 is present (`available`); the panel's 16 rows of W hold kc values
+            // SAFETY: AVX2 is present (asserted in `gemm`); the panel's 16 rows of W hold kc values
             // each from `pc` (the view was bounds-checked).
             unsafe { pack_rows_transposed(panel, &data[pc + (jc + j0) * cs..], cs, kc) };
         } else {
@@ -462,10 +474,10 @@ mod tests {
     /// wider than the product.
     #[test]
     fn matches_a_naive_product() {
-        if !available() {
-            return; // nothing of this module runs on such a machine
-        }
+        // Every x86-64 machine this project runs on has AVX2 and FMA, AVX-512 ones included.
+        assert!(crate::simd::has_avx2_fma(), "this test needs AVX2 and FMA");
         let shapes = [
+            (6, 0, 16),
             (6, 1, 16),
             (7, 3, 17),
             (13, 300, 33),
