@@ -214,21 +214,8 @@ fn pack_a(packed: &mut [f32], a: MatRef, ic: usize, mc: usize, pc: usize, kc: us
             continue;
         }
         for i in 0..MR {
-            if r0 + i < mc {
-                let start = (ic + r0 + i) * rs + pc * cs;
-                if cs == 1 {
-                    let src = &data[start..start + kc];
-                    for (p, &v) in src.iter().enumerate() {
-                        panel[p * MR + i] = v;
-                    }
-                } else {
-                    for p in 0..kc {
-                        panel[p * MR + i] = data[start + p * cs];
-                    }
-                }
-            } else {
-                (0..kc).for_each(|p| panel[p * MR + i] = 0.0);
-            }
+            let start = (r0 + i < mc).then(|| (ic + r0 + i) * rs + pc * cs);
+            gather_lane(panel, (MR, i), data, start, cs, kc);
         }
     }
 }
@@ -254,23 +241,34 @@ fn pack_b(packed: &mut [f32], b: MatRef, pc: usize, kc: usize, jc: usize, nc: us
             unsafe { pack_rows_transposed(panel, &data[pc + (jc + j0) * cs..], cs, kc) };
         } else {
             for j in 0..NR {
-                if j < width {
-                    let start = pc * rs + (jc + j0 + j) * cs;
-                    if rs == 1 {
-                        let src = &data[start..start + kc];
-                        for (p, &v) in src.iter().enumerate() {
-                            panel[p * NR + j] = v;
-                        }
-                    } else {
-                        for p in 0..kc {
-                            panel[p * NR + j] = data[start + p * rs];
-                        }
-                    }
-                } else {
-                    (0..kc).for_each(|p| panel[p * NR + j] = 0.0);
-                }
+                let start = (j < width).then(|| pc * rs + (jc + j0 + j) * cs);
+                gather_lane(panel, (NR, j), data, start, rs, kc);
             }
         }
+    }
+}
+
+/// Lane `lane` of a panel `width` values wide (value p at p · width + lane) for p < kc:
+/// data[start + p · step], or zeros past the matrix's edge (`start` None). The general path
+/// of both packings (edge panels, other layouts).
+fn gather_lane(
+    panel: &mut [f32],
+    (width, lane): (usize, usize),
+    data: &[f32],
+    start: Option<usize>,
+    step: usize,
+    kc: usize,
+) {
+    let lane_values = panel[lane..].iter_mut().step_by(width).take(kc);
+    match start {
+        None => lane_values.for_each(|v| *v = 0.0),
+        Some(start) if step == 1 => lane_values
+            .zip(&data[start..start + kc])
+            .for_each(|(v, &x)| *v = x),
+        Some(start) => lane_values
+            // The view was bounds-checked: all kc values are there (zip cannot stop short).
+            .zip(data[start..=start + (kc - 1) * step].iter().step_by(step))
+            .for_each(|(v, &x)| *v = x),
     }
 }
 
