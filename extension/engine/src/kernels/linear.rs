@@ -11,8 +11,9 @@ use crate::{simd, tensor};
 
 /// Up to this many rows of x, each weight row is streamed once and dotted with every row of x.
 /// Beyond a few rows that is compute-bound, but it stays faster than packing the weights for
-/// the matrix library (a transpose of every weight matrix per call, `linear_many_rows`) up to
-/// about 48 rows. Measured on gpt3-125m, 2 threads, float32 prompt pass:
+/// the matrix library (a transpose of every weight matrix per call, `linear_many_rows`; on
+/// AVX2 machines without AVX-512 the own product packs float32 weights untransposed, and the
+/// crossover there was not measured again) up to about 48 rows. Measured on gpt3-125m, 2 threads, float32 prompt pass:
 /// 16 tokens 38 vs 70 ms, 32 tokens 58 vs 75 – 88 ms, 48 tokens 81 vs 89 – 95 ms, 64 tokens
 /// 110 vs 97 – 104 ms.
 const SMALL_T: usize = 48;

@@ -142,7 +142,7 @@ pub(crate) fn gemm_into(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if super::gemm_avx2::suits(m, n) {
+    if packs_any_layout(m, n) {
         let n_threads = match threads {
             Threads::Single => 1,
             Threads::Pool => parallel::threads(),
