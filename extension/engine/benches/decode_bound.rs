@@ -3,13 +3,18 @@
 //! A decoding step reads every weight once (and the keys and values of every earlier position),
 //! so tokens/s × bytes read per token cannot exceed the rate at which the compute threads can
 //! read memory. This benchmark measures that rate itself: the compute threads sum a buffer of
-//! the weights' size (and one four times larger, past any cache) with wide loads, best of several
-//! passes. It then decodes greedily on a short context (16-token prompt) and a long one (prompt
-//! of 1984 tokens, so the steps run at positions 1984..2048), and prints each as a fraction of
-//! the bound, for the weights in float32 and with the matrices in bfloat16 and float16 (with
-//! each one's ratio to float32; their KV caches hold keys and values in the same precision).
-//! The six decodes and the bandwidth passes alternate over five rounds, each keeping its best,
-//! so that the ratios compare the same moments of a shared machine.
+//! the weights' size with wide loads. It decodes greedily on a short context (16-token prompt)
+//! and a long one (prompt of 1984 tokens, so the steps run at positions 1984..2048), for the
+//! weights in float32 and with the matrices in bfloat16 and float16 (with each one's ratio to
+//! float32; their KV caches hold keys and values in the same precision).
+//!
+//! The machine these figures come from is shared: its read bandwidth moves by a factor of two
+//! or more from one minute to the next. So every decode is bracketed by two reads of the same
+//! number of bytes as the decode reads (the same duration, give or take), and its fraction of
+//! the bound is its rate over the mean of those two; each case is decoded once per round over
+//! five rounds (alternating over the cases), and the median of its five fractions is reported
+//! with their range. The fastest single pass over the buffer seen in the whole run (a 20 ms
+//! burst; what this benchmark took as the bound until 2026-12-07) is printed too.
 //!
 //! Usage: decode_bound [THREADS] (default: all hardware threads). Random weights; the figures
 //! do not depend on the values.
@@ -25,6 +30,15 @@ use rayon::prelude::*;
 const NEW_TOKENS: usize = 64;
 const ROUNDS: usize = 5;
 
+/// One decode to measure: the weights' precision, the prompt's length, the model and the bytes
+/// a decoding step reads.
+struct Case {
+    dtype: DType,
+    prompt_len: usize,
+    model: std::sync::Arc<Model>,
+    bytes_per_token: f64,
+}
+
 fn main() {
     let threads: usize = std::env::args()
         .nth(1)
@@ -33,15 +47,6 @@ fn main() {
     parallel::set_threads(threads);
     let cfg = ModelConfig::gpt3(12, 768, 12, 64);
     let weights_bytes = 4 * (packed_len(&cfg).expect("size") - cfg.n_positions * cfg.d_model);
-    // Decoded in float32, bfloat16 and float16 (matrices; widened to float32 in the kernels).
-
-    // Every case is decoded once per round, the rounds alternating over all of them, and
-    // each keeps its best: a slow moment of this shared machine then costs every case a round
-    // rather than one case all of its rounds (which would move the ratios to float32). The
-    // bound is the best rate seen over a buffer of the weights' size and one four times larger
-    // (past any cache), measured in every round.
-    let sizes = [weights_bytes, 4 * weights_bytes];
-    let mut rates = [0.0f64; 2];
     let params = init_params(&cfg, 0).expect("init");
     let mut cases = Vec::new();
     for dtype in [DType::Float32, DType::Bfloat16, DType::Float16] {
@@ -59,58 +64,90 @@ fn main() {
                 .map(|pos| 2 * cfg.n_layer * pos * cfg.d_attn())
                 .sum();
             let bytes_per_token = (image_bytes + value_bytes * kv_values / NEW_TOKENS) as f64;
-            cases.push((dtype, prompt_len, model.clone(), bytes_per_token));
+            cases.push(Case {
+                dtype,
+                prompt_len,
+                model: model.clone(),
+                bytes_per_token,
+            });
         }
     }
-    let mut best = vec![f64::INFINITY; cases.len()];
-    for round in 0..=ROUNDS {
-        for (rate, &n) in rates.iter_mut().zip(&sizes) {
-            *rate = rate.max(read_bandwidth(n));
-        }
-        for ((_, prompt_len, model, _), best) in cases.iter().zip(&mut best) {
-            let prompt: Vec<u32> = (0..*prompt_len as u32)
-                .map(|i| (i * 7919) % 50000 + 100)
-                .collect();
-            let seconds = decode_seconds(model, &prompt);
-            // The first round warms every path up and is not counted.
-            if round > 0 {
-                *best = best.min(seconds);
-            }
+
+    let buffer: Vec<f32> = (0..weights_bytes / 4).map(|i| (i % 7) as f32).collect();
+    // Warm-up, not counted: a pass over the buffer and every decode once.
+    ReadRates::default().rate(&buffer, 1);
+    for case in &cases {
+        decode_seconds(&case.model, &prompt(case.prompt_len));
+    }
+    let mut reads = ReadRates::default();
+    let mut tokens_per_s = vec![Vec::new(); cases.len()];
+    let mut fractions = vec![Vec::new(); cases.len()];
+    for _ in 0..ROUNDS {
+        for (i, case) in cases.iter().enumerate() {
+            let decode_bytes = case.bytes_per_token * NEW_TOKENS as f64;
+            let passes = (decode_bytes / weights_bytes as f64).round().max(1.0) as usize;
+            let before = reads.rate(&buffer, passes);
+            let rate = NEW_TOKENS as f64 / decode_seconds(&case.model, &prompt(case.prompt_len));
+            let after = reads.rate(&buffer, passes);
+            tokens_per_s[i].push(rate);
+            fractions[i].push(rate * case.bytes_per_token / ((before + after) / 2.0));
         }
     }
-    let decodes: Vec<(DType, usize, f64, f64)> = cases
-        .iter()
-        .zip(&best)
-        .map(|(&(dtype, prompt_len, _, bytes), &secs)| {
-            (dtype, prompt_len, NEW_TOKENS as f64 / secs, bytes)
-        })
-        .collect();
-    let bound = rates.iter().cloned().fold(0.0, f64::max);
+
     println!(
-        "threads {threads}: read bandwidth {:.1} GB/s over {} MB (the weights' size), {:.1} GB/s \
-         over {} MB: bound {:.1} GB/s",
-        rates[0] / 1e9,
-        sizes[0] >> 20,
-        rates[1] / 1e9,
-        sizes[1] >> 20,
-        bound / 1e9
+        "threads {threads}: reads of {} MB at {:.1} - {:.1} GB/s over the run (a decode's bytes \
+         each); fastest single pass {:.1} GB/s",
+        weights_bytes >> 20,
+        reads.slowest / 1e9,
+        reads.fastest / 1e9,
+        reads.fastest_pass / 1e9
     );
-    for &(dtype, prompt_len, tokens_per_s, bytes_per_token) in &decodes {
-        let float32 = decodes
+    let best_rate = |i: usize| tokens_per_s[i].iter().cloned().fold(0.0, f64::max);
+    for (i, case) in cases.iter().enumerate() {
+        let float32 = cases
             .iter()
-            .find(|d| d.0 == DType::Float32 && d.1 == prompt_len)
-            .map_or(f64::NAN, |d| d.2);
+            .position(|c| c.dtype == DType::Float32 && c.prompt_len == case.prompt_len)
+            .expect("a float32 case");
+        // Ratios to float32 per round (the same minute), median over the rounds.
+        let ratios: Vec<f64> = tokens_per_s[i]
+            .iter()
+            .zip(&tokens_per_s[float32])
+            .map(|(half, full)| half / full)
+            .collect();
+        let (fraction, low, high) = median_and_range(&fractions[i]);
         println!(
-            "threads {threads}: {:8} decode at positions {prompt_len}..{}: {tokens_per_s:.1} \
-             tokens/s ({:.2}x float32), {:.0} MB per token, {:.1} GB/s = {:.0} % of the bound",
-            dtype.name(),
-            prompt_len + NEW_TOKENS,
-            tokens_per_s / float32,
-            bytes_per_token / 1e6,
-            tokens_per_s * bytes_per_token / 1e9,
-            100.0 * tokens_per_s * bytes_per_token / bound
+            "threads {threads}: {:8} decode at positions {}..{}: {:.1} tokens/s best \
+             ({:.2}x float32, median of the rounds), {:.0} MB per token: {:.0} % of the bound \
+             (median; rounds {:.0} - {:.0} %)",
+            case.dtype.name(),
+            case.prompt_len,
+            case.prompt_len + NEW_TOKENS,
+            best_rate(i),
+            median_and_range(&ratios).0,
+            case.bytes_per_token / 1e6,
+            100.0 * fraction,
+            100.0 * low,
+            100.0 * high
         );
     }
+}
+
+/// A prompt of `len` tokens.
+fn prompt(len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| (i * 7919) % 50000 + 100).collect()
+}
+
+/// The median of `values` and their lowest and highest.
+fn median_and_range(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    (median, sorted[0], sorted[n - 1])
 }
 
 /// Seconds of one greedy decode of `NEW_TOKENS` tokens after `prompt` (the prompt's own pass
@@ -130,27 +167,44 @@ fn decode_seconds(model: &Model, prompt: &[u32]) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-/// Bytes per second at which the compute threads read a buffer of `bytes`, each summing its own
-/// contiguous share with eight independent wide accumulators; best of three passes after one
-/// that touches the pages.
-fn read_bandwidth(bytes: usize) -> f64 {
-    let buffer: Vec<f32> = (0..bytes / 4).map(|i| (i % 7) as f32).collect();
-    let share = buffer.len().div_ceil(parallel::threads());
-    let mut best = f64::INFINITY;
-    let mut total = 0.0;
-    for _ in 0..=3 {
+/// The read rates seen: the slowest and fastest of the bracketing reads, and the fastest
+/// single pass within them.
+#[derive(Default)]
+struct ReadRates {
+    slowest: f64,
+    fastest: f64,
+    fastest_pass: f64,
+}
+
+impl ReadRates {
+    /// Bytes per second at which the compute threads read `buffer` `passes` times over, each
+    /// thread summing its own contiguous share with wide accumulators.
+    fn rate(&mut self, buffer: &[f32], passes: usize) -> f64 {
+        let share = buffer.len().div_ceil(parallel::threads());
+        let mut total = 0.0;
         let start = Instant::now();
-        total += parallel::install(|| {
-            buffer
-                .par_chunks(share)
-                .map(sum_wide)
-                .reduce(|| 0.0, |a, b| a + b)
-        });
-        best = best.min(start.elapsed().as_secs_f64());
+        for _ in 0..passes {
+            let pass = Instant::now();
+            total += parallel::install(|| {
+                buffer
+                    .par_chunks(share)
+                    .map(sum_wide)
+                    .reduce(|| 0.0, |a, b| a + b)
+            });
+            let pass_rate = std::mem::size_of_val(buffer) as f64 / pass.elapsed().as_secs_f64();
+            self.fastest_pass = self.fastest_pass.max(pass_rate);
+        }
+        // The sums are used, so no pass can be optimised away.
+        assert!(total > 0.0);
+        let rate = (passes * std::mem::size_of_val(buffer)) as f64 / start.elapsed().as_secs_f64();
+        self.slowest = if self.slowest == 0.0 {
+            rate
+        } else {
+            self.slowest.min(rate)
+        };
+        self.fastest = self.fastest.max(rate);
+        rate
     }
-    // The sums are used, so no pass can be optimised away.
-    assert!(total > 0.0);
-    bytes as f64 / best
 }
 
 /// Σ x with eight independent wide accumulators: enough loads in flight to saturate memory.
