@@ -7,6 +7,8 @@
 //! gathers one value per cache line from that layout). This product packs both layouts
 //! directly and keeps the tile's twelve accumulators in registers. Machines with AVX-512 keep
 //! the `gemm` crate, whose AVX-512 kernels were measured there (docs/performance.md).
+//! Weights served in bfloat16 or float16 are widened (exactly) as they are packed, so a
+//! half-precision model's prompt pass needs no float32 copy of them.
 //!
 //! Loops, for C[m, n] (=|+=) A[m, k] · B[k, n] on one thread's block of C:
 //!   jc: NC columns of B → pc: KC of the inner dimension, B[pc.., jc..] packed (≤ 2 MB, L3)
@@ -22,6 +24,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::matmul::{Accumulate, MatRef};
+use crate::model::dtype::{Half, Matrix};
 
 /// Rows and columns of the register tile: 6 × 2 vectors of 8 accumulators, 2 vectors of B
 /// and one broadcast of A make 15 of the 16 vector registers.
@@ -51,6 +54,57 @@ pub(crate) fn suits(m: usize, n: usize) -> bool {
     m >= MR && n >= NR && available()
 }
 
+/// The right operand B [k, n] of a product.
+#[derive(Clone, Copy)]
+pub(crate) enum Rhs<'a> {
+    /// Float32 values in any layout.
+    F32(MatRef<'a>),
+    /// B = Wᵀ for half-precision weights W [n, k] stored row-major (a linear layer's weights
+    /// served in bfloat16 or float16).
+    HalfWeights {
+        w: &'a [u16],
+        h: Half,
+        n: usize,
+        k: usize,
+    },
+}
+
+impl<'a> Rhs<'a> {
+    /// Wᵀ for the half-precision weights `w` [n, k].
+    pub(crate) fn half_weights(w: &'a [u16], h: Half, n: usize, k: usize) -> Self {
+        assert!(
+            w.len() >= n * k,
+            "half weights: {} values for [{n}, {k}]",
+            w.len()
+        );
+        Rhs::HalfWeights { w, h, n, k }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Rhs::F32(b) => b.rows(),
+            Rhs::HalfWeights { k, .. } => *k,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Rhs::F32(b) => b.cols(),
+            Rhs::HalfWeights { n, .. } => *n,
+        }
+    }
+
+    /// Columns c0..c1 of B.
+    pub(crate) fn col_range(self, c0: usize, c1: usize) -> Self {
+        match self {
+            Rhs::F32(b) => Rhs::F32(b.col_range(c0, c1)),
+            Rhs::HalfWeights { w, h, k, .. } => {
+                Rhs::half_weights(&w[c0 * k..c1 * k], h, c1 - c0, k)
+            }
+        }
+    }
+}
+
 /// A destination shared by threads that write disjoint parts of it.
 #[derive(Clone, Copy)]
 struct Dst(*mut f32);
@@ -65,7 +119,7 @@ pub(crate) fn gemm(
     dst: &mut [f32],
     dst_stride: usize,
     a: MatRef,
-    b: MatRef,
+    b: Rhs,
     acc: Accumulate,
     threads: usize,
 ) {
@@ -132,7 +186,7 @@ unsafe fn gemm_block(
     c: Dst,
     ldc: usize,
     a: MatRef,
-    b: MatRef,
+    b: Rhs,
     rows: Range<usize>,
     cols: Range<usize>,
     overwrite: bool,
@@ -221,10 +275,39 @@ fn pack_a(packed: &mut [f32], a: MatRef, ic: usize, mc: usize, pc: usize, kc: us
 }
 
 /// B[pc..pc+kc, jc..jc+nc] as panels of NR columns: panel q holds value (p, q·NR + j) at
-/// q·NR·kc + p·NR + j; columns past nc are zeros. Reads whole rows of either layout: B
-/// row-major ([k, n]), or B = Wᵀ with W stored [n, k] (a linear layer's weights), whose
-/// columns are W's contiguous rows.
-fn pack_b(packed: &mut [f32], b: MatRef, pc: usize, kc: usize, jc: usize, nc: usize) {
+/// q·NR·kc + p·NR + j; columns past nc are zeros.
+fn pack_b(packed: &mut [f32], b: Rhs, pc: usize, kc: usize, jc: usize, nc: usize) {
+    match b {
+        Rhs::F32(b) => pack_b_f32(packed, b, pc, kc, jc, nc),
+        Rhs::HalfWeights { w, h, k, .. } => {
+            for j0 in (0..nc).step_by(NR) {
+                let panel = &mut packed[j0 * kc..(j0 + NR) * kc];
+                let (first, width) = (jc + j0, NR.min(nc - j0));
+                if width == NR {
+                    // Sixteen rows of W, columns pc..pc+kc, transposed and widened in 8 × 8
+                    // register blocks: exactly the panel's layout.
+                    let rows = Matrix::Half(&w[first * k..(first + NR) * k], h);
+                    crate::simd::transpose_cols(rows, NR, k, pc..pc + kc, panel);
+                    continue;
+                }
+                for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (j, v) in out.iter_mut().enumerate() {
+                        *v = if j < width {
+                            h.widen(w[(first + j) * k + pc + p])
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `pack_b` of float32 values. Reads whole rows of either layout: B row-major ([k, n]), or
+/// B = Wᵀ with W stored [n, k] (a linear layer's weights), whose columns are W's contiguous
+/// rows.
+fn pack_b_f32(packed: &mut [f32], b: MatRef, pc: usize, kc: usize, jc: usize, nc: usize) {
     let (data, rs, cs) = (b.data(), b.row_stride(), b.col_stride());
     for j0 in (0..nc).step_by(NR) {
         let panel = &mut packed[j0 * kc..(j0 + NR) * kc];
@@ -503,7 +586,7 @@ mod tests {
                             .num_threads(threads)
                             .build()
                             .unwrap()
-                            .install(|| gemm(&mut dst, ldc, a, b, acc, threads));
+                            .install(|| gemm(&mut dst, ldc, a, Rhs::F32(b), acc, threads));
                         for r in 0..m {
                             for c in 0..ldc {
                                 let got = dst[r * ldc + c] as f64;
@@ -521,6 +604,40 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Half-precision weights widened while packed give exactly the product of their float32
+    /// widening (the same values, tiles and order), whole and by column slices, with panels
+    /// cut by the edge and several KC blocks.
+    #[test]
+    fn half_weights_are_their_float32_widening() {
+        assert!(crate::simd::has_avx2_fma(), "this test needs AVX2 and FMA");
+        for h in [Half::Bf16, Half::F16] {
+            for (m, k, n) in [(6, 8, 16), (7, 300, 37), (50, 520, 70)] {
+                let a_vals = seq(m * k, 0.01);
+                let bits: Vec<u16> = seq(n * k, 0.02).iter().map(|&v| h.narrow(v)).collect();
+                let widened: Vec<f32> = bits.iter().map(|&b| h.widen(b)).collect();
+                let a = MatRef::new(&a_vals, m, k);
+                let half = Rhs::half_weights(&bits, h, n, k);
+                let full = Rhs::F32(MatRef::transposed(&widened, k, n));
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(2)
+                    .build()
+                    .unwrap();
+                let product = |b: Rhs, dst: &mut [f32]| {
+                    pool.install(|| gemm(dst, n, a, b, Accumulate::Overwrite, 2))
+                };
+                let (mut got, mut want) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+                product(full, &mut want);
+                product(half, &mut got);
+                assert_eq!(got, want, "{h:?} {m}x{k}x{n}");
+                let mut sliced = vec![0.0f32; m * n];
+                let cut = n / 2;
+                product(half.col_range(0, cut), &mut sliced);
+                product(half.col_range(cut, n), &mut sliced[cut..]);
+                assert_eq!(sliced, want, "{h:?} {m}x{k}x{n} in two slices");
             }
         }
     }

@@ -183,11 +183,18 @@ fn linear_many_rows(
 ) -> Result<()> {
     let acc = place_bias(y, b, d_out, acc);
     let xs = MatRef::new(x, t, d_in);
-    if let Matrix::F32(w) = w {
-        if matmul::packs_any_layout(t, d_out) {
-            let wt = MatRef::transposed(w, d_in, d_out);
-            return matmul::gemm_sliced(y, xs, wt, acc, flops_per_slice, cancel);
-        }
+    if matmul::packs_any_layout(t, d_out) {
+        // The product packs the [out, in] weights as they are (half ones widened as packed).
+        return match w {
+            Matrix::F32(w) => {
+                let wt = MatRef::transposed(w, d_in, d_out);
+                matmul::gemm_sliced(y, xs, wt, acc, flops_per_slice, cancel)
+            }
+            Matrix::Half(w, h) => {
+                let w = (w, h);
+                matmul::gemm_half_weights_sliced(y, xs, w, d_out, acc, flops_per_slice, cancel)
+            }
+        };
     }
     // The matrix library packs the weights along the output index, which [out, in] storage
     // strides by a whole row: its packing then gathers one value per cache line (the rows'
@@ -408,7 +415,8 @@ fn transpose_into(y: &mut [f32], yt: &[f32], (t, d_out): (usize, usize), acc: Ac
 /// `linear_into` for half-precision weights (bits of `h`, widened exactly, accumulated in
 /// float32). With few rows, or `each_row`, every output row is computed on its own, one
 /// `simd::dot_half` per cell (the same bits whatever rows run beside it); with more,
-/// `linear_many_rows` widens each slice of weight rows as it transposes it.
+/// `linear_many_rows` widens the weights as the AVX2 product packs them (or, elsewhere, each
+/// slice of weight rows as it transposes it for the `gemm` crate).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_half_into(
     y: &mut [f32],
@@ -426,7 +434,6 @@ pub fn linear_half_into(
         half_each_row(y, x, w, h, b, (t, d_in, d_out), acc);
         return Ok(());
     }
-    // Each slice of weight rows widened as it is transposed for the library.
     let w = Matrix::Half(w, h);
     linear_many_rows(y, x, w, b, (t, d_in, d_out), acc, FLOPS_PER_SLICE, cancel)
 }
@@ -512,6 +519,49 @@ mod tests {
                 bits(&one),
                 "row {r}"
             );
+        }
+    }
+
+    /// Half-precision weights give the float32 product of their widening on every path (rows
+    /// streamed one at a time, and prompt-sized products, whose weights are widened as packed
+    /// or as transposed), with a bias and accumulating onto y.
+    #[test]
+    fn half_weights_match_their_float32_widening() {
+        let (d_in, d_out) = (70, 300);
+        let b: Vec<f32> = (0..d_out).map(|i| i as f32 * 0.001).collect();
+        for h in [Half::Bf16, Half::F16] {
+            let bits: Vec<u16> = (0..d_in * d_out)
+                .map(|i| h.narrow(((i * 13 % 29) as f32 - 14.0) * 0.01))
+                .collect();
+            let w: Vec<f32> = bits.iter().map(|&v| h.widen(v)).collect();
+            for t in [1, HALF_SMALL_T + 1, 300] {
+                let x: Vec<f32> = (0..t * d_in)
+                    .map(|i| ((i * 7 % 17) as f32 - 8.0) * 0.1)
+                    .collect();
+                let dims = (t, d_in, d_out);
+                let start: Vec<f32> = (0..t * d_out).map(|i| (i % 5) as f32).collect();
+                let (mut want, mut got) = (start.clone(), start);
+                let add = Accumulate::Add;
+                linear_into(&mut want, &x, &w, Some(&b), dims, add, Cancel::NEVER).unwrap();
+                linear_half_into(
+                    &mut got,
+                    &x,
+                    &bits,
+                    h,
+                    Some(&b),
+                    dims,
+                    add,
+                    false,
+                    Cancel::NEVER,
+                )
+                .unwrap();
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0.0, f32::max);
+                assert!(worst < 1e-5, "{h:?}, {t} rows: {worst}");
+            }
         }
     }
 

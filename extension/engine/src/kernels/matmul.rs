@@ -7,6 +7,7 @@
 use gemm::Parallelism;
 
 use crate::error::{EngineError, Result};
+use crate::model::dtype::Half;
 use crate::parallel::{self, Cancel};
 use crate::tensor;
 
@@ -147,6 +148,7 @@ pub(crate) fn gemm_into(
             Threads::Single => 1,
             Threads::Pool => parallel::threads(),
         };
+        let b = super::gemm_avx2::Rhs::F32(b);
         let run = |dst: &mut [f32]| super::gemm_avx2::gemm(dst, dst_stride, a, b, acc, n_threads);
         return if n_threads > 1 {
             parallel::install(|| run(dst))
@@ -243,6 +245,41 @@ pub fn gemm_sliced(
             Threads::Pool,
         );
     }
+    Ok(())
+}
+
+/// `gemm_sliced` of a [m, k] by the transpose of half-precision weights w [n, k] (bits of `h`),
+/// widened exactly as the product packs them: the same values and arithmetic as a float32
+/// copy of the weights. Only where `packs_any_layout(m, n)` holds.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_half_weights_sliced(
+    dst: &mut [f32],
+    a: MatRef,
+    (w, h): (&[u16], Half),
+    n: usize,
+    acc: Accumulate,
+    flops_per_slice: usize,
+    cancel: Cancel,
+) -> Result<()> {
+    let (m, k) = (a.rows, a.cols);
+    assert!(
+        packs_any_layout(m, n),
+        "half weights: no product packs them here"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        let b = super::gemm_avx2::Rhs::half_weights(w, h, n, k);
+        let cols = slice_cols(m, k, n, flops_per_slice);
+        let threads = parallel::threads();
+        for c0 in (0..n).step_by(cols) {
+            cancel.check()?;
+            let c1 = (c0 + cols).min(n);
+            let slice = b.col_range(c0, c1);
+            parallel::install(|| super::gemm_avx2::gemm(&mut dst[c0..], n, a, slice, acc, threads));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (dst, w, h, acc, flops_per_slice, cancel, k);
     Ok(())
 }
 
