@@ -9,17 +9,35 @@ use crate::model::dtype::{Half, Matrix};
 use crate::parallel::{self, Cancel};
 use crate::{simd, tensor};
 
-/// Up to this many rows of x, each weight row is streamed once and dotted with every row of x.
-/// Beyond a few rows that is compute-bound, but it stays faster than packing the weights for
-/// the matrix library (a transpose of every weight matrix per call, `linear_many_rows`; on
-/// AVX2 machines without AVX-512 the own product packs float32 weights untransposed, and the
-/// crossover there was not measured again) up to about 48 rows. Measured on gpt3-125m, 2 threads, float32 prompt pass:
-/// 16 tokens 38 vs 70 ms, 32 tokens 58 vs 75 – 88 ms, 48 tokens 81 vs 89 – 95 ms, 64 tokens
-/// 110 vs 97 – 104 ms.
+/// Up to this many rows of x, each weight row is streamed once and dotted with every row of x
+/// (`streams_rows`). Beyond a few rows that is compute-bound, but it stays faster than
+/// packing the weights for the `gemm` crate (a transpose of every weight matrix per call,
+/// `linear_many_rows`) up to about 48 rows. Measured on gpt3-125m, 2 threads, float32 prompt
+/// pass (Intel Xeon): 16 tokens 38 vs 70 ms, 32 tokens 58 vs 75 – 88 ms, 48 tokens 81 vs
+/// 89 – 95 ms, 64 tokens 110 vs 97 – 104 ms.
 const SMALL_T: usize = 48;
 /// The same for half-precision weights, whose dots widen every value: 32 rows (bfloat16 at
 /// 48 tokens 104 – 122 ms streamed vs 89 – 92 ms at 49 through the library).
 const HALF_SMALL_T: usize = 32;
+/// Where the own AVX2 product serves (`matmul::packs_any_layout`), which packs the weights
+/// untransposed (half ones widened as packed), the crossover is lower. gpt3-125m prompt pass,
+/// 2 threads, AMD EPYC, streamed vs packed: float32 at 12 tokens 62 vs 71 – 76 ms, 16 tokens
+/// 79 – 82 vs 77 – 94, 20 tokens 96 – 103 vs 85 – 96, 24 tokens 134 – 136 vs 83 – 96;
+/// bfloat16 at 12 tokens 59 – 62 vs 58 – 67 ms, 16 tokens 71 – 99 vs 63, 24 tokens 107 –
+/// 116 vs 81 – 82.
+const OWN_PRODUCT_SMALL_T: usize = 16;
+const OWN_PRODUCT_HALF_SMALL_T: usize = 12;
+
+/// Whether a product of t rows of x by d_out weight rows streams the weight rows.
+fn streams_rows(t: usize, d_out: usize, half: bool) -> bool {
+    let limit = match (matmul::packs_any_layout(t, d_out), half) {
+        (true, false) => OWN_PRODUCT_SMALL_T,
+        (true, true) => OWN_PRODUCT_HALF_SMALL_T,
+        (false, false) => SMALL_T,
+        (false, true) => HALF_SMALL_T,
+    };
+    t <= limit
+}
 /// Output rows per task in the small-t path.
 const ROWS_PER_TASK: usize = 64;
 /// The same bytes of half-precision weights per task.
@@ -109,7 +127,7 @@ pub fn linear_into(
     cancel: Cancel,
 ) -> Result<()> {
     check_shapes(y, x, w.len(), b, (t, d_in, d_out));
-    if t <= SMALL_T {
+    if streams_rows(t, d_out, false) {
         linear_each_row(y, x, w, b, (t, d_in, d_out), acc);
         return Ok(());
     }
@@ -430,7 +448,7 @@ pub fn linear_half_into(
     cancel: Cancel,
 ) -> Result<()> {
     check_shapes(y, x, w.len(), b, (t, d_in, d_out));
-    if t <= HALF_SMALL_T || each_row {
+    if each_row || streams_rows(t, d_out, true) {
         half_each_row(y, x, w, h, b, (t, d_in, d_out), acc);
         return Ok(());
     }
@@ -534,7 +552,7 @@ mod tests {
                 .map(|i| h.narrow(((i * 13 % 29) as f32 - 14.0) * 0.01))
                 .collect();
             let w: Vec<f32> = bits.iter().map(|&v| h.widen(v)).collect();
-            for t in [1, HALF_SMALL_T + 1, 300] {
+            for t in [1, 8, HALF_SMALL_T + 1, 300] {
                 let x: Vec<f32> = (0..t * d_in)
                     .map(|i| ((i * 7 % 17) as f32 - 8.0) * 0.1)
                     .collect();
