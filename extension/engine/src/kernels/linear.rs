@@ -38,6 +38,7 @@ fn streams_rows(t: usize, d_out: usize, half: bool) -> bool {
     };
     t <= limit
 }
+
 /// Output rows per task in the small-t path.
 const ROWS_PER_TASK: usize = 64;
 /// The same bytes of half-precision weights per task.

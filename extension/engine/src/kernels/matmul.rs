@@ -232,18 +232,24 @@ pub fn gemm_sliced(
     cancel: Cancel,
 ) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    in_column_slices((m, k, n), flops_per_slice, cancel, |c0, c1| {
+        let b = b.col_range(c0, c1);
+        gemm_into(&mut dst[c0..], n, a, b, acc, Threads::Pool)
+    })
+}
+
+/// Runs `product(c0, c1)` for the column slices of an [m, k] · [k, n] product, of at most
+/// `flops_per_slice` each (`slice_cols`), checking `cancel` before every slice.
+fn in_column_slices(
+    (m, k, n): (usize, usize, usize),
+    flops_per_slice: usize,
+    cancel: Cancel,
+    mut product: impl FnMut(usize, usize),
+) -> Result<()> {
     let cols = slice_cols(m, k, n, flops_per_slice);
     for c0 in (0..n).step_by(cols) {
         cancel.check()?;
-        let c1 = (c0 + cols).min(n);
-        gemm_into(
-            &mut dst[c0..],
-            n,
-            a,
-            b.col_range(c0, c1),
-            acc,
-            Threads::Pool,
-        );
+        product(c0, (c0 + cols).min(n));
     }
     Ok(())
 }
@@ -252,6 +258,7 @@ pub fn gemm_sliced(
 /// widened exactly as the product packs them: the same values and arithmetic as a float32
 /// copy of the weights. Only where `packs_any_layout(m, n)` holds.
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) fn gemm_half_weights_sliced(
     dst: &mut [f32],
     a: MatRef,
@@ -269,18 +276,14 @@ pub(crate) fn gemm_half_weights_sliced(
     #[cfg(target_arch = "x86_64")]
     {
         let b = super::gemm_avx2::Rhs::half_weights(w, h, n, k);
-        let cols = slice_cols(m, k, n, flops_per_slice);
         let threads = parallel::threads();
-        for c0 in (0..n).step_by(cols) {
-            cancel.check()?;
-            let c1 = (c0 + cols).min(n);
-            let slice = b.col_range(c0, c1);
-            parallel::install(|| super::gemm_avx2::gemm(&mut dst[c0..], n, a, slice, acc, threads));
-        }
+        in_column_slices((m, k, n), flops_per_slice, cancel, |c0, c1| {
+            let b = b.col_range(c0, c1);
+            parallel::install(|| super::gemm_avx2::gemm(&mut dst[c0..], n, a, b, acc, threads))
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (dst, w, h, acc, flops_per_slice, cancel, k);
-    Ok(())
+    unreachable!("packs_any_layout holds only on x86-64")
 }
 
 /// C[m, n] = A[m, k] · B[k, n] for row-major operands, validated; a large product runs in
