@@ -533,13 +533,45 @@ pub fn dot_half(x: &[f32], w: &[u16], h: Half) -> f32 {
 /// `dot_half` of x with R weight rows at once: each chunk of x is loaded once for all R.
 #[inline]
 pub fn dot_half_rows<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32; R] {
+    dot_widened::<R, ROW_CHUNKS>(x, w, h)
+}
+
+/// `dot_half_rows` of x with the four rows of one group of a grouped matrix
+/// (`model::dtype::grouped_index`: chunk c of row r at group[(4c + r)·16..]), bit for bit:
+/// the same sums, read as one sequential stream. x's length must be a multiple of 16.
+#[inline]
+pub fn dot_half_group(x: &[f32], group: &[u16], h: Half) -> [f32; 4] {
+    let n = x.len();
+    assert!(
+        n.is_multiple_of(16) && group.len() == 4 * n,
+        "dot_half_group: {} values for four rows of {n}",
+        group.len()
+    );
+    let rows: [&[u16]; 4] = std::array::from_fn(|r| &group[16 * r..]);
+    dot_widened::<4, GROUP_CHUNKS>(x, rows, h)
+}
+
+/// Values between the starts of a row's consecutive 16-value chunks: rows of their own, and
+/// rows interleaved in groups of four (`dot_half_group`).
+const ROW_CHUNKS: usize = 16;
+const GROUP_CHUNKS: usize = 64;
+
+/// Σ x[i]·w[r][i] over rows whose chunk c starts at w[r][c·STRIDE] (x's chunk c at x[16c]),
+/// accumulated as `dot_half` does; with STRIDE 64 the rows' slices run on past their own
+/// values and x's length bounds the sums (a whole number of chunks).
+#[inline]
+fn dot_widened<const R: usize, const STRIDE: usize>(
+    x: &[f32],
+    w: [&[u16]; R],
+    h: Half,
+) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     if has_avx512f() {
         // SAFETY: the features were detected at run time.
         return unsafe {
             match h {
-                Half::Bf16 => dot_widened_avx512::<true, R>(x, w),
-                Half::F16 => dot_widened_avx512::<false, R>(x, w),
+                Half::Bf16 => dot_widened_avx512::<true, R, STRIDE>(x, w),
+                Half::F16 => dot_widened_avx512::<false, R, STRIDE>(x, w),
             }
         };
     }
@@ -548,12 +580,28 @@ pub fn dot_half_rows<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32
         // SAFETY: the features were detected at run time.
         return unsafe {
             match h {
-                Half::Bf16 => dot_widened_avx2::<true, R>(x, w),
-                Half::F16 => dot_widened_avx2::<false, R>(x, w),
+                Half::Bf16 => dot_widened_avx2::<true, R, STRIDE>(x, w),
+                Half::F16 => dot_widened_avx2::<false, R, STRIDE>(x, w),
             }
         };
     }
-    dot_widened_body(x, w, h)
+    dot_widened_body::<R, STRIDE>(x, w, h)
+}
+
+/// The number of values the sums of `dot_widened` cover (the common length of x and the rows;
+/// x's for interleaved rows) and their whole 16-value chunks.
+fn widened_len<const R: usize, const STRIDE: usize>(x: &[f32], w: &[&[u16]; R]) -> (usize, usize) {
+    let n = if STRIDE == ROW_CHUNKS {
+        w.iter().fold(x.len(), |n, r| n.min(r.len()))
+    } else {
+        let n = x.len();
+        assert!(
+            n.is_multiple_of(16) && w.iter().all(|r| r.len() >= (n / 16 - 1) * STRIDE + 16),
+            "interleaved rows: sizes"
+        );
+        n
+    };
+    (n, n / 16)
 }
 
 /// Common length of x and the rows, its whole 16-value chunks, and the scalar tail of row r
@@ -565,15 +613,17 @@ fn widened_tail(x: &[f32], w: &[u16], h: Half, from: usize, n: usize, mut sum: f
     sum
 }
 
-fn dot_widened_body<const R: usize>(x: &[f32], w: [&[u16]; R], h: Half) -> [f32; R] {
-    let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
-    let chunks = n / 16;
+fn dot_widened_body<const R: usize, const STRIDE: usize>(
+    x: &[f32],
+    w: [&[u16]; R],
+    h: Half,
+) -> [f32; R] {
+    let (n, chunks) = widened_len::<R, STRIDE>(x, &w);
     let mut acc = [[0.0f32; 16]; R];
     for c in 0..chunks {
         for (a, row) in acc.iter_mut().zip(&w) {
             for (lane, s) in a.iter_mut().enumerate() {
-                let at = c * 16 + lane;
-                *s = x[at].mul_add(h.widen(row[at]), *s);
+                *s = x[c * 16 + lane].mul_add(h.widen(row[c * STRIDE + lane]), *s);
             }
         }
     }
@@ -597,8 +647,8 @@ macro_rules! widen8 {
 }
 
 /// dst[(c − c_range.start)·rows + r] = src[r·cols + c] for the columns `c_range` of a
-/// row-major [rows, cols] matrix, float32 or half-precision bits widened exactly: those
-/// columns transposed, in 8 × 8 blocks (whole cache lines read and written; AVX shuffles where
+/// [rows, cols] matrix, float32 or half-precision bits (row-major or grouped) widened exactly:
+/// those columns transposed, in 8 × 8 blocks (whole cache lines read and written; AVX shuffles where
 /// the CPU has AVX2 and F16C).
 pub fn transpose_cols(
     src: Matrix,
@@ -613,27 +663,36 @@ pub fn transpose_cols(
         "transpose: sizes"
     );
     let (r8, w8) = (rows / 8 * 8, width / 8 * 8);
+    // A grouped matrix's eight values of a row are contiguous when they do not cross a chunk.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    let fast = has_avx2_f16c();
+    let fast = has_avx2_f16c() && !matches!(src, Matrix::Grouped(..) if c_start % 8 != 0);
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let place = |r: usize, c: usize| match src {
+        Matrix::Grouped(v, _, cols) => {
+            crate::model::dtype::grouped_index(r, c, v.len() / cols, cols)
+        }
+        _ => r * cols + c,
+    };
     for r0 in (0..r8).step_by(8) {
         for c0 in (0..w8).step_by(8) {
             #[cfg(target_arch = "x86_64")]
             if fast {
-                let at = r0 * cols + c_start + c0;
+                let at: [usize; 8] = std::array::from_fn(|i| place(r0 + i, c_start + c0));
                 let to = &mut dst[c0 * rows + r0..];
                 // SAFETY: AVX2 and F16C were detected; the block's 8 rows of 8 values lie
-                // inside src (r0 + 8 <= rows, c_start + c0 + 8 <= cols), their transpose
-                // inside dst (8 rows of `rows` from c0 · rows + r0).
+                // inside src (r0 + 8 <= rows, c_start + c0 + 8 <= cols; a grouped matrix's
+                // eight stay inside one chunk), their transpose inside dst (8 rows of `rows`
+                // from c0 · rows + r0).
                 unsafe {
                     match src {
                         Matrix::F32(v) => {
-                            transpose8_avx::<0>(v[at..].as_ptr().cast(), cols, to, rows)
+                            transpose8_avx::<0>(at.map(|a| v[a..].as_ptr().cast()), to, rows)
                         }
-                        Matrix::Half(v, Half::Bf16) => {
-                            transpose8_avx::<1>(v[at..].as_ptr().cast(), cols, to, rows)
+                        Matrix::Half(v, Half::Bf16) | Matrix::Grouped(v, Half::Bf16, _) => {
+                            transpose8_avx::<1>(at.map(|a| v[a..].as_ptr().cast()), to, rows)
                         }
-                        Matrix::Half(v, Half::F16) => {
-                            transpose8_avx::<2>(v[at..].as_ptr().cast(), cols, to, rows)
+                        Matrix::Half(v, Half::F16) | Matrix::Grouped(v, Half::F16, _) => {
+                            transpose8_avx::<2>(at.map(|a| v[a..].as_ptr().cast()), to, rows)
                         }
                     }
                 };
@@ -655,18 +714,18 @@ pub fn transpose_cols(
     }
 }
 
-/// One 8 × 8 block of `transpose_cols`: 8 rows of 8 values from `s` (row stride `cols`
-/// values; float32 for KIND 0, bfloat16 bits for 1, float16 bits for 2) into 8 rows of `d`
-/// (row stride `rows`), in registers.
+/// One 8 × 8 block of `transpose_cols`: 8 values from each of the 8 rows at `s` (float32 for
+/// KIND 0, bfloat16 bits for 1, float16 bits for 2) into 8 rows of `d` (row stride `rows`),
+/// in registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn transpose8_avx<const KIND: u8>(s: *const u8, cols: usize, d: &mut [f32], rows: usize) {
+unsafe fn transpose8_avx<const KIND: u8>(s: [*const u8; 8], d: &mut [f32], rows: usize) {
     use std::arch::x86_64::*;
     debug_assert!(d.len() >= 7 * rows + 8);
     let load = |i: usize| -> __m256 {
         match KIND {
-            0 => _mm256_loadu_ps((s as *const f32).add(i * cols)),
-            _ => widen8!((s as *const u16).add(i * cols), KIND == 1),
+            0 => _mm256_loadu_ps(s[i] as *const f32),
+            _ => widen8!(s[i] as *const u16, KIND == 1),
         }
     };
     let r: [__m256; 8] = std::array::from_fn(load);
@@ -773,24 +832,23 @@ unsafe fn weighted_rows_half_avx2<const BF16: bool>(out: &mut [f32], p: &[f32], 
 /// `dot_widened_body` with each row's sixteen lanes in two 256-bit registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_widened_avx2<const BF16: bool, const R: usize>(
+unsafe fn dot_widened_avx2<const BF16: bool, const R: usize, const STRIDE: usize>(
     x: &[f32],
     w: [&[u16]; R],
 ) -> [f32; R] {
     use std::arch::x86_64::*;
-    let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
-    let chunks = n / 16;
+    let (n, chunks) = widened_len::<R, STRIDE>(x, &w);
     let ahead = half_prefetch_distance(R, n);
     let (xp, wp) = (x.as_ptr(), w.map(|r| r.as_ptr()));
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for c in 0..chunks {
-        let at = c * 16;
-        // SAFETY: at + 16 <= n, which every slice's length bounds.
+        let (at, wat) = (c * 16, c * STRIDE);
+        // SAFETY: at + 16 <= n and wat + 16 <= each row's length (`widened_len`).
         let (x_lo, x_hi) = (_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(xp.add(at + 8)));
         for r in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(ahead + at) as *const i8);
-            acc[r][0] = _mm256_fmadd_ps(x_lo, widen8!(wp[r].add(at), BF16), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(x_hi, widen8!(wp[r].add(at + 8), BF16), acc[r][1]);
+            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(ahead + wat) as *const i8);
+            acc[r][0] = _mm256_fmadd_ps(x_lo, widen8!(wp[r].add(wat), BF16), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x_hi, widen8!(wp[r].add(wat + 8), BF16), acc[r][1]);
         }
     }
     let h = if BF16 { Half::Bf16 } else { Half::F16 };
@@ -820,7 +878,7 @@ fn half_prefetch_distance(rows: usize, n: usize) -> usize {
 /// `dot_widened_body` with each row's sixteen lanes in one 512-bit register.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot_widened_avx512<const BF16: bool, const R: usize>(
+unsafe fn dot_widened_avx512<const BF16: bool, const R: usize, const STRIDE: usize>(
     x: &[f32],
     w: [&[u16]; R],
 ) -> [f32; R] {
@@ -836,18 +894,17 @@ unsafe fn dot_widened_avx512<const BF16: bool, const R: usize>(
             }
         }};
     }
-    let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
-    let chunks = n / 16;
+    let (n, chunks) = widened_len::<R, STRIDE>(x, &w);
     let ahead = half_prefetch_distance(R, n);
     let (xp, wp) = (x.as_ptr(), w.map(|r| r.as_ptr()));
     let mut acc = [_mm512_setzero_ps(); R];
     for c in 0..chunks {
-        let at = c * 16;
-        // SAFETY: at + 16 <= n, which every slice's length bounds.
+        let (at, wat) = (c * 16, c * STRIDE);
+        // SAFETY: at + 16 <= n and wat + 16 <= each row's length (`widened_len`).
         let xv = _mm512_loadu_ps(xp.add(at));
         for r in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(ahead + at) as *const i8);
-            acc[r] = _mm512_fmadd_ps(xv, widen16!(wp[r].add(at)), acc[r]);
+            _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(ahead + wat) as *const i8);
+            acc[r] = _mm512_fmadd_ps(xv, widen16!(wp[r].add(wat)), acc[r]);
         }
     }
     let h = if BF16 { Half::Bf16 } else { Half::F16 };
@@ -868,23 +925,35 @@ mod tests {
             (19, 13),
             (64, 37),
             (9, 130),
+            (19, 32),
+            (21, 48),
         ] {
             let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
             let halves = [Half::Bf16, Half::F16].map(|h| {
                 let bits: Vec<u16> = src.iter().map(|&v| h.narrow(v * 0.37 - 3.0)).collect();
-                (h, bits)
+                let grouped = crate::model::dtype::grouped(&bits, cols);
+                (h, bits, grouped)
             });
-            for c_range in [0..cols, cols / 3..cols, 1..cols.min(10)] {
+            for c_range in [0..cols, 16..cols, cols / 3..cols, 1..cols.min(10)] {
+                if c_range.is_empty() {
+                    continue;
+                }
                 let width = c_range.len();
-                let sources = [(Matrix::F32(&src), "f32")]
+                // Each source with the row-major matrix its values must match.
+                let sources = [(Matrix::F32(&src), Matrix::F32(&src), "f32")]
                     .into_iter()
-                    .chain(halves.iter().map(|(h, b)| (Matrix::Half(b, *h), "half")));
-                for (m, what) in sources {
+                    .chain(halves.iter().flat_map(|(h, b, g)| {
+                        let rows = Matrix::Half(b, *h);
+                        let grouped = (cols % 16 == 0)
+                            .then(|| (Matrix::Grouped(g, *h, cols), rows, "grouped"));
+                        [Some((rows, rows, "half")), grouped].into_iter().flatten()
+                    }));
+                for (m, row_major, what) in sources {
                     let mut dst = vec![f32::NAN; rows * width];
                     transpose_cols(m, rows, cols, c_range.clone(), &mut dst);
                     for r in 0..rows {
                         for c in c_range.clone() {
-                            let want = m.value(r * cols + c);
+                            let want = row_major.value(r * cols + c);
                             let got = dst[(c - c_range.start) * rows + r];
                             assert_eq!(got, want, "{what} {rows}x{cols} at {r},{c}");
                         }
@@ -942,7 +1011,20 @@ mod tests {
                     .collect();
                 let ws: [&[u16]; 4] = std::array::from_fn(|r| &w[r][..]);
                 let four = dot_half_rows(&x, ws, h);
-                let portable = dot_widened_body(&x, ws, h);
+                let portable = dot_widened_body::<4, ROW_CHUNKS>(&x, ws, h);
+                if n > 0 && n % 16 == 0 {
+                    // The same rows interleaved as a group of a grouped matrix.
+                    let group = crate::model::dtype::grouped(&w.concat(), n);
+                    let bits = |v: [f32; 4]| v.map(f32::to_bits);
+                    assert_eq!(
+                        bits(dot_half_group(&x, &group, h)),
+                        bits(four),
+                        "n={n} group"
+                    );
+                    let gs: [&[u16]; 4] = std::array::from_fn(|r| &group[16 * r..]);
+                    let body = dot_widened_body::<4, GROUP_CHUNKS>(&x, gs, h);
+                    assert_eq!(bits(body), bits(four), "n={n} group, portable");
+                }
                 for r in 0..4 {
                     let exact: f64 = x
                         .iter()
@@ -959,8 +1041,8 @@ mod tests {
                     // SAFETY: the features were detected.
                     let avx2 = unsafe {
                         match h {
-                            Half::Bf16 => dot_widened_avx2::<true, 4>(&x, ws),
-                            Half::F16 => dot_widened_avx2::<false, 4>(&x, ws),
+                            Half::Bf16 => dot_widened_avx2::<true, 4, ROW_CHUNKS>(&x, ws),
+                            Half::F16 => dot_widened_avx2::<false, 4, ROW_CHUNKS>(&x, ws),
                         }
                     };
                     assert_eq!(avx2.map(f32::to_bits), four.map(f32::to_bits), "n={n}");

@@ -347,6 +347,7 @@ fn attend_one_query(
                 contiguous();
                 half_scores(q, &k[span.clone()], dh, hf)
             }
+            Matrix::Grouped(..) => unreachable!("a KV cache is row-major"),
         };
         let lse = crate::simd::softmax_scaled_inplace(&mut scores, scale);
         out.fill(0.0);
@@ -357,6 +358,7 @@ fn attend_one_query(
                 }
             }
             Matrix::Half(v, hf) => crate::simd::weighted_rows_half(out, &scores, &v[span], hf),
+            Matrix::Grouped(..) => unreachable!("a KV cache is row-major"),
         }
         lse
     };

@@ -24,7 +24,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::matmul::{Accumulate, MatRef};
-use crate::model::dtype::{Half, Matrix};
+use crate::model::dtype::Matrix;
 
 /// Rows and columns of the register tile: 6 × 2 vectors of 8 accumulators, 2 vectors of B
 /// and one broadcast of A make 15 of the 16 vector registers.
@@ -59,25 +59,20 @@ pub(crate) fn suits(m: usize, n: usize) -> bool {
 pub(crate) enum Rhs<'a> {
     /// Float32 values in any layout.
     F32(MatRef<'a>),
-    /// B = Wᵀ for half-precision weights W [n, k] stored row-major (a linear layer's weights
-    /// served in bfloat16 or float16).
-    HalfWeights {
-        w: &'a [u16],
-        h: Half,
-        n: usize,
-        k: usize,
-    },
+    /// B = Wᵀ for half-precision weights W [n, k] (a linear layer's weights served in
+    /// bfloat16 or float16: `Matrix::Half` or `Matrix::Grouped`).
+    HalfWeights { w: Matrix<'a>, n: usize, k: usize },
 }
 
 impl<'a> Rhs<'a> {
     /// Wᵀ for the half-precision weights `w` [n, k].
-    pub(crate) fn half_weights(w: &'a [u16], h: Half, n: usize, k: usize) -> Self {
+    pub(crate) fn half_weights(w: Matrix<'a>, n: usize, k: usize) -> Self {
         assert!(
-            w.len() >= n * k,
+            w.len() == n * k && !matches!(w, Matrix::F32(_)),
             "half weights: {} values for [{n}, {k}]",
             w.len()
         );
-        Rhs::HalfWeights { w, h, n, k }
+        Rhs::HalfWeights { w, n, k }
     }
 
     fn rows(&self) -> usize {
@@ -98,9 +93,7 @@ impl<'a> Rhs<'a> {
     pub(crate) fn col_range(self, c0: usize, c1: usize) -> Self {
         match self {
             Rhs::F32(b) => Rhs::F32(b.col_range(c0, c1)),
-            Rhs::HalfWeights { w, h, k, .. } => {
-                Rhs::half_weights(&w[c0 * k..c1 * k], h, c1 - c0, k)
-            }
+            Rhs::HalfWeights { w, k, .. } => Rhs::half_weights(w.rows(c0 * k..c1 * k), c1 - c0, k),
         }
     }
 }
@@ -279,21 +272,23 @@ fn pack_a(packed: &mut [f32], a: MatRef, ic: usize, mc: usize, pc: usize, kc: us
 fn pack_b(packed: &mut [f32], b: Rhs, pc: usize, kc: usize, jc: usize, nc: usize) {
     match b {
         Rhs::F32(b) => pack_b_f32(packed, b, pc, kc, jc, nc),
-        Rhs::HalfWeights { w, h, k, .. } => {
+        Rhs::HalfWeights { w, k, .. } => {
             for j0 in (0..nc).step_by(NR) {
                 let panel = &mut packed[j0 * kc..(j0 + NR) * kc];
                 let (first, width) = (jc + j0, NR.min(nc - j0));
+                // Sixteen rows of W (whole groups of a grouped matrix: its column slices and
+                // panels start at multiples of 16), or the last rows.
+                let rows = w.rows(first * k..(first + width) * k);
                 if width == NR {
-                    // Sixteen rows of W, columns pc..pc+kc, transposed and widened in 8 × 8
-                    // register blocks: exactly the panel's layout.
-                    let rows = Matrix::Half(&w[first * k..(first + NR) * k], h);
+                    // Columns pc..pc+kc transposed and widened in 8 × 8 register blocks:
+                    // exactly the panel's layout.
                     crate::simd::transpose_cols(rows, NR, k, pc..pc + kc, panel);
                     continue;
                 }
                 for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
                     for (j, v) in out.iter_mut().enumerate() {
                         *v = if j < width {
-                            h.widen(w[(first + j) * k + pc + p])
+                            rows.value(j * k + pc + p)
                         } else {
                             0.0
                         };
@@ -614,13 +609,25 @@ mod tests {
     #[test]
     fn half_weights_are_their_float32_widening() {
         assert!(crate::simd::has_avx2_fma(), "this test needs AVX2 and FMA");
+        use crate::model::dtype::{grouped, Half};
         for h in [Half::Bf16, Half::F16] {
-            for (m, k, n) in [(6, 8, 16), (7, 300, 37), (50, 520, 70)] {
+            for (m, k, n) in [
+                (6, 8, 16),
+                (7, 300, 37),
+                (50, 520, 70),
+                (9, 64, 37),
+                (50, 512, 70),
+            ] {
                 let a_vals = seq(m * k, 0.01);
                 let bits: Vec<u16> = seq(n * k, 0.02).iter().map(|&v| h.narrow(v)).collect();
                 let widened: Vec<f32> = bits.iter().map(|&b| h.widen(b)).collect();
                 let a = MatRef::new(&a_vals, m, k);
-                let half = Rhs::half_weights(&bits, h, n, k);
+                let grouped_bits = grouped(&bits, k);
+                let half = if k % 16 == 0 {
+                    Rhs::half_weights(Matrix::Grouped(&grouped_bits, h, k), n, k)
+                } else {
+                    Rhs::half_weights(Matrix::Half(&bits, h), n, k)
+                };
                 let full = Rhs::F32(MatRef::transposed(&widened, k, n));
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(2)
@@ -634,7 +641,7 @@ mod tests {
                 product(half, &mut got);
                 assert_eq!(got, want, "{h:?} {m}x{k}x{n}");
                 let mut sliced = vec![0.0f32; m * n];
-                let cut = n / 2;
+                let cut = n / 2 / 16 * 16; // where slices start: whole groups
                 product(half.col_range(0, cut), &mut sliced);
                 product(half.col_range(cut, n), &mut sliced[cut..]);
                 assert_eq!(sliced, want, "{h:?} {m}x{k}x{n} in two slices");

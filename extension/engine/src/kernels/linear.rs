@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::matmul::{self, gemm_into, slice_cols, Accumulate, MatRef, Threads, FLOPS_PER_SLICE};
 use crate::error::Result;
-use crate::model::dtype::{Half, Matrix};
+use crate::model::dtype::Matrix;
 use crate::parallel::{self, Cancel};
 use crate::{simd, tensor};
 
@@ -209,9 +209,8 @@ fn linear_many_rows(
                 let wt = MatRef::transposed(w, d_in, d_out);
                 matmul::gemm_sliced(y, xs, wt, acc, flops_per_slice, cancel)
             }
-            Matrix::Half(w, h) => {
-                let w = (w, h);
-                matmul::gemm_half_weights_sliced(y, xs, w, d_out, acc, flops_per_slice, cancel)
+            half => {
+                matmul::gemm_half_weights_sliced(y, xs, half, d_out, acc, flops_per_slice, cancel)
             }
         };
     }
@@ -229,9 +228,10 @@ fn linear_many_rows(
         let c1 = (c0 + cols).min(d_out);
         let (w_t, rows) = (&mut w_t[..d_in * (c1 - c0)], c1 - c0);
         let src = w.rows(c0 * d_in..c1 * d_in);
-        // Blocks of w_t's rows (src's columns) on the compute pool.
-        parallel::for_rows(w_t, rows, |first, block| {
-            let c = first..first + block.len() / rows;
+        // Blocks of w_t's rows (src's columns, 16 at a time: whole chunks of a grouped
+        // matrix's rows) on the compute pool.
+        parallel::for_rows(w_t, 16 * rows, |first, block| {
+            let c = 16 * first..16 * first + block.len() / rows;
             simd::transpose_cols(src, rows, d_in, c, block);
         });
         let slice = MatRef::new(w_t, d_in, c1 - c0);
@@ -431,59 +431,75 @@ fn transpose_into(y: &mut [f32], yt: &[f32], (t, d_out): (usize, usize), acc: Ac
     }
 }
 
-/// `linear_into` for half-precision weights (bits of `h`, widened exactly, accumulated in
-/// float32). With few rows, or `each_row`, every output row is computed on its own, one
-/// `simd::dot_half` per cell (the same bits whatever rows run beside it); with more,
-/// `linear_many_rows` widens the weights as the AVX2 product packs them (or, elsewhere, each
-/// slice of weight rows as it transposes it for the `gemm` crate).
+/// `linear_into` for half-precision weights (`Matrix::Half` or `Matrix::Grouped`, widened
+/// exactly, accumulated in float32). With few rows, or `each_row`, every output row is
+/// computed on its own, one `simd::dot_half` per cell (the same bits whatever rows run beside
+/// it); with more, `linear_many_rows` widens the weights as the AVX2 product packs them (or,
+/// elsewhere, each slice of weight rows as it transposes it for the `gemm` crate).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_half_into(
     y: &mut [f32],
     x: &[f32],
-    w: &[u16],
-    h: Half,
+    w: Matrix,
     b: Option<&[f32]>,
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
     each_row: bool,
     cancel: Cancel,
 ) -> Result<()> {
+    assert!(
+        !matches!(w, Matrix::F32(_)),
+        "linear_half_into: float32 weights"
+    );
     check_shapes(y, x, w.len(), b, (t, d_in, d_out));
     if each_row || streams_rows(t, d_out, true) {
-        half_each_row(y, x, w, h, b, (t, d_in, d_out), acc);
+        half_each_row(y, x, w, b, (t, d_in, d_out), acc);
         return Ok(());
     }
-    let w = Matrix::Half(w, h);
     linear_many_rows(y, x, w, b, (t, d_in, d_out), acc, FLOPS_PER_SLICE, cancel)
 }
 
 /// The memory-bound half-precision case: tasks own ranges of output rows; each weight row is
-/// read once (from memory) and dotted with every row of x (from the cache).
+/// read once (from memory) and dotted with every row of x (from the cache). Four rows at a
+/// time share each load of x: a group of a grouped matrix (one sequential stream), or four
+/// row-major rows.
 fn half_each_row(
     y: &mut [f32],
     x: &[f32],
-    w: &[u16],
-    h: Half,
+    w: Matrix,
     b: Option<&[f32]>,
     (t, d_in, d_out): (usize, usize, usize),
     acc: Accumulate,
 ) {
+    let (bits, h, grouped) = match w {
+        Matrix::Half(bits, h) => (bits, h, false),
+        Matrix::Grouped(bits, h, cols) => {
+            assert_eq!(cols, d_in, "half_each_row: grouped rows of another length");
+            (bits, h, true)
+        }
+        Matrix::F32(_) => unreachable!("half_each_row: float32 weights"),
+    };
     by_output_rows(
         y,
         (t, d_out),
         acc,
         HALF_ROWS_PER_TASK,
         |o0, out, cell_acc| {
-            let w_row = |o: usize| &w[o * d_in..(o + 1) * d_in];
+            // Tasks start on whole groups; the rows after the last whole group are row-major.
+            let w_row = |o: usize| &bits[o * d_in..(o + 1) * d_in];
             let bias = |o: usize| b.map_or(0.0, |b| b[o]);
-            // Four weight rows share each load of x (the same bits as one at a time).
             let whole_quads = out.len() / (4 * t);
             let mut quads = out.chunks_exact_mut(4 * t);
             for (q, cells) in quads.by_ref().enumerate() {
                 let o = o0 + 4 * q;
-                let rows = [w_row(o), w_row(o + 1), w_row(o + 2), w_row(o + 3)];
                 for ti in 0..t {
-                    let dots = simd::dot_half_rows(&x[ti * d_in..(ti + 1) * d_in], rows, h);
+                    let x = &x[ti * d_in..(ti + 1) * d_in];
+                    let dots = if grouped {
+                        simd::dot_half_group(x, &bits[o * d_in..(o + 4) * d_in], h)
+                    } else {
+                        let rows = [w_row(o), w_row(o + 1), w_row(o + 2), w_row(o + 3)];
+                        simd::dot_half_rows(x, rows, h)
+                    };
                     for (k, dot) in dots.into_iter().enumerate() {
                         let cell = &mut cells[k * t + ti..k * t + ti + 1];
                         put(cell, [dot], bias(o + k), cell_acc);
@@ -546,13 +562,27 @@ mod tests {
     /// or as transposed), with a bias and accumulating onto y.
     #[test]
     fn half_weights_match_their_float32_widening() {
-        let (d_in, d_out) = (70, 300);
+        use crate::model::dtype::{grouped, Half};
+        let d_out = 301;
         let b: Vec<f32> = (0..d_out).map(|i| i as f32 * 0.001).collect();
-        for h in [Half::Bf16, Half::F16] {
+        // Row-major weights (rows of 70), and grouped ones (rows of 64; the last row after
+        // the whole groups row-major).
+        for (h, d_in) in [
+            (Half::Bf16, 70),
+            (Half::F16, 70),
+            (Half::Bf16, 64),
+            (Half::F16, 64),
+        ] {
             let bits: Vec<u16> = (0..d_in * d_out)
                 .map(|i| h.narrow(((i * 13 % 29) as f32 - 14.0) * 0.01))
                 .collect();
             let w: Vec<f32> = bits.iter().map(|&v| h.widen(v)).collect();
+            let grouped_bits = grouped(&bits, d_in);
+            let half = if d_in % 16 == 0 {
+                Matrix::Grouped(&grouped_bits, h, d_in)
+            } else {
+                Matrix::Half(&bits, h)
+            };
             for t in [1, 8, HALF_SMALL_T + 1, 300] {
                 let x: Vec<f32> = (0..t * d_in)
                     .map(|i| ((i * 7 % 17) as f32 - 8.0) * 0.1)
@@ -565,8 +595,7 @@ mod tests {
                 linear_half_into(
                     &mut got,
                     &x,
-                    &bits,
-                    h,
+                    half,
                     Some(&b),
                     dims,
                     add,

@@ -7,7 +7,7 @@
 use gemm::Parallelism;
 
 use crate::error::{EngineError, Result};
-use crate::model::dtype::Half;
+use crate::model::dtype::Matrix;
 use crate::parallel::{self, Cancel};
 use crate::tensor;
 
@@ -254,15 +254,15 @@ fn in_column_slices(
     Ok(())
 }
 
-/// `gemm_sliced` of a [m, k] by the transpose of half-precision weights w [n, k] (bits of `h`),
-/// widened exactly as the product packs them: the same values and arithmetic as a float32
+/// `gemm_sliced` of a [m, k] by the transpose of half-precision weights w [n, k]
+/// (`Matrix::Half` or `Matrix::Grouped`), widened exactly as the product packs them: the same values and arithmetic as a float32
 /// copy of the weights. Only where `packs_any_layout(m, n)` holds.
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) fn gemm_half_weights_sliced(
     dst: &mut [f32],
     a: MatRef,
-    (w, h): (&[u16], Half),
+    w: Matrix,
     n: usize,
     acc: Accumulate,
     flops_per_slice: usize,
@@ -275,7 +275,7 @@ pub(crate) fn gemm_half_weights_sliced(
     );
     #[cfg(target_arch = "x86_64")]
     {
-        let b = super::gemm_avx2::Rhs::half_weights(w, h, n, k);
+        let b = super::gemm_avx2::Rhs::half_weights(w, n, k);
         let threads = parallel::threads();
         in_column_slices((m, k, n), flops_per_slice, cancel, |c0, c1| {
             let b = b.col_range(c0, c1);

@@ -511,7 +511,7 @@ impl Kernel {
                 Ok(())
             }
             Matrix::F32(w) => linear_into(y, x, w, b, dims, acc, cancel),
-            Matrix::Half(w, h) => linear_half_into(y, x, w, h, b, dims, acc, each_row, cancel),
+            half => linear_half_into(y, x, half, b, dims, acc, each_row, cancel),
         }
     }
 

@@ -5,7 +5,8 @@
 //! Layout (little-endian):
 //!
 //! ```text
-//! 0   8 bytes  magic "PGLLMW\0" + format version (1)
+//! 0   8 bytes  magic "PGLLMW\0" + format version (2; 1 held half-precision matrices
+//!              row-major, 2 in the grouped order of `dtype::grouped_index`)
 //! 8   u64      length of the JSON header that follows
 //! 16  JSON     {"owner", "version", "config", "values", "dtype", "checksum"}
 //!          (padded with spaces so that it ends at a multiple of 4096)
@@ -41,7 +42,7 @@ use super::weights::{packed_len, ModelWeights};
 use crate::error::{EngineError, Result};
 use crate::parallel::Cancel;
 
-const MAGIC: &[u8; 8] = b"PGLLMW\0\x01";
+const MAGIC: &[u8; 8] = b"PGLLMW\0\x02";
 const ALIGN: usize = 4096;
 const MAX_HEADER: u64 = 1 << 20;
 const CHECKSUM_BLOCK: usize = 16 << 20;
@@ -316,6 +317,10 @@ fn header_json(
 fn read_header(file: &mut File) -> std::result::Result<(Header, usize), String> {
     let mut fixed = [0u8; 16];
     file.read_exact(&mut fixed).map_err(|e| e.to_string())?;
+    if fixed[..7] == MAGIC[..7] && fixed[7] != MAGIC[7] {
+        // An older layout of the image (say, after an upgrade): rebuilt like a corrupt file.
+        return Err(format!("weight file format {}, not {}", fixed[7], MAGIC[7]));
+    }
     if &fixed[..8] != MAGIC {
         return Err("not a pg_llm weight file".into());
     }
@@ -543,6 +548,14 @@ mod tests {
             fs::rename(&tmp, &path).unwrap();
         };
         let mut bytes = fs::read(&path).unwrap();
+        // A file of the previous format (row-major half-precision matrices) is rebuilt.
+        let mut older = bytes.clone();
+        older[7] = 1;
+        replace(&older);
+        assert_eq!(
+            open(&path, &id, &cfg, F32, Cancel::NEVER).unwrap().err(),
+            Some(Rejected::Corrupt("weight file format 1, not 2".into()))
+        );
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         replace(&bytes);

@@ -72,6 +72,16 @@ pub struct Slot {
     pub shape: Vec<usize>,
 }
 
+impl Slot {
+    /// Whether this matrix is read as one with the slot before it: k and v after q, the
+    /// layer's [3·d_attn, d_model] projection.
+    pub fn joins_previous(&self) -> bool {
+        self.name
+            .as_deref()
+            .is_some_and(|n| n.ends_with("attn.k_proj.weight") || n.ends_with("attn.v_proj.weight"))
+    }
+}
+
 /// The order of the packed buffer. `ModelWeights::from_storage` walks the same order.
 pub fn packing(cfg: &ModelConfig) -> Vec<Slot> {
     let (d, da, ff) = (cfg.d_model, cfg.d_attn(), cfg.d_ff);
