@@ -883,7 +883,7 @@ fn half_prefetch_distance(rows: usize, n: usize) -> usize {
 /// scratch harness on AMD EPYC).
 #[inline(always)]
 fn prefetches_row<const STRIDE: usize>(r: usize) -> bool {
-    STRIDE == ROW_CHUNKS || r % 2 == 0
+    STRIDE == ROW_CHUNKS || r.is_multiple_of(2)
 }
 
 /// `dot_widened_body` with each row's sixteen lanes in one 512-bit register.
