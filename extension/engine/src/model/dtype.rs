@@ -335,7 +335,7 @@ impl Layout {
             let n = crate::tensor::numel(&slot.shape, "model")?;
             let half = dtype != DType::Float32 && slot.shape.len() == 2;
             let cols = slot.shape.last().copied().unwrap_or(0);
-            if half && cols > 0 && cols % GROUP_CHUNK == 0 {
+            if half && cols > 0 && cols.is_multiple_of(GROUP_CHUNK) {
                 match groups.last_mut() {
                     Some(g) if slot.joins_previous() && g.values.end == at && g.cols == cols => {
                         g.values.end += n
@@ -486,16 +486,14 @@ impl Layout {
                 };
                 // Whole groups of the grouped matrix, then possibly the rest of its rows:
                 // a grouped matrix of its own (`Matrix::rows` checks the same).
-                let whole = Matrix::Grouped(bits, h, g.cols);
-                let local = range.start - g.values.start;
+                let group = GROUP_ROWS * g.cols;
                 assert!(
                     range.end <= g.values.end
-                        && local.is_multiple_of(GROUP_ROWS * g.cols)
-                        && (range.len().is_multiple_of(GROUP_ROWS * g.cols)
-                            || range.end == g.values.end),
+                        && (range.start - g.values.start).is_multiple_of(group)
+                        && (range.len().is_multiple_of(group) || range.end == g.values.end),
                     "values {range:?} split a group of rows of a grouped matrix"
                 );
-                whole
+                Matrix::Grouped(bits, h, g.cols)
             }
         }
     }
