@@ -647,9 +647,9 @@ macro_rules! widen8 {
 }
 
 /// dst[(c − c_range.start)·rows + r] = src[r·cols + c] for the columns `c_range` of a
-/// [rows, cols] matrix, float32 or half-precision bits (row-major or grouped) widened exactly:
-/// those columns transposed, in 8 × 8 blocks (whole cache lines read and written; AVX shuffles where
-/// the CPU has AVX2 and F16C).
+/// [rows, cols] matrix, float32 or half-precision bits (row-major or grouped) widened
+/// exactly: those columns transposed, in 8 × 8 blocks (whole cache lines read and written; AVX
+/// shuffles where the CPU has AVX2 and F16C).
 pub fn transpose_cols(
     src: Matrix,
     rows: usize,
@@ -666,18 +666,12 @@ pub fn transpose_cols(
     // A grouped matrix's eight values of a row are contiguous when they do not cross a chunk.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let fast = has_avx2_f16c() && !matches!(src, Matrix::Grouped(..) if c_start % 8 != 0);
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    let place = |r: usize, c: usize| match src {
-        Matrix::Grouped(v, _, cols) => {
-            crate::model::dtype::grouped_index(r, c, v.len() / cols, cols)
-        }
-        _ => r * cols + c,
-    };
     for r0 in (0..r8).step_by(8) {
         for c0 in (0..w8).step_by(8) {
             #[cfg(target_arch = "x86_64")]
             if fast {
-                let at: [usize; 8] = std::array::from_fn(|i| place(r0 + i, c_start + c0));
+                let at: [usize; 8] =
+                    std::array::from_fn(|i| src.position((r0 + i) * cols + c_start + c0));
                 let to = &mut dst[c0 * rows + r0..];
                 // SAFETY: AVX2 and F16C were detected; the block's 8 rows of 8 values lie
                 // inside src (r0 + 8 <= rows, c_start + c0 + 8 <= cols; a grouped matrix's

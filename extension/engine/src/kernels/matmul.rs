@@ -255,8 +255,9 @@ fn in_column_slices(
 }
 
 /// `gemm_sliced` of a [m, k] by the transpose of half-precision weights w [n, k]
-/// (`Matrix::Half` or `Matrix::Grouped`), widened exactly as the product packs them: the same values and arithmetic as a float32
-/// copy of the weights. Only where `packs_any_layout(m, n)` holds.
+/// (`Matrix::Half` or `Matrix::Grouped`), widened exactly as the product packs them: the same
+/// values and arithmetic as a float32 copy of the weights. Only where `packs_any_layout(m, n)`
+/// holds.
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub(crate) fn gemm_half_weights_sliced(

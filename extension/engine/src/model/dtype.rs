@@ -241,12 +241,10 @@ impl<'a> Matrix<'a> {
                     range.start.is_multiple_of(*cols) && range.len().is_multiple_of(*cols),
                     "grouped matrix: values {range:?} are not whole rows of {cols}"
                 );
-                let rows = v.len() / cols;
-                for r in range.start / cols..range.end / cols {
-                    for c in (0..*cols).step_by(GROUP_CHUNK) {
-                        let at = grouped_index(r, c, rows, *cols);
-                        out.extend(v[at..at + GROUP_CHUNK].iter().map(|&b| h.widen(b)));
-                    }
+                // A row's chunks are contiguous: one position per chunk.
+                for i in range.step_by(GROUP_CHUNK) {
+                    let at = self.position(i);
+                    out.extend(v[at..at + GROUP_CHUNK].iter().map(|&b| h.widen(b)));
                 }
             }
         }
@@ -265,15 +263,20 @@ impl<'a> Matrix<'a> {
         self.len() == 0
     }
 
+    /// Where value `i` (row-major numbering) is held: i itself, or its place in the grouped
+    /// order.
+    pub fn position(&self, i: usize) -> usize {
+        match self {
+            Matrix::F32(_) | Matrix::Half(..) => i,
+            Matrix::Grouped(v, _, cols) => grouped_index(i / cols, i % cols, v.len() / cols, *cols),
+        }
+    }
+
     /// Value `i` (row-major numbering) as float32.
     pub fn value(&self, i: usize) -> f32 {
         match self {
             Matrix::F32(v) => v[i],
-            Matrix::Half(v, h) => h.widen(v[i]),
-            Matrix::Grouped(v, h, cols) => {
-                let (r, c) = (i / cols, i % cols);
-                h.widen(v[grouped_index(r, c, v.len() / cols, *cols)])
-            }
+            Matrix::Half(v, h) | Matrix::Grouped(v, h, _) => h.widen(v[self.position(i)]),
         }
     }
 
